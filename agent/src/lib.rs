@@ -1,0 +1,149 @@
+//! The Workspace Hub agent: runs inside each workspace and dials home.
+//!
+//! Entry point: [`Agent::run`]. On first start the agent generates its own key, trades the
+//! single-use enrollment token from its config for a certificate issued by the hub CA
+//! ([`identity`]), and from then on connects with mutual TLS only, pinning the hub CA from
+//! its config. It keeps one QUIC connection to the hub ([`session`]): a control stream with
+//! hello and heartbeats, and streams the hub opens to it. When the link drops it reconnects
+//! by itself with capped exponential backoff and jitter.
+
+pub mod config;
+pub mod identity;
+pub mod session;
+
+use crate::config::AgentConfig;
+use crate::identity::Identity;
+use protocol::backoff::Backoff;
+use protocol::enroll::EnrollRefusal;
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+/// Errors that stop the agent for good (anything else is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("enrollment refused: {reason:?}: {message}")]
+    EnrollmentRefused {
+        reason: EnrollRefusal,
+        message: String,
+    },
+    #[error("no certificate and no enrollment token: cannot join the hub")]
+    NoIdentity,
+    #[error("the hub no longer accepts this agent's certificate: {0}")]
+    Revoked(String),
+    #[error("state folder: {0}")]
+    State(#[from] std::io::Error),
+    #[error("start QUIC endpoint: {0}")]
+    Endpoint(String),
+}
+
+/// Things that happen to an agent, for observers (logs, benchmarks, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// A certificate was issued.
+    Enrolled,
+    /// The control session is up (hello accepted).
+    Connected,
+    /// The link to the hub was lost, with the reason.
+    Disconnected(String),
+}
+
+/// An agent ready to run.
+pub struct Agent {
+    config: AgentConfig,
+    endpoint: quinn::Endpoint,
+    events: Option<UnboundedSender<AgentEvent>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// An agent with its own UDP socket.
+    pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let endpoint = quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+            .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
+            .map_err(|e| AgentError::Endpoint(e.to_string()))?;
+        Ok(Self::with_endpoint(config, endpoint))
+    }
+
+    /// An agent sharing an existing client endpoint (many agents in one process).
+    pub fn with_endpoint(config: AgentConfig, endpoint: quinn::Endpoint) -> Self {
+        Self {
+            config,
+            endpoint,
+            events: None,
+        }
+    }
+
+    /// Reports [`AgentEvent`]s to `events`.
+    pub fn with_events(mut self, events: UnboundedSender<AgentEvent>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    fn emit(&self, event: AgentEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(event);
+        }
+    }
+
+    fn jitter() -> f64 {
+        rand::random::<f64>()
+    }
+
+    /// Runs until `shutdown` is cancelled or a fatal error occurs.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
+        let identity = match Identity::load(&self.config.state_dir)? {
+            Some(identity) => identity,
+            None => loop {
+                match identity::enroll(&self.config, &self.endpoint).await {
+                    Ok(identity) => {
+                        self.emit(AgentEvent::Enrolled);
+                        break identity;
+                    }
+                    Err(identity::EnrollError::Fatal(e)) => return Err(e),
+                    Err(identity::EnrollError::Retry(why)) => {
+                        let delay = backoff.next_delay(Self::jitter());
+                        tracing::warn!(error = %why, retry_in = ?delay, "enrollment failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+            },
+        };
+        backoff.reset();
+        let identity = Arc::new(identity);
+        let client = identity
+            .client_config(&self.config)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        loop {
+            match session::connect_and_serve(&self, &client, &shutdown).await {
+                session::End::Shutdown => return Ok(()),
+                session::End::Fatal(e) => return Err(e),
+                session::End::Lost { reason, was_up } => {
+                    if was_up {
+                        backoff.reset();
+                        self.emit(AgentEvent::Disconnected(reason.clone()));
+                    }
+                    let delay = backoff.next_delay(Self::jitter());
+                    tracing::info!(%reason, retry_in = ?delay, "link to hub lost");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! One connection to the hub: the control stream (hello, heartbeats) and the streams the
+//! hub opens, until the link is lost or the agent shuts down.
+
+use crate::identity::connect;
+use crate::{Agent, AgentError, AgentEvent};
+use link::{FramedRecv, LinkError, send_msg};
+use protocol::close::CloseCode;
+use protocol::control::{ControlMsg, Hello, HelloRefusal};
+use protocol::liveness::Liveness;
+use protocol::stream::{ControlOpen, StreamHeader, StreamRefusal, StreamRefused, StreamReply};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum End {
+    Shutdown,
+    Fatal(AgentError),
+    /// The link went away; `was_up` says whether the hello had been accepted.
+    Lost {
+        reason: String,
+        was_up: bool,
+    },
+}
+
+fn lost(reason: impl ToString, was_up: bool) -> End {
+    End::Lost {
+        reason: reason.to_string(),
+        was_up,
+    }
+}
+
+/// Maps the hub's close of the connection to what the agent does next.
+fn closed(err: &quinn::ConnectionError, was_up: bool) -> End {
+    if let quinn::ConnectionError::ApplicationClosed(close) = err {
+        let reason = String::from_utf8_lossy(&close.reason).into_owned();
+        if CloseCode::from_code(close.error_code.into_inner()) == Some(CloseCode::Unauthorized) {
+            return End::Fatal(AgentError::Revoked(reason));
+        }
+        return lost(format!("closed by hub: {reason}"), was_up);
+    }
+    lost(err, was_up)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Connects, says hello, and serves the connection until it ends.
+pub async fn connect_and_serve(
+    agent: &Agent,
+    client: &quinn::ClientConfig,
+    shutdown: &CancellationToken,
+) -> End {
+    let conn = tokio::select! {
+        conn = connect(&agent.config, &agent.endpoint, client.clone()) => match conn {
+            Ok(conn) => conn,
+            Err(e) => return lost(e, false),
+        },
+        _ = shutdown.cancelled() => return End::Shutdown,
+    };
+    let end = serve(agent, &conn, shutdown).await;
+    if matches!(end, End::Shutdown) {
+        conn.close(
+            quinn::VarInt::from_u32(CloseCode::Normal.code()),
+            b"agent shutting down",
+        );
+    }
+    end
+}
+
+async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationToken) -> End {
+    let (mut send, mut recv) = match hello(conn).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(end)) => return end,
+        Err(LinkError::Connection(e)) => return closed(&e, false),
+        Err(e) => return lost(e, false),
+    };
+    let welcome = match recv.expect::<ControlMsg>().await {
+        Ok(ControlMsg::Welcome(w)) => w,
+        Ok(ControlMsg::HelloRefused(r)) => {
+            tracing::error!(reason = ?r.reason, message = %r.message, "hub refused hello");
+            return match r.reason {
+                HelloRefusal::UnknownAgent => End::Fatal(AgentError::Revoked(r.message)),
+                _ => lost(format!("hello refused: {}", r.message), false),
+            };
+        }
+        Ok(_) => return lost("unexpected reply to hello", false),
+        Err(LinkError::Connection(e)) => return closed(&e, false),
+        Err(e) => return lost(e, false),
+    };
+    tracing::info!(hub_version = %welcome.hub_version, protocol = welcome.protocol_version, "connected to hub");
+    agent.emit(AgentEvent::Connected);
+
+    let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
+    let timeout = Duration::from_millis(welcome.heartbeat_timeout_ms.max(300) as u64);
+    let mut live = Liveness::new(Instant::now(), interval, timeout);
+    loop {
+        let deadline = tokio::time::Instant::from_std(live.next_deadline());
+        tokio::select! {
+            msg = recv.next::<ControlMsg>() => {
+                let now = Instant::now();
+                match msg {
+                    Ok(Some(ControlMsg::Ping(ping))) => {
+                        let pong = live.on_ping(now, ping);
+                        if let Err(e) = send_msg(&mut send, &ControlMsg::Pong(pong)).await {
+                            return lost(e, true);
+                        }
+                        live.on_sent(now);
+                    }
+                    Ok(Some(ControlMsg::Pong(_))) => live.on_heard(now),
+                    Ok(Some(_)) => {
+                        conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolError.code()), b"unexpected control message");
+                        return lost("hub sent an unexpected control message", true);
+                    }
+                    Ok(None) => return lost("hub closed the control stream", true),
+                    Err(LinkError::Connection(e)) => return closed(&e, true),
+                    Err(LinkError::Read(quinn::ReadError::ConnectionLost(e))) => return closed(&e, true),
+                    Err(e) => return lost(e, true),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = Instant::now();
+                if live.is_expired(now) {
+                    conn.close(quinn::VarInt::from_u32(CloseCode::HeartbeatTimeout.code()), b"no heartbeat");
+                    return lost("hub heartbeat timed out", true);
+                }
+                if let Some(ping) = live.poll_ping(now)
+                    && let Err(e) = send_msg(&mut send, &ControlMsg::Ping(ping)).await
+                {
+                    return lost(e, true);
+                }
+            }
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_stream(send, recv));
+                }
+                Err(e) => return closed(&e, true),
+            },
+            _ = shutdown.cancelled() => return End::Shutdown,
+        }
+    }
+}
+
+/// Opens the control stream and sends the hello.
+async fn hello(
+    conn: &quinn::Connection,
+) -> Result<Result<(quinn::SendStream, FramedRecv), End>, LinkError> {
+    let (mut send, recv) = conn.open_bi().await?;
+    let mut recv = FramedRecv::with_limit(recv, 64 * 1024);
+    send_msg(&mut send, &StreamHeader::Control(ControlOpen {})).await?;
+    send_msg(
+        &mut send,
+        &ControlMsg::Hello(Hello {
+            protocol_version: protocol::PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            hostname: hostname(),
+        }),
+    )
+    .await?;
+    match recv.expect::<StreamReply>().await? {
+        StreamReply::Accepted(_) => Ok(Ok((send, recv))),
+        StreamReply::Refused(r) => Ok(Err(lost(
+            format!("control stream refused: {}", r.message),
+            false,
+        ))),
+    }
+}
+
+/// A stream the hub opened. Terminals, forwards and sync fill these in; until then every
+/// stream type is answered with a typed refusal.
+async fn serve_stream(mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    let mut recv = FramedRecv::with_limit(recv, 64 * 1024);
+    let (reason, message) = match recv.expect::<StreamHeader>().await {
+        Ok(header) => (
+            StreamRefusal::Unsupported,
+            format!(
+                "stream type {} is not supported by this agent",
+                protocol::Message::tag(&header)
+            ),
+        ),
+        Err(e) => (StreamRefusal::BadHeader, e.to_string()),
+    };
+    let _ = send_msg(
+        &mut send,
+        &StreamReply::Refused(StreamRefused { reason, message }),
+    )
+    .await;
+    let _ = send.finish();
+}

@@ -1,0 +1,489 @@
+//! The hub's QUIC side: enrollment, agent control sessions and the registry of connected
+//! agents.
+//!
+//! A connection without a client certificate may open exactly one stream, an enrollment
+//! stream. A connection with a certificate (verified against the hub CA by TLS) is mapped to
+//! its workspace by the certificate's subject and must match the fingerprint the store
+//! holds for that workspace; its first stream is the control stream (hello, heartbeats).
+//! The hub never interprets bytes on any other stream.
+
+use crate::ca;
+use crate::store::{StoreError, TokenRejection};
+use crate::workspace::{Status, now_ms};
+use crate::{AppState, Hub};
+use link::{FramedRecv, LinkError, send_msg};
+use protocol::close::CloseCode;
+use protocol::control::ControlMsg;
+use protocol::enroll::{EnrollMsg, EnrollRefusal, EnrollRefused, EnrollRequest, Issued};
+use protocol::liveness::Liveness;
+use protocol::stream::{Accepted, StreamHeader, StreamRefusal, StreamRefused, StreamReply};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::time::timeout;
+use uuid::Uuid;
+
+/// Frames on the control and enrollment streams are small; refuse anything bigger.
+const CONTROL_FRAME_LIMIT: usize = 64 * 1024;
+/// How long a peer may take to open its first stream and send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `last_connected_at` is written at most this often per workspace while connected.
+const LAST_CONNECTED_WRITE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the hub knows about a connected agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentInfo {
+    pub connected_since: i64,
+    pub agent_version: String,
+    pub hostname: String,
+    pub protocol_version: u16,
+    pub remote_addr: String,
+}
+
+struct Connected {
+    info: AgentInfo,
+    conn: quinn::Connection,
+    session: u64,
+}
+
+/// The agents connected to this hub process.
+#[derive(Default)]
+pub struct Registry {
+    agents: Mutex<HashMap<Uuid, Connected>>,
+    next_session: AtomicU64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("connected", &self.len())
+            .finish()
+    }
+}
+
+impl Registry {
+    pub fn get(&self, id: Uuid) -> Option<AgentInfo> {
+        self.lock().get(&id).map(|c| c.info.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The live connection to a workspace's agent, for opening streams to it.
+    pub fn connection(&self, id: Uuid) -> Option<quinn::Connection> {
+        self.lock().get(&id).map(|c| c.conn.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Connected>> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, id: Uuid, info: AgentInfo, conn: quinn::Connection) -> u64 {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let old = self.lock().insert(
+            id,
+            Connected {
+                info,
+                conn,
+                session,
+            },
+        );
+        if let Some(old) = old {
+            close(
+                &old.conn,
+                CloseCode::Replaced,
+                "a newer connection replaced this one",
+            );
+        }
+        session
+    }
+
+    fn remove(&self, id: Uuid, session: u64) {
+        let mut agents = self.lock();
+        if agents.get(&id).is_some_and(|c| c.session == session) {
+            agents.remove(&id);
+        }
+    }
+}
+
+fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
+    conn.close(quinn::VarInt::from_u32(code.code()), reason.as_bytes());
+}
+
+/// Hash under which enrollment and API tokens are stored.
+pub fn token_hash(token: &str) -> String {
+    ca::hex(&Sha256::digest(token.as_bytes()))
+}
+
+/// Serves one incoming QUIC connection to completion.
+pub async fn handle_incoming(hub: AppState, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "quic handshake failed");
+            return;
+        }
+    };
+    match link::peer_certificate(&conn) {
+        None => enrollment_connection(&hub, conn, remote).await,
+        Some(cert) => agent_connection(&hub, conn, remote, &cert).await,
+    }
+}
+
+/// Reads the header of the first stream a peer opens.
+async fn first_stream(
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, FramedRecv, StreamHeader), LinkError> {
+    let (send, recv) = conn.accept_bi().await?;
+    let mut recv = FramedRecv::with_limit(recv, CONTROL_FRAME_LIMIT);
+    let header = recv.expect::<StreamHeader>().await?;
+    Ok((send, recv, header))
+}
+
+async fn refuse_stream(send: &mut quinn::SendStream, reason: StreamRefusal, message: &str) {
+    let reply = StreamReply::Refused(StreamRefused {
+        reason,
+        message: message.to_owned(),
+    });
+    let _ = send_msg(send, &reply).await;
+    let _ = send.finish();
+}
+
+/// Closes the connection with the code that fits a stream error.
+fn close_for(conn: &quinn::Connection, remote: SocketAddr, err: &LinkError) {
+    match err {
+        LinkError::Protocol(e) => {
+            tracing::warn!(%remote, error = %e, "protocol error from peer; closing connection");
+            close(conn, CloseCode::ProtocolError, &e.to_string());
+        }
+        LinkError::Closed => close(conn, CloseCode::ProtocolError, "stream ended early"),
+        other => tracing::debug!(%remote, error = %other, "connection lost"),
+    }
+}
+
+async fn enrollment_connection(hub: &Hub, conn: quinn::Connection, remote: SocketAddr) {
+    let (mut send, mut recv, header) =
+        match timeout(FIRST_MESSAGE_TIMEOUT, first_stream(&conn)).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(e)) => return close_for(&conn, remote, &e),
+            Err(_) => return close(&conn, CloseCode::ProtocolError, "no stream opened in time"),
+        };
+    if !matches!(header, StreamHeader::Enroll(_)) {
+        tracing::info!(%remote, "stream refused: no client certificate");
+        refuse_stream(
+            &mut send,
+            StreamRefusal::Unauthorized,
+            "this connection has no client certificate: only enrollment is allowed",
+        )
+        .await;
+        let _ = timeout(Duration::from_secs(2), conn.closed()).await;
+        return close(
+            &conn,
+            CloseCode::Unauthorized,
+            "client certificate required",
+        );
+    }
+    let result = async {
+        send_msg(&mut send, &StreamReply::Accepted(Accepted {})).await?;
+        let reply = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<EnrollMsg>()).await {
+            Ok(Ok(EnrollMsg::Request(req))) => enroll(hub, &req).await,
+            Ok(Ok(_)) => refusal(EnrollRefusal::BadRequest, "expected an enrollment request"),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => refusal(EnrollRefusal::BadRequest, "no enrollment request in time"),
+        };
+        match &reply {
+            EnrollMsg::Issued(i) => {
+                tracing::info!(%remote, workspace = %i.workspace_id, "agent enrolled")
+            }
+            EnrollMsg::Refused(r) => {
+                tracing::info!(%remote, reason = ?r.reason, "enrollment refused")
+            }
+            EnrollMsg::Request(_) => {}
+        }
+        send_msg(&mut send, &reply).await?;
+        let _ = send.finish();
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        return close_for(&conn, remote, &e);
+    }
+    // The agent closes once it has the answer; closing first could drop the reply.
+    if timeout(FIRST_MESSAGE_TIMEOUT, conn.closed()).await.is_err() {
+        close(&conn, CloseCode::EnrollmentDone, "enrollment finished");
+    }
+}
+
+fn refusal(reason: EnrollRefusal, message: &str) -> EnrollMsg {
+    EnrollMsg::Refused(EnrollRefused {
+        reason,
+        message: message.to_owned(),
+    })
+}
+
+/// Checks the token and signs the agent's key. Never logs the token.
+async fn enroll(hub: &Hub, req: &EnrollRequest) -> EnrollMsg {
+    if let Err(refused) = protocol::handshake::negotiate(req.protocol_version) {
+        return refusal(EnrollRefusal::VersionUnsupported, &refused.message);
+    }
+    let key_fp = match ca::csr_key_fingerprint(&req.csr_der) {
+        Ok(fp) => fp,
+        Err(e) => return refusal(EnrollRefusal::BadRequest, &e.to_string()),
+    };
+    let workspace_id = match hub
+        .store
+        .redeem_enrollment_token(&token_hash(&req.token), &key_fp, now_ms())
+        .await
+    {
+        Ok(Ok(id)) => id,
+        Ok(Err(rejection)) => {
+            let reason = match rejection {
+                TokenRejection::Unknown => EnrollRefusal::UnknownToken,
+                TokenRejection::Used => EnrollRefusal::TokenUsed,
+                TokenRejection::Expired => EnrollRefusal::TokenExpired,
+            };
+            return refusal(reason, &rejection.to_string());
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "redeem enrollment token");
+            return refusal(
+                EnrollRefusal::Unavailable,
+                "the hub could not check the token",
+            );
+        }
+    };
+    match hub.store.get_workspace(workspace_id).await {
+        Ok(ws) if ws.status != Status::Deleting => {}
+        Ok(_) | Err(StoreError::NotFound) => {
+            return refusal(
+                EnrollRefusal::UnknownToken,
+                "the workspace no longer exists",
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "load workspace for enrollment");
+            return refusal(
+                EnrollRefusal::Unavailable,
+                "the hub could not load the workspace",
+            );
+        }
+    }
+    let cert_der = match hub.ca.sign_agent(&req.csr_der, &workspace_id.to_string()) {
+        Ok(der) => der,
+        Err(e) => return refusal(EnrollRefusal::BadRequest, &e.to_string()),
+    };
+    if let Err(e) = hub
+        .store
+        .put_agent_cert(workspace_id, &ca::fingerprint(&cert_der))
+        .await
+    {
+        tracing::error!(error = %e, "record agent certificate");
+        return refusal(
+            EnrollRefusal::Unavailable,
+            "the hub could not record the certificate",
+        );
+    }
+    EnrollMsg::Issued(Issued {
+        workspace_id: workspace_id.to_string(),
+        cert_der,
+    })
+}
+
+/// Why an agent's certificate was not accepted.
+async fn authorize_agent(hub: &Hub, cert: &[u8]) -> Result<Uuid, &'static str> {
+    let id = ca::agent_workspace_id(cert)
+        .and_then(|cn| Uuid::parse_str(&cn).ok())
+        .ok_or("certificate names no workspace")?;
+    match hub.store.agent_cert(id).await {
+        Ok(Some(fp)) if fp == ca::fingerprint(cert) => {}
+        Ok(_) => return Err("certificate unknown or superseded"),
+        Err(_) => return Err("the hub could not check the certificate"),
+    }
+    match hub.store.get_workspace(id).await {
+        Ok(ws) if ws.status != Status::Deleting => Ok(id),
+        Ok(_) => Err("workspace is being deleted"),
+        Err(_) => Err("workspace not found"),
+    }
+}
+
+async fn agent_connection(hub: &Hub, conn: quinn::Connection, remote: SocketAddr, cert: &[u8]) {
+    let workspace_id = match authorize_agent(hub, cert).await {
+        Ok(id) => id,
+        Err(why) => {
+            tracing::warn!(%remote, why, "agent refused");
+            return close(&conn, CloseCode::Unauthorized, why);
+        }
+    };
+    let (mut send, mut recv, header) =
+        match timeout(FIRST_MESSAGE_TIMEOUT, first_stream(&conn)).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(e)) => return close_for(&conn, remote, &e),
+            Err(_) => return close(&conn, CloseCode::ProtocolError, "no stream opened in time"),
+        };
+    if !matches!(header, StreamHeader::Control(_)) {
+        refuse_stream(
+            &mut send,
+            StreamRefusal::BadHeader,
+            "the first stream must be the control stream",
+        )
+        .await;
+        return close(
+            &conn,
+            CloseCode::ProtocolError,
+            "the first stream must be the control stream",
+        );
+    }
+    if let Err(e) = control_session(hub, &conn, remote, workspace_id, send, &mut recv).await {
+        close_for(&conn, remote, &e);
+    }
+}
+
+async fn control_session(
+    hub: &Hub,
+    conn: &quinn::Connection,
+    remote: SocketAddr,
+    workspace_id: Uuid,
+    mut send: quinn::SendStream,
+    recv: &mut FramedRecv,
+) -> Result<(), LinkError> {
+    send_msg(&mut send, &StreamReply::Accepted(Accepted {})).await?;
+    let hello = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<ControlMsg>()).await {
+        Ok(Ok(ControlMsg::Hello(hello))) => hello,
+        Ok(Ok(_)) => return Err(protocol::ProtocolError::Unexpected("expected hello").into()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            close(conn, CloseCode::ProtocolError, "no hello in time");
+            return Ok(());
+        }
+    };
+    let cfg = &hub.config;
+    let welcome = match protocol::handshake::accept_hello(
+        &hello,
+        env!("CARGO_PKG_VERSION"),
+        cfg.heartbeat_interval,
+        cfg.heartbeat_timeout,
+    ) {
+        Ok(welcome) => welcome,
+        Err(refused) => {
+            tracing::warn!(%remote, workspace = %workspace_id, reason = ?refused.reason, "hello refused");
+            send_msg(&mut send, &ControlMsg::HelloRefused(refused.clone())).await?;
+            let _ = send.finish();
+            let _ = timeout(Duration::from_secs(2), conn.closed()).await;
+            close(conn, CloseCode::VersionMismatch, &refused.message);
+            return Ok(());
+        }
+    };
+    let protocol_version = welcome.protocol_version;
+    send_msg(&mut send, &ControlMsg::Welcome(welcome)).await?;
+
+    let session = hub.agents.insert(
+        workspace_id,
+        AgentInfo {
+            connected_since: now_ms(),
+            agent_version: hello.agent_version.chars().take(64).collect(),
+            hostname: hello.hostname.chars().take(255).collect(),
+            protocol_version,
+            remote_addr: remote.to_string(),
+        },
+        conn.clone(),
+    );
+    tracing::info!(%remote, workspace = %workspace_id, agent_version = %hello.agent_version, "agent connected");
+    mark_ready(hub, workspace_id).await;
+
+    let result = heartbeat_loop(hub, conn, workspace_id, &mut send, recv).await;
+    hub.agents.remove(workspace_id, session);
+    if let Err(e) = hub.store.set_last_connected(workspace_id, now_ms()).await {
+        tracing::warn!(workspace = %workspace_id, error = %e, "record last connection");
+    }
+    tracing::info!(%remote, workspace = %workspace_id, "agent disconnected");
+    result
+}
+
+/// A hello turns a provisioning (or starting) workspace READY.
+async fn mark_ready(hub: &Hub, id: Uuid) {
+    match hub
+        .store
+        .transition(
+            id,
+            &[Status::Provisioning, Status::Starting],
+            Status::Ready,
+            None,
+        )
+        .await
+    {
+        Ok(_) => tracing::info!(workspace = %id, "workspace ready"),
+        Err(StoreError::Conflict { .. }) => {}
+        Err(e) => tracing::warn!(workspace = %id, error = %e, "mark workspace ready"),
+    }
+    if let Err(e) = hub.store.set_last_connected(id, now_ms()).await {
+        tracing::warn!(workspace = %id, error = %e, "record last connection");
+    }
+}
+
+async fn heartbeat_loop(
+    hub: &Hub,
+    conn: &quinn::Connection,
+    workspace_id: Uuid,
+    send: &mut quinn::SendStream,
+    recv: &mut FramedRecv,
+) -> Result<(), LinkError> {
+    // The agent pings every interval; the hub answers, and pings on its own only if the agent
+    // falls quiet, so an idle agent costs one round trip per interval.
+    let cfg = &hub.config;
+    let mut live = Liveness::new(
+        Instant::now(),
+        cfg.heartbeat_interval * 3 / 2,
+        cfg.heartbeat_timeout,
+    );
+    let mut last_written = Instant::now();
+    loop {
+        let deadline = tokio::time::Instant::from_std(live.next_deadline());
+        tokio::select! {
+            msg = recv.next::<ControlMsg>() => {
+                let now = Instant::now();
+                match msg? {
+                    Some(ControlMsg::Ping(ping)) => {
+                        let pong = live.on_ping(now, ping);
+                        send_msg(send, &ControlMsg::Pong(pong)).await?;
+                        live.on_sent(now);
+                    }
+                    Some(ControlMsg::Pong(_)) => live.on_heard(now),
+                    Some(_) => return Err(protocol::ProtocolError::Unexpected("handshake message after hello").into()),
+                    None => return Ok(()),
+                }
+                if now.duration_since(last_written) >= LAST_CONNECTED_WRITE_INTERVAL {
+                    last_written = now;
+                    if let Err(e) = hub.store.set_last_connected(workspace_id, now_ms()).await {
+                        tracing::warn!(workspace = %workspace_id, error = %e, "record activity");
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = Instant::now();
+                if live.is_expired(now) {
+                    tracing::info!(workspace = %workspace_id, "agent heartbeat timed out");
+                    close(conn, CloseCode::HeartbeatTimeout, "no heartbeat");
+                    return Ok(());
+                }
+                if let Some(ping) = live.poll_ping(now) {
+                    send_msg(send, &ControlMsg::Ping(ping)).await?;
+                }
+            }
+            _ = hub.shutdown.cancelled() => {
+                close(conn, CloseCode::ShuttingDown, "hub shutting down");
+                return Ok(());
+            }
+            _ = conn.closed() => return Ok(()),
+        }
+    }
+}

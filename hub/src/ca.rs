@@ -1,0 +1,196 @@
+//! The hub's own certificate authority.
+//!
+//! Created with rcgen on first start and kept in the state folder (`ca.key`, mode 0600;
+//! `ca.pem`). It issues the hub's QUIC server certificate on every start and a client
+//! certificate for each agent at enrollment. The certificate's subject CN is the workspace
+//! id, which is how a reconnecting agent is recognised.
+
+use crate::fsutil::{write_private, write_public};
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateSigningRequestDer;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use time::{Duration, OffsetDateTime};
+
+/// How long an agent certificate is valid.
+const AGENT_CERT_VALIDITY: Duration = Duration::days(365);
+
+/// The loaded CA.
+pub struct HubCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    cert_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for HubCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubCa").finish_non_exhaustive()
+    }
+}
+
+/// A freshly issued server identity.
+pub struct ServerIdentity {
+    pub cert_der: Vec<u8>,
+    pub key_pkcs8: Vec<u8>,
+}
+
+/// Why a CSR could not be signed.
+#[derive(Debug, thiserror::Error)]
+#[error("bad certificate signing request: {0}")]
+pub struct CsrError(String);
+
+impl HubCa {
+    /// Loads the CA from `dir`, creating it on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self> {
+        let key_path = dir.join("ca.key");
+        let cert_path = dir.join("ca.pem");
+        match (key_path.exists(), cert_path.exists()) {
+            (true, true) => {
+                let key_pem = std::fs::read_to_string(&key_path).context("read ca.key")?;
+                let cert_pem = std::fs::read_to_string(&cert_path).context("read ca.pem")?;
+                let key = KeyPair::from_pem(&key_pem).context("parse ca.key")?;
+                let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).context("parse ca.pem")?;
+                let cert_der = pem_to_der(&cert_pem)?;
+                Ok(Self {
+                    issuer,
+                    cert_pem,
+                    cert_der,
+                })
+            }
+            (false, false) => {
+                let key = KeyPair::generate().context("generate ca key")?;
+                let mut params = CertificateParams::default();
+                let mut dn = DistinguishedName::new();
+                dn.push(DnType::OrganizationName, "Workspace Hub");
+                dn.push(
+                    DnType::CommonName,
+                    format!("Workspace Hub CA {}", &hex(&random_bytes::<6>())),
+                );
+                params.distinguished_name = dn;
+                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+                params.key_usages = vec![
+                    KeyUsagePurpose::KeyCertSign,
+                    KeyUsagePurpose::CrlSign,
+                    KeyUsagePurpose::DigitalSignature,
+                ];
+                let now = OffsetDateTime::now_utc();
+                params.not_before = now - Duration::hours(1);
+                params.not_after = now + Duration::days(3650);
+                let cert = params.self_signed(&key).context("self-sign ca")?;
+                write_private(&key_path, key.serialize_pem().as_bytes())?;
+                write_public(&cert_path, cert.pem().as_bytes())?;
+                Ok(Self {
+                    cert_pem: cert.pem(),
+                    cert_der: cert.der().to_vec(),
+                    issuer: Issuer::new(params, key),
+                })
+            }
+            _ => bail!(
+                "state folder {} holds only half of the CA (ca.key and ca.pem go together)",
+                dir.display()
+            ),
+        }
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// Issues a server certificate for the given DNS names and IP addresses.
+    pub fn issue_server(&self, names: &[String]) -> Result<ServerIdentity> {
+        let key = KeyPair::generate().context("generate server key")?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "workspace-hub");
+        for name in names {
+            params
+                .subject_alt_names
+                .push(match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(name.clone().try_into().context("server name")?),
+                });
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(90);
+        params.serial_number = Some(SerialNumber::from_slice(&random_bytes::<16>()));
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .context("sign server cert")?;
+        Ok(ServerIdentity {
+            cert_der: cert.der().to_vec(),
+            key_pkcs8: key.serialize_der(),
+        })
+    }
+
+    /// Signs an agent's CSR. Only the public key is taken from the request; the subject,
+    /// usages and validity are the hub's.
+    pub fn sign_agent(&self, csr_der: &[u8], workspace_id: &str) -> Result<Vec<u8>, CsrError> {
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| CsrError(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, workspace_id);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + AGENT_CERT_VALIDITY;
+        params.serial_number = Some(SerialNumber::from_slice(&random_bytes::<16>()));
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| CsrError(e.to_string()))?;
+        Ok(cert.der().to_vec())
+    }
+}
+
+/// The SHA-256 fingerprint of a DER blob, hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex(&Sha256::digest(der))
+}
+
+/// The fingerprint of the public key inside a CSR (to make a retried enrollment idempotent).
+pub fn csr_key_fingerprint(csr_der: &[u8]) -> Result<String, CsrError> {
+    let csr =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+            .map_err(|e| CsrError(e.to_string()))?;
+    Ok(fingerprint(rcgen::PublicKeyData::der_bytes(
+        &csr.public_key,
+    )))
+}
+
+/// The workspace id (subject CN) of an agent certificate the TLS layer already verified.
+pub fn agent_workspace_id(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("parse ca.pem: {e}"))?;
+    Ok(pem.contents)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    rand::Rng::fill(&mut rand::rng(), &mut out[..]);
+    out
+}

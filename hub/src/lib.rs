@@ -1,0 +1,182 @@
+//! Workspace Hub: the control plane.
+//!
+//! Entry points: [`run`] starts everything (HTTP API and web UI on TCP, the agent endpoint
+//! on QUIC/UDP) until the shutdown token is cancelled; [`app`] builds the HTTP router alone,
+//! for tests without sockets. [`Hub`] is the shared state: the validated [`config::Config`],
+//! the [`store::Store`], the [`provider::Provider`], the CA and the registry of connected
+//! agents.
+//!
+//! The hub never interprets terminal bytes and never holds a user token where an agent can
+//! see it.
+
+pub mod agents;
+pub mod api;
+pub mod auth;
+pub mod ca;
+pub mod config;
+pub mod fsutil;
+pub mod provider;
+pub mod store;
+pub mod workspace;
+
+use anyhow::{Context, Result};
+use config::{Config, ProviderKind};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use api::app;
+
+/// Shared state of a running hub.
+pub struct Hub {
+    pub config: Config,
+    pub store: Arc<dyn store::Store>,
+    pub provider: Arc<dyn provider::Provider>,
+    pub ca: Arc<ca::HubCa>,
+    pub agents: agents::Registry,
+    /// The address agents are told to dial.
+    pub agent_hub_addr: String,
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("provider", &self.provider.name())
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
+}
+
+pub type AppState = Arc<Hub>;
+
+/// Where a started hub listens (also written to `hub.json` in the state folder).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Listening {
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub pid: u32,
+}
+
+/// Opens the state folder: CA, stateless-reset secret, SQLite store, provider.
+pub fn open_state(config: &Config, shutdown: CancellationToken) -> Result<Hub> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
+    let ca = ca::HubCa::load_or_create(&config.state_dir).context("load CA")?;
+    let store = store::sqlite::SqliteStore::open(&config.state_dir.join("hub.sqlite3"))
+        .context("open store")?;
+    let provider: Arc<dyn provider::Provider> = match config.provider {
+        ProviderKind::Process => Arc::new(provider::process::ProcessProvider::new(
+            config.state_dir.join("workspaces"),
+            config.agent_binary.clone(),
+        )),
+        ProviderKind::Manual => Arc::new(provider::manual::ManualProvider),
+    };
+    Ok(Hub {
+        agent_hub_addr: config
+            .agent_hub_addr
+            .clone()
+            .unwrap_or_else(|| config.quic_addr.to_string()),
+        config: config.clone(),
+        store: Arc::new(store),
+        provider,
+        ca: Arc::new(ca),
+        agents: agents::Registry::default(),
+        shutdown,
+    })
+}
+
+fn reset_secret(config: &Config) -> Result<Vec<u8>> {
+    let path = config.state_dir.join("reset.key");
+    match std::fs::read(&path) {
+        Ok(secret) if secret.len() == 32 => Ok(secret),
+        _ => {
+            let secret = ca::random_bytes::<32>().to_vec();
+            fsutil::write_private(&path, &secret)?;
+            Ok(secret)
+        }
+    }
+}
+
+/// Runs the hub until `shutdown` is cancelled; `on_ready` learns the bound addresses.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&Hub, &Listening),
+) -> Result<()> {
+    link::install_crypto_provider();
+    let hub = Arc::new(open_state(&config, shutdown.clone())?);
+
+    let server = hub
+        .ca
+        .issue_server(&config.server_names)
+        .context("issue server certificate")?;
+    let server_config = link::server_config(
+        vec![server.cert_der, hub.ca.cert_der().to_vec()],
+        server.key_pkcs8,
+        hub.ca.cert_der(),
+        &[protocol::ALPN_AGENT],
+        config.idle_timeout(),
+    )
+    .context("QUIC server config")?;
+    let socket = std::net::UdpSocket::bind(config.quic_addr)
+        .with_context(|| format!("bind QUIC on {}", config.quic_addr))?;
+    let endpoint = quinn::Endpoint::new(
+        link::endpoint_config(&reset_secret(&config)?),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("start QUIC endpoint")?;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("bind HTTP on {}", config.http_addr))?;
+
+    let listening = Listening {
+        http: listener.local_addr()?,
+        quic: endpoint.local_addr()?,
+        pid: std::process::id(),
+    };
+    fsutil::write_public(
+        &config.state_dir.join("hub.json"),
+        &serde_json::to_vec(&listening)?,
+    )?;
+    on_ready(&hub, &listening);
+
+    let tasks = TaskTracker::new();
+    let accept_hub = hub.clone();
+    let accept_tasks = tasks.clone();
+    let accept_endpoint = endpoint.clone();
+    let quic = tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                incoming = accept_endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        accept_tasks.spawn(agents::handle_incoming(accept_hub.clone(), incoming));
+                    }
+                    None => break,
+                },
+                _ = accept_hub.shutdown.cancelled() => break,
+            }
+        }
+    });
+
+    let http_shutdown = shutdown.clone();
+    axum::serve(listener, app(hub.clone()))
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+        .await
+        .context("serve HTTP")?;
+
+    // Drain: every control session closes its connection with "shutting down".
+    let _ = quic.await;
+    tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait()).await;
+    endpoint.close(
+        quinn::VarInt::from_u32(protocol::close::CloseCode::ShuttingDown.code()),
+        b"hub shutting down",
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(())
+}

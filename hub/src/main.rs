@@ -1,0 +1,177 @@
+//! `workspace-hub`: the hub's command line.
+//!
+//! - `workspace-hub dev`: everything on localhost with no set-up (state folder, CA, SQLite,
+//!   process provider), printing what to open and a token to use;
+//! - `workspace-hub serve --config hub.toml`: the same from a config file;
+//! - `workspace-hub token create --owner NAME`: mints an API token.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hub::config::{Config, FileConfig, ProviderKind};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "workspace-hub", version, about = "Workspace Hub control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything on localhost: SQLite, the process provider, a generated CA.
+    Dev {
+        #[arg(long, default_value = ".state", env = "WSH_STATE_DIR")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        http: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        quic: SocketAddr,
+        #[arg(long, value_enum, default_value = "process")]
+        provider: ProviderKind,
+        /// Agent heartbeat interval (humantime, e.g. "2s").
+        #[arg(long, value_parser = humantime::parse_duration)]
+        heartbeat_interval: Option<std::time::Duration>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        heartbeat_timeout: Option<std::time::Duration>,
+    },
+    /// Run from a config file.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a token for an owner; prints it once.
+    Create {
+        #[arg(long, default_value = ".state", env = "WSH_STATE_DIR")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        owner: String,
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    runtime.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Dev {
+            state_dir,
+            http,
+            quic,
+            provider,
+            heartbeat_interval,
+            heartbeat_timeout,
+        } => {
+            let mut file = FileConfig {
+                state_dir,
+                http_addr: http,
+                quic_addr: quic,
+                provider,
+                ..FileConfig::default()
+            };
+            if let Some(i) = heartbeat_interval {
+                file.heartbeat_interval = i;
+            }
+            if let Some(t) = heartbeat_timeout {
+                file.heartbeat_timeout = t;
+            }
+            let config = Config::from_file(file)?;
+            let token = dev_token(&config).await?;
+            serve(config, move |listening| {
+                println!("workspace-hub dev is running");
+                println!("  web UI   http://{}/#token={token}", listening.http);
+                println!(
+                    "  API      http://{}  (Authorization: Bearer <token>)",
+                    listening.http
+                );
+                println!("  agents   quic://{} (UDP)", listening.quic);
+                println!("  token    {token}");
+            })
+            .await
+        }
+        Command::Serve { config } => {
+            let config = Config::from_file(FileConfig::load(&config)?)?;
+            serve(config, |listening| {
+                println!(
+                    "workspace-hub listening: http://{} quic://{}",
+                    listening.http, listening.quic
+                );
+            })
+            .await
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    state_dir,
+                    owner,
+                    name,
+                },
+        } => {
+            let config = Config::from_file(FileConfig {
+                state_dir,
+                ..FileConfig::default()
+            })?;
+            let hub = hub::open_state(&config, CancellationToken::new())?;
+            println!(
+                "{}",
+                hub::auth::mint_api_token(&hub, &owner, &name, None).await?
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The local user's token in dev mode: minted once, kept in the state folder (0600).
+async fn dev_token(config: &Config) -> Result<String> {
+    let path = config.state_dir.join("dev-token");
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        return Ok(token.trim().to_owned());
+    }
+    let hub = hub::open_state(config, CancellationToken::new())?;
+    let token = hub::auth::mint_api_token(&hub, "dev", "dev mode", None).await?;
+    hub::fsutil::write_private(&path, token.as_bytes())?;
+    Ok(token)
+}
+
+async fn serve(config: Config, banner: impl FnOnce(&hub::Listening)) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    hub::run(config, shutdown, |_, listening| banner(listening)).await
+}

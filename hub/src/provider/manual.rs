@@ -1,0 +1,39 @@
+//! A provider that starts nothing: the owner runs the agent themselves with the config
+//! returned once at create time. Used for bring-your-own machines and for the fleet
+//! benchmark, where thousands of agents run in one process.
+
+use super::{Created, InstanceSpec, Observed, Provider, ProviderError, render_agent_config};
+use async_trait::async_trait;
+use uuid::Uuid;
+
+#[derive(Debug, Default)]
+pub struct ManualProvider;
+
+#[async_trait]
+impl Provider for ManualProvider {
+    fn name(&self) -> &'static str {
+        "manual"
+    }
+
+    async fn create(&self, spec: &InstanceSpec) -> Result<Created, ProviderError> {
+        Ok(Created {
+            agent_config: Some(render_agent_config(&spec.bootstrap)?),
+        })
+    }
+
+    async fn start(&self, _: Uuid) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    async fn stop(&self, _: Uuid) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    async fn delete(&self, _: Uuid) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    async fn observe(&self, _: Uuid) -> Result<Observed, ProviderError> {
+        Ok(Observed::Unknown)
+    }
+}

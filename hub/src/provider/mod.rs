@@ -1,0 +1,74 @@
+//! Where workspaces run, behind one small trait.
+//!
+//! - [`process::ProcessProvider`]: the agent as a local child process in its own folder (the
+//!   embedded default);
+//! - [`manual::ManualProvider`]: nothing is started; the caller receives the agent's config
+//!   and runs the agent wherever they like (their own VM, a benchmark).
+//!
+//! The GCE and qemu providers come behind the same trait.
+
+pub mod manual;
+pub mod process;
+
+use async_trait::async_trait;
+use protocol::bootstrap::AgentBootstrap;
+use uuid::Uuid;
+
+/// What a provider needs to create a workspace's machine.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub workspace_id: Uuid,
+    pub instance_name: String,
+    pub zone: String,
+    pub machine_type: String,
+    pub image_tag: String,
+    /// The agent's config, as cloud-init would write it.
+    pub bootstrap: AgentBootstrap,
+}
+
+/// What a provider reports about an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    Running,
+    Suspended,
+    Stopped,
+    /// No such instance.
+    Missing,
+    /// The provider cannot see instances it does not run (manual).
+    Unknown,
+}
+
+/// The result of a create.
+#[derive(Debug, Clone, Default)]
+pub struct Created {
+    /// For providers that start nothing themselves: the agent config to hand to the caller.
+    pub agent_config: Option<String>,
+}
+
+/// Errors a caller branches on.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("instance not found")]
+    NotFound,
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// A short name for logs and `/version`.
+    fn name(&self) -> &'static str;
+    async fn create(&self, spec: &InstanceSpec) -> Result<Created, ProviderError>;
+    /// Resumes a suspended instance, or boots a stopped one.
+    async fn start(&self, workspace_id: Uuid) -> Result<(), ProviderError>;
+    /// Suspends the instance, keeping its state.
+    async fn stop(&self, workspace_id: Uuid) -> Result<(), ProviderError>;
+    async fn delete(&self, workspace_id: Uuid) -> Result<(), ProviderError>;
+    async fn observe(&self, workspace_id: Uuid) -> Result<Observed, ProviderError>;
+}
+
+/// Renders the agent's config file (TOML).
+pub fn render_agent_config(bootstrap: &AgentBootstrap) -> Result<String, ProviderError> {
+    toml::to_string(bootstrap)
+        .map_err(|e| ProviderError::Failed(format!("render agent config: {e}")))
+}

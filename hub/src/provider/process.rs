@@ -1,0 +1,163 @@
+//! The process provider: each workspace is a folder with its own agent child process.
+//!
+//! The config is written the way cloud-init writes it on a VM (`agent.toml`, mode 0600), the
+//! agent runs in its own process group (so a Ctrl-C on the hub's terminal does not reach
+//! it) and outlives the hub like a VM would: a restarted hub finds it again through
+//! `agent.pid`. `stop` suspends the process group (SIGSTOP) and `start` resumes it; an
+//! agent that is gone (after a reboot) is started again from the same folder, where it keeps
+//! its certificate, so it needs no second enrollment.
+
+use super::{Created, InstanceSpec, Observed, Provider, ProviderError, render_agent_config};
+use crate::fsutil::write_private;
+use async_trait::async_trait;
+use rustix::process::{Pid, Signal};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use uuid::Uuid;
+
+#[derive(Debug)]
+pub struct ProcessProvider {
+    root: PathBuf,
+    agent_binary: PathBuf,
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::Failed(format!("{what}: {e}"))
+}
+
+impl ProcessProvider {
+    /// Workspaces live under `root/<id>/`; agents are started from `agent_binary`.
+    pub fn new(root: PathBuf, agent_binary: PathBuf) -> Self {
+        Self { root, agent_binary }
+    }
+
+    fn dir(&self, id: Uuid) -> PathBuf {
+        self.root.join(id.to_string())
+    }
+
+    /// The agent's process id, if it is alive (and really our agent, not a reused pid).
+    fn live_pid(&self, id: Uuid) -> Option<Pid> {
+        let raw = std::fs::read_to_string(self.dir(id).join("agent.pid")).ok()?;
+        let pid = Pid::from_raw(raw.trim().parse().ok()?)?;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.as_raw_nonzero())).ok()?;
+        let config = self.dir(id).join("agent.toml");
+        let needle = config.as_os_str().as_encoded_bytes();
+        let ours = cmdline.split(|b| *b == 0).any(|arg| arg == needle);
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).ok()?;
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'));
+        (ours && !zombie).then_some(pid)
+    }
+
+    fn is_stopped(pid: Pid) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()
+                    .map(|s| s.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    }
+
+    fn spawn(&self, id: Uuid) -> Result<(), ProviderError> {
+        let dir = self.dir(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .map_err(|e| failed("open agent.log", e))?;
+        let log2 = log.try_clone().map_err(|e| failed("open agent.log", e))?;
+        let mut child = tokio::process::Command::new(&self.agent_binary)
+            .arg("--config")
+            .arg(dir.join("agent.toml"))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| failed(&format!("start {}", self.agent_binary.display()), e))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| failed("start agent", "exited at once"))?;
+        write_private(&dir.join("agent.pid"), pid.to_string().as_bytes())
+            .map_err(|e| failed("write agent.pid", e))?;
+        // Reap the child when it exits so it never lingers as a zombie.
+        tokio::spawn(async move {
+            match child.wait().await {
+                Ok(status) => tracing::info!(workspace = %id, %status, "agent process exited"),
+                Err(e) => tracing::warn!(workspace = %id, error = %e, "wait for agent"),
+            }
+        });
+        Ok(())
+    }
+}
+
+fn signal_group(pid: Pid, sig: Signal) -> Result<(), ProviderError> {
+    rustix::process::kill_process_group(pid, sig).map_err(|e| failed("signal agent", e))
+}
+
+fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(failed("remove workspace folder", e)),
+    }
+}
+
+#[async_trait]
+impl Provider for ProcessProvider {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn create(&self, spec: &InstanceSpec) -> Result<Created, ProviderError> {
+        let dir = self.dir(spec.workspace_id);
+        let agent_state = dir.join("agent");
+        std::fs::create_dir_all(&agent_state).map_err(|e| failed("create workspace folder", e))?;
+        let mut bootstrap = spec.bootstrap.clone();
+        bootstrap.state_dir = agent_state.to_string_lossy().into_owned();
+        let config = render_agent_config(&bootstrap)?;
+        write_private(&dir.join("agent.toml"), config.as_bytes())
+            .map_err(|e| failed("write agent.toml", e))?;
+        self.spawn(spec.workspace_id)?;
+        Ok(Created::default())
+    }
+
+    async fn start(&self, id: Uuid) -> Result<(), ProviderError> {
+        if !self.dir(id).join("agent.toml").exists() {
+            return Err(ProviderError::NotFound);
+        }
+        match self.live_pid(id) {
+            Some(pid) => signal_group(pid, Signal::CONT),
+            None => self.spawn(id),
+        }
+    }
+
+    async fn stop(&self, id: Uuid) -> Result<(), ProviderError> {
+        match self.live_pid(id) {
+            Some(pid) => signal_group(pid, Signal::STOP),
+            None if self.dir(id).exists() => Ok(()),
+            None => Err(ProviderError::NotFound),
+        }
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<(), ProviderError> {
+        if let Some(pid) = self.live_pid(id) {
+            signal_group(pid, Signal::KILL)?;
+        }
+        remove_dir(&self.dir(id))
+    }
+
+    async fn observe(&self, id: Uuid) -> Result<Observed, ProviderError> {
+        Ok(match self.live_pid(id) {
+            Some(pid) if Self::is_stopped(pid) => Observed::Suspended,
+            Some(_) => Observed::Running,
+            None if self.dir(id).exists() => Observed::Stopped,
+            None => Observed::Missing,
+        })
+    }
+}

@@ -1,0 +1,83 @@
+//! State behind one small trait: workspaces, enrollment tokens, agent certificates, API
+//! tokens. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); Firestore comes
+//! behind the same trait.
+
+pub mod sqlite;
+
+use crate::workspace::{Status, Workspace};
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// Errors a caller branches on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A conditional write lost: the record is not in a state the caller expected.
+    #[error("workspace is {current:?}, not one of the expected states")]
+    Conflict { current: Status },
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// Why an enrollment token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejection {
+    #[error("unknown enrollment token")]
+    Unknown,
+    #[error("enrollment token already used")]
+    Used,
+    #[error("enrollment token expired")]
+    Expired,
+}
+
+/// An API token's record (only its hash is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub owner_id: String,
+    pub name: String,
+    pub expires_at: Option<i64>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn insert_workspace(&self, ws: &Workspace) -> Result<(), StoreError>;
+    async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError>;
+    /// The owner's workspaces, or all of them for `None`; newest first.
+    async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError>;
+    /// Conditional status change: succeeds only if the current status is in `from`.
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: &[Status],
+        to: Status,
+        reason: Option<&str>,
+    ) -> Result<Workspace, StoreError>;
+    async fn set_last_connected(&self, id: Uuid, at_ms: i64) -> Result<(), StoreError>;
+
+    /// Stores an enrollment token (by hash) for a workspace.
+    async fn insert_enrollment_token(
+        &self,
+        token_hash: &str,
+        workspace_id: Uuid,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Atomically marks a token used by `key_fingerprint`. The same key may redeem the
+    /// same token again before it expires (a lost reply must not strand an agent).
+    async fn redeem_enrollment_token(
+        &self,
+        token_hash: &str,
+        key_fingerprint: &str,
+        now_ms: i64,
+    ) -> Result<Result<Uuid, TokenRejection>, StoreError>;
+
+    /// Records the certificate an agent holds (the only one accepted for that workspace).
+    async fn put_agent_cert(&self, workspace_id: Uuid, fingerprint: &str)
+    -> Result<(), StoreError>;
+    async fn agent_cert(&self, workspace_id: Uuid) -> Result<Option<String>, StoreError>;
+
+    async fn insert_api_token(&self, token_hash: &str, token: &ApiToken) -> Result<(), StoreError>;
+    async fn find_api_token(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError>;
+}

@@ -1,0 +1,375 @@
+//! The embedded store: SQLite in the hub's state folder (`rusqlite`, bundled).
+//!
+//! One connection behind a mutex, used from blocking threads. Every status change is a
+//! transaction that re-reads the current status before writing.
+
+use super::{ApiToken, Store, StoreError, TokenRejection};
+use crate::workspace::{Metadata, Status, Workspace};
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS workspaces (
+    id TEXT PRIMARY KEY,
+    owner_id TEXT NOT NULL,
+    instance_name TEXT NOT NULL UNIQUE,
+    zone TEXT NOT NULL,
+    image_tag TEXT NOT NULL,
+    machine_type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    status_reason TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_connected_at INTEGER,
+    metadata TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS workspaces_owner ON workspaces(owner_id, created_at);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_hash TEXT PRIMARY KEY,
+    workspace_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS agent_certs (
+    workspace_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    issued_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    token_hash TEXT PRIMARY KEY,
+    owner_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    expires_at INTEGER
+);
+"#;
+
+/// SQLite-backed [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(backend)?;
+        Self::init(conn)
+    }
+
+    /// A private in-memory database (for tests of other components).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| backend("store lock poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+const WS_COLUMNS: &str = "id, owner_id, instance_name, zone, image_tag, machine_type, status, \
+    status_reason, created_at, updated_at, last_connected_at, metadata";
+
+fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
+    let conv = |i: usize, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    };
+    let id: String = row.get(0)?;
+    let status: String = row.get(6)?;
+    let metadata: String = row.get(11)?;
+    Ok(Workspace {
+        id: Uuid::parse_str(&id).map_err(|e| conv(0, e.to_string()))?,
+        owner_id: row.get(1)?,
+        instance_name: row.get(2)?,
+        zone: row.get(3)?,
+        image_tag: row.get(4)?,
+        machine_type: row.get(5)?,
+        status: Status::parse(&status).ok_or_else(|| conv(6, format!("status {status}")))?,
+        status_reason: row.get(7)?,
+        created_at: row.get(8)?,
+        updated_at: row.get(9)?,
+        last_connected_at: row.get(10)?,
+        metadata: serde_json::from_str::<Metadata>(&metadata)
+            .map_err(|e| conv(11, e.to_string()))?,
+    })
+}
+
+fn get_ws(conn: &Connection, id: Uuid) -> Result<Workspace, StoreError> {
+    conn.query_row(
+        &format!("SELECT {WS_COLUMNS} FROM workspaces WHERE id = ?1"),
+        params![id.to_string()],
+        row_to_workspace,
+    )
+    .optional()
+    .map_err(backend)?
+    .ok_or(StoreError::NotFound)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_workspace(&self, ws: &Workspace) -> Result<(), StoreError> {
+        let ws = ws.clone();
+        self.with(move |conn| {
+            let metadata = serde_json::to_string(&ws.metadata).map_err(backend)?;
+            let res = conn.execute(
+                &format!("INSERT INTO workspaces ({WS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                params![
+                    ws.id.to_string(),
+                    ws.owner_id,
+                    ws.instance_name,
+                    ws.zone,
+                    ws.image_tag,
+                    ws.machine_type,
+                    ws.status.as_str(),
+                    ws.status_reason,
+                    ws.created_at,
+                    ws.updated_at,
+                    ws.last_connected_at,
+                    metadata,
+                ],
+            );
+            match res {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::AlreadyExists)
+                }
+                Err(e) => Err(backend(e)),
+            }
+        })
+        .await
+    }
+
+    async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError> {
+        self.with(move |conn| get_ws(conn, id)).await
+    }
+
+    async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError> {
+        let owner = owner_id.map(str::to_owned);
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {WS_COLUMNS} FROM workspaces WHERE (?1 IS NULL OR owner_id = ?1) \
+                     ORDER BY created_at DESC, id"
+                ))
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![owner], row_to_workspace)
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: &[Status],
+        to: Status,
+        reason: Option<&str>,
+    ) -> Result<Workspace, StoreError> {
+        let from = from.to_vec();
+        let reason = reason.map(str::to_owned);
+        self.with(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let current = get_ws(&tx, id)?;
+            if !from.contains(&current.status) {
+                return Err(StoreError::Conflict {
+                    current: current.status,
+                });
+            }
+            let now = crate::workspace::now_ms();
+            tx.execute(
+                "UPDATE workspaces SET status = ?2, status_reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id.to_string(), to.as_str(), reason, now],
+            )
+            .map_err(backend)?;
+            let updated = get_ws(&tx, id)?;
+            tx.commit().map_err(backend)?;
+            Ok(updated)
+        })
+        .await
+    }
+
+    async fn set_last_connected(&self, id: Uuid, at_ms: i64) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE workspaces SET last_connected_at = ?2 WHERE id = ?1",
+                    params![id.to_string(), at_ms],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_enrollment_token(
+        &self,
+        token_hash: &str,
+        workspace_id: Uuid,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let token_hash = token_hash.to_owned();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO enrollment_tokens (token_hash, workspace_id, expires_at) VALUES (?1, ?2, ?3)",
+                params![token_hash, workspace_id.to_string(), expires_at_ms],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn redeem_enrollment_token(
+        &self,
+        token_hash: &str,
+        key_fingerprint: &str,
+        now_ms: i64,
+    ) -> Result<Result<Uuid, TokenRejection>, StoreError> {
+        let token_hash = token_hash.to_owned();
+        let key_fingerprint = key_fingerprint.to_owned();
+        self.with(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let row: Option<(String, i64, Option<String>)> = tx
+                .query_row(
+                    "SELECT workspace_id, expires_at, used_by FROM enrollment_tokens WHERE token_hash = ?1",
+                    params![token_hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            let Some((workspace_id, expires_at, used_by)) = row else {
+                return Ok(Err(TokenRejection::Unknown));
+            };
+            if now_ms >= expires_at {
+                return Ok(Err(TokenRejection::Expired));
+            }
+            match used_by {
+                Some(by) if by != key_fingerprint => return Ok(Err(TokenRejection::Used)),
+                Some(_) => {}
+                None => {
+                    tx.execute(
+                        "UPDATE enrollment_tokens SET used_at = ?2, used_by = ?3 WHERE token_hash = ?1",
+                        params![token_hash, now_ms, key_fingerprint],
+                    )
+                    .map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Uuid::parse_str(&workspace_id).map(Ok).map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_agent_cert(
+        &self,
+        workspace_id: Uuid,
+        fingerprint: &str,
+    ) -> Result<(), StoreError> {
+        let fingerprint = fingerprint.to_owned();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO agent_certs (workspace_id, fingerprint, issued_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(workspace_id) DO UPDATE SET fingerprint = excluded.fingerprint, issued_at = excluded.issued_at",
+                params![workspace_id.to_string(), fingerprint, crate::workspace::now_ms()],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn agent_cert(&self, workspace_id: Uuid) -> Result<Option<String>, StoreError> {
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT fingerprint FROM agent_certs WHERE workspace_id = ?1",
+                params![workspace_id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn insert_api_token(&self, token_hash: &str, token: &ApiToken) -> Result<(), StoreError> {
+        let token_hash = token_hash.to_owned();
+        let token = token.clone();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO api_tokens (token_hash, owner_id, name, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![token_hash, token.owner_id, token.name, token.expires_at],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn find_api_token(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let token_hash = token_hash.to_owned();
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT owner_id, name, expires_at FROM api_tokens WHERE token_hash = ?1",
+                params![token_hash],
+                |r| {
+                    Ok(ApiToken {
+                        owner_id: r.get(0)?,
+                        name: r.get(1)?,
+                        expires_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+}

@@ -1,0 +1,135 @@
+//! The workspace record and its status machine.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A workspace's lifecycle status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    /// The VM is being created; turns READY when its agent says hello.
+    Provisioning,
+    /// The agent has enrolled and connected at least once since the last (re)start.
+    Ready,
+    /// Being suspended.
+    Stopping,
+    /// Suspended: the VM keeps its state but does not run.
+    Suspended,
+    /// Being resumed.
+    Starting,
+    /// Being destroyed.
+    Deleting,
+    /// Something failed; `status_reason` says what.
+    Error,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Provisioning => "PROVISIONING",
+            Status::Ready => "READY",
+            Status::Stopping => "STOPPING",
+            Status::Suspended => "SUSPENDED",
+            Status::Starting => "STARTING",
+            Status::Deleting => "DELETING",
+            Status::Error => "ERROR",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "PROVISIONING" => Status::Provisioning,
+            "READY" => Status::Ready,
+            "STOPPING" => Status::Stopping,
+            "SUSPENDED" => Status::Suspended,
+            "STARTING" => Status::Starting,
+            "DELETING" => Status::Deleting,
+            "ERROR" => Status::Error,
+            _ => return None,
+        })
+    }
+
+    /// Whether a transition from `self` to `to` is allowed.
+    pub fn can_become(self, to: Status) -> bool {
+        use Status::*;
+        matches!(
+            (self, to),
+            (Provisioning, Ready)
+                | (Provisioning, Error)
+                | (Starting, Ready)
+                | (Starting, Error)
+                | (Ready, Stopping)
+                | (Ready, Error)
+                | (Stopping, Suspended)
+                | (Stopping, Error)
+                | (Suspended, Starting)
+                | (Error, Starting)
+                | (_, Deleting)
+        ) && self != Deleting
+    }
+}
+
+/// Free-form context a workspace was created with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+}
+
+/// One workspace as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workspace {
+    pub id: Uuid,
+    pub owner_id: String,
+    pub instance_name: String,
+    pub zone: String,
+    pub image_tag: String,
+    pub machine_type: String,
+    pub status: Status,
+    /// Why the workspace is in ERROR (or other human-readable status detail).
+    pub status_reason: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_connected_at: Option<i64>,
+    pub metadata: Metadata,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status::*;
+
+    #[test]
+    fn transitions() {
+        assert!(Provisioning.can_become(Ready));
+        assert!(Provisioning.can_become(Error));
+        assert!(!Provisioning.can_become(Suspended));
+        assert!(Ready.can_become(Deleting));
+        assert!(!Deleting.can_become(Deleting));
+        assert!(!Deleting.can_become(Ready));
+        for s in [
+            Provisioning,
+            Ready,
+            Stopping,
+            Suspended,
+            Starting,
+            Deleting,
+            Error,
+        ] {
+            assert_eq!(super::Status::parse(s.as_str()), Some(s));
+        }
+    }
+}

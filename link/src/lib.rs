@@ -1,0 +1,203 @@
+//! The QUIC link shared by the agent, the hub and the CLI.
+//!
+//! Entry points: [`install_crypto_provider`] (once, at process start), [`server_config`] and
+//! [`client_config`] (TLS 1.3 over QUIC with aws-lc-rs as the only crypto provider, peers
+//! pinned to one CA, never the system roots), [`transport_config`] (the timeouts every
+//! connection shares), and [`FramedRecv`] / [`send_msg`], which move [`protocol`] messages
+//! over QUIC streams. Everything about what the messages mean lives in `protocol`; this
+//! crate only moves bytes.
+
+use protocol::{FrameDecoder, Message, ProtocolError};
+use quinn::{RecvStream, SendStream};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What can go wrong moving messages over a QUIC stream.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("stream closed before the expected message")]
+    Closed,
+}
+
+/// The crypto provider: aws-lc-rs, and only it.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs aws-lc-rs as the process-wide rustls provider. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Transport settings shared by every connection: an idle timeout longer than the
+/// application heartbeat timeout (heartbeats are the liveness signal; this is a backstop).
+pub fn transport_config(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    Arc::new(t)
+}
+
+fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, rustls::Error> {
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    Ok(Arc::new(roots))
+}
+
+fn quic_tls_error(e: impl std::fmt::Display) -> rustls::Error {
+    rustls::Error::General(format!("quic tls config: {e}"))
+}
+
+/// A server: presents `cert_chain`/`key_pkcs8`; accepts client certificates issued by
+/// `client_ca_der`, and clients with none (the application decides what those may do).
+pub fn server_config(
+    cert_chain: Vec<Vec<u8>>,
+    key_pkcs8: Vec<u8>,
+    client_ca_der: &[u8],
+    alpn: &[&[u8]],
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, rustls::Error> {
+    let provider = crypto_provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(client_ca_der)?,
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(quic_tls_error)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            cert_chain.into_iter().map(CertificateDer::from).collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8)),
+        )?;
+    tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tls.max_early_data_size = u32::MAX;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls_error)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport_config(idle_timeout));
+    Ok(cfg)
+}
+
+/// A client that trusts only `ca_der`, optionally presenting a client certificate.
+pub fn client_config(
+    ca_der: &[u8],
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    alpn: &[u8],
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, rustls::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_der)?);
+    let mut tls = match identity {
+        Some((cert_der, key_pkcs8)) => builder.with_client_auth_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8)),
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(quic_tls_error)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport_config(idle_timeout));
+    Ok(cfg)
+}
+
+/// An endpoint config whose stateless-reset key comes from a persisted secret, so that a
+/// restarted server can tell clients of its previous incarnation to reconnect at once.
+pub fn endpoint_config(reset_secret: &[u8]) -> quinn::EndpointConfig {
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, reset_secret);
+    quinn::EndpointConfig::new(Arc::new(key))
+}
+
+/// The peer's leaf certificate (DER), if it presented one.
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| c.to_vec())
+}
+
+/// Writes one message as a frame.
+pub async fn send_msg<M: Message>(send: &mut SendStream, msg: &M) -> Result<(), LinkError> {
+    let frame = protocol::encode_frame(msg)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// The receiving half of a stream, decoded frame by frame.
+#[derive(Debug)]
+pub struct FramedRecv {
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    finished: bool,
+}
+
+impl FramedRecv {
+    pub fn new(recv: RecvStream) -> Self {
+        Self::with_limit(recv, protocol::MAX_FRAME_LEN)
+    }
+
+    /// A receiver that refuses frames over `max` bytes (control streams use a small one).
+    pub fn with_limit(recv: RecvStream, max: usize) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::new(max),
+            finished: false,
+        }
+    }
+
+    /// The next message; `Ok(None)` at a clean end of stream.
+    pub async fn next<M: Message>(&mut self) -> Result<Option<M>, LinkError> {
+        loop {
+            if let Some(msg) = self.decoder.decode::<M>()? {
+                return Ok(Some(msg));
+            }
+            if self.finished {
+                self.decoder.finish()?;
+                return Ok(None);
+            }
+            match self.recv.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None => self.finished = true,
+            }
+        }
+    }
+
+    /// The next message, which must exist.
+    pub async fn expect<M: Message>(&mut self) -> Result<M, LinkError> {
+        self.next().await?.ok_or(LinkError::Closed)
+    }
+
+    /// Gives back the raw stream (e.g. to splice it once the header is read).
+    pub fn into_parts(self) -> (RecvStream, FrameDecoder) {
+        (self.recv, self.decoder)
+    }
+}
+
+/// Tells the peer why a stream is being dropped: stops reading and resets writing.
+pub fn abort_stream(
+    send: &mut SendStream,
+    recv: &mut FramedRecv,
+    code: protocol::close::CloseCode,
+) {
+    let code = quinn::VarInt::from_u32(code.code());
+    let _ = send.reset(code);
+    let _ = recv.recv.stop(code);
+}

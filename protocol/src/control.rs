@@ -1,0 +1,74 @@
+//! Messages on the agent's control stream.
+
+use serde::{Deserialize, Serialize};
+
+crate::tagged_messages! {
+    /// Everything that travels on the control stream, in both directions.
+    pub enum ControlMsg {
+        /// Agent -> hub, first message: who and which version.
+        1 => Hello(Hello),
+        /// Hub -> agent: the hello was accepted; liveness parameters follow.
+        2 => Welcome(Welcome),
+        /// Hub -> agent: the hello was refused; the hub closes the connection.
+        3 => HelloRefused(HelloRefused),
+        /// Either way: a heartbeat; the receiver answers with [`Pong`].
+        4 => Ping(Ping),
+        /// Either way: the answer to a [`Ping`] with the same sequence number.
+        5 => Pong(Pong),
+    }
+}
+
+/// The agent introduces itself. Its workspace comes from its certificate, not from here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u16,
+    /// The agent's build version (semver of the binary), for display and fleet views.
+    pub agent_version: String,
+    /// The machine's host name, for display.
+    pub hostname: String,
+}
+
+/// The hub accepts the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version both sides now speak (the lower of the two).
+    pub protocol_version: u16,
+    pub hub_version: String,
+    /// How often the agent should ping when it has nothing else to send.
+    pub heartbeat_interval_ms: u32,
+    /// After this long without hearing from the hub, the agent reconnects.
+    pub heartbeat_timeout_ms: u32,
+}
+
+/// The hub refuses the agent's hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloRefused {
+    pub reason: HelloRefusal,
+    pub message: String,
+    /// The range of protocol versions the hub accepts.
+    pub min_version: u16,
+    pub max_version: u16,
+}
+
+/// Why a hello was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloRefusal {
+    /// The agent's protocol version is older than the hub accepts.
+    VersionTooOld,
+    /// The agent's protocol version is newer than the hub knows.
+    VersionTooNew,
+    /// The agent's certificate names no workspace the hub knows, or was revoked.
+    UnknownAgent,
+}
+
+/// A heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    pub seq: u64,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    pub seq: u64,
+}

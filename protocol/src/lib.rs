@@ -1,0 +1,39 @@
+//! The Workspace Hub wire protocol, with no IO.
+//!
+//! Everything that crosses the agent–hub and client–hub QUIC connections is defined here:
+//! the tagged messages ([`message`]), length-delimited framing with a hard size limit
+//! ([`frame`]), the stream header that opens every stream ([`stream`]), the version
+//! handshake ([`handshake`]), enrollment ([`enroll`]), and the two small state machines the
+//! drivers run: heartbeat liveness ([`liveness`]) and reconnect backoff ([`backoff`]).
+//!
+//! This crate knows nothing of tokio, quinn or sockets. Time comes in as an argument
+//! (`now: Instant`) and randomness as a number, so every rule is testable with plain calls.
+//! `PROTOCOL.md` beside this crate documents each message and the version rules.
+
+pub mod backoff;
+pub mod bootstrap;
+pub mod close;
+pub mod control;
+pub mod enroll;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod liveness;
+pub mod message;
+pub mod stream;
+
+pub use error::ProtocolError;
+pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};
+pub use message::Message;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The oldest protocol version this build still accepts from a peer (N-1).
+pub const MIN_PROTOCOL_VERSION: u16 = PROTOCOL_VERSION.saturating_sub(1);
+
+/// ALPN for agent connections (agent -> hub).
+pub const ALPN_AGENT: &[u8] = b"wsh-agent/1";
+
+/// ALPN for client connections (CLI -> hub).
+pub const ALPN_CLIENT: &[u8] = b"wsh-client/1";

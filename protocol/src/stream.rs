@@ -1,0 +1,81 @@
+//! The typed header that opens every QUIC stream, and the opener's verdict on it.
+
+use serde::{Deserialize, Serialize};
+
+crate::tagged_messages! {
+    /// The first frame on every bidirectional stream, written by whoever opens it.
+    pub enum StreamHeader {
+        /// Agent -> hub: the agent's control stream (hello, heartbeats, events).
+        1 => Control(ControlOpen),
+        /// Agent -> hub, before the agent holds a certificate: trade a token for one.
+        2 => Enroll(EnrollOpen),
+        /// Hub -> agent: attach to (or create) a PTY session. Filled in by the terminal work.
+        3 => Pty(PtyOpen),
+        /// Hub -> agent: splice this stream to a TCP port inside the workspace.
+        4 => TcpForward(TcpForwardOpen),
+        /// Hub -> agent: a file-sync session rooted at a folder.
+        5 => Sync(SyncOpen),
+    }
+}
+
+/// Opens the control stream. Carries nothing yet; the hello follows as the first message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ControlOpen {}
+
+/// Opens an enrollment stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EnrollOpen {}
+
+/// Opens a PTY stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PtyOpen {
+    /// The session to attach to; `None` creates a new one.
+    pub session: Option<String>,
+}
+
+/// Opens a TCP forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpForwardOpen {
+    /// The port inside the workspace (loopback).
+    pub port: u16,
+}
+
+/// Opens a sync session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncOpen {
+    /// The folder inside the workspace, relative to the workspace user's home.
+    pub root: String,
+}
+
+crate::tagged_messages! {
+    /// The receiver's first frame in answer to a [`StreamHeader`].
+    pub enum StreamReply {
+        1 => Accepted(Accepted),
+        2 => Refused(StreamRefused),
+    }
+}
+
+/// The stream is open; its own messages follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Accepted {}
+
+/// The stream was refused and will be closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamRefused {
+    pub reason: StreamRefusal,
+    /// Human-readable detail; never carries secrets.
+    pub message: String,
+}
+
+/// Why a stream was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamRefusal {
+    /// The receiver does not implement this stream type (yet).
+    Unsupported,
+    /// The peer is not allowed to open this stream type (e.g. no client certificate).
+    Unauthorized,
+    /// The header was malformed or arrived out of place.
+    BadHeader,
+    /// The receiver is shutting down or overloaded.
+    Unavailable,
+}
