@@ -1,1 +1,408 @@
-//! placeholder
+//! Dev-only test harness: starts a real `workspace-hub` process on `127.0.0.1:0` (dev mode,
+//! its own temporary state folder), talks to its HTTP API, restarts or freezes it, and on
+//! drop kills the hub and every agent process it started.
+//!
+//! Entry point: [`TestHub::start`]. Binaries are taken from the cargo target folder of the
+//! running test; if one is missing it is built first.
+
+use anyhow::{Context, Result, bail};
+use rustix::process::{Pid, Signal};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The path of a workspace binary (`workspace-hub`, `workspace-agent`, `wsh`), built if missing.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate test executable")?;
+    let mut dir = exe.parent().context("test executable has no folder")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps folder has no parent")?;
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        let package = match name {
+            "wsh" => "wsh",
+            other => other,
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", package, "--bin", name]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().context("run cargo build")?;
+        if !status.success() || !path.exists() {
+            bail!("could not build {name} at {}", path.display());
+        }
+    }
+    Ok(path)
+}
+
+/// How to start a hub.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// `process` (default) or `manual`.
+    pub provider: String,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub enrollment_ttl: Option<Duration>,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            provider: "process".into(),
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_millis(1500),
+            enrollment_ttl: None,
+        }
+    }
+}
+
+/// The addresses a started hub wrote to `hub.json`.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+pub struct Listening {
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub pid: u32,
+}
+
+/// A running hub process and its state folder.
+pub struct TestHub {
+    _dir: tempfile::TempDir,
+    pub state_dir: PathBuf,
+    pub options: HubOptions,
+    child: Option<Child>,
+    pub listening: Listening,
+    /// The dev user's API token.
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl std::fmt::Debug for TestHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestHub")
+            .field("listening", &self.listening)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+impl TestHub {
+    /// A hub with the process provider and short heartbeats.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(HubOptions::default()).await
+    }
+
+    pub async fn start_with(options: HubOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("wsh-hub-").tempdir()?;
+        let state_dir = dir.path().join("state");
+        let (child, listening) = spawn_hub(&state_dir, &options, None).await?;
+        let token = std::fs::read_to_string(state_dir.join("dev-token"))
+            .context("read dev token")?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            _dir: dir,
+            state_dir,
+            options,
+            child: Some(child),
+            listening,
+            token,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.listening.http)
+    }
+
+    /// The hub's stderr log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("hub.log")).unwrap_or_default()
+    }
+
+    /// Kills the hub with SIGKILL (no graceful shutdown), leaving agents running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the hub again on the same state folder and the same ports.
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.kill();
+        let (child, listening) =
+            spawn_hub(&self.state_dir, &self.options, Some(self.listening)).await?;
+        self.child = Some(child);
+        self.listening = listening;
+        Ok(())
+    }
+
+    /// Freezes (`true`) or thaws (`false`) the hub process, like a network cut.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        let pid = Pid::from_raw(self.listening.pid as i32).context("hub pid")?;
+        let sig = if frozen { Signal::STOP } else { Signal::CONT };
+        rustix::process::kill_process(pid, sig).context("signal hub")?;
+        Ok(())
+    }
+
+    /// Calls the API as the dev user.
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
+        self.api_as(&self.token, method, path, body).await
+    }
+
+    /// Calls the API with a given bearer token.
+    pub async fn api_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let text = res.text().await?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, value))
+    }
+
+    /// Creates a workspace and returns its JSON.
+    pub async fn create_workspace(&self) -> Result<Value> {
+        let (status, body) = self
+            .api("POST", "/workspaces", Some(serde_json::json!({})))
+            .await?;
+        if status != 201 {
+            bail!("create workspace: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Polls `GET /workspaces/:id` until `pred` holds or `timeout` passes.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            let (status, body) = self.api("GET", &format!("/workspaces/{id}"), None).await?;
+            if status == 200 && pred(&body) {
+                return Ok(body);
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "workspace {id} did not reach the expected state in {timeout:?}: {status} {body}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The folder of a process-provider workspace.
+    pub fn workspace_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("workspaces").join(id)
+    }
+
+    /// A process-provider agent's log.
+    pub fn agent_log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.workspace_dir(id).join("agent.log")).unwrap_or_default()
+    }
+
+    /// Mints another user's API token through the hub's own CLI.
+    pub fn mint_token(&self, owner: &str) -> Result<String> {
+        let out = Command::new(binary("workspace-hub")?)
+            .args(["token", "create", "--owner", owner, "--state-dir"])
+            .arg(&self.state_dir)
+            .output()
+            .context("run workspace-hub token create")?;
+        if !out.status.success() {
+            bail!("token create: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.kill();
+        kill_agents(&self.state_dir.join("workspaces"));
+    }
+}
+
+/// Kills every agent process group recorded under a provider folder.
+fn kill_agents(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(raw) = std::fs::read_to_string(entry.path().join("agent.pid")) else {
+            continue;
+        };
+        if let Some(pid) = raw.trim().parse().ok().and_then(Pid::from_raw) {
+            let _ = rustix::process::kill_process_group(pid, Signal::CONT);
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+        }
+    }
+}
+
+async fn spawn_hub(
+    state_dir: &Path,
+    options: &HubOptions,
+    addrs: Option<Listening>,
+) -> Result<(Child, Listening)> {
+    std::fs::create_dir_all(state_dir)?;
+    let hub_json = state_dir.join("hub.json");
+    let _ = std::fs::remove_file(&hub_json);
+    let (http, quic) = match addrs {
+        Some(l) => (l.http.to_string(), l.quic.to_string()),
+        None => ("127.0.0.1:0".into(), "127.0.0.1:0".into()),
+    };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join("hub.log"))?;
+    let mut cmd = Command::new(binary("workspace-hub")?);
+    cmd.arg("dev")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args([
+            "--http",
+            &http,
+            "--quic",
+            &quic,
+            "--provider",
+            &options.provider,
+        ])
+        .args(["--heartbeat-interval", &ms(options.heartbeat_interval)])
+        .args(["--heartbeat-timeout", &ms(options.heartbeat_timeout)]);
+    if let Some(ttl) = options.enrollment_ttl {
+        cmd.args(["--enrollment-ttl", &ms(ttl)]);
+    }
+    // Agents started by the process provider find their binary beside the hub's.
+    binary("workspace-agent")?;
+    let mut child = cmd
+        .env("RUST_LOG", "info,quinn=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("start workspace-hub")?;
+    let start = Instant::now();
+    loop {
+        if let Ok(bytes) = std::fs::read(&hub_json)
+            && let Ok(listening) = serde_json::from_slice::<Listening>(&bytes)
+        {
+            return Ok((child, listening));
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "workspace-hub exited with {status}: {}",
+                std::fs::read_to_string(state_dir.join("hub.log")).unwrap_or_default()
+            );
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            bail!("workspace-hub did not start within 20s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An agent running inside the test process (real agent code, its own state folder).
+pub struct InProcessAgent {
+    pub events: tokio::sync::mpsc::UnboundedReceiver<agent::AgentEvent>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), agent::AgentError>>,
+    pub state_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for InProcessAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessAgent")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The agent config a manual-provider create returned, pointed at a fresh state folder.
+pub fn agent_config(
+    create_response: &Value,
+) -> Result<(agent::config::AgentConfig, tempfile::TempDir)> {
+    let text = create_response["agent_config"]
+        .as_str()
+        .context("create response has no agent_config (is the provider manual?)")?;
+    let mut config = agent::config::AgentConfig::parse(text)?;
+    let dir = tempfile::Builder::new().prefix("wsh-agent-").tempdir()?;
+    config.state_dir = dir.path().to_path_buf();
+    Ok((config, dir))
+}
+
+impl InProcessAgent {
+    /// Starts an agent from a manual-provider create response.
+    pub fn start(create_response: &Value) -> Result<Self> {
+        let (config, dir) = agent_config(create_response)?;
+        Ok(Self::start_with(config, dir))
+    }
+
+    /// Starts an agent with a given config; `dir` is kept alive as long as the agent.
+    pub fn start_with(config: agent::config::AgentConfig, dir: tempfile::TempDir) -> Self {
+        link::install_crypto_provider();
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let state_dir = config.state_dir.clone();
+        let agent = agent::Agent::new(config)
+            .expect("agent endpoint")
+            .with_events(tx);
+        let task = tokio::spawn(agent.run(shutdown.clone()));
+        Self {
+            events,
+            shutdown,
+            task,
+            state_dir,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for the next event matching `pred`.
+    pub async fn wait_event(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&agent::AgentEvent) -> bool,
+    ) -> Result<agent::AgentEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) if pred(&event) => return Ok(event),
+                Ok(Some(_)) => continue,
+                Ok(None) => bail!("agent stopped before the expected event"),
+                Err(_) => bail!("no matching agent event within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Stops the agent and returns how it ended.
+    pub async fn stop(&mut self) -> Result<(), agent::AgentError> {
+        self.shutdown.cancel();
+        (&mut self.task).await.expect("agent task panicked")
+    }
+}
+
+impl Drop for InProcessAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -156,7 +156,14 @@ async fn refuse_stream(send: &mut quinn::SendStream, reason: StreamRefusal, mess
         message: message.to_owned(),
     });
     let _ = send_msg(send, &reply).await;
+    finish_and_flush(send).await;
+}
+
+/// Finishes a stream and waits (briefly) until the peer has read it, so that closing the
+/// connection right after does not discard the last message.
+async fn finish_and_flush(send: &mut quinn::SendStream) {
     let _ = send.finish();
+    let _ = timeout(Duration::from_secs(2), send.stopped()).await;
 }
 
 /// Closes the connection with the code that fits a stream error.
@@ -377,8 +384,7 @@ async fn control_session(
         Err(refused) => {
             tracing::warn!(%remote, workspace = %workspace_id, reason = ?refused.reason, "hello refused");
             send_msg(&mut send, &ControlMsg::HelloRefused(refused.clone())).await?;
-            let _ = send.finish();
-            let _ = timeout(Duration::from_secs(2), conn.closed()).await;
+            finish_and_flush(&mut send).await;
             close(conn, CloseCode::VersionMismatch, &refused.message);
             return Ok(());
         }

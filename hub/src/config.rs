@@ -105,9 +105,9 @@ impl Config {
             "heartbeat_timeout must be at least twice heartbeat_interval"
         );
         ensure!(
-            (Duration::from_secs(10)..=Duration::from_secs(24 * 3600))
+            (Duration::from_secs(1)..=Duration::from_secs(24 * 3600))
                 .contains(&file.enrollment_ttl),
-            "enrollment_ttl must be between 10s and 24h"
+            "enrollment_ttl must be between 1s and 24h"
         );
         if file.agent_hub_addr.is_none() && file.quic_addr.ip().is_unspecified() {
             bail!(

@@ -60,8 +60,13 @@ pub struct Listening {
     pub pid: u32,
 }
 
-/// Opens the state folder: CA, stateless-reset secret, SQLite store, provider.
-pub fn open_state(config: &Config, shutdown: CancellationToken) -> Result<Hub> {
+/// Opens the state folder: CA, SQLite store, provider. `quic_addr` is the bound QUIC
+/// address, which agents dial unless the config names another.
+pub fn open_state(
+    config: &Config,
+    quic_addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<Hub> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
     let ca = ca::HubCa::load_or_create(&config.state_dir).context("load CA")?;
@@ -78,7 +83,7 @@ pub fn open_state(config: &Config, shutdown: CancellationToken) -> Result<Hub> {
         agent_hub_addr: config
             .agent_hub_addr
             .clone()
-            .unwrap_or_else(|| config.quic_addr.to_string()),
+            .unwrap_or_else(|| quic_addr.to_string()),
         config: config.clone(),
         store: Arc::new(store),
         provider,
@@ -107,7 +112,11 @@ pub async fn run(
     on_ready: impl FnOnce(&Hub, &Listening),
 ) -> Result<()> {
     link::install_crypto_provider();
-    let hub = Arc::new(open_state(&config, shutdown.clone())?);
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
+    let socket = std::net::UdpSocket::bind(config.quic_addr)
+        .with_context(|| format!("bind QUIC on {}", config.quic_addr))?;
+    let hub = Arc::new(open_state(&config, socket.local_addr()?, shutdown.clone())?);
 
     let server = hub
         .ca
@@ -121,8 +130,6 @@ pub async fn run(
         config.idle_timeout(),
     )
     .context("QUIC server config")?;
-    let socket = std::net::UdpSocket::bind(config.quic_addr)
-        .with_context(|| format!("bind QUIC on {}", config.quic_addr))?;
     let endpoint = quinn::Endpoint::new(
         link::endpoint_config(&reset_secret(&config)?),
         Some(server_config),

@@ -36,6 +36,9 @@ enum Command {
         heartbeat_interval: Option<std::time::Duration>,
         #[arg(long, value_parser = humantime::parse_duration)]
         heartbeat_timeout: Option<std::time::Duration>,
+        /// How long an enrollment token stays valid.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        enrollment_ttl: Option<std::time::Duration>,
     },
     /// Run from a config file.
     Serve {
@@ -88,6 +91,7 @@ async fn async_main(cli: Cli) -> Result<()> {
             provider,
             heartbeat_interval,
             heartbeat_timeout,
+            enrollment_ttl,
         } => {
             let mut file = FileConfig {
                 state_dir,
@@ -101,6 +105,9 @@ async fn async_main(cli: Cli) -> Result<()> {
             }
             if let Some(t) = heartbeat_timeout {
                 file.heartbeat_timeout = t;
+            }
+            if let Some(t) = enrollment_ttl {
+                file.enrollment_ttl = t;
             }
             let config = Config::from_file(file)?;
             let token = dev_token(&config).await?;
@@ -138,7 +145,7 @@ async fn async_main(cli: Cli) -> Result<()> {
                 state_dir,
                 ..FileConfig::default()
             })?;
-            let hub = hub::open_state(&config, CancellationToken::new())?;
+            let hub = hub::open_state(&config, config.quic_addr, CancellationToken::new())?;
             println!(
                 "{}",
                 hub::auth::mint_api_token(&hub, &owner, &name, None).await?
@@ -154,7 +161,7 @@ async fn dev_token(config: &Config) -> Result<String> {
     if let Ok(token) = std::fs::read_to_string(&path) {
         return Ok(token.trim().to_owned());
     }
-    let hub = hub::open_state(config, CancellationToken::new())?;
+    let hub = hub::open_state(config, config.quic_addr, CancellationToken::new())?;
     let token = hub::auth::mint_api_token(&hub, "dev", "dev mode", None).await?;
     hub::fsutil::write_private(&path, token.as_bytes())?;
     Ok(token)

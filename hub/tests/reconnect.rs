@@ -1,0 +1,152 @@
+//! Losing the link and getting it back: hub restarts, network cuts, a hub that was down
+//! when the agent booted, and an agent that goes silent.
+
+use harness::{HubOptions, InProcessAgent, TestHub};
+use rustix::process::{Pid, Signal};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn agent_reconnects_after_the_hub_is_killed_and_restarted_without_enrolling_again() {
+    let mut hub = TestHub::start().await.unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    let before = hub
+        .wait_for(&id, WAIT, |w| {
+            w["status"] == "READY" && !w["agent"].is_null()
+        })
+        .await
+        .unwrap();
+    let cert = std::fs::read(hub.workspace_dir(&id).join("agent/agent.crt.der")).unwrap();
+
+    hub.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.start_again().await.unwrap();
+    let after = hub
+        .wait_for(&id, WAIT, |w| {
+            !w["agent"].is_null()
+                && w["agent"]["connected_since"] != before["agent"]["connected_since"]
+        })
+        .await
+        .unwrap();
+    assert_eq!(after["status"], "READY");
+    assert_eq!(after["id"], before["id"]);
+    assert_eq!(
+        std::fs::read(hub.workspace_dir(&id).join("agent/agent.crt.der")).unwrap(),
+        cert,
+        "same certificate"
+    );
+    assert_eq!(
+        hub.log().matches("agent enrolled").count(),
+        1,
+        "{}",
+        hub.log()
+    );
+    assert_eq!(
+        hub.agent_log(&id)
+            .matches("enrolled: certificate stored")
+            .count(),
+        1
+    );
+    assert!(hub.agent_log(&id).matches("connected to hub").count() >= 2);
+}
+
+#[tokio::test]
+async fn an_agent_that_boots_before_its_hub_joins_when_the_hub_comes_up() {
+    let mut hub = TestHub::start_with(HubOptions {
+        provider: "manual".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    hub.kill();
+    let mut agent = InProcessAgent::start(&ws).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(agent.events.try_recv().is_err());
+    hub.start_again().await.unwrap();
+    agent
+        .wait_event(WAIT, |e| *e == agent::AgentEvent::Enrolled)
+        .await
+        .unwrap();
+    agent
+        .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
+        .await
+        .unwrap();
+    let id = ws["id"].as_str().unwrap();
+    hub.wait_for(id, WAIT, |w| w["status"] == "READY")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_network_cut_is_noticed_on_both_sides_and_healed() {
+    let hub = TestHub::start_with(HubOptions {
+        provider: "manual".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap();
+    let mut agent = InProcessAgent::start(&ws).unwrap();
+    agent
+        .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
+        .await
+        .unwrap();
+
+    // A frozen hub answers nothing, as if the network between them were cut.
+    hub.freeze(true).unwrap();
+    let lost = agent
+        .wait_event(WAIT, |e| matches!(e, agent::AgentEvent::Disconnected(_)))
+        .await;
+    hub.freeze(false).unwrap();
+    match lost.unwrap() {
+        agent::AgentEvent::Disconnected(reason) => {
+            assert!(reason.contains("heartbeat"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    agent
+        .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
+        .await
+        .unwrap();
+    hub.wait_for(id, WAIT, |w| !w["agent"].is_null())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_hub_knows_within_seconds_that_an_agent_is_gone() {
+    let hub = TestHub::start().await.unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    hub.wait_for(&id, WAIT, |w| !w["agent"].is_null())
+        .await
+        .unwrap();
+
+    let pid: i32 = std::fs::read_to_string(hub.workspace_dir(&id).join("agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = Pid::from_raw(pid).unwrap();
+    rustix::process::kill_process_group(pid, Signal::STOP).unwrap();
+    // Heartbeat timeout in the harness is 1.5 s.
+    let gone = hub
+        .wait_for(&id, Duration::from_secs(5), |w| w["agent"].is_null())
+        .await;
+    rustix::process::kill_process_group(pid, Signal::CONT).unwrap();
+    let gone = gone.unwrap();
+    assert_eq!(
+        gone["status"], "READY",
+        "a silent agent does not change the workspace status"
+    );
+    assert!(
+        hub.log().contains("agent heartbeat timed out") || hub.log().contains("agent disconnected")
+    );
+    hub.wait_for(&id, WAIT, |w| !w["agent"].is_null())
+        .await
+        .unwrap();
+}
