@@ -1,1 +1,172 @@
-fn main() {}
+//! `wsh`: the Workspace Hub command line.
+//!
+//! Today it drives the hub's REST API: `list`, `create`, `show`, `version`. Terminals,
+//! forwarding and sync over direct QUIC join it as those capabilities land.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "wsh", version, about = "Workspace Hub client")]
+struct Cli {
+    /// The hub's HTTP address.
+    #[arg(
+        long,
+        env = "WSH_HUB",
+        default_value = "http://127.0.0.1:7080",
+        global = true
+    )]
+    hub: String,
+    /// API token (as printed by `workspace-hub dev` or `workspace-hub token create`).
+    #[arg(long, env = "WSH_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Print raw JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List your workspaces.
+    List,
+    /// Create a workspace.
+    Create {
+        #[arg(long)]
+        zone: Option<String>,
+        #[arg(long)]
+        machine_type: Option<String>,
+        #[arg(long)]
+        image_tag: Option<String>,
+        #[arg(long)]
+        repo: Option<String>,
+        #[arg(long)]
+        branch: Option<String>,
+        /// Wait until the workspace is READY.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show one workspace.
+    Show { id: String },
+    /// Show the hub's version.
+    Version,
+}
+
+struct Client {
+    http: reqwest::Client,
+    hub: String,
+    token: Option<String>,
+}
+
+impl Client {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
+        let url = format!("{}{path}", self.hub.trim_end_matches('/'));
+        let mut req = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await.with_context(|| format!("call {url}"))?;
+        let status = res.status();
+        let body: Value = res.json().await.context("read response")?;
+        if !status.is_success() {
+            let code = body["error"]["code"].as_str().unwrap_or("error");
+            let message = body["error"]["message"].as_str().unwrap_or("");
+            bail!("{status}: {code}: {message}");
+        }
+        Ok(body)
+    }
+}
+
+fn print_workspaces(list: &[Value]) {
+    println!("{:<38} {:<13} {:<10} CREATED", "ID", "STATUS", "AGENT");
+    for ws in list {
+        println!(
+            "{:<38} {:<13} {:<10} {}",
+            ws["id"].as_str().unwrap_or(""),
+            ws["status"].as_str().unwrap_or(""),
+            if ws["agent"].is_null() {
+                "-"
+            } else {
+                "connected"
+            },
+            ws["created_at"].as_str().unwrap_or(""),
+        );
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    let client = Client {
+        http: reqwest::Client::new(),
+        hub: cli.hub,
+        token: cli.token,
+    };
+    let output = match cli.command {
+        Command::List => {
+            client
+                .call(reqwest::Method::GET, "/workspaces", None)
+                .await?
+        }
+        Command::Show { id } => {
+            client
+                .call(reqwest::Method::GET, &format!("/workspaces/{id}"), None)
+                .await?
+        }
+        Command::Version => client.call(reqwest::Method::GET, "/version", None).await?,
+        Command::Create {
+            zone,
+            machine_type,
+            image_tag,
+            repo,
+            branch,
+            wait,
+        } => {
+            let mut body = json!({ "metadata": {} });
+            for (key, value) in [
+                ("zone", zone),
+                ("machine_type", machine_type),
+                ("image_tag", image_tag),
+            ] {
+                if let Some(v) = value {
+                    body[key] = json!(v);
+                }
+            }
+            for (key, value) in [("repo", repo), ("branch", branch)] {
+                if let Some(v) = value {
+                    body["metadata"][key] = json!(v);
+                }
+            }
+            let mut ws = client
+                .call(reqwest::Method::POST, "/workspaces", Some(body))
+                .await?;
+            let id = ws["id"].as_str().unwrap_or_default().to_owned();
+            while wait && ws["status"] == "PROVISIONING" {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                ws = client
+                    .call(reqwest::Method::GET, &format!("/workspaces/{id}"), None)
+                    .await?;
+            }
+            ws
+        }
+    };
+    match (&output, cli.json) {
+        (Value::Array(list), false) => print_workspaces(list),
+        (ws, false) if ws.get("instance_name").is_some() => {
+            print_workspaces(std::slice::from_ref(ws))
+        }
+        (other, _) => println!("{}", serde_json::to_string_pretty(other)?),
+    }
+    Ok(())
+}

@@ -22,10 +22,8 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     }
     let path = dir.join(name);
     if !path.exists() {
-        let package = match name {
-            "wsh" => "wsh",
-            other => other,
-        };
+        // Each binary is named after its package.
+        let package = name;
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", package, "--bin", name]);
@@ -292,7 +290,9 @@ async fn spawn_hub(
         cmd.args(["--enrollment-ttl", &ms(ttl)]);
     }
     // Agents started by the process provider find their binary beside the hub's.
-    binary("workspace-agent")?;
+    if options.provider == "process" {
+        binary("workspace-agent")?;
+    }
     let mut child = cmd
         .env("RUST_LOG", "info,quinn=warn")
         .stdin(Stdio::null())

@@ -15,7 +15,7 @@ pub fn negotiate(peer_version: u16) -> Result<u16, HelloRefused> {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
     };
-    if peer_version < MIN_PROTOCOL_VERSION.max(1) {
+    if peer_version < MIN_PROTOCOL_VERSION {
         return Err(refuse(
             HelloRefusal::VersionTooOld,
             format!(
@@ -55,17 +55,13 @@ mod tests {
     #[test]
     fn accepts_current_and_previous_refuses_others() {
         assert_eq!(negotiate(PROTOCOL_VERSION), Ok(PROTOCOL_VERSION));
-        if MIN_PROTOCOL_VERSION >= 1 {
-            assert_eq!(negotiate(MIN_PROTOCOL_VERSION), Ok(MIN_PROTOCOL_VERSION));
-        }
+        assert_eq!(negotiate(MIN_PROTOCOL_VERSION), Ok(MIN_PROTOCOL_VERSION));
         let too_new = negotiate(PROTOCOL_VERSION + 1).unwrap_err();
         assert_eq!(too_new.reason, HelloRefusal::VersionTooNew);
         assert_eq!(too_new.max_version, PROTOCOL_VERSION);
         let too_old = negotiate(0).unwrap_err();
         assert_eq!(too_old.reason, HelloRefusal::VersionTooOld);
-        if PROTOCOL_VERSION >= 2 {
-            assert!(negotiate(PROTOCOL_VERSION - 2).is_err());
-        }
+        assert!(negotiate(MIN_PROTOCOL_VERSION - 1).is_err());
     }
 
     #[test]

@@ -30,7 +30,11 @@ pub use message::Message;
 pub const PROTOCOL_VERSION: u16 = 1;
 
 /// The oldest protocol version this build still accepts from a peer (N-1).
-pub const MIN_PROTOCOL_VERSION: u16 = PROTOCOL_VERSION.saturating_sub(1);
+pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {
+    PROTOCOL_VERSION - 1
+} else {
+    1
+};
 
 /// ALPN for agent connections (agent -> hub).
 pub const ALPN_AGENT: &[u8] = b"wsh-agent/1";

@@ -1,0 +1,234 @@
+//! One conformance suite for every `Store` implementation. SQLite runs it here; the
+//! Firestore store joins with one more `#[tokio::test]` that calls [`conformance`].
+
+use hub::store::sqlite::SqliteStore;
+use hub::store::{ApiToken, Store, StoreError, TokenRejection};
+use hub::workspace::{Metadata, Status, Workspace};
+use std::sync::Arc;
+use uuid::Uuid;
+
+fn workspace(owner: &str, created_at: i64) -> Workspace {
+    let id = Uuid::new_v4();
+    Workspace {
+        id,
+        owner_id: owner.into(),
+        instance_name: format!("ws-{}", &id.simple().to_string()[..20]),
+        zone: "local".into(),
+        image_tag: "default".into(),
+        machine_type: "local".into(),
+        status: Status::Provisioning,
+        status_reason: None,
+        created_at,
+        updated_at: created_at,
+        last_connected_at: None,
+        metadata: Metadata {
+            repo: Some("https://example.com/r.git".into()),
+            branch: Some("main".into()),
+            device_id: None,
+        },
+    }
+}
+
+async fn conformance(store: Arc<dyn Store>) {
+    // Workspaces: insert, get, list by owner (newest first), duplicates, missing.
+    let a1 = workspace("alice", 1_000);
+    let a2 = workspace("alice", 2_000);
+    let b1 = workspace("bob", 1_500);
+    for ws in [&a1, &a2, &b1] {
+        store.insert_workspace(ws).await.unwrap();
+    }
+    assert!(matches!(
+        store.insert_workspace(&a1).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(store.get_workspace(a1.id).await.unwrap(), a1);
+    assert!(matches!(
+        store.get_workspace(Uuid::new_v4()).await,
+        Err(StoreError::NotFound)
+    ));
+    let alice: Vec<Uuid> = store
+        .list_workspaces(Some("alice"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(alice, vec![a2.id, a1.id]);
+    assert_eq!(store.list_workspaces(None).await.unwrap().len(), 3);
+    assert!(
+        store
+            .list_workspaces(Some("nobody"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Conditional transitions.
+    let ready = store
+        .transition(a1.id, &[Status::Provisioning], Status::Ready, None)
+        .await
+        .unwrap();
+    assert_eq!(ready.status, Status::Ready);
+    match store
+        .transition(a1.id, &[Status::Provisioning], Status::Error, Some("x"))
+        .await
+    {
+        Err(StoreError::Conflict { current }) => assert_eq!(current, Status::Ready),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let failed = store
+        .transition(a1.id, &[Status::Ready], Status::Error, Some("disk full"))
+        .await
+        .unwrap();
+    assert_eq!(failed.status_reason.as_deref(), Some("disk full"));
+    assert!(matches!(
+        store
+            .transition(Uuid::new_v4(), &[Status::Ready], Status::Error, None)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Racing writers: exactly one of many concurrent transitions wins.
+    let race = workspace("carol", 3_000);
+    store.insert_workspace(&race).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = store.clone();
+        let to = if i % 2 == 0 {
+            Status::Ready
+        } else {
+            Status::Error
+        };
+        tasks.push(tokio::spawn(async move {
+            store
+                .transition(race.id, &[Status::Provisioning], to, None)
+                .await
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(wins, 1);
+
+    store.set_last_connected(a2.id, 42_000).await.unwrap();
+    assert_eq!(
+        store.get_workspace(a2.id).await.unwrap().last_connected_at,
+        Some(42_000)
+    );
+    assert!(matches!(
+        store.set_last_connected(Uuid::new_v4(), 1).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Enrollment tokens: unknown, bound to the first key, expired; exactly one racer wins.
+    store
+        .insert_enrollment_token("h1", a2.id, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.redeem_enrollment_token("nope", "k", 0).await.unwrap(),
+        Err(TokenRejection::Unknown)
+    );
+    assert_eq!(
+        store
+            .redeem_enrollment_token("h1", "keyA", 5_000)
+            .await
+            .unwrap(),
+        Ok(a2.id)
+    );
+    assert_eq!(
+        store
+            .redeem_enrollment_token("h1", "keyA", 6_000)
+            .await
+            .unwrap(),
+        Ok(a2.id)
+    );
+    assert_eq!(
+        store
+            .redeem_enrollment_token("h1", "keyB", 6_000)
+            .await
+            .unwrap(),
+        Err(TokenRejection::Used)
+    );
+    assert_eq!(
+        store
+            .redeem_enrollment_token("h1", "keyA", 10_000)
+            .await
+            .unwrap(),
+        Err(TokenRejection::Expired)
+    );
+    store
+        .insert_enrollment_token("h2", b1.id, 10_000)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .redeem_enrollment_token("h2", &format!("key{i}"), 1)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut redeemed = 0;
+    for t in tasks {
+        if t.await.unwrap().is_ok() {
+            redeemed += 1;
+        }
+    }
+    assert_eq!(redeemed, 1);
+
+    // Agent certificates: one per workspace, replaced on re-issue.
+    assert_eq!(store.agent_cert(a2.id).await.unwrap(), None);
+    store.put_agent_cert(a2.id, "fp1").await.unwrap();
+    store.put_agent_cert(a2.id, "fp2").await.unwrap();
+    assert_eq!(
+        store.agent_cert(a2.id).await.unwrap().as_deref(),
+        Some("fp2")
+    );
+
+    // API tokens.
+    let token = ApiToken {
+        owner_id: "alice".into(),
+        name: "laptop".into(),
+        expires_at: Some(99),
+    };
+    store.insert_api_token("th", &token).await.unwrap();
+    assert_eq!(store.find_api_token("th").await.unwrap(), Some(token));
+    assert_eq!(store.find_api_token("other").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn sqlite_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance(Arc::new(
+        SqliteStore::open(&dir.path().join("hub.sqlite3")).unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_store_keeps_state_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.sqlite3");
+    let ws = workspace("dana", 7);
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.insert_workspace(&ws).await.unwrap();
+        store
+            .transition(ws.id, &[Status::Provisioning], Status::Ready, None)
+            .await
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        store.get_workspace(ws.id).await.unwrap().status,
+        Status::Ready
+    );
+}
