@@ -128,6 +128,14 @@ struct Fleet {
     _agents: Vec<(tokio_util::sync::CancellationToken, tempfile::TempDir)>,
 }
 
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (shutdown, _) in &self._agents {
+            shutdown.cancel();
+        }
+    }
+}
+
 impl Fleet {
     fn connected_count(&self, since: usize) -> usize {
         self.times

@@ -44,13 +44,24 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// Transport settings shared by every connection: an idle timeout longer than the
-/// application heartbeat timeout (heartbeats are the liveness signal; this is a backstop).
-pub fn transport_config(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+/// How many bidirectional streams an agent may have open towards the hub at once (control,
+/// enrollment). quinn keeps state for every stream the peer may open, so this stays small
+/// on the hub, where thousands of connections live.
+pub const HUB_ACCEPTS_STREAMS: u32 = 8;
+
+/// How many streams the hub may have open towards one agent at once (terminals, forwards,
+/// previews, sync sessions).
+pub const AGENT_ACCEPTS_STREAMS: u32 = 256;
+
+/// Transport settings: an idle timeout longer than the application heartbeat timeout
+/// (heartbeats are the liveness signal; this is a backstop), the number of bidirectional
+/// streams the peer may open, no unidirectional streams, no datagrams.
+pub fn transport_config(idle_timeout: Duration, peer_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
-    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_bidi_streams(peer_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
+    t.datagram_receive_buffer_size(None);
     Arc::new(t)
 }
 
@@ -92,7 +103,7 @@ pub fn server_config(
     tls.max_early_data_size = u32::MAX;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls_error)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport_config(idle_timeout));
+    cfg.transport_config(transport_config(idle_timeout, HUB_ACCEPTS_STREAMS));
     Ok(cfg)
 }
 
@@ -116,15 +127,26 @@ pub fn client_config(
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(quic_tls_error)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport_config(idle_timeout));
+    cfg.transport_config(transport_config(idle_timeout, AGENT_ACCEPTS_STREAMS));
     Ok(cfg)
 }
 
-/// An endpoint config whose stateless-reset key comes from a persisted secret, so that a
-/// restarted server can tell clients of its previous incarnation to reconnect at once.
-pub fn endpoint_config(reset_secret: &[u8]) -> quinn::EndpointConfig {
-    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, reset_secret);
-    quinn::EndpointConfig::new(Arc::new(key))
+/// An endpoint config whose stateless-reset key and connection-id key come from a persisted
+/// secret, so that a restarted server recognises the connection ids it handed out before
+/// and resets those connections at once: clients reconnect on their next packet instead of
+/// waiting for a timeout.
+pub fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+    let cid_key = aws_lc_rs::hmac::sign(&key, b"connection-id key");
+    let mut cid_key_bytes = [0u8; 8];
+    cid_key_bytes.copy_from_slice(&cid_key.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key_bytes);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(key));
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // Resets are always smaller than the packet that caused them (no amplification); a whole
+    // fleet must be told at once after a restart, so do not rate-limit them.
+    cfg.min_reset_interval(Duration::ZERO);
+    cfg
 }
 
 /// The peer's leaf certificate (DER), if it presented one.
