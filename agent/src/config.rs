@@ -48,7 +48,7 @@ impl AgentConfig {
             state_dir: PathBuf::from(b.state_dir),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(2),
-            connect_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
         })
     }

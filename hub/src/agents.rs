@@ -9,7 +9,7 @@
 
 use crate::ca;
 use crate::store::{StoreError, TokenRejection};
-use crate::workspace::{Status, now_ms};
+use crate::workspace::{Status, Workspace, now_ms};
 use crate::{AppState, Hub};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::close::CloseCode;
@@ -306,8 +306,8 @@ async fn enroll(hub: &Hub, req: &EnrollRequest) -> EnrollMsg {
     })
 }
 
-/// Why an agent's certificate was not accepted.
-async fn authorize_agent(hub: &Hub, cert: &[u8]) -> Result<Uuid, &'static str> {
+/// Maps a verified certificate to its workspace, or says why the agent is not accepted.
+async fn authorize_agent(hub: &Hub, cert: &[u8]) -> Result<Workspace, &'static str> {
     let id = ca::agent_workspace_id(cert)
         .and_then(|cn| Uuid::parse_str(&cn).ok())
         .ok_or("certificate names no workspace")?;
@@ -317,15 +317,15 @@ async fn authorize_agent(hub: &Hub, cert: &[u8]) -> Result<Uuid, &'static str> {
         Err(_) => return Err("the hub could not check the certificate"),
     }
     match hub.store.get_workspace(id).await {
-        Ok(ws) if ws.status != Status::Deleting => Ok(id),
+        Ok(ws) if ws.status != Status::Deleting => Ok(ws),
         Ok(_) => Err("workspace is being deleted"),
         Err(_) => Err("workspace not found"),
     }
 }
 
 async fn agent_connection(hub: &Hub, conn: quinn::Connection, remote: SocketAddr, cert: &[u8]) {
-    let workspace_id = match authorize_agent(hub, cert).await {
-        Ok(id) => id,
+    let workspace = match authorize_agent(hub, cert).await {
+        Ok(ws) => ws,
         Err(why) => {
             tracing::warn!(%remote, why, "agent refused");
             return close(&conn, CloseCode::Unauthorized, why);
@@ -350,7 +350,7 @@ async fn agent_connection(hub: &Hub, conn: quinn::Connection, remote: SocketAddr
             "the first stream must be the control stream",
         );
     }
-    if let Err(e) = control_session(hub, &conn, remote, workspace_id, send, &mut recv).await {
+    if let Err(e) = control_session(hub, &conn, remote, &workspace, send, &mut recv).await {
         close_for(&conn, remote, &e);
     }
 }
@@ -359,10 +359,11 @@ async fn control_session(
     hub: &Hub,
     conn: &quinn::Connection,
     remote: SocketAddr,
-    workspace_id: Uuid,
+    workspace: &Workspace,
     mut send: quinn::SendStream,
     recv: &mut FramedRecv,
 ) -> Result<(), LinkError> {
+    let workspace_id = workspace.id;
     send_msg(&mut send, &StreamReply::Accepted(Accepted {})).await?;
     let hello = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<ControlMsg>()).await {
         Ok(Ok(ControlMsg::Hello(hello))) => hello,
@@ -404,45 +405,69 @@ async fn control_session(
         conn.clone(),
     );
     tracing::info!(%remote, workspace = %workspace_id, agent_version = %hello.agent_version, "agent connected");
-    mark_ready(hub, workspace_id).await;
+    let mut activity = Activity::new(workspace);
+    mark_ready(hub, workspace).await;
+    activity.record(hub, Instant::now()).await;
 
-    let result = heartbeat_loop(hub, conn, workspace_id, &mut send, recv).await;
+    let result = heartbeat_loop(hub, conn, &mut activity, &mut send, recv).await;
     hub.agents.remove(workspace_id, session);
-    if let Err(e) = hub.store.set_last_connected(workspace_id, now_ms()).await {
-        tracing::warn!(workspace = %workspace_id, error = %e, "record last connection");
-    }
+    activity.record(hub, Instant::now()).await;
     tracing::info!(%remote, workspace = %workspace_id, "agent disconnected");
     result
 }
 
 /// A hello turns a provisioning (or starting) workspace READY.
-async fn mark_ready(hub: &Hub, id: Uuid) {
-    match hub
-        .store
-        .transition(
-            id,
-            &[Status::Provisioning, Status::Starting],
-            Status::Ready,
-            None,
-        )
-        .await
-    {
-        Ok(_) => tracing::info!(workspace = %id, "workspace ready"),
-        Err(StoreError::Conflict { .. }) => {}
-        Err(e) => tracing::warn!(workspace = %id, error = %e, "mark workspace ready"),
+async fn mark_ready(hub: &Hub, ws: &Workspace) {
+    const FROM: [Status; 2] = [Status::Provisioning, Status::Starting];
+    if !FROM.contains(&ws.status) {
+        return;
     }
-    if let Err(e) = hub.store.set_last_connected(id, now_ms()).await {
-        tracing::warn!(workspace = %id, error = %e, "record last connection");
+    match hub.store.transition(ws.id, &FROM, Status::Ready, None).await {
+        Ok(_) => tracing::info!(workspace = %ws.id, "workspace ready"),
+        Err(StoreError::Conflict { .. }) => {}
+        Err(e) => tracing::warn!(workspace = %ws.id, error = %e, "mark workspace ready"),
+    }
+}
+
+/// Keeps `last_connected_at` current while writing it at most once per
+/// [`LAST_CONNECTED_WRITE_INTERVAL`] per workspace.
+struct Activity {
+    id: Uuid,
+    /// When the stored value was last written (by this session or, roughly, before it).
+    written: Option<Instant>,
+}
+
+impl Activity {
+    fn new(ws: &Workspace) -> Self {
+        let age_ms = ws.last_connected_at.map(|at| now_ms().saturating_sub(at).max(0) as u64);
+        Self {
+            id: ws.id,
+            written: age_ms.and_then(|age| Instant::now().checked_sub(Duration::from_millis(age))),
+        }
+    }
+
+    async fn record(&mut self, hub: &Hub, now: Instant) {
+        if self
+            .written
+            .is_some_and(|at| now.duration_since(at) < LAST_CONNECTED_WRITE_INTERVAL)
+        {
+            return;
+        }
+        self.written = Some(now);
+        if let Err(e) = hub.store.set_last_connected(self.id, now_ms()).await {
+            tracing::warn!(workspace = %self.id, error = %e, "record last connection");
+        }
     }
 }
 
 async fn heartbeat_loop(
     hub: &Hub,
     conn: &quinn::Connection,
-    workspace_id: Uuid,
+    activity: &mut Activity,
     send: &mut quinn::SendStream,
     recv: &mut FramedRecv,
 ) -> Result<(), LinkError> {
+    let workspace_id = activity.id;
     // The agent pings every interval; the hub answers, and pings on its own only if the agent
     // falls quiet, so an idle agent costs one round trip per interval.
     let cfg = &hub.config;
@@ -451,7 +476,6 @@ async fn heartbeat_loop(
         cfg.heartbeat_interval * 3 / 2,
         cfg.heartbeat_timeout,
     );
-    let mut last_written = Instant::now();
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -467,12 +491,7 @@ async fn heartbeat_loop(
                     Some(_) => return Err(protocol::ProtocolError::Unexpected("handshake message after hello").into()),
                     None => return Ok(()),
                 }
-                if now.duration_since(last_written) >= LAST_CONNECTED_WRITE_INTERVAL {
-                    last_written = now;
-                    if let Err(e) = hub.store.set_last_connected(workspace_id, now_ms()).await {
-                        tracing::warn!(workspace = %workspace_id, error = %e, "record activity");
-                    }
-                }
+                activity.record(hub, now).await;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let now = Instant::now();

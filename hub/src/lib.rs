@@ -114,7 +114,7 @@ pub async fn run(
     link::install_crypto_provider();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
-    let socket = std::net::UdpSocket::bind(config.quic_addr)
+    let socket = link::bind_udp(config.quic_addr, 16 << 20)
         .with_context(|| format!("bind QUIC on {}", config.quic_addr))?;
     let hub = Arc::new(open_state(&config, socket.local_addr()?, shutdown.clone())?);
 
@@ -123,7 +123,7 @@ pub async fn run(
         .issue_server(&config.server_names)
         .context("issue server certificate")?;
     let server_config = link::server_config(
-        vec![server.cert_der, hub.ca.cert_der().to_vec()],
+        vec![server.cert_der],
         server.key_pkcs8,
         hub.ca.cert_der(),
         &[protocol::ALPN_AGENT],

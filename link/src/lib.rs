@@ -149,6 +149,17 @@ pub fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
     cfg
 }
 
+/// Binds a UDP socket with large kernel buffers (as far as the system allows), so a burst of
+/// handshakes (a fleet reconnecting after a hub restart) is queued rather than dropped.
+pub fn bind_udp(addr: std::net::SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = state.set_recv_buffer_size((&socket).into(), buffer_bytes);
+    let _ = state.set_send_buffer_size((&socket).into(), buffer_bytes);
+    Ok(socket)
+}
+
 /// The peer's leaf certificate (DER), if it presented one.
 pub fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let identity = conn.peer_identity()?;
