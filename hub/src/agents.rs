@@ -422,7 +422,11 @@ async fn mark_ready(hub: &Hub, ws: &Workspace) {
     if !FROM.contains(&ws.status) {
         return;
     }
-    match hub.store.transition(ws.id, &FROM, Status::Ready, None).await {
+    match hub
+        .store
+        .transition(ws.id, &FROM, Status::Ready, None)
+        .await
+    {
         Ok(_) => tracing::info!(workspace = %ws.id, "workspace ready"),
         Err(StoreError::Conflict { .. }) => {}
         Err(e) => tracing::warn!(workspace = %ws.id, error = %e, "mark workspace ready"),
@@ -439,7 +443,9 @@ struct Activity {
 
 impl Activity {
     fn new(ws: &Workspace) -> Self {
-        let age_ms = ws.last_connected_at.map(|at| now_ms().saturating_sub(at).max(0) as u64);
+        let age_ms = ws
+            .last_connected_at
+            .map(|at| now_ms().saturating_sub(at).max(0) as u64);
         Self {
             id: ws.id,
             written: age_ms.and_then(|age| Instant::now().checked_sub(Duration::from_millis(age))),

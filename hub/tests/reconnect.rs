@@ -51,7 +51,11 @@ async fn agent_reconnects_after_the_hub_is_killed_and_restarted_without_enrollin
     );
     assert!(hub.agent_log(&id).matches("connected to hub").count() >= 2);
     // The restarted hub recognised the old connection and reset it (no timeout wait).
-    assert!(hub.agent_log(&id).contains("reset by peer"), "{}", hub.agent_log(&id));
+    assert!(
+        hub.agent_log(&id).contains("reset by peer"),
+        "{}",
+        hub.agent_log(&id)
+    );
 }
 
 #[tokio::test]

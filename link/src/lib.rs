@@ -34,9 +34,14 @@ pub enum LinkError {
     Closed,
 }
 
-/// The crypto provider: aws-lc-rs, and only it.
+/// The crypto provider: aws-lc-rs, and only it, preferring AES-128-GCM/SHA-256 (the
+/// cheapest suite to set up, which matters when a fleet reconnects at once).
 pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Installs aws-lc-rs as the process-wide rustls provider. Idempotent.
@@ -100,7 +105,6 @@ pub fn server_config(
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8)),
         )?;
     tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    tls.max_early_data_size = u32::MAX;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls_error)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport_config(idle_timeout, HUB_ACCEPTS_STREAMS));
@@ -142,7 +146,9 @@ pub fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
     cid_key_bytes.copy_from_slice(&cid_key.as_ref()[..8]);
     let cid_key = u64::from_le_bytes(cid_key_bytes);
     let mut cfg = quinn::EndpointConfig::new(Arc::new(key));
-    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     // Resets are always smaller than the packet that caused them (no amplification); a whole
     // fleet must be told at once after a restart, so do not rate-limit them.
     cfg.min_reset_interval(Duration::ZERO);
@@ -151,7 +157,10 @@ pub fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
 
 /// Binds a UDP socket with large kernel buffers (as far as the system allows), so a burst of
 /// handshakes (a fleet reconnecting after a hub restart) is queued rather than dropped.
-pub fn bind_udp(addr: std::net::SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
+pub fn bind_udp(
+    addr: std::net::SocketAddr,
+    buffer_bytes: usize,
+) -> std::io::Result<std::net::UdpSocket> {
     let socket = std::net::UdpSocket::bind(addr)?;
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
