@@ -72,6 +72,28 @@ async fn raw_connect(
         .await
 }
 
+/// Opens the control stream on a raw connection and says hello with `protocol_version`.
+async fn raw_hello(
+    conn: &quinn::Connection,
+    protocol_version: u16,
+) -> (quinn::SendStream, FramedRecv) {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send_msg(&mut send, &StreamHeader::Control(ControlOpen {}))
+        .await
+        .unwrap();
+    send_msg(
+        &mut send,
+        &ControlMsg::Hello(Hello {
+            protocol_version,
+            agent_version: "raw".into(),
+            hostname: "raw".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    (send, FramedRecv::new(recv))
+}
+
 /// Enrolls through the real agent code and returns the stored (cert, key).
 async fn enrolled_identity(hub: &TestHub) -> (String, Vec<u8>, Vec<u8>) {
     let ws = hub.create_workspace().await.unwrap();
@@ -247,21 +269,7 @@ async fn without_a_client_certificate_only_enrollment_is_allowed() {
     let hub = manual_hub(HubOptions::default()).await;
     hub.create_workspace().await.unwrap();
     let conn = raw_connect(&hub, None).await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let mut recv = FramedRecv::new(recv);
-    send_msg(&mut send, &StreamHeader::Control(ControlOpen {}))
-        .await
-        .unwrap();
-    send_msg(
-        &mut send,
-        &ControlMsg::Hello(Hello {
-            protocol_version: protocol::PROTOCOL_VERSION,
-            agent_version: "intruder".into(),
-            hostname: "x".into(),
-        }),
-    )
-    .await
-    .unwrap();
+    let (_send, mut recv) = raw_hello(&conn, protocol::PROTOCOL_VERSION).await;
     match recv.expect::<StreamReply>().await.unwrap() {
         StreamReply::Refused(r) => assert_eq!(r.reason, StreamRefusal::Unauthorized),
         other => panic!("expected a refusal, got {other:?}"),
@@ -323,21 +331,7 @@ async fn malformed_and_oversized_frames_close_only_the_offending_connection() {
     let conn = raw_connect(&hub, Some((cert.clone(), key.clone())))
         .await
         .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let mut recv = FramedRecv::new(recv);
-    send_msg(&mut send, &StreamHeader::Control(ControlOpen {}))
-        .await
-        .unwrap();
-    send_msg(
-        &mut send,
-        &ControlMsg::Hello(Hello {
-            protocol_version: protocol::PROTOCOL_VERSION,
-            agent_version: "raw".into(),
-            hostname: "raw".into(),
-        }),
-    )
-    .await
-    .unwrap();
+    let (mut send, mut recv) = raw_hello(&conn, protocol::PROTOCOL_VERSION).await;
     assert!(matches!(
         recv.expect::<StreamReply>().await.unwrap(),
         StreamReply::Accepted(_)
@@ -364,21 +358,7 @@ async fn malformed_and_oversized_frames_close_only_the_offending_connection() {
 
     // 4. A hello with a protocol version from the future gets a typed refusal.
     let conn = raw_connect(&hub, Some((cert, key))).await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let mut recv = FramedRecv::new(recv);
-    send_msg(&mut send, &StreamHeader::Control(ControlOpen {}))
-        .await
-        .unwrap();
-    send_msg(
-        &mut send,
-        &ControlMsg::Hello(Hello {
-            protocol_version: protocol::PROTOCOL_VERSION + 7,
-            agent_version: "future".into(),
-            hostname: "future".into(),
-        }),
-    )
-    .await
-    .unwrap();
+    let (_send, mut recv) = raw_hello(&conn, protocol::PROTOCOL_VERSION + 7).await;
     assert!(matches!(
         recv.expect::<StreamReply>().await.unwrap(),
         StreamReply::Accepted(_)
