@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod identity;
+pub mod pty;
 pub mod session;
 
 use crate::config::AgentConfig;

@@ -1,0 +1,469 @@
+//! Terminal sessions that outlive every connection.
+//!
+//! Entry points: [`Sessions`] (create, find, list, close), [`PtySession`] (input, resize,
+//! attach) and [`Attachment`] (what one client receives). Each session runs its process on
+//! a real PTY (`portable-pty`), read by a dedicated thread that appends the output to an
+//! [`ring::OutputRing`] indexed by absolute offset and feeds a headless terminal
+//! (`vt100`) that always knows the current screen. A client attaching fresh, or one whose
+//! offset fell out of the ring, gets the screen first and the live stream after it; any
+//! other client gets exactly the bytes after its offset. Clients read at their own pace
+//! from the shared ring, so a slow one never blocks the process or the others, and memory
+//! stays bounded by the ring.
+
+pub mod ring;
+
+use portable_pty::{ChildKiller, CommandBuilder, MasterPty, PtySize, native_pty_system};
+use ring::{OutputRing, Read};
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Largest accepted terminal, in columns and rows (the headless screen holds every cell).
+pub const MAX_COLS: u16 = 1000;
+pub const MAX_ROWS: u16 = 500;
+/// Default ring size per session.
+pub const DEFAULT_RING: usize = 4 << 20;
+/// The most output one [`Event::Output`] carries.
+const CHUNK: usize = 64 * 1024;
+
+/// Errors a caller branches on.
+#[derive(Debug, thiserror::Error)]
+pub enum PtyError {
+    #[error("terminal size {cols}x{rows} is outside 1x1..={MAX_COLS}x{MAX_ROWS}")]
+    BadSize { cols: u16, rows: u16 },
+    #[error("no such session")]
+    NoSuchSession,
+    #[error("the session's process has exited with status {code}")]
+    Exited { code: i32 },
+    #[error("start the process: {0}")]
+    Spawn(String),
+    #[error("pty: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl Size {
+    pub fn new(cols: u16, rows: u16) -> Result<Self, PtyError> {
+        if (1..=MAX_COLS).contains(&cols) && (1..=MAX_ROWS).contains(&rows) {
+            Ok(Self { cols, rows })
+        } else {
+            Err(PtyError::BadSize { cols, rows })
+        }
+    }
+
+    fn pty(self) -> PtySize {
+        PtySize {
+            rows: self.rows,
+            cols: self.cols,
+            pixel_width: 0,
+            pixel_height: 0,
+        }
+    }
+}
+
+/// What to run in a new session.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    /// Program and arguments; empty means the user's login shell.
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    pub size: Size,
+}
+
+/// One thing a client receives, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The current screen as escape sequences; output continues at `offset`.
+    Screen { offset: u64, bytes: Vec<u8> },
+    /// The client's offset fell out of the ring; it resumes at `resumed_at` (after a
+    /// [`Event::Screen`]).
+    Truncated { requested: u64, resumed_at: u64 },
+    /// Output bytes starting at `offset`.
+    Output { offset: u64, bytes: Vec<u8> },
+    /// The process exited; nothing follows.
+    Exit { code: i32 },
+}
+
+struct State {
+    ring: OutputRing,
+    screen: vt100::Parser,
+    size: Size,
+    exit: Option<i32>,
+}
+
+/// A running (or finished) terminal session.
+pub struct PtySession {
+    pub id: String,
+    pub command: String,
+    pub created_at: u64,
+    state: Mutex<State>,
+    changed: tokio::sync::watch::Sender<()>,
+    writer: Mutex<Box<dyn Write + Send>>,
+    master: Mutex<Box<dyn MasterPty + Send>>,
+    killer: Mutex<Box<dyn ChildKiller + Send + Sync>>,
+}
+
+impl std::fmt::Debug for PtySession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PtySession")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn snapshot(screen: &vt100::Screen) -> Vec<u8> {
+    let mut out = String::new();
+    if screen.alternate_screen() {
+        out.push_str("\x1b[?1049h");
+    }
+    out.push_str(&screen.state_formatted());
+    out.into_bytes()
+}
+
+impl PtySession {
+    /// Starts the process on a new PTY and the thread that reads it.
+    pub fn spawn(
+        id: String,
+        spec: &SpawnSpec,
+        ring_capacity: usize,
+    ) -> Result<Arc<Self>, PtyError> {
+        let pair = native_pty_system()
+            .openpty(spec.size.pty())
+            .map_err(|e| PtyError::Spawn(e.to_string()))?;
+        let mut cmd = match spec.command.split_first() {
+            Some((program, args)) => {
+                let mut cmd = CommandBuilder::new(program);
+                cmd.args(args);
+                cmd
+            }
+            None => CommandBuilder::new_default_prog(),
+        };
+        cmd.env("TERM", "xterm-256color");
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        if let Some(cwd) = &spec.cwd {
+            cmd.cwd(cwd);
+        }
+        let mut child = pair
+            .slave
+            .spawn_command(cmd)
+            .map_err(|e| PtyError::Spawn(e.to_string()))?;
+        drop(pair.slave);
+        let mut reader = pair
+            .master
+            .try_clone_reader()
+            .map_err(|e| PtyError::Spawn(e.to_string()))?;
+        let writer = pair
+            .master
+            .take_writer()
+            .map_err(|e| PtyError::Spawn(e.to_string()))?;
+        let (changed, _) = tokio::sync::watch::channel(());
+        let session = Arc::new(Self {
+            id,
+            command: if spec.command.is_empty() {
+                "(login shell)".into()
+            } else {
+                spec.command.join(" ")
+            },
+            created_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            state: Mutex::new(State {
+                ring: OutputRing::new(ring_capacity),
+                screen: vt100::Parser::new(
+                    std::num::NonZeroU16::new(spec.size.rows).unwrap_or(std::num::NonZeroU16::MIN),
+                    std::num::NonZeroU16::new(spec.size.cols).unwrap_or(std::num::NonZeroU16::MIN),
+                    0,
+                ),
+                size: spec.size,
+                exit: None,
+            }),
+            changed,
+            writer: Mutex::new(writer),
+            master: Mutex::new(pair.master),
+            killer: Mutex::new(child.clone_killer()),
+        });
+
+        // The reader blocks, so it gets a thread of its own, never the async runtime.
+        let (read_done_tx, read_done_rx) = std::sync::mpsc::channel::<()>();
+        let s = session.clone();
+        std::thread::Builder::new()
+            .name(format!("pty-read-{}", s.id))
+            .spawn(move || {
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => s.on_output(&buf[..n]),
+                    }
+                }
+                let _ = read_done_tx.send(());
+            })
+            .map_err(PtyError::Io)?;
+        let s = session.clone();
+        std::thread::Builder::new()
+            .name(format!("pty-wait-{}", s.id))
+            .spawn(move || {
+                let code = match child.wait() {
+                    Ok(status) => status.exit_code() as i32,
+                    Err(_) => -1,
+                };
+                // Let the reader drain what the process wrote last; a background process
+                // that keeps the terminal open must not hold the exit back for long.
+                let _ = read_done_rx.recv_timeout(Duration::from_millis(500));
+                lock(&s.state).exit = Some(code);
+                s.changed.send_replace(());
+            })
+            .map_err(PtyError::Io)?;
+        Ok(session)
+    }
+
+    fn on_output(&self, bytes: &[u8]) {
+        {
+            let mut st = lock(&self.state);
+            st.ring.push(bytes);
+            st.screen.process(bytes);
+        }
+        self.changed.send_replace(());
+    }
+
+    /// Sends keystrokes to the process. Blocks while the PTY's input buffer is full.
+    pub fn write_input(&self, bytes: &[u8]) -> Result<(), PtyError> {
+        if let Some(code) = lock(&self.state).exit {
+            return Err(PtyError::Exited { code });
+        }
+        let mut w = lock(&self.writer);
+        w.write_all(bytes)?;
+        w.flush()?;
+        Ok(())
+    }
+
+    /// Resizes the session (last writer wins).
+    pub fn resize(&self, size: Size) -> Result<(), PtyError> {
+        lock(&self.master)
+            .resize(size.pty())
+            .map_err(|e| PtyError::Io(std::io::Error::other(e.to_string())))?;
+        let mut st = lock(&self.state);
+        if let (Some(rows), Some(cols)) = (
+            std::num::NonZeroU16::new(size.rows),
+            std::num::NonZeroU16::new(size.cols),
+        ) {
+            st.screen.set_size(rows, cols);
+        }
+        st.size = size;
+        Ok(())
+    }
+
+    pub fn size(&self) -> Size {
+        lock(&self.state).size
+    }
+
+    pub fn exit_code(&self) -> Option<i32> {
+        lock(&self.state).exit
+    }
+
+    /// The offset one past the newest output byte.
+    pub fn end_offset(&self) -> u64 {
+        lock(&self.state).ring.end()
+    }
+
+    /// Ends the process (SIGKILL to the child).
+    pub fn kill(&self) {
+        let _ = lock(&self.killer).kill();
+    }
+
+    /// A new client. `offset`: the last offset it has seen, or `None` for a fresh client.
+    pub fn attach(self: &Arc<Self>, offset: Option<u64>) -> Attachment {
+        Attachment {
+            session: self.clone(),
+            next: offset,
+            pending: VecDeque::new(),
+            changed: self.changed.subscribe(),
+            finished: false,
+        }
+    }
+}
+
+/// One client's view of a session.
+pub struct Attachment {
+    session: Arc<PtySession>,
+    next: Option<u64>,
+    pending: VecDeque<Event>,
+    changed: tokio::sync::watch::Receiver<()>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("session", &self.session.id)
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl Attachment {
+    /// The offset of the next byte this client will receive.
+    pub fn offset(&self) -> Option<u64> {
+        self.next
+    }
+
+    /// What is ready now, without waiting.
+    fn poll_ready(&mut self) -> Option<Event> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(event);
+        }
+        if self.finished {
+            return None;
+        }
+        let st = lock(&self.session.state);
+        let end = st.ring.end();
+        let start_fresh = |pending: &mut VecDeque<Event>| {
+            pending.push_back(Event::Screen {
+                offset: end,
+                bytes: snapshot(st.screen.screen()),
+            });
+            end
+        };
+        match self.next {
+            None => {
+                self.next = Some(start_fresh(&mut self.pending));
+            }
+            Some(off) if off > end => {
+                self.next = Some(start_fresh(&mut self.pending));
+            }
+            Some(off) => match st.ring.read(off, CHUNK) {
+                Read::Truncated { .. } => {
+                    self.pending.push_back(Event::Truncated {
+                        requested: off,
+                        resumed_at: end,
+                    });
+                    self.next = Some(start_fresh(&mut self.pending));
+                }
+                Read::Bytes(bytes) if !bytes.is_empty() => {
+                    self.next = Some(off + bytes.len() as u64);
+                    self.pending.push_back(Event::Output { offset: off, bytes });
+                }
+                Read::Bytes(_) => {
+                    if let Some(code) = st.exit {
+                        self.finished = true;
+                        self.pending.push_back(Event::Exit { code });
+                    }
+                }
+            },
+        }
+        drop(st);
+        self.pending.pop_front()
+    }
+
+    /// The next event; `None` after [`Event::Exit`].
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            self.changed.mark_unchanged();
+            if let Some(event) = self.poll_ready() {
+                return Some(event);
+            }
+            if self.finished {
+                return None;
+            }
+            if self.changed.changed().await.is_err() {
+                // The session is gone; whatever it had was delivered above.
+                return None;
+            }
+        }
+    }
+}
+
+/// Information about a session, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: String,
+    pub command: String,
+    pub size: Size,
+    pub created_at: u64,
+    pub end_offset: u64,
+    pub exit: Option<i32>,
+}
+
+/// All sessions of this agent.
+#[derive(Debug)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<PtySession>>>,
+    ring_capacity: usize,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self::new(DEFAULT_RING)
+    }
+}
+
+impl Sessions {
+    pub fn new(ring_capacity: usize) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            ring_capacity,
+        }
+    }
+
+    /// Starts a new session.
+    pub fn create(&self, spec: &SpawnSpec) -> Result<Arc<PtySession>, PtyError> {
+        let id = format!("s{:016x}", rand::random::<u64>());
+        let session = PtySession::spawn(id.clone(), spec, self.ring_capacity)?;
+        lock(&self.map).insert(id, session.clone());
+        Ok(session)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<PtySession>, PtyError> {
+        lock(&self.map)
+            .get(id)
+            .cloned()
+            .ok_or(PtyError::NoSuchSession)
+    }
+
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let mut out: Vec<SessionInfo> = lock(&self.map)
+            .values()
+            .map(|s| SessionInfo {
+                id: s.id.clone(),
+                command: s.command.clone(),
+                size: s.size(),
+                created_at: s.created_at,
+                end_offset: s.end_offset(),
+                exit: s.exit_code(),
+            })
+            .collect();
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        out
+    }
+
+    /// Ends a session's process and forgets it.
+    pub fn close(&self, id: &str) -> Result<(), PtyError> {
+        let session = lock(&self.map).remove(id).ok_or(PtyError::NoSuchSession)?;
+        session.kill();
+        Ok(())
+    }
+}
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        for s in lock(&self.map).values() {
+            s.kill();
+        }
+    }
+}
