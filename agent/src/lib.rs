@@ -56,6 +56,8 @@ pub struct Agent {
     config: AgentConfig,
     endpoint: quinn::Endpoint,
     events: Option<UnboundedSender<AgentEvent>>,
+    /// Terminal sessions; they outlive every connection to the hub.
+    sessions: Arc<pty::Sessions>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -81,6 +83,7 @@ impl Agent {
             config,
             endpoint,
             events: None,
+            sessions: Arc::new(pty::Sessions::default()),
         }
     }
 

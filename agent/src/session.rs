@@ -135,7 +135,7 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
             }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(serve_stream(send, recv));
+                    tokio::spawn(serve_stream(agent.sessions.clone(), send, recv));
                 }
                 Err(e) => return closed(&e, true),
             },
@@ -169,24 +169,47 @@ async fn hello(
     }
 }
 
-/// A stream the hub opened. Terminals, forwards and sync fill these in; until then every
-/// stream type is answered with a typed refusal.
-async fn serve_stream(mut send: quinn::SendStream, recv: quinn::RecvStream) {
-    let mut recv = FramedRecv::with_limit(recv, 64 * 1024);
-    let (reason, message) = match recv.expect::<StreamHeader>().await {
-        Ok(header) => (
-            StreamRefusal::Unsupported,
-            format!(
-                "stream type {} is not supported by this agent",
-                protocol::Message::tag(&header)
-            ),
-        ),
-        Err(e) => (StreamRefusal::BadHeader, e.to_string()),
+/// A stream the hub opened: its header says what it is for.
+async fn serve_stream(
+    sessions: std::sync::Arc<crate::pty::Sessions>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut recv = FramedRecv::new(recv);
+    let header = match recv.expect::<StreamHeader>().await {
+        Ok(header) => header,
+        Err(e) => {
+            let refused = StreamRefused {
+                reason: StreamRefusal::BadHeader,
+                message: e.to_string(),
+            };
+            let _ = send_msg(&mut send, &StreamReply::Refused(refused)).await;
+            let _ = send.finish();
+            return;
+        }
     };
-    let _ = send_msg(
-        &mut send,
-        &StreamReply::Refused(StreamRefused { reason, message }),
-    )
-    .await;
-    let _ = send.finish();
+    let result = match header {
+        StreamHeader::Pty(_) => {
+            let accepted = StreamReply::Accepted(protocol::stream::Accepted {});
+            match send_msg(&mut send, &accepted).await {
+                Ok(()) => crate::pty::stream::serve(sessions, &mut send, &mut recv).await,
+                Err(e) => Err(e),
+            }
+        }
+        other => {
+            let refused = StreamRefused {
+                reason: StreamRefusal::Unsupported,
+                message: format!(
+                    "stream type {} is not supported by this agent",
+                    protocol::Message::tag(&other)
+                ),
+            };
+            let _ = send_msg(&mut send, &StreamReply::Refused(refused)).await;
+            let _ = send.finish();
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "stream ended with an error");
+    }
 }

@@ -29,6 +29,8 @@ pub fn app(hub: AppState) -> Router {
         .route("/version", get(version))
         .route("/workspaces", get(list_workspaces).post(create_workspace))
         .route("/workspaces/{id}", get(get_workspace))
+        .route("/workspaces/{id}/terminal", get(crate::terminal::terminal))
+        .route("/terminal/{id}", get(crate::terminal::terminal))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(hub)

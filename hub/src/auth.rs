@@ -32,16 +32,22 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, hub: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .map(str::trim)
+        let token = match parts.headers.get(axum::http::header::AUTHORIZATION) {
+            Some(header) => header
+                .to_str()
+                .ok()
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .map(str::trim)
+                .map(str::to_owned),
+            // Browsers cannot set headers on a WebSocket: there, and only there, the token
+            // may come as `access_token` in the query.
+            None if is_websocket(parts) => websocket_token(parts),
+            None => return Err(ApiError::unauthorized("missing bearer token")),
+        };
+        let token = token
             .filter(|t| !t.is_empty() && t.len() <= 256)
-            .ok_or_else(|| ApiError::unauthorized("malformed authorization header"))?;
+            .ok_or_else(|| ApiError::unauthorized("malformed or missing token"))?;
+        let token = token.as_str();
         let record = hub
             .store
             .find_api_token(&token_hash(token))
@@ -55,6 +61,22 @@ impl FromRequestParts<AppState> for Caller {
             owner_id: record.owner_id,
         })
     }
+}
+
+fn is_websocket(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+fn websocket_token(parts: &Parts) -> Option<String> {
+    parts
+        .uri
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("access_token=").map(str::to_owned))
 }
 
 /// Mints a new API token for `owner_id`; only its hash is stored. Returns the token.

@@ -17,6 +17,7 @@ pub mod config;
 pub mod fsutil;
 pub mod provider;
 pub mod store;
+pub mod terminal;
 pub mod workspace;
 
 use anyhow::{Context, Result};

@@ -20,6 +20,7 @@ pub mod frame;
 pub mod handshake;
 pub mod liveness;
 pub mod message;
+pub mod pty;
 pub mod stream;
 
 pub use error::ProtocolError;

@@ -9,7 +9,7 @@ crate::tagged_messages! {
         1 => Control(ControlOpen),
         /// Agent -> hub, before the agent holds a certificate: trade a token for one.
         2 => Enroll(EnrollOpen),
-        /// Hub -> agent: attach to (or create) a PTY session. Filled in by the terminal work.
+        /// Hub -> agent: attach to (or create) a PTY session, or list sessions.
         3 => Pty(PtyOpen),
         /// Hub -> agent: splice this stream to a TCP port inside the workspace.
         4 => TcpForward(TcpForwardOpen),
@@ -26,12 +26,9 @@ pub struct ControlOpen {}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct EnrollOpen {}
 
-/// Opens a PTY stream.
+/// Opens a PTY stream; the first [`PtyMsg`](crate::pty::PtyMsg) says what for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct PtyOpen {
-    /// The session to attach to; `None` creates a new one.
-    pub session: Option<String>,
-}
+pub struct PtyOpen {}
 
 /// Opens a TCP forward.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,6 +4,10 @@
 use proptest::prelude::*;
 use protocol::control::{ControlMsg, Hello, HelloRefusal, HelloRefused, Ping, Pong, Welcome};
 use protocol::enroll::{EnrollMsg, EnrollRefusal, EnrollRefused, EnrollRequest, Issued};
+use protocol::pty::{
+    PtyClose, PtyError, PtyErrorCode, PtyExit, PtyInput, PtyList, PtyMsg, PtyOpenRequest,
+    PtyOutput, PtyResize, PtyScreen, PtyTruncated,
+};
 use protocol::stream::{
     Accepted, ControlOpen, EnrollOpen, PtyOpen, StreamHeader, StreamRefusal, StreamRefused,
     StreamReply, SyncOpen, TcpForwardOpen,
@@ -87,9 +91,58 @@ fn header() -> impl Strategy<Value = StreamHeader> {
     prop_oneof![
         Just(StreamHeader::Control(ControlOpen {})),
         Just(StreamHeader::Enroll(EnrollOpen {})),
-        proptest::option::of(".{0,40}").prop_map(|session| StreamHeader::Pty(PtyOpen { session })),
+        Just(StreamHeader::Pty(PtyOpen {})),
         any::<u16>().prop_map(|port| StreamHeader::TcpForward(TcpForwardOpen { port })),
         ".{0,60}".prop_map(|root| StreamHeader::Sync(SyncOpen { root })),
+    ]
+}
+
+fn pty_msg() -> impl Strategy<Value = PtyMsg> {
+    let bytes = || prop::collection::vec(any::<u8>(), 0..512);
+    prop_oneof![
+        (
+            proptest::option::of("[a-z0-9]{0,20}"),
+            proptest::option::of(any::<u64>()),
+            prop::collection::vec(".{0,10}", 0..4),
+            any::<u16>(),
+            any::<u16>()
+        )
+            .prop_map(|(session, offset, command, cols, rows)| PtyMsg::Open(
+                PtyOpenRequest {
+                    session,
+                    offset,
+                    command,
+                    env: vec![("K".into(), "V".into())],
+                    cwd: None,
+                    cols,
+                    rows,
+                }
+            )),
+        bytes().prop_map(|bytes| PtyMsg::Input(PtyInput { bytes })),
+        (any::<u64>(), bytes())
+            .prop_map(|(offset, bytes)| PtyMsg::Output(PtyOutput { offset, bytes })),
+        (any::<u64>(), bytes(), any::<bool>()).prop_map(|(offset, bytes, more)| PtyMsg::Screen(
+            PtyScreen {
+                offset,
+                bytes,
+                more
+            }
+        )),
+        (any::<u16>(), any::<u16>())
+            .prop_map(|(cols, rows)| PtyMsg::Resize(PtyResize { cols, rows })),
+        (any::<u64>(), any::<u64>()).prop_map(|(requested, resumed_at)| PtyMsg::Truncated(
+            PtyTruncated {
+                requested,
+                resumed_at
+            }
+        )),
+        any::<i32>().prop_map(|code| PtyMsg::Exit(PtyExit { code })),
+        ".{0,30}".prop_map(|message| PtyMsg::Error(PtyError {
+            code: PtyErrorCode::NoSuchSession,
+            message
+        })),
+        Just(PtyMsg::Close(PtyClose {})),
+        Just(PtyMsg::List(PtyList {})),
     ]
 }
 
@@ -144,6 +197,11 @@ proptest! {
     }
 
     #[test]
+    fn pty_round_trips(msgs in prop::collection::vec(pty_msg(), 0..8), chunk in 1usize..700) {
+        round_trip(msgs, chunk);
+    }
+
+    #[test]
     fn headers_and_replies_round_trip(h in prop::collection::vec(header(), 0..8), r in prop::collection::vec(reply(), 0..8), chunk in 1usize..64) {
         round_trip(h, chunk);
         round_trip(r, chunk);
@@ -158,6 +216,7 @@ proptest! {
         let _ = ControlMsg::from_payload(&bytes);
         let _ = EnrollMsg::from_payload(&bytes);
         let _ = StreamHeader::from_payload(&bytes);
+        let _ = decode_chunked::<PtyMsg>(&bytes, chunk);
     }
 
     /// Any strict prefix of a valid stream of frames ends in `Truncated` (or nothing at all).
@@ -244,6 +303,7 @@ fn tags_are_stable() {
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
     assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5]);
     assert_eq!(StreamReply::TAGS, &[1, 2]);
+    assert_eq!(PtyMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
     let ping = encode_frame(&ControlMsg::Ping(Ping { seq: 7 })).unwrap();
     assert_eq!(ping, vec![0, 0, 0, 2, 4, 7]);
 }

@@ -11,6 +11,7 @@
 //! stays bounded by the ring.
 
 pub mod ring;
+pub mod stream;
 
 use portable_pty::{ChildKiller, CommandBuilder, MasterPty, PtySize, native_pty_system};
 use ring::{OutputRing, Read};

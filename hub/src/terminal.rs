@@ -1,0 +1,218 @@
+//! The browser terminal bridge: a WebSocket on one side, a PTY stream to the agent on the
+//! other. The hub reads the PTY stream's envelopes (offsets, exit, errors) to re-frame them
+//! for the browser; it never looks inside the terminal bytes.
+//!
+//! WebSocket protocol (`GET /workspaces/:id/terminal`, alias `/terminal/:id`; query
+//! `session`, `offset`, `cols`, `rows`):
+//! - binary, server -> client: `kind (1 byte) ++ offset (u64 BE) ++ bytes`, kind 0 = output
+//!   at `offset`, 1 = a piece of the screen snapshot with more to come, 2 = the last piece
+//!   (output resumes at `offset`);
+//! - text, server -> client: JSON `{"type": "opened" | "truncated" | "exit" | "error", ...}`;
+//! - binary, client -> server: keystrokes;
+//! - text, client -> server: JSON `{"type": "resize", "cols", "rows"}` or `{"type": "close"}`.
+
+use crate::AppState;
+use crate::api::ApiError;
+use crate::auth::Caller;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use link::{FramedRecv, LinkError, send_msg};
+use protocol::pty::{PtyClose, PtyInput, PtyMsg, PtyOpenRequest, PtyResize};
+use protocol::stream::{PtyOpen, StreamHeader, StreamReply};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+/// Largest WebSocket message a browser may send (keystrokes and pastes).
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+pub struct TerminalQuery {
+    pub session: Option<String>,
+    pub offset: Option<u64>,
+    #[serde(default = "default_cols")]
+    pub cols: u16,
+    #[serde(default = "default_rows")]
+    pub rows: u16,
+}
+
+fn default_cols() -> u16 {
+    80
+}
+
+fn default_rows() -> u16 {
+    24
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientControl {
+    Resize { cols: u16, rows: u16 },
+    Close,
+}
+
+/// `GET /workspaces/:id/terminal`: upgrades to a WebSocket bridged to a PTY stream.
+pub async fn terminal(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<TerminalQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
+    caller.authorize(hub.store.get_workspace(id).await?)?;
+    if query
+        .session
+        .as_ref()
+        .is_some_and(|s| s.is_empty() || s.len() > 64)
+    {
+        return Err(ApiError::invalid("session must be 1 to 64 characters"));
+    }
+    let conn = hub.agents.connection(id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "agent_offline",
+            "the workspace's agent is not connected",
+        )
+    })?;
+    Ok(ws
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            if let Err(e) = bridge(conn, query, socket).await {
+                tracing::debug!(workspace = %id, error = %e, "terminal bridge ended");
+            }
+        }))
+}
+
+fn event(value: serde_json::Value) -> Message {
+    Message::Text(value.to_string().into())
+}
+
+fn binary(kind: u8, offset: u64, bytes: &[u8]) -> Message {
+    let mut out = Vec::with_capacity(9 + bytes.len());
+    out.push(kind);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(bytes);
+    Message::Binary(out.into())
+}
+
+/// Maps one agent message to what the browser gets; `None` ends the bridge after sending.
+fn to_browser(msg: PtyMsg) -> (Option<Message>, bool) {
+    match msg {
+        PtyMsg::Output(o) => (Some(binary(0, o.offset, &o.bytes)), false),
+        PtyMsg::Screen(s) => (
+            Some(binary(if s.more { 1 } else { 2 }, s.offset, &s.bytes)),
+            false,
+        ),
+        PtyMsg::Opened(o) => (
+            Some(event(
+                json!({"type": "opened", "session": o.session, "cols": o.cols, "rows": o.rows}),
+            )),
+            false,
+        ),
+        PtyMsg::Truncated(t) => (
+            Some(event(
+                json!({"type": "truncated", "requested": t.requested, "resumed_at": t.resumed_at}),
+            )),
+            false,
+        ),
+        PtyMsg::Exit(e) => (Some(event(json!({"type": "exit", "code": e.code}))), true),
+        PtyMsg::Error(e) => (
+            Some(event(
+                json!({"type": "error", "code": format!("{:?}", e.code), "message": e.message}),
+            )),
+            false,
+        ),
+        _ => (None, false),
+    }
+}
+
+async fn bridge(
+    conn: quinn::Connection,
+    query: TerminalQuery,
+    mut socket: WebSocket,
+) -> Result<(), LinkError> {
+    let (mut send, recv) = conn.open_bi().await?;
+    let mut recv = FramedRecv::new(recv);
+    send_msg(&mut send, &StreamHeader::Pty(PtyOpen {})).await?;
+    send_msg(
+        &mut send,
+        &PtyMsg::Open(PtyOpenRequest {
+            session: query.session,
+            offset: query.offset,
+            command: vec![],
+            env: vec![],
+            cwd: None,
+            cols: query.cols,
+            rows: query.rows,
+        }),
+    )
+    .await?;
+    if let StreamReply::Refused(r) = recv.expect::<StreamReply>().await? {
+        let _ = socket
+            .send(event(
+                json!({"type": "error", "code": "refused", "message": r.message}),
+            ))
+            .await;
+        return Ok(());
+    }
+    loop {
+        tokio::select! {
+            msg = recv.next::<PtyMsg>() => {
+                let Some(msg) = msg? else {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return Ok(());
+                };
+                let (out, last) = to_browser(msg);
+                if let Some(out) = out
+                    && socket.send(out).await.is_err()
+                {
+                    return Ok(());
+                }
+                if last {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return Ok(());
+                }
+            }
+            incoming = socket.recv() => {
+                let reply = match incoming {
+                    Some(Ok(Message::Binary(bytes))) => {
+                        send_msg(&mut send, &PtyMsg::Input(PtyInput { bytes: bytes.to_vec() })).await?;
+                        None
+                    }
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientControl>(&text) {
+                        Ok(ClientControl::Resize { cols, rows }) => {
+                            send_msg(&mut send, &PtyMsg::Resize(PtyResize { cols, rows })).await?;
+                            None
+                        }
+                        Ok(ClientControl::Close) => {
+                            send_msg(&mut send, &PtyMsg::Close(PtyClose {})).await?;
+                            None
+                        }
+                        Err(e) => Some(event(json!({"type": "error", "code": "bad_request", "message": e.to_string()}))),
+                    },
+                    Some(Ok(_)) => None,
+                    // The browser left or broke the protocol; the session lives on.
+                    Some(Err(_)) | None => {
+                        let _ = send.finish();
+                        return Ok(());
+                    }
+                };
+                if let Some(reply) = reply
+                    && socket.send(reply).await.is_err()
+                {
+                    return Ok(());
+                }
+            }
+            _ = conn.closed() => {
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame { code: 1012, reason: "agent disconnected".into() })))
+                    .await;
+                return Ok(());
+            }
+        }
+    }
+}

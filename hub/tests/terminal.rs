@@ -1,0 +1,336 @@
+//! Browser terminals through a real hub and a real agent: the WebSocket bridge, replay by
+//! offset, a hub that dies mid-stream, exit codes, and bad input.
+
+use futures_util::{SinkExt, StreamExt};
+use harness::TestHub;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What the bridge sends, decoded.
+#[derive(Debug)]
+enum Frame {
+    Output { offset: u64, bytes: Vec<u8> },
+    Screen { offset: u64, last: bool },
+    Event(Value),
+    Closed,
+}
+
+async fn open(hub: &TestHub, id: &str, query: &str) -> Ws {
+    let url = format!(
+        "ws://{}/workspaces/{id}/terminal?access_token={}&{query}",
+        hub.listening.http, hub.token
+    );
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket")
+        .0
+}
+
+async fn frame(ws: &mut Ws) -> Frame {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("terminal stalled");
+        return match msg {
+            Some(Ok(Message::Binary(b))) => {
+                let offset = u64::from_be_bytes(b[1..9].try_into().unwrap());
+                match b[0] {
+                    0 => Frame::Output {
+                        offset,
+                        bytes: b[9..].to_vec(),
+                    },
+                    kind => Frame::Screen {
+                        offset,
+                        last: kind == 2,
+                    },
+                }
+            }
+            Some(Ok(Message::Text(t))) => Frame::Event(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Frame::Closed,
+            Some(Ok(_)) => continue,
+        };
+    }
+}
+
+/// A terminal client that keeps what it saw, by offset.
+struct Client {
+    ws: Ws,
+    session: String,
+    /// Offset of `seen[0]`.
+    base: u64,
+    seen: Vec<u8>,
+    events: Vec<Value>,
+}
+
+impl Client {
+    async fn connect(hub: &TestHub, id: &str, query: &str) -> Self {
+        let mut ws = open(hub, id, query).await;
+        let session = match frame(&mut ws).await {
+            Frame::Event(e) if e["type"] == "opened" => e["session"].as_str().unwrap().to_owned(),
+            other => panic!("expected opened, got {other:?}"),
+        };
+        Self {
+            ws,
+            session,
+            base: u64::MAX,
+            seen: vec![],
+            events: vec![],
+        }
+    }
+
+    fn next_offset(&self) -> u64 {
+        self.base + self.seen.len() as u64
+    }
+
+    /// Reads until `pred(seen as text)` holds or the stream closes; returns false on close.
+    async fn read_until(&mut self, pred: impl Fn(&str) -> bool) -> bool {
+        while !pred(&String::from_utf8_lossy(&self.seen)) {
+            match frame(&mut self.ws).await {
+                Frame::Output { offset, bytes } => {
+                    if self.base == u64::MAX {
+                        self.base = offset;
+                    }
+                    assert_eq!(offset, self.next_offset(), "output is contiguous");
+                    self.seen.extend(bytes);
+                }
+                Frame::Screen { offset, last, .. } => {
+                    if last {
+                        self.base = offset;
+                        self.seen.clear();
+                    }
+                }
+                Frame::Event(e) => {
+                    let done = e["type"] == "exit";
+                    self.events.push(e);
+                    if done {
+                        return false;
+                    }
+                }
+                Frame::Closed => return false,
+            }
+        }
+        true
+    }
+
+    async fn type_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Binary(text.as_bytes().to_vec().into()))
+            .await
+            .unwrap();
+    }
+}
+
+async fn ready_workspace(hub: &TestHub) -> String {
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    hub.wait_for(&id, WAIT, |w| !w["agent"].is_null())
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn output_is_replayed_exactly_once_after_reattach() {
+    let hub = TestHub::start().await.unwrap();
+    let id = ready_workspace(&hub).await;
+    let marker = format!("hello-{}", rand::random::<u32>());
+    let mut a = Client::connect(&hub, &id, "cols=100&rows=30").await;
+    a.type_text(&format!("echo {marker}\n")).await;
+    assert!(
+        a.read_until(|s| s.matches(&marker).count() >= 2).await,
+        "typed text echoes"
+    );
+
+    // A second client attaches at the first client's starting offset: same bytes.
+    let mut b = Client::connect(
+        &hub,
+        &id,
+        &format!("session={}&offset={}", a.session, a.base),
+    )
+    .await;
+    let a_len = a.seen.len();
+    let a_snapshot = a.seen.clone();
+    assert!(b.read_until(|s| s.len() >= a_len).await);
+    assert_eq!(&b.seen[..a_len], &a_snapshot[..]);
+
+    // B leaves; more than a MiB of output happens; B comes back at its offset.
+    let b_offset = b.next_offset();
+    let b_seen_before = b.seen.clone();
+    drop(b);
+    a.type_text("seq 1 200000; echo all-done-$((6*7))\n").await;
+    assert!(a.read_until(|s| s.contains("all-done-42")).await);
+    let mut b = Client::connect(
+        &hub,
+        &id,
+        &format!("session={}&offset={b_offset}", a.session),
+    )
+    .await;
+    let target = a.next_offset();
+    assert!(b.read_until(|s| s.contains("all-done-42")).await);
+    while b.next_offset() < target {
+        assert!(b.read_until(|s| !s.is_empty()).await);
+        if b.next_offset() < target {
+            let n = b.seen.len();
+            b.read_until(|s| s.len() > n).await;
+        }
+    }
+    assert_eq!(b.base, b_offset, "resumed exactly where it left off");
+    let a_from = (b_offset - a.base) as usize;
+    assert_eq!(
+        &b.seen[..],
+        &a.seen[a_from..a_from + b.seen.len()],
+        "same bytes, once, in order"
+    );
+    assert!(b.seen.len() > 1 << 20, "{} bytes replayed", b.seen.len());
+    assert!(!b_seen_before.is_empty());
+    for e in &b.events {
+        assert_ne!(e["type"], "truncated", "nothing fell out of a 4 MiB ring");
+    }
+}
+
+#[tokio::test]
+async fn a_hub_that_dies_mid_stream_loses_no_byte() {
+    let mut hub = TestHub::start().await.unwrap();
+    let id = ready_workspace(&hub).await;
+    let mut a = Client::connect(&hub, &id, "").await;
+    a.type_text("for i in $(seq 1 40); do echo tick$i; sleep 0.05; done; echo fin-$((1+1))\n")
+        .await;
+    assert!(a.read_until(|s| s.contains("tick3\r\n")).await);
+    hub.kill();
+    hub.start_again().await.unwrap();
+    hub.wait_for(&id, WAIT, |w| !w["agent"].is_null())
+        .await
+        .unwrap();
+    let mut b = Client::connect(
+        &hub,
+        &id,
+        &format!("session={}&offset={}", a.session, a.next_offset()),
+    )
+    .await;
+    assert!(b.read_until(|s| s.contains("fin-2")).await);
+    assert_eq!(b.base, a.next_offset());
+    let mut all = a.seen.clone();
+    all.extend(&b.seen);
+    let text = String::from_utf8_lossy(&all);
+    let ticks: Vec<usize> = text
+        .split("\r\n")
+        // Shells may put control sequences before the first line (bracketed paste off).
+        .filter_map(|l| l.rsplit('\r').next())
+        .filter_map(|l| l.strip_prefix("tick").and_then(|n| n.parse().ok()))
+        .collect();
+    assert_eq!(
+        ticks,
+        (1..=40).collect::<Vec<_>>(),
+        "every line once, in order"
+    );
+}
+
+#[tokio::test]
+async fn exit_status_reaches_the_browser() {
+    let hub = TestHub::start().await.unwrap();
+    let id = ready_workspace(&hub).await;
+    let mut a = Client::connect(&hub, &id, "").await;
+    a.type_text("exit 3\n").await;
+    assert!(!a.read_until(|_| false).await);
+    let exit = a
+        .events
+        .iter()
+        .find(|e| e["type"] == "exit")
+        .expect("exit event");
+    assert_eq!(exit["code"], 3);
+}
+
+#[tokio::test]
+async fn bad_terminal_input_gets_clear_errors_and_everything_keeps_running() {
+    let hub = TestHub::start().await.unwrap();
+    let id = ready_workspace(&hub).await;
+
+    // Unknown session.
+    let mut ws = open(&hub, &id, "session=nope&offset=5").await;
+    match frame(&mut ws).await {
+        Frame::Event(e) => assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("NoSuchSession"))
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // Impossible sizes, garbage control messages: errors, and the session lives on.
+    let mut a = Client::connect(&hub, &id, "").await;
+    for bad in [
+        json!({"type": "resize", "cols": 0, "rows": 0}),
+        json!({"type": "resize", "cols": 65535, "rows": 65535}),
+    ] {
+        a.ws.send(Message::Text(bad.to_string().into()))
+            .await
+            .unwrap();
+    }
+    a.ws.send(Message::Text("{not json".into())).await.unwrap();
+    a.type_text("echo still-$((2+3))\n").await;
+    assert!(a.read_until(|s| s.contains("still-5")).await);
+    let codes: Vec<&str> = a.events.iter().filter_map(|e| e["code"].as_str()).collect();
+    assert_eq!(
+        codes.iter().filter(|c| **c == "BadSize").count(),
+        2,
+        "{:?}",
+        a.events
+    );
+    assert!(codes.contains(&"bad_request"), "{:?}", a.events);
+
+    // An oversized message closes that WebSocket only.
+    a.ws.send(Message::Binary(vec![b'x'; 200_000].into()))
+        .await
+        .ok();
+    assert!(!a.read_until(|_| false).await);
+    let mut again = Client::connect(&hub, &id, &format!("session={}", a.session)).await;
+    again.type_text("echo alive-$((3+4))\n").await;
+    assert!(again.read_until(|s| s.contains("alive-7")).await);
+
+    // HTTP-level refusals.
+    let url = |token: &str| {
+        format!(
+            "ws://{}/workspaces/{id}/terminal?access_token={token}",
+            hub.listening.http
+        )
+    };
+    let other = hub.mint_token("mallory").unwrap();
+    for (token, status) in [("", 401), ("wrong", 401), (other.as_str(), 404)] {
+        match tokio_tungstenite::connect_async(url(token)).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+                assert_eq!(res.status().as_u16(), status)
+            }
+            other => panic!("expected HTTP {status}, got {:?}", other.map(|_| ())),
+        }
+    }
+    let (status, body) = hub.api("GET", "/healthz", None).await.unwrap();
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+}
+
+#[tokio::test]
+async fn a_workspace_without_a_connected_agent_says_so() {
+    let hub = TestHub::start_with(harness::HubOptions {
+        provider: "manual".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let url = format!(
+        "ws://{}/terminal/{}?access_token={}",
+        hub.listening.http,
+        ws["id"].as_str().unwrap(),
+        hub.token
+    );
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status().as_u16(), 409)
+        }
+        other => panic!("expected 409, got {:?}", other.map(|_| ())),
+    }
+}
