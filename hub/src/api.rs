@@ -25,6 +25,7 @@ const BODY_LIMIT: usize = 64 * 1024;
 pub fn app(hub: AppState) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/assets/{file}", get(asset))
         .route("/healthz", get(healthz))
         .route("/version", get(version))
         .route("/workspaces", get(list_workspaces).post(create_workspace))
@@ -133,6 +134,24 @@ async fn not_found() -> ApiError {
 
 async fn index() -> Html<&'static str> {
     Html(include_str!("web/index.html"))
+}
+
+/// The front-end files embedded in the binary.
+async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
+    let (body, content_type): (&'static [u8], &str) = match file.as_str() {
+        "xterm.js" => (include_bytes!("web/vendor/xterm.js"), "text/javascript"),
+        "addon-fit.js" => (include_bytes!("web/vendor/addon-fit.js"), "text/javascript"),
+        "xterm.css" => (include_bytes!("web/vendor/xterm.css"), "text/css"),
+        _ => return Err(ApiError::not_found("asset")),
+    };
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, content_type),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 async fn healthz() -> Json<serde_json::Value> {
