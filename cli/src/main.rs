@@ -1,7 +1,9 @@
 //! `wsh`: the Workspace Hub command line.
 //!
-//! Today it drives the hub's REST API: `list`, `create`, `show`, `version`. Terminals,
-//! forwarding and sync over direct QUIC join it as those capabilities land.
+//! Lifecycle goes through the hub's REST API (`list`, `create`, `show`, `version`);
+//! terminals go over direct QUIC (`attach`, `sessions`), see [`attach`].
+
+mod attach;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -52,6 +54,24 @@ enum Command {
     Show { id: String },
     /// Show the hub's version.
     Version,
+    /// Open a terminal in a workspace (a new session, or `--session` to re-attach).
+    Attach {
+        workspace: String,
+        #[arg(long)]
+        session: Option<String>,
+        /// The hub CA certificate (PEM); fetched from the hub when absent.
+        #[arg(long, env = "WSH_CA")]
+        ca_file: Option<std::path::PathBuf>,
+        /// Command to run instead of the login shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List a workspace's terminal sessions.
+    Sessions {
+        workspace: String,
+        #[arg(long, env = "WSH_CA")]
+        ca_file: Option<std::path::PathBuf>,
+    },
 }
 
 struct Client {
@@ -113,7 +133,49 @@ async fn main() -> Result<()> {
         hub: cli.hub,
         token: cli.token,
     };
+    let quic_hub = |ca_file| attach::Hub {
+        http: client.http.clone(),
+        url: client.hub.clone(),
+        token: client.token.clone().unwrap_or_default(),
+        ca_file,
+    };
     let output = match cli.command {
+        Command::Attach {
+            workspace,
+            session,
+            ca_file,
+            command,
+        } => {
+            let code = attach::attach(&quic_hub(ca_file), &workspace, session, command).await?;
+            std::process::exit(code);
+        }
+        Command::Sessions { workspace, ca_file } => {
+            let list = attach::sessions(&quic_hub(ca_file), &workspace).await?;
+            if cli.json {
+                let rows: Vec<Value> = list
+                    .iter()
+                    .map(|s| json!({"id": s.id, "command": s.command, "cols": s.cols, "rows": s.rows, "end_offset": s.end_offset, "exit": s.exit}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<20} {:<9} {:<10} {:<8} COMMAND",
+                    "SESSION", "SIZE", "BYTES", "EXIT"
+                );
+                for s in list {
+                    let exit = s.exit.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<20} {:<9} {:<10} {:<8} {}",
+                        s.id,
+                        format!("{}x{}", s.cols, s.rows),
+                        s.end_offset,
+                        exit,
+                        s.command
+                    );
+                }
+            }
+            return Ok(());
+        }
         Command::List => {
             client
                 .call(reqwest::Method::GET, "/workspaces", None)

@@ -28,9 +28,9 @@ use tokio::time::timeout;
 use uuid::Uuid;
 
 /// Frames on the control and enrollment streams are small; refuse anything bigger.
-const CONTROL_FRAME_LIMIT: usize = 64 * 1024;
+pub(crate) const CONTROL_FRAME_LIMIT: usize = 64 * 1024;
 /// How long a peer may take to open its first stream and send its first message.
-const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `last_connected_at` is written at most this often per workspace while connected.
 const LAST_CONNECTED_WRITE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -115,7 +115,7 @@ impl Registry {
     }
 }
 
-fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
+pub(crate) fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
     conn.close(quinn::VarInt::from_u32(code.code()), reason.as_bytes());
 }
 
@@ -134,6 +134,9 @@ pub async fn handle_incoming(hub: AppState, incoming: quinn::Incoming) {
             return;
         }
     };
+    if link::alpn(&conn).as_deref() == Some(protocol::ALPN_CLIENT) {
+        return crate::clients::client_connection(&hub, conn, remote).await;
+    }
     match link::peer_certificate(&conn) {
         None => enrollment_connection(&hub, conn, remote).await,
         Some(cert) => agent_connection(&hub, conn, remote, &cert).await,
@@ -150,7 +153,11 @@ async fn first_stream(
     Ok((send, recv, header))
 }
 
-async fn refuse_stream(send: &mut quinn::SendStream, reason: StreamRefusal, message: &str) {
+pub(crate) async fn refuse_stream(
+    send: &mut quinn::SendStream,
+    reason: StreamRefusal,
+    message: &str,
+) {
     let reply = StreamReply::Refused(StreamRefused {
         reason,
         message: message.to_owned(),
@@ -161,13 +168,13 @@ async fn refuse_stream(send: &mut quinn::SendStream, reason: StreamRefusal, mess
 
 /// Finishes a stream and waits (briefly) until the peer has read it, so that closing the
 /// connection right after does not discard the last message.
-async fn finish_and_flush(send: &mut quinn::SendStream) {
+pub(crate) async fn finish_and_flush(send: &mut quinn::SendStream) {
     let _ = send.finish();
     let _ = timeout(Duration::from_secs(2), send.stopped()).await;
 }
 
 /// Closes the connection with the code that fits a stream error.
-fn close_for(conn: &quinn::Connection, remote: SocketAddr, err: &LinkError) {
+pub(crate) fn close_for(conn: &quinn::Connection, remote: SocketAddr, err: &LinkError) {
     match err {
         LinkError::Protocol(e) => {
             tracing::warn!(%remote, error = %e, "protocol error from peer; closing connection");

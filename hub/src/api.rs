@@ -26,6 +26,7 @@ pub fn app(hub: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/assets/{file}", get(asset))
+        .route("/ca.pem", get(ca_pem))
         .route("/healthz", get(healthz))
         .route("/version", get(version))
         .route("/workspaces", get(list_workspaces).post(create_workspace))
@@ -64,6 +65,11 @@ impl ApiError {
 
     pub fn unauthorized(message: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// The human-readable message (safe to show to the caller).
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -154,6 +160,15 @@ async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
         .into_response())
 }
 
+/// The hub CA certificate (public): clients pin it for the hub's QUIC endpoint.
+async fn ca_pem(State(hub): State<AppState>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+        hub.ca.cert_pem().to_owned(),
+    )
+        .into_response()
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -164,6 +179,8 @@ async fn version(State(hub): State<AppState>) -> Json<serde_json::Value> {
         "protocol_version": protocol::PROTOCOL_VERSION,
         "min_protocol_version": protocol::MIN_PROTOCOL_VERSION,
         "provider": hub.provider.name(),
+        "quic_addr": hub.agent_hub_addr,
+        "server_name": hub.config.server_names[0],
     }))
 }
 

@@ -44,23 +44,27 @@ impl FromRequestParts<AppState> for Caller {
             None if is_websocket(parts) => websocket_token(parts),
             None => return Err(ApiError::unauthorized("missing bearer token")),
         };
-        let token = token
-            .filter(|t| !t.is_empty() && t.len() <= 256)
-            .ok_or_else(|| ApiError::unauthorized("malformed or missing token"))?;
-        let token = token.as_str();
-        let record = hub
-            .store
-            .find_api_token(&token_hash(token))
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::unauthorized("invalid token"))?;
-        if record.expires_at.is_some_and(|at| at <= now_ms()) {
-            return Err(ApiError::unauthorized("token expired"));
-        }
-        Ok(Caller {
-            owner_id: record.owner_id,
-        })
+        authenticate(hub, token.as_deref().unwrap_or_default()).await
     }
+}
+
+/// The one place an API token becomes a [`Caller`] (HTTP, WebSocket and the CLI's QUIC).
+pub async fn authenticate(hub: &crate::Hub, token: &str) -> Result<Caller, ApiError> {
+    if token.is_empty() || token.len() > 256 {
+        return Err(ApiError::unauthorized("malformed or missing token"));
+    }
+    let record = hub
+        .store
+        .find_api_token(&token_hash(token))
+        .await
+        .map_err(ApiError::from)?
+        .ok_or_else(|| ApiError::unauthorized("invalid token"))?;
+    if record.expires_at.is_some_and(|at| at <= now_ms()) {
+        return Err(ApiError::unauthorized("token expired"));
+    }
+    Ok(Caller {
+        owner_id: record.owner_id,
+    })
 }
 
 fn is_websocket(parts: &Parts) -> bool {

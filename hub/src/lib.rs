@@ -13,6 +13,7 @@ pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod clients;
 pub mod config;
 pub mod fsutil;
 pub mod provider;
@@ -127,7 +128,7 @@ pub async fn run(
         vec![server.cert_der],
         server.key_pkcs8,
         hub.ca.cert_der(),
-        &[protocol::ALPN_AGENT],
+        &[protocol::ALPN_AGENT, protocol::ALPN_CLIENT],
         config.idle_timeout(),
     )
     .context("QUIC server config")?;

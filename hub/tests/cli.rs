@@ -47,3 +47,125 @@ async fn wsh_creates_waits_and_lists() {
     assert!(!ok);
     assert!(err.contains("invalid_request"), "{err}");
 }
+
+#[tokio::test]
+async fn wsh_attach_runs_a_terminal_over_quic_and_propagates_the_exit_status() {
+    let hub = TestHub::start().await.unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    hub.wait_for(&id, std::time::Duration::from_secs(20), |w| {
+        !w["agent"].is_null()
+    })
+    .await
+    .unwrap();
+
+    // A login shell fed from a pipe.
+    let mut child = Command::new(harness::binary("wsh").unwrap())
+        .args(["attach", &id])
+        .env("WSH_HUB", hub.url(""))
+        .env("WSH_TOKEN", &hub.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo over-quic-$((20+1))\nexit 4\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("over-quic-21"));
+
+    // A command instead of the shell; then the session list shows both, with their exits.
+    let (ok, out, err) = wsh(
+        &hub,
+        &["attach", &id, "--", "/bin/sh", "-c", "echo direct; exit 9"],
+    );
+    assert!(!ok, "{err}");
+    assert!(out.contains("direct"), "{out}");
+    let (ok, out, _) = wsh(&hub, &["sessions", &id, "--json"]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let exits: Vec<i64> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["exit"].as_i64())
+        .collect();
+    assert!(exits.contains(&4) && exits.contains(&9), "{list}");
+
+    // Someone else's workspace does not exist for you.
+    let other = hub.mint_token("mallory").unwrap();
+    let out = Command::new(harness::binary("wsh").unwrap())
+        .args(["sessions", &id])
+        .env("WSH_HUB", hub.url(""))
+        .env("WSH_TOKEN", &other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workspace not found"));
+    // A bad token is refused at the door.
+    let out = Command::new(harness::binary("wsh").unwrap())
+        .args(["sessions", &id])
+        .env("WSH_HUB", hub.url(""))
+        .env("WSH_TOKEN", "wsh_nope")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hub refused"));
+}
+
+#[tokio::test]
+async fn wsh_attach_survives_a_hub_restart_without_losing_output() {
+    let mut hub = TestHub::start().await.unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    hub.wait_for(&id, std::time::Duration::from_secs(20), |w| {
+        !w["agent"].is_null()
+    })
+    .await
+    .unwrap();
+    let child = Command::new(harness::binary("wsh").unwrap())
+        .args([
+            "attach",
+            &id,
+            "--",
+            "/bin/sh",
+            "-c",
+            "for i in $(seq 1 30); do echo n$i; sleep 0.1; done; exit 6",
+        ])
+        .env("WSH_HUB", hub.url(""))
+        .env("WSH_TOKEN", &hub.token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    hub.kill();
+    hub.start_again().await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<u32> = text
+        .split("\r\n")
+        .filter_map(|l| l.rsplit('\r').next())
+        .filter_map(|l| l.strip_prefix('n').and_then(|n| n.parse().ok()))
+        .collect();
+    assert_eq!(
+        lines,
+        (1..=30).collect::<Vec<_>>(),
+        "every line exactly once: {text}"
+    );
+}

@@ -169,6 +169,14 @@ pub fn bind_udp(
     Ok(socket)
 }
 
+/// The application protocol (ALPN) the connection negotiated.
+pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
 /// The peer's leaf certificate (DER), if it presented one.
 pub fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let identity = conn.peer_identity()?;

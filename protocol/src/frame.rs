@@ -99,6 +99,14 @@ impl FrameDecoder {
         }
     }
 
+    /// Takes the bytes received but not yet decoded (to hand a stream over to a splice).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.pos);
+        self.buf.clear();
+        self.pos = 0;
+        rest
+    }
+
     /// Called at end of stream: leftover bytes mean the peer stopped mid-frame.
     pub fn finish(&self) -> Result<(), ProtocolError> {
         match self.buffered() {

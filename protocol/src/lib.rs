@@ -12,6 +12,7 @@
 
 pub mod backoff;
 pub mod bootstrap;
+pub mod client;
 pub mod close;
 pub mod control;
 pub mod enroll;

@@ -15,7 +15,17 @@ crate::tagged_messages! {
         4 => TcpForward(TcpForwardOpen),
         /// Hub -> agent: a file-sync session rooted at a folder.
         5 => Sync(SyncOpen),
+        /// CLI -> hub: a PTY stream on a workspace. The hub opens a [`StreamHeader::Pty`]
+        /// stream to the workspace's agent and splices the two byte for byte; the agent's
+        /// reply and messages flow back unchanged.
+        6 => ClientPty(ClientPtyOpen),
     }
+}
+
+/// Opens a PTY stream from the CLI through the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientPtyOpen {
+    pub workspace_id: String,
 }
 
 /// Opens the control stream. Carries nothing yet; the hello follows as the first message.

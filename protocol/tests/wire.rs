@@ -94,6 +94,9 @@ fn header() -> impl Strategy<Value = StreamHeader> {
         Just(StreamHeader::Pty(PtyOpen {})),
         any::<u16>().prop_map(|port| StreamHeader::TcpForward(TcpForwardOpen { port })),
         ".{0,60}".prop_map(|root| StreamHeader::Sync(SyncOpen { root })),
+        "[a-f0-9-]{0,36}".prop_map(|workspace_id| StreamHeader::ClientPty(
+            protocol::stream::ClientPtyOpen { workspace_id }
+        )),
     ]
 }
 
@@ -301,11 +304,28 @@ fn encoding_refuses_frames_over_the_limit() {
 fn tags_are_stable() {
     assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
-    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5]);
+    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6]);
+    assert_eq!(protocol::client::ClientMsg::TAGS, &[1, 2, 3]);
     assert_eq!(StreamReply::TAGS, &[1, 2]);
     assert_eq!(PtyMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
     let ping = encode_frame(&ControlMsg::Ping(Ping { seq: 7 })).unwrap();
     assert_eq!(ping, vec![0, 0, 0, 2, 4, 7]);
+}
+
+#[test]
+fn take_buffered_hands_over_undecoded_bytes() {
+    let mut dec = FrameDecoder::default();
+    let mut bytes = encode_frame(&ControlMsg::Ping(Ping { seq: 1 })).unwrap();
+    bytes.extend(encode_frame(&ControlMsg::Pong(Pong { seq: 2 })).unwrap());
+    bytes.extend([9, 9]);
+    dec.push(&bytes);
+    assert_eq!(
+        dec.decode::<ControlMsg>().unwrap(),
+        Some(ControlMsg::Ping(Ping { seq: 1 }))
+    );
+    let rest = dec.take_buffered();
+    assert_eq!(rest.len(), bytes.len() - 6);
+    assert_eq!(dec.buffered(), 0);
 }
 
 #[test]

@@ -93,7 +93,13 @@ pub async fn serve(
         }),
     )
     .await?;
-    let mut attachment = session.attach(req.offset);
+    // The creator of a session reads it from its first byte; others as they asked.
+    let offset = if req.session.is_none() {
+        Some(0)
+    } else {
+        req.offset
+    };
+    let mut attachment = session.attach(offset);
     loop {
         tokio::select! {
             event = attachment.next() => match event {

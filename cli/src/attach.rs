@@ -1,0 +1,284 @@
+//! `wsh attach` and `wsh sessions`: terminals over direct QUIC to the hub.
+//!
+//! The CLI authenticates with its API token on the connection's first stream, then opens a
+//! PTY stream on the workspace; the hub splices it to the agent. The local terminal is put
+//! in raw mode (when it is one), window resizes are forwarded, and if the link drops the
+//! CLI reconnects and resumes at the offset after the last byte it printed.
+
+use anyhow::{Context, Result, anyhow, bail};
+use link::{FramedRecv, send_msg};
+use protocol::client::{ClientHello, ClientMsg};
+use protocol::pty::{PtyInput, PtyList, PtyMsg, PtyOpenRequest, PtyResize, PtySessionInfo};
+use protocol::stream::{ClientPtyOpen, StreamHeader, StreamReply};
+use rustix::termios;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+/// Where and how to reach the hub over QUIC.
+pub struct Hub {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub token: String,
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+struct Link {
+    conn: quinn::Connection,
+}
+
+impl Hub {
+    async fn get_text(&self, path: &str) -> Result<String> {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let res = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("call {url}"))?;
+        if !res.status().is_success() {
+            bail!("{url}: {}", res.status());
+        }
+        Ok(res.text().await?)
+    }
+
+    /// Connects and authenticates over QUIC.
+    async fn connect(&self) -> Result<Link> {
+        let version: serde_json::Value = serde_json::from_str(&self.get_text("/version").await?)?;
+        let quic_addr = version["quic_addr"]
+            .as_str()
+            .context("hub reports no quic_addr")?;
+        let server_name = version["server_name"].as_str().unwrap_or("localhost");
+        let ca_pem = match &self.ca_file {
+            Some(path) => {
+                std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?
+            }
+            None => self.get_text("/ca.pem").await?,
+        };
+        let ca_der = pem_to_der(&ca_pem)?;
+        let addr = tokio::net::lookup_host(quic_addr)
+            .await?
+            .next()
+            .ok_or_else(|| anyhow!("resolve {quic_addr}"))?;
+        let bind: std::net::SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()?;
+        let endpoint = quinn::Endpoint::client(bind)?;
+        let config = link::client_config(
+            &ca_der,
+            None,
+            protocol::ALPN_CLIENT,
+            Duration::from_secs(30),
+        )?;
+        let conn = endpoint.connect_with(config, addr, server_name)?.await?;
+        let (mut send, recv) = conn.open_bi().await?;
+        let mut recv = FramedRecv::new(recv);
+        send_msg(
+            &mut send,
+            &ClientMsg::Hello(ClientHello {
+                protocol_version: protocol::PROTOCOL_VERSION,
+                token: self.token.clone(),
+            }),
+        )
+        .await?;
+        match recv.expect::<ClientMsg>().await? {
+            ClientMsg::Welcome(_) => Ok(Link { conn }),
+            ClientMsg::Refused(r) => bail!("hub refused: {}", r.message),
+            ClientMsg::Hello(_) => bail!("unexpected reply from hub"),
+        }
+    }
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    Ok(
+        rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| anyhow!("parse CA: {e}"))?
+            .to_vec(),
+    )
+}
+
+impl Link {
+    /// Opens a PTY stream on `workspace` and sends `first`; returns the agent's answer.
+    async fn pty(&self, workspace: &str, first: PtyMsg) -> Result<(quinn::SendStream, FramedRecv)> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let mut recv = FramedRecv::new(recv);
+        send_msg(
+            &mut send,
+            &StreamHeader::ClientPty(ClientPtyOpen {
+                workspace_id: workspace.to_owned(),
+            }),
+        )
+        .await?;
+        send_msg(&mut send, &first).await?;
+        match recv.expect::<StreamReply>().await? {
+            StreamReply::Accepted(_) => Ok((send, recv)),
+            StreamReply::Refused(r) => bail!("{}", r.message),
+        }
+    }
+}
+
+/// `wsh sessions`: the workspace's terminal sessions.
+pub async fn sessions(hub: &Hub, workspace: &str) -> Result<Vec<PtySessionInfo>> {
+    let link = hub.connect().await?;
+    let (_send, mut recv) = link.pty(workspace, PtyMsg::List(PtyList {})).await?;
+    match recv.expect::<PtyMsg>().await? {
+        PtyMsg::Sessions(s) => Ok(s.sessions),
+        PtyMsg::Error(e) => bail!("{}", e.message),
+        _ => bail!("unexpected reply"),
+    }
+}
+
+/// Restores the terminal's settings when dropped.
+struct RawMode(Option<termios::Termios>);
+
+impl RawMode {
+    fn enter() -> Self {
+        let stdin = rustix::stdio::stdin();
+        if !std::io::stdin().is_terminal() {
+            return Self(None);
+        }
+        let Ok(saved) = termios::tcgetattr(stdin) else {
+            return Self(None);
+        };
+        let mut raw = saved.clone();
+        raw.make_raw();
+        let _ = termios::tcsetattr(stdin, termios::OptionalActions::Now, &raw);
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ =
+                termios::tcsetattr(rustix::stdio::stdin(), termios::OptionalActions::Now, saved);
+        }
+    }
+}
+
+fn window_size() -> (u16, u16) {
+    match termios::tcgetwinsize(rustix::stdio::stdout()) {
+        Ok(ws) if ws.ws_col > 0 && ws.ws_row > 0 => (ws.ws_col, ws.ws_row),
+        _ => (80, 24),
+    }
+}
+
+/// `wsh attach`: returns the process's exit status.
+pub async fn attach(
+    hub: &Hub,
+    workspace: &str,
+    session: Option<String>,
+    command: Vec<String>,
+) -> Result<i32> {
+    // Keystrokes come from a blocking reader thread.
+    let (input_tx, mut input_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut stdin, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if input_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let _raw = RawMode::enter();
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+    let mut session = session;
+    let mut offset: Option<u64> = None;
+    let mut input_open = true;
+    let mut failures = 0u32;
+    let mut stdout = std::io::stdout();
+    loop {
+        let (cols, rows) = window_size();
+        let open = PtyMsg::Open(PtyOpenRequest {
+            session: session.clone(),
+            offset,
+            command: if session.is_none() {
+                command.clone()
+            } else {
+                vec![]
+            },
+            env: vec![],
+            cwd: None,
+            cols,
+            rows,
+        });
+        let attempt = async {
+            let link = hub.connect().await?;
+            link.pty(workspace, open).await
+        };
+        let (mut send, mut recv) = match attempt.await {
+            Ok(streams) => streams,
+            Err(e) if offset.is_some() && failures < 60 => {
+                // We were attached before: the hub or the network is coming back.
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(250 + rand::random_range(0..250))).await;
+                tracing_note(&format!("reconnecting: {e}"));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        failures = 0;
+        let outcome: Result<Option<i32>> = async {
+            loop {
+                tokio::select! {
+                    msg = recv.next::<PtyMsg>() => match msg? {
+                        Some(PtyMsg::Opened(o)) => session = Some(o.session),
+                        Some(PtyMsg::Output(o)) => {
+                            stdout.write_all(&o.bytes)?;
+                            stdout.flush()?;
+                            offset = Some(o.offset + o.bytes.len() as u64);
+                        }
+                        Some(PtyMsg::Screen(s)) => {
+                            stdout.write_all(&s.bytes)?;
+                            stdout.flush()?;
+                            if !s.more {
+                                offset = Some(s.offset);
+                            }
+                        }
+                        Some(PtyMsg::Truncated(_)) => tracing_note("some output was dropped while disconnected"),
+                        Some(PtyMsg::Exit(e)) => return Ok(Some(e.code)),
+                        Some(PtyMsg::Error(e)) => {
+                            if offset.is_none() {
+                                bail!("{}", e.message);
+                            }
+                            tracing_note(&e.message);
+                        }
+                        Some(_) => {}
+                        None => return Ok(None),
+                    },
+                    keys = input_rx.recv(), if input_open => match keys {
+                        Some(bytes) => send_msg(&mut send, &PtyMsg::Input(PtyInput { bytes })).await?,
+                        None => input_open = false,
+                    },
+                    _ = winch.recv() => {
+                        let (cols, rows) = window_size();
+                        send_msg(&mut send, &PtyMsg::Resize(PtyResize { cols, rows })).await?;
+                    }
+                }
+            }
+        }
+        .await;
+        match outcome {
+            Ok(Some(code)) => return Ok(code),
+            Ok(None) | Err(_) if session.is_some() => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Ok(None) => bail!("the hub closed the terminal"),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn tracing_note(message: &str) {
+    let _ = write!(std::io::stderr(), "\r\n[wsh: {message}]\r\n");
+}

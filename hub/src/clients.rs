@@ -1,0 +1,149 @@
+//! CLI connections (ALPN `wsh-client/1`): the first stream authenticates the user's token;
+//! every later stream names a workspace and is spliced byte for byte to a stream the hub
+//! opens to that workspace's agent. The hub checks ownership once per stream and never
+//! reads what flows through the splice.
+
+use crate::agents::{
+    CONTROL_FRAME_LIMIT, FIRST_MESSAGE_TIMEOUT, close, close_for, finish_and_flush, refuse_stream,
+};
+use crate::auth::Caller;
+use crate::{Hub, auth};
+use link::{FramedRecv, LinkError, send_msg};
+use protocol::client::{ClientMsg, ClientRefusal, ClientRefused, ClientWelcome};
+use protocol::close::CloseCode;
+use protocol::stream::{PtyOpen, StreamHeader, StreamRefusal};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::time::timeout;
+use uuid::Uuid;
+
+/// Serves one CLI connection.
+pub async fn client_connection(hub: &Arc<Hub>, conn: quinn::Connection, remote: SocketAddr) {
+    let caller = match timeout(FIRST_MESSAGE_TIMEOUT, authenticate(hub, &conn)).await {
+        Ok(Ok(Some(caller))) => caller,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return close_for(&conn, remote, &e),
+        Err(_) => return close(&conn, CloseCode::ProtocolError, "no hello in time"),
+    };
+    tracing::info!(%remote, owner = %caller.owner_id, "client connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(client_stream(hub.clone(), caller.clone(), send, recv));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// The hello stream: a token in, a welcome (or a refusal and a closed connection) out.
+async fn authenticate(hub: &Hub, conn: &quinn::Connection) -> Result<Option<Caller>, LinkError> {
+    let (mut send, recv) = conn.accept_bi().await?;
+    let mut recv = FramedRecv::with_limit(recv, CONTROL_FRAME_LIMIT);
+    let ClientMsg::Hello(hello) = recv.expect::<ClientMsg>().await? else {
+        return Err(protocol::ProtocolError::Unexpected("expected a client hello").into());
+    };
+    let refusal = |reason, message: String| ClientMsg::Refused(ClientRefused { reason, message });
+    let reply = match protocol::handshake::negotiate(hello.protocol_version) {
+        Err(r) => Err(refusal(ClientRefusal::VersionUnsupported, r.message)),
+        Ok(version) => match auth::authenticate(hub, &hello.token).await {
+            Ok(caller) => Ok((caller, version)),
+            Err(e) => Err(refusal(
+                ClientRefusal::Unauthenticated,
+                e.message().to_owned(),
+            )),
+        },
+    };
+    match reply {
+        Ok((caller, protocol_version)) => {
+            let welcome = ClientWelcome {
+                protocol_version,
+                owner_id: caller.owner_id.clone(),
+            };
+            send_msg(&mut send, &ClientMsg::Welcome(welcome)).await?;
+            let _ = send.finish();
+            Ok(Some(caller))
+        }
+        Err(refused) => {
+            send_msg(&mut send, &refused).await?;
+            finish_and_flush(&mut send).await;
+            close(conn, CloseCode::Unauthorized, "authentication failed");
+            Ok(None)
+        }
+    }
+}
+
+async fn client_stream(
+    hub: Arc<Hub>,
+    caller: Caller,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut recv = FramedRecv::with_limit(recv, CONTROL_FRAME_LIMIT);
+    let header = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<StreamHeader>()).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(e)) => {
+            return refuse_stream(&mut send, StreamRefusal::BadHeader, &e.to_string()).await;
+        }
+        Err(_) => {
+            return refuse_stream(&mut send, StreamRefusal::BadHeader, "no header in time").await;
+        }
+    };
+    let StreamHeader::ClientPty(open) = header else {
+        return refuse_stream(
+            &mut send,
+            StreamRefusal::Unsupported,
+            "not a client stream type",
+        )
+        .await;
+    };
+    // A workspace that is not the caller's reads exactly like one that does not exist.
+    let owned = match Uuid::parse_str(&open.workspace_id) {
+        Ok(id) => match hub.store.get_workspace(id).await {
+            Ok(ws) => caller.authorize(ws).ok(),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    let Some(ws) = owned else {
+        return refuse_stream(
+            &mut send,
+            StreamRefusal::Unauthorized,
+            "workspace not found",
+        )
+        .await;
+    };
+    let Some(agent) = hub.agents.connection(ws.id) else {
+        return refuse_stream(
+            &mut send,
+            StreamRefusal::Unavailable,
+            "the workspace's agent is not connected",
+        )
+        .await;
+    };
+    if let Err(e) = splice(agent, send, recv).await {
+        tracing::debug!(workspace = %ws.id, error = %e, "client stream ended");
+    }
+}
+
+/// Opens a PTY stream to the agent and copies bytes both ways until both sides finish.
+async fn splice(
+    agent: quinn::Connection,
+    mut client_send: quinn::SendStream,
+    client_recv: FramedRecv,
+) -> Result<(), LinkError> {
+    let (mut agent_send, mut agent_recv) = agent.open_bi().await?;
+    send_msg(&mut agent_send, &StreamHeader::Pty(PtyOpen {})).await?;
+    let (mut client_recv, mut decoder) = client_recv.into_parts();
+    agent_send.write_all(&decoder.take_buffered()).await?;
+    let upstream = async {
+        let _ = tokio::io::copy(&mut client_recv, &mut agent_send).await;
+        let _ = agent_send.finish();
+    };
+    let downstream = async {
+        let _ = tokio::io::copy(&mut agent_recv, &mut client_send).await;
+        let _ = client_send.finish();
+    };
+    tokio::join!(upstream, downstream);
+    Ok(())
+}
