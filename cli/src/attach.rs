@@ -66,12 +66,7 @@ impl Hub {
         }
         .parse()?;
         let endpoint = quinn::Endpoint::client(bind)?;
-        let config = link::client_config(
-            &ca_der,
-            None,
-            protocol::ALPN_CLIENT,
-            Duration::from_secs(30),
-        )?;
+        let config = link::cli_client_config(&ca_der)?;
         let conn = endpoint.connect_with(config, addr, server_name)?.await?;
         let (mut send, recv) = conn.open_bi().await?;
         let mut recv = FramedRecv::new(recv);

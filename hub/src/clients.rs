@@ -129,21 +129,24 @@ async fn client_stream(
 /// Opens a PTY stream to the agent and copies bytes both ways until both sides finish.
 async fn splice(
     agent: quinn::Connection,
-    mut client_send: quinn::SendStream,
+    client_send: quinn::SendStream,
     client_recv: FramedRecv,
 ) -> Result<(), LinkError> {
-    let (mut agent_send, mut agent_recv) = agent.open_bi().await?;
+    let (mut agent_send, agent_recv) = agent.open_bi().await?;
     send_msg(&mut agent_send, &StreamHeader::Pty(PtyOpen {})).await?;
-    let (mut client_recv, mut decoder) = client_recv.into_parts();
+    let (client_recv, mut decoder) = client_recv.into_parts();
     agent_send.write_all(&decoder.take_buffered()).await?;
-    let upstream = async {
-        let _ = tokio::io::copy(&mut client_recv, &mut agent_send).await;
-        let _ = agent_send.finish();
-    };
-    let downstream = async {
-        let _ = tokio::io::copy(&mut agent_recv, &mut client_send).await;
-        let _ = client_send.finish();
-    };
-    tokio::join!(upstream, downstream);
+    tokio::join!(pump(client_recv, agent_send), pump(agent_recv, client_send));
     Ok(())
+}
+
+/// Moves whole received chunks from one stream to the other without copying them.
+async fn pump(mut from: quinn::RecvStream, mut to: quinn::SendStream) {
+    while let Ok(Some(chunk)) = from.read_chunk(usize::MAX, true).await {
+        if to.write_chunk(chunk.bytes).await.is_err() {
+            let _ = from.stop(quinn::VarInt::from_u32(0));
+            return;
+        }
+    }
+    let _ = to.finish();
 }

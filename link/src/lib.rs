@@ -111,6 +111,22 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// CLI connections send a QUIC keep-alive this often: an idle terminal must not let the
+/// connection time out (agents have application heartbeats instead).
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// A CLI client config: trusts only `ca_der`, ALPN `wsh-client/1`, keep-alives on.
+pub fn cli_client_config(ca_der: &[u8]) -> Result<quinn::ClientConfig, rustls::Error> {
+    let mut cfg = client_config(ca_der, None, protocol::ALPN_CLIENT, Duration::from_secs(30))?;
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    transport.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.datagram_receive_buffer_size(None);
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
 /// A client that trusts only `ca_der`, optionally presenting a client certificate.
 pub fn client_config(
     ca_der: &[u8],

@@ -1,0 +1,698 @@
+//! Terminal benchmark: keystroke echo latency, bulk output throughput and replay, through
+//! every path, against peers measured in the same run.
+//!
+//! `cargo bench -p workspace-hub --bench terminal -- [--samples N] [--bulk-mib M]`
+//!
+//! Paths: a raw local PTY (the floor), `ssh -tt` to a local OpenSSH server (the peer to
+//! beat; skipped with a note if `sshd` is not installed), our direct QUIC path (what
+//! `wsh attach` uses: client -> hub -> agent) and the browser's WebSocket bridge
+//! (client -> hub -> agent). Every path runs the same program on a PTY: `cat` for echo, and
+//! `cat` of a file / `seq` for throughput.
+
+use harness::{HubOptions, TestHub};
+use link::{FramedRecv, send_msg};
+use protocol::client::{ClientHello, ClientMsg};
+use protocol::pty::{PtyInput, PtyMsg, PtyOpenRequest};
+use protocol::stream::{ClientPtyOpen, StreamHeader, StreamReply};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Args {
+    samples: usize,
+    bulk_mib: usize,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        samples: 1000,
+        bulk_mib: 256,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut num = || it.next().and_then(|v| v.parse().ok()).expect("a number");
+        match a.as_str() {
+            "--samples" => args.samples = num(),
+            "--bulk-mib" => args.bulk_mib = num(),
+            _ => {}
+        }
+    }
+    args
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn latency(mut samples: Vec<Duration>) -> Latency {
+    samples.sort();
+    Latency {
+        p50: pct(&samples, 0.5),
+        p99: pct(&samples, 0.99),
+    }
+}
+
+/// Bytes per second from the first output byte to the end of the stream.
+struct Throughput {
+    bytes: u64,
+    elapsed: Duration,
+}
+
+impl Throughput {
+    fn mib_s(&self) -> f64 {
+        self.bytes as f64 / (1024.0 * 1024.0) / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw PTY (the floor)
+
+fn raw_pty(
+    command: &[&str],
+) -> (
+    Box<dyn portable_pty::MasterPty + Send>,
+    Box<dyn portable_pty::Child + Send + Sync>,
+) {
+    let pair = portable_pty::native_pty_system()
+        .openpty(portable_pty::PtySize {
+            rows: 24,
+            cols: 80,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .unwrap();
+    let mut cmd = portable_pty::CommandBuilder::new(command[0]);
+    cmd.args(&command[1..]);
+    let child = pair.slave.spawn_command(cmd).unwrap();
+    drop(pair.slave);
+    (pair.master, child)
+}
+
+fn raw_echo(samples: usize) -> Latency {
+    let (master, mut child) = raw_pty(&["cat"]);
+    let mut reader = master.try_clone_reader().unwrap();
+    let mut writer = master.take_writer().unwrap();
+    let mut buf = [0u8; 4096];
+    let mut out = Vec::new();
+    for i in 0..samples + 20 {
+        let c = b'a' + (i % 26) as u8;
+        let t = Instant::now();
+        writer.write_all(&[c]).unwrap();
+        loop {
+            let n = reader.read(&mut buf).unwrap();
+            if buf[..n].contains(&c) {
+                break;
+            }
+        }
+        if i >= 20 {
+            out.push(t.elapsed());
+        }
+    }
+    let _ = child.kill();
+    latency(out)
+}
+
+fn raw_bulk(command: &[&str]) -> Throughput {
+    let (master, mut child) = raw_pty(command);
+    let mut reader = master.try_clone_reader().unwrap();
+    drop(master);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut bytes = 0u64;
+    let mut first = None;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                first.get_or_insert_with(Instant::now);
+                bytes += n as u64;
+            }
+        }
+    }
+    let _ = child.wait();
+    Throughput {
+        bytes,
+        elapsed: first.map(|f| f.elapsed()).unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Direct QUIC through the hub (what `wsh attach` does)
+
+async fn quic_connect(hub: &TestHub) -> quinn::Connection {
+    let pem = std::fs::read(hub.state_dir.join("ca.pem")).unwrap();
+    let ca = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(&pem)
+            .unwrap()
+            .to_vec()
+    };
+    let cfg = link::cli_client_config(&ca).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(cfg, hub.listening.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send_msg(
+        &mut send,
+        &ClientMsg::Hello(ClientHello {
+            protocol_version: protocol::PROTOCOL_VERSION,
+            token: hub.token.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        FramedRecv::new(recv).expect::<ClientMsg>().await.unwrap(),
+        ClientMsg::Welcome(_)
+    ));
+    conn
+}
+
+struct QuicPty {
+    send: quinn::SendStream,
+    recv: FramedRecv,
+    session: String,
+}
+
+async fn quic_open(conn: &quinn::Connection, workspace: &str, open: PtyOpenRequest) -> QuicPty {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    send_msg(
+        &mut send,
+        &StreamHeader::ClientPty(ClientPtyOpen {
+            workspace_id: workspace.into(),
+        }),
+    )
+    .await
+    .unwrap();
+    send_msg(&mut send, &PtyMsg::Open(open)).await.unwrap();
+    assert!(matches!(
+        recv.expect::<StreamReply>().await.unwrap(),
+        StreamReply::Accepted(_)
+    ));
+    let session = match recv.expect::<PtyMsg>().await.unwrap() {
+        PtyMsg::Opened(o) => o.session,
+        other => panic!("{other:?}"),
+    };
+    QuicPty {
+        send,
+        recv,
+        session,
+    }
+}
+
+fn command(cmd: &[&str]) -> PtyOpenRequest {
+    PtyOpenRequest {
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        cols: 80,
+        rows: 24,
+        ..Default::default()
+    }
+}
+
+impl QuicPty {
+    async fn echo(&mut self, samples: usize) -> Latency {
+        let mut out = Vec::new();
+        for i in 0..samples + 20 {
+            let c = b'a' + (i % 26) as u8;
+            let t = Instant::now();
+            send_msg(&mut self.send, &PtyMsg::Input(PtyInput { bytes: vec![c] }))
+                .await
+                .unwrap();
+            loop {
+                match self.recv.expect::<PtyMsg>().await.unwrap() {
+                    PtyMsg::Output(o) if o.bytes.contains(&c) => break,
+                    _ => {}
+                }
+            }
+            if i >= 20 {
+                out.push(t.elapsed());
+            }
+        }
+        latency(out)
+    }
+
+    /// Reads until the process exits.
+    async fn drain(&mut self) -> Throughput {
+        let mut bytes = 0u64;
+        let mut first = None;
+        loop {
+            match self.recv.expect::<PtyMsg>().await.unwrap() {
+                PtyMsg::Output(o) => {
+                    first.get_or_insert_with(Instant::now);
+                    bytes += o.bytes.len() as u64;
+                }
+                PtyMsg::Exit(_) => break,
+                _ => {}
+            }
+        }
+        Throughput {
+            bytes,
+            elapsed: first.map(|f| f.elapsed()).unwrap_or_default(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The WebSocket bridge
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_attach(hub: &TestHub, workspace: &str, session: &str, offset: u64) -> Ws {
+    use futures_util::StreamExt;
+    let url = format!(
+        "ws://{}/workspaces/{workspace}/terminal?access_token={}&session={session}&offset={offset}",
+        hub.listening.http, hub.token
+    );
+    let mut ws = tokio_tungstenite::connect_async(url).await.unwrap().0;
+    match ws.next().await {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+            assert!(t.contains("opened"), "{t}")
+        }
+        other => panic!("{other:?}"),
+    }
+    ws
+}
+
+async fn ws_echo(ws: &mut Ws, samples: usize) -> Latency {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut out = Vec::new();
+    for i in 0..samples + 20 {
+        let c = b'a' + (i % 26) as u8;
+        let t = Instant::now();
+        ws.send(Message::Binary(vec![c].into())).await.unwrap();
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Binary(b) if b[0] == 0 && b[9..].contains(&c) => break,
+                _ => {}
+            }
+        }
+        if i >= 20 {
+            out.push(t.elapsed());
+        }
+    }
+    latency(out)
+}
+
+async fn ws_drain(ws: &mut Ws) -> Throughput {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut bytes = 0u64;
+    let mut first = None;
+    while let Some(Ok(msg)) = ws.next().await {
+        match msg {
+            Message::Binary(b) if b[0] == 0 => {
+                first.get_or_insert_with(Instant::now);
+                bytes += (b.len() - 9) as u64;
+            }
+            Message::Text(t) if t.contains("\"exit\"") => break,
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    Throughput {
+        bytes,
+        elapsed: first.map(|f| f.elapsed()).unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// OpenSSH (the peer)
+
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sshd() -> Option<Sshd> {
+    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())?;
+    let dir = tempfile::tempdir().ok()?;
+    let d = dir.path();
+    let keygen = |path: &Path| {
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(path)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !keygen(&d.join("host")) || !keygen(&d.join("client")) {
+        return None;
+    }
+    std::fs::copy(d.join("client.pub"), d.join("authorized_keys")).ok()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    std::fs::create_dir_all("/run/sshd").ok();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin yes\nPasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {}\n",
+        d.join("host").display(),
+        d.join("authorized_keys").display(),
+        d.join("sshd.pid").display()
+    );
+    std::fs::write(d.join("sshd_config"), config).ok()?;
+    let child = std::process::Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Sshd { child, port, dir })
+}
+
+fn ssh_command(sshd: &Sshd, remote: &str) -> tokio::process::Command {
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.args([
+        "-tt",
+        "-q",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-i",
+    ])
+    .arg(sshd.dir.path().join("client"))
+    .args([
+        "-p",
+        &sshd.port.to_string(),
+        &format!("{user}@127.0.0.1"),
+        remote,
+    ])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .kill_on_drop(true);
+    cmd
+}
+
+async fn ssh_echo(sshd: &Sshd, samples: usize) -> Latency {
+    let mut child = ssh_command(sshd, "cat").spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = [0u8; 4096];
+    // Wait until the remote side is up.
+    stdin.write_all(b"ready\n").await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready\r\nready") {
+        let n = stdout.read(&mut buf).await.unwrap();
+        seen.extend(&buf[..n]);
+    }
+    let mut out = Vec::new();
+    for i in 0..samples + 20 {
+        let c = b'a' + (i % 26) as u8;
+        let t = Instant::now();
+        stdin.write_all(&[c]).await.unwrap();
+        loop {
+            let n = stdout.read(&mut buf).await.unwrap();
+            if buf[..n].contains(&c) {
+                break;
+            }
+        }
+        if i >= 20 {
+            out.push(t.elapsed());
+        }
+    }
+    let _ = child.kill().await;
+    latency(out)
+}
+
+async fn ssh_bulk(sshd: &Sshd, remote: &str) -> Throughput {
+    let mut child = ssh_command(sshd, remote).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut bytes = 0u64;
+    let mut first = None;
+    loop {
+        match stdout.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                first.get_or_insert_with(Instant::now);
+                bytes += n as u64;
+            }
+        }
+    }
+    let _ = child.wait().await;
+    Throughput {
+        bytes,
+        elapsed: first.map(|f| f.elapsed()).unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn main() {
+    let args = parse_args();
+    assert!(args.samples <= 4000, "the tty line buffer holds 4095 keys");
+    link::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let hub = TestHub::start_with(HubOptions {
+        heartbeat_interval: Duration::from_secs(2),
+        heartbeat_timeout: Duration::from_secs(6),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    hub.wait_for(&id, Duration::from_secs(30), |w| !w["agent"].is_null())
+        .await
+        .unwrap();
+    let conn = quic_connect(&hub).await;
+    let sshd = start_sshd();
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    {
+        let mut f = std::fs::File::create(file.path()).unwrap();
+        let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!@#$%^&*()-_=+[]{};:,.<>/\n";
+        let chunk: Vec<u8> = line.iter().copied().cycle().take(1 << 20).collect();
+        for _ in 0..args.bulk_mib {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let file_path = file.path().display().to_string();
+    let cat_file = ["cat", file_path.as_str()];
+    let seq = ["seq", "1", "10000000"];
+    println!(
+        "terminal benchmark: {} echo samples per path, bulk file {} MiB",
+        args.samples, args.bulk_mib
+    );
+
+    eprintln!("... echo: raw PTY");
+    // Echo latency.
+    let raw = tokio::task::spawn_blocking(move || raw_echo(args.samples))
+        .await
+        .unwrap();
+    eprintln!("... echo: QUIC");
+    let mut q = quic_open(&conn, &id, command(&["cat"])).await;
+    let quic = q.echo(args.samples).await;
+    eprintln!("... echo: WebSocket");
+    // Each path types into a fresh `cat` (the line discipline echoes every key; no newline
+    // is ever sent, so each key produces exactly one echoed byte).
+    let q_ws = quic_open(&conn, &id, command(&["cat"])).await;
+    let mut w = ws_attach(&hub, &id, &q_ws.session, 0).await;
+    let ws_lat = ws_echo(&mut w, args.samples).await;
+    drop(w);
+    eprintln!("... echo: ssh");
+    let ssh = match &sshd {
+        Some(s) => Some(ssh_echo(s, args.samples).await),
+        None => None,
+    };
+
+    eprintln!("... echo under flood");
+    // Echo while another session floods output to an attached client.
+    let mut flood = quic_open(
+        &conn,
+        &id,
+        command(&["sh", "-c", "while :; do cat /etc/services; done"]),
+    )
+    .await;
+    let flood_reader = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok(Some(msg)) = flood.recv.next::<PtyMsg>().await {
+            if let PtyMsg::Output(o) = msg {
+                n += o.bytes.len() as u64;
+            }
+        }
+        n
+    });
+    let mut q_flood = quic_open(&conn, &id, command(&["cat"])).await;
+    let flooded = q_flood.echo(args.samples).await;
+    flood_reader.abort();
+
+    eprintln!("... bulk");
+    // Bulk throughput.
+    let mut rows = Vec::new();
+    for (name, cmd) in [("cat file", &cat_file[..]), ("seq 1e7", &seq[..])] {
+        let owned: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        let raw_t = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+            raw_bulk(&refs)
+        })
+        .await
+        .unwrap();
+        let quic_t = quic_open(&conn, &id, command(cmd)).await.drain().await;
+        // WebSocket: the session is created paused, attached at offset 0, then runs.
+        let mut starter = quic_open(
+            &conn,
+            &id,
+            command(&["sh", "-c", &format!("sleep 0.5; {}", cmd.join(" "))]),
+        )
+        .await;
+        let mut w = ws_attach(&hub, &id, &starter.session, 0).await;
+        let _ = starter.send.finish();
+        let ws_t = ws_drain(&mut w).await;
+        let ssh_t = match &sshd {
+            Some(s) => Some(ssh_bulk(s, &cmd.join(" ")).await),
+            None => None,
+        };
+        rows.push((name, raw_t, ssh_t, quic_t, ws_t));
+    }
+
+    eprintln!("... replay");
+    // Re-attach and replay a full 4 MiB ring.
+    let mut filler = quic_open(
+        &conn,
+        &id,
+        command(&[
+            "sh",
+            "-c",
+            "head -c 6000000 /dev/urandom | base64; echo FILL''ED; sleep 600",
+        ]),
+    )
+    .await;
+    let mut end = 0;
+    let mut tail = Vec::new();
+    while !String::from_utf8_lossy(&tail).contains("FILLED") {
+        if let PtyMsg::Output(o) = filler.recv.expect::<PtyMsg>().await.unwrap() {
+            end = o.offset + o.bytes.len() as u64;
+            tail = o.bytes[o.bytes.len().saturating_sub(64)..].to_vec();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start_offset = end.saturating_sub(4 << 20) + 64 * 1024;
+    let t = Instant::now();
+    let mut replay = quic_open(
+        &conn,
+        &id,
+        PtyOpenRequest {
+            session: Some(filler.session.clone()),
+            offset: Some(start_offset),
+            cols: 80,
+            rows: 24,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut got = start_offset;
+    while got < end {
+        if let PtyMsg::Output(o) = replay.recv.expect::<PtyMsg>().await.unwrap() {
+            got = o.offset + o.bytes.len() as u64;
+        }
+    }
+    let replay_time = t.elapsed();
+    let replayed = end - start_offset;
+
+    println!();
+    println!("| keystroke echo (p50 / p99) | value | vs raw PTY |");
+    println!("|---|---|---|");
+    println!("| raw local PTY | {} / {} | |", ms(raw.p50), ms(raw.p99));
+    match &ssh {
+        Some(s) => println!(
+            "| ssh -tt localhost (OpenSSH) | {} / {} | +{} |",
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.p50.saturating_sub(raw.p50))
+        ),
+        None => println!("| ssh -tt localhost (OpenSSH) | not measured: sshd not installed | |"),
+    }
+    println!(
+        "| QUIC via hub (wsh attach) | {} / {} | +{} |",
+        ms(quic.p50),
+        ms(quic.p99),
+        ms(quic.p50.saturating_sub(raw.p50))
+    );
+    println!(
+        "| WebSocket via hub (browser) | {} / {} | +{} |",
+        ms(ws_lat.p50),
+        ms(ws_lat.p99),
+        ms(ws_lat.p50.saturating_sub(raw.p50))
+    );
+    println!(
+        "| QUIC while another session floods | {} / {} | p99 target <= 5 ms |",
+        ms(flooded.p50),
+        ms(flooded.p99)
+    );
+    println!();
+    println!(
+        "| bulk output (MiB/s) | raw PTY | ssh -tt | QUIC via hub | WebSocket via hub | QUIC / raw |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, raw_t, ssh_t, quic_t, ws_t) in &rows {
+        println!(
+            "| {name} ({:.0} MiB) | {:.1} | {} | {:.1} | {:.1} | {:.0} % |",
+            raw_t.bytes as f64 / (1 << 20) as f64,
+            raw_t.mib_s(),
+            ssh_t
+                .as_ref()
+                .map(|t| format!("{:.1}", t.mib_s()))
+                .unwrap_or_else(|| "-".into()),
+            quic_t.mib_s(),
+            ws_t.mib_s(),
+            100.0 * quic_t.mib_s() / raw_t.mib_s().max(1e-9)
+        );
+    }
+    println!();
+    println!(
+        "| re-attach and replay {:.1} MiB from the ring | {} |",
+        replayed as f64 / (1 << 20) as f64,
+        ms(replay_time)
+    );
+}
