@@ -22,6 +22,20 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// QUIC idle timeout (a backstop; heartbeats detect loss sooner).
     pub idle_timeout: Duration,
+    /// The user terminal sessions run as when the agent is root.
+    pub run_as: Option<String>,
+    /// How long a terminal session may stay detached.
+    pub detached_ttl: Duration,
+}
+
+/// A plain Unix user name: `[a-z_][a-z0-9_-]*`, at most 32 characters.
+fn valid_user(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 impl AgentConfig {
@@ -40,6 +54,14 @@ impl AgentConfig {
         if b.state_dir.is_empty() {
             return Err(bad("state_dir must not be empty"));
         }
+        if b.user.as_deref().is_some_and(|u| !valid_user(u)) {
+            return Err(bad("user must be a plain Unix user name"));
+        }
+        let detached_ttl = match b.detached_session_ttl_secs {
+            Some(0) => return Err(bad("detached_session_ttl_secs must be positive")),
+            Some(secs) => Duration::from_secs(secs),
+            None => crate::pty::DEFAULT_DETACHED_TTL,
+        };
         Ok(Self {
             hub_addr: b.hub_addr,
             server_name: b.server_name,
@@ -50,6 +72,8 @@ impl AgentConfig {
             backoff_cap: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            run_as: b.user,
+            detached_ttl,
         })
     }
 
@@ -64,5 +88,38 @@ impl AgentConfig {
         let b: AgentBootstrap =
             toml::from_str(text).map_err(|e| AgentError::Config(e.to_string()))?;
         Self::from_bootstrap(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBeDCCAR6gAwIBAgIUJ3n0eXtqXy0nW9cK7i5Z5Yc6d8YwCgYIKoZIzj0EAwIw\n-----END CERTIFICATE-----\n";
+
+    fn bootstrap(user: Option<&str>, ttl: Option<u64>) -> AgentBootstrap {
+        AgentBootstrap {
+            hub_addr: "127.0.0.1:7443".into(),
+            server_name: "localhost".into(),
+            ca_pem: CA.into(),
+            enrollment_token: None,
+            state_dir: "/tmp/x".into(),
+            user: user.map(str::to_owned),
+            detached_session_ttl_secs: ttl,
+        }
+    }
+
+    #[test]
+    fn user_names_and_ttls_are_validated() {
+        assert!(AgentConfig::from_bootstrap(bootstrap(Some("dev"), Some(60))).is_ok());
+        for bad in ["root; rm -rf /", "-l", "", "Dev", "a b"] {
+            assert!(
+                AgentConfig::from_bootstrap(bootstrap(Some(bad), None)).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(AgentConfig::from_bootstrap(bootstrap(None, Some(0))).is_err());
+        let cfg = AgentConfig::from_bootstrap(bootstrap(None, None)).unwrap();
+        assert_eq!(cfg.detached_ttl, crate::pty::DEFAULT_DETACHED_TTL);
     }
 }

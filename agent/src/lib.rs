@@ -80,10 +80,14 @@ impl Agent {
     /// An agent sharing an existing client endpoint (many agents in one process).
     pub fn with_endpoint(config: AgentConfig, endpoint: quinn::Endpoint) -> Self {
         Self {
-            config,
             endpoint,
             events: None,
-            sessions: Arc::new(pty::Sessions::default()),
+            sessions: Arc::new(pty::Sessions::with_policy(
+                pty::DEFAULT_RING,
+                config.run_as.clone(),
+                config.detached_ttl,
+            )),
+            config,
         }
     }
 
@@ -105,6 +109,29 @@ impl Agent {
 
     /// Runs until `shutdown` is cancelled or a fatal error occurs.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        // Detached sessions past their time are ended once a minute.
+        let sessions = self.sessions.clone();
+        let reaper_stop = shutdown.clone();
+        let reaper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let reaped = sessions.reap(std::time::Instant::now());
+                        if reaped > 0 {
+                            tracing::info!(reaped, "ended detached terminal sessions");
+                        }
+                    }
+                    _ = reaper_stop.cancelled() => break,
+                }
+            }
+        });
+        let result = self.run_link(shutdown).await;
+        reaper.abort();
+        result
+    }
+
+    async fn run_link(&self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
         let identity = match Identity::load(&self.config.state_dir)? {
             Some(identity) => identity,
@@ -132,7 +159,7 @@ impl Agent {
             .client_config(&self.config)
             .map_err(|e| AgentError::Config(e.to_string()))?;
         loop {
-            match session::connect_and_serve(&self, &client, &shutdown).await {
+            match session::connect_and_serve(self, &client, &shutdown).await {
                 session::End::Shutdown => return Ok(()),
                 session::End::Fatal(e) => return Err(e),
                 session::End::Lost { reason, was_up } => {

@@ -237,3 +237,46 @@ async fn sessions_are_listed_until_closed() {
     sessions.close(&a.id).unwrap();
     assert_eq!(sessions.list().len(), 1);
 }
+
+#[tokio::test]
+async fn sessions_run_as_the_workspace_user_when_the_agent_is_root() {
+    let sessions = Sessions::with_policy(1 << 20, Some("nobody".into()), Duration::from_secs(60));
+    let s = sessions.create(&spec("id -un")).unwrap();
+    let mut att = s.attach(Some(0));
+    let (out, _, code) = drain(&mut att).await;
+    let who = String::from_utf8_lossy(&out).trim().to_owned();
+    if rustix::process::geteuid().is_root() {
+        assert_eq!((who.as_str(), code), ("nobody", Some(0)));
+    } else {
+        // Without root there is nobody to switch to: the agent's own user runs it.
+        assert_eq!(code, Some(0));
+        assert_ne!(who, "nobody");
+    }
+}
+
+#[tokio::test]
+async fn detached_sessions_end_after_their_ttl_and_attached_ones_do_not() {
+    let sessions = Sessions::with_policy(1 << 20, None, Duration::from_secs(3600));
+    let detached = sessions.create(&spec("sleep 300")).unwrap();
+    let watched = sessions.create(&spec("sleep 300")).unwrap();
+    let _client = watched.attach(None);
+    let now = std::time::Instant::now();
+    assert_eq!(sessions.reap(now), 0, "nothing is old yet");
+    assert_eq!(sessions.reap(now + Duration::from_secs(3601)), 1);
+    assert!(matches!(
+        sessions.get(&detached.id),
+        Err(PtyError::NoSuchSession)
+    ));
+    assert!(
+        sessions.get(&watched.id).is_ok(),
+        "a session with a client stays"
+    );
+    // The reaped session's process is ended.
+    for _ in 0..100 {
+        if detached.exit_code().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(detached.exit_code().is_some());
+}

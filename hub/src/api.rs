@@ -375,6 +375,10 @@ async fn create_workspace(
             ca_pem: hub.ca.cert_pem().to_owned(),
             enrollment_token: Some(token),
             state_dir: "/var/lib/workspace-agent".into(),
+            // The process provider runs agents as the hub's own user; VM images set the
+            // workspace user here (cloud-init).
+            user: None,
+            detached_session_ttl_secs: None,
         },
     };
     match hub.provider.create(&spec).await {

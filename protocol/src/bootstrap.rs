@@ -18,6 +18,12 @@ pub struct AgentBootstrap {
     pub enrollment_token: Option<String>,
     /// Where the agent keeps its key and certificate.
     pub state_dir: String,
+    /// The workspace user terminal sessions run as when the agent runs as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Seconds a terminal session may stay detached before it is ended (default 8 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_session_ttl_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for AgentBootstrap {
@@ -30,6 +36,7 @@ impl std::fmt::Debug for AgentBootstrap {
                 &self.enrollment_token.as_ref().map(|_| "<redacted>"),
             )
             .field("state_dir", &self.state_dir)
+            .field("user", &self.user)
             .finish_non_exhaustive()
     }
 }

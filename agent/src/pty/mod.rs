@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest accepted terminal, in columns and rows (the headless screen holds every cell).
 pub const MAX_COLS: u16 = 1000;
@@ -80,6 +80,19 @@ pub struct SpawnSpec {
     pub size: Size,
 }
 
+/// Wraps a command so it runs as `user` (through util-linux `runuser`): a login shell
+/// when `command` is empty, the command otherwise. Only meaningful when the agent is root.
+fn as_user(user: &str, command: &[String]) -> Vec<String> {
+    let mut out = vec!["runuser".to_owned()];
+    if command.is_empty() {
+        out.extend(["-l".to_owned(), user.to_owned()]);
+    } else {
+        out.extend(["-u".to_owned(), user.to_owned(), "--".to_owned()]);
+        out.extend(command.iter().cloned());
+    }
+    out
+}
+
 /// One thing a client receives, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -111,6 +124,8 @@ pub struct PtySession {
     writer: Mutex<Box<dyn Write + Send>>,
     master: Mutex<Box<dyn MasterPty + Send>>,
     killer: Mutex<Box<dyn ChildKiller + Send + Sync>>,
+    /// Clients attached now, and when the last one left (for idle expiry).
+    attached: Mutex<(usize, Instant)>,
 }
 
 impl std::fmt::Debug for PtySession {
@@ -198,6 +213,7 @@ impl PtySession {
             writer: Mutex::new(writer),
             master: Mutex::new(pair.master),
             killer: Mutex::new(child.clone_killer()),
+            attached: Mutex::new((0, Instant::now())),
         });
 
         // The reader blocks, so it gets a thread of its own, never the async runtime.
@@ -290,6 +306,7 @@ impl PtySession {
 
     /// A new client. `offset`: the last offset it has seen, or `None` for a fresh client.
     pub fn attach(self: &Arc<Self>, offset: Option<u64>) -> Attachment {
+        lock(&self.attached).0 += 1;
         Attachment {
             session: self.clone(),
             next: offset,
@@ -315,6 +332,16 @@ impl std::fmt::Debug for Attachment {
             .field("session", &self.session.id)
             .field("next", &self.next)
             .finish()
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut attached = lock(&self.session.attached);
+        attached.0 = attached.0.saturating_sub(1);
+        if attached.0 == 0 {
+            attached.1 = Instant::now();
+        }
     }
 }
 
@@ -406,7 +433,14 @@ pub struct SessionInfo {
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<PtySession>>>,
     ring_capacity: usize,
+    /// The workspace user sessions run as when the agent runs as root.
+    run_as: Option<String>,
+    /// A session nobody has been attached to for this long is ended and forgotten.
+    detached_ttl: Duration,
 }
+
+/// How long a detached session lives by default: hours, not minutes.
+pub const DEFAULT_DETACHED_TTL: Duration = Duration::from_secs(8 * 3600);
 
 impl Default for Sessions {
     fn default() -> Self {
@@ -416,16 +450,32 @@ impl Default for Sessions {
 
 impl Sessions {
     pub fn new(ring_capacity: usize) -> Self {
+        Self::with_policy(ring_capacity, None, DEFAULT_DETACHED_TTL)
+    }
+
+    pub fn with_policy(
+        ring_capacity: usize,
+        run_as: Option<String>,
+        detached_ttl: Duration,
+    ) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             ring_capacity,
+            run_as,
+            detached_ttl,
         }
     }
 
-    /// Starts a new session.
+    /// Starts a new session (as the workspace user, when the agent is root and one is set).
     pub fn create(&self, spec: &SpawnSpec) -> Result<Arc<PtySession>, PtyError> {
         let id = format!("s{:016x}", rand::random::<u64>());
-        let session = PtySession::spawn(id.clone(), spec, self.ring_capacity)?;
+        let mut spec = spec.clone();
+        if let Some(user) = &self.run_as
+            && rustix::process::geteuid().is_root()
+        {
+            spec.command = as_user(user, &spec.command);
+        }
+        let session = PtySession::spawn(id.clone(), &spec, self.ring_capacity)?;
         lock(&self.map).insert(id, session.clone());
         Ok(session)
     }
@@ -451,6 +501,26 @@ impl Sessions {
             .collect();
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         out
+    }
+
+    /// Ends and forgets sessions that nobody has been attached to for the detached TTL.
+    /// Returns how many were reaped.
+    pub fn reap(&self, now: Instant) -> usize {
+        let mut map = lock(&self.map);
+        let expired: Vec<String> = map
+            .values()
+            .filter(|s| {
+                let (clients, since) = *lock(&s.attached);
+                clients == 0 && now.saturating_duration_since(since) >= self.detached_ttl
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in &expired {
+            if let Some(s) = map.remove(id) {
+                s.kill();
+            }
+        }
+        expired.len()
     }
 
     /// Ends a session's process and forgets it.
