@@ -97,6 +97,15 @@ impl TestHub {
         Self::start_with(HubOptions::default()).await
     }
 
+    /// A hub with the manual provider: workspaces get no agent unless the test runs one.
+    pub async fn start_manual() -> Result<Self> {
+        Self::start_with(HubOptions {
+            provider: "manual".into(),
+            ..Default::default()
+        })
+        .await
+    }
+
     pub async fn start_with(options: HubOptions) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("wsh-hub-").tempdir()?;
         let state_dir = dir.path().join("state");
@@ -185,6 +194,15 @@ impl TestHub {
             bail!("create workspace: {status} {body}");
         }
         Ok(body)
+    }
+
+    /// Creates a workspace and waits until its agent is connected; returns its id.
+    pub async fn ready_workspace(&self) -> Result<String> {
+        let ws = self.create_workspace().await?;
+        let id = ws["id"].as_str().context("workspace id")?.to_owned();
+        self.wait_for(&id, Duration::from_secs(30), |w| !w["agent"].is_null())
+            .await?;
+        Ok(id)
     }
 
     /// Polls `GET /workspaces/:id` until `pred` holds or `timeout` passes.

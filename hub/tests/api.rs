@@ -92,12 +92,7 @@ async fn health_version_and_ui() {
 
 #[tokio::test]
 async fn a_non_owner_learns_nothing() {
-    let hub = TestHub::start_with(harness::HubOptions {
-        provider: "manual".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let hub = TestHub::start_manual().await.unwrap();
     let ws = hub.create_workspace().await.unwrap();
     let id = ws["id"].as_str().unwrap();
     let other = hub.mint_token("mallory").unwrap();
@@ -130,12 +125,7 @@ async fn a_non_owner_learns_nothing() {
 
 #[tokio::test]
 async fn bad_requests_get_json_errors_and_the_hub_keeps_serving() {
-    let hub = TestHub::start_with(harness::HubOptions {
-        provider: "manual".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let hub = TestHub::start_manual().await.unwrap();
 
     // Authentication.
     let (status, body) = hub

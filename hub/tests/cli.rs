@@ -51,13 +51,7 @@ async fn wsh_creates_waits_and_lists() {
 #[tokio::test]
 async fn wsh_attach_runs_a_terminal_over_quic_and_propagates_the_exit_status() {
     let hub = TestHub::start().await.unwrap();
-    let ws = hub.create_workspace().await.unwrap();
-    let id = ws["id"].as_str().unwrap().to_owned();
-    hub.wait_for(&id, std::time::Duration::from_secs(20), |w| {
-        !w["agent"].is_null()
-    })
-    .await
-    .unwrap();
+    let id = hub.ready_workspace().await.unwrap();
 
     // A login shell fed from a pipe.
     let mut child = Command::new(harness::binary("wsh").unwrap())
@@ -121,13 +115,7 @@ async fn wsh_attach_runs_a_terminal_over_quic_and_propagates_the_exit_status() {
 #[tokio::test]
 async fn wsh_attach_survives_a_hub_restart_without_losing_output() {
     let mut hub = TestHub::start().await.unwrap();
-    let ws = hub.create_workspace().await.unwrap();
-    let id = ws["id"].as_str().unwrap().to_owned();
-    hub.wait_for(&id, std::time::Duration::from_secs(20), |w| {
-        !w["agent"].is_null()
-    })
-    .await
-    .unwrap();
+    let id = hub.ready_workspace().await.unwrap();
     let child = Command::new(harness::binary("wsh").unwrap())
         .args([
             "attach",

@@ -1,7 +1,7 @@
 //! Losing the link and getting it back: hub restarts, network cuts, a hub that was down
 //! when the agent booted, and an agent that goes silent.
 
-use harness::{HubOptions, InProcessAgent, TestHub};
+use harness::{InProcessAgent, TestHub};
 use rustix::process::{Pid, Signal};
 use std::time::Duration;
 
@@ -60,12 +60,7 @@ async fn agent_reconnects_after_the_hub_is_killed_and_restarted_without_enrollin
 
 #[tokio::test]
 async fn an_agent_that_boots_before_its_hub_joins_when_the_hub_comes_up() {
-    let mut hub = TestHub::start_with(HubOptions {
-        provider: "manual".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut hub = TestHub::start_manual().await.unwrap();
     let ws = hub.create_workspace().await.unwrap();
     hub.kill();
     let mut agent = InProcessAgent::start(&ws).unwrap();
@@ -88,12 +83,7 @@ async fn an_agent_that_boots_before_its_hub_joins_when_the_hub_comes_up() {
 
 #[tokio::test]
 async fn a_network_cut_is_noticed_on_both_sides_and_healed() {
-    let hub = TestHub::start_with(HubOptions {
-        provider: "manual".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let hub = TestHub::start_manual().await.unwrap();
     let ws = hub.create_workspace().await.unwrap();
     let id = ws["id"].as_str().unwrap();
     let mut agent = InProcessAgent::start(&ws).unwrap();

@@ -126,19 +126,10 @@ impl Client {
     }
 }
 
-async fn ready_workspace(hub: &TestHub) -> String {
-    let ws = hub.create_workspace().await.unwrap();
-    let id = ws["id"].as_str().unwrap().to_owned();
-    hub.wait_for(&id, WAIT, |w| !w["agent"].is_null())
-        .await
-        .unwrap();
-    id
-}
-
 #[tokio::test]
 async fn output_is_replayed_exactly_once_after_reattach() {
     let hub = TestHub::start().await.unwrap();
-    let id = ready_workspace(&hub).await;
+    let id = hub.ready_workspace().await.unwrap();
     let marker = format!("hello-{}", rand::random::<u32>());
     let mut a = Client::connect(&hub, &id, "cols=100&rows=30").await;
     a.type_text(&format!("echo {marker}\n")).await;
@@ -203,7 +194,7 @@ async fn output_is_replayed_exactly_once_after_reattach() {
 #[tokio::test]
 async fn a_hub_that_dies_mid_stream_loses_no_byte() {
     let mut hub = TestHub::start().await.unwrap();
-    let id = ready_workspace(&hub).await;
+    let id = hub.ready_workspace().await.unwrap();
     let mut a = Client::connect(&hub, &id, "").await;
     a.type_text("for i in $(seq 1 40); do echo tick$i; sleep 0.05; done; echo fin-$((1+1))\n")
         .await;
@@ -240,7 +231,7 @@ async fn a_hub_that_dies_mid_stream_loses_no_byte() {
 #[tokio::test]
 async fn exit_status_reaches_the_browser() {
     let hub = TestHub::start().await.unwrap();
-    let id = ready_workspace(&hub).await;
+    let id = hub.ready_workspace().await.unwrap();
     let mut a = Client::connect(&hub, &id, "").await;
     a.type_text("exit 3\n").await;
     assert!(!a.read_until(|_| false).await);
@@ -255,7 +246,7 @@ async fn exit_status_reaches_the_browser() {
 #[tokio::test]
 async fn bad_terminal_input_gets_clear_errors_and_everything_keeps_running() {
     let hub = TestHub::start().await.unwrap();
-    let id = ready_workspace(&hub).await;
+    let id = hub.ready_workspace().await.unwrap();
 
     // Unknown session.
     let mut ws = open(&hub, &id, "session=nope&offset=5").await;
@@ -320,12 +311,7 @@ async fn bad_terminal_input_gets_clear_errors_and_everything_keeps_running() {
 
 #[tokio::test]
 async fn a_workspace_without_a_connected_agent_says_so() {
-    let hub = TestHub::start_with(harness::HubOptions {
-        provider: "manual".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let hub = TestHub::start_manual().await.unwrap();
     let ws = hub.create_workspace().await.unwrap();
     let url = format!(
         "ws://{}/terminal/{}?access_token={}",
