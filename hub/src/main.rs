@@ -170,9 +170,9 @@ async fn dev_token(config: &Config) -> Result<String> {
 async fn serve(config: Config, banner: impl FnOnce(&hub::Listening)) -> Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

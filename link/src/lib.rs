@@ -62,12 +62,16 @@ pub const AGENT_ACCEPTS_STREAMS: u32 = 256;
 /// (heartbeats are the liveness signal; this is a backstop), the number of bidirectional
 /// streams the peer may open, no unidirectional streams, no datagrams.
 pub fn transport_config(idle_timeout: Duration, peer_streams: u32) -> Arc<quinn::TransportConfig> {
+    Arc::new(transport(idle_timeout, peer_streams))
+}
+
+fn transport(idle_timeout: Duration, peer_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
     t.max_concurrent_bidi_streams(peer_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.datagram_receive_buffer_size(None);
-    Arc::new(t)
+    t
 }
 
 fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, rustls::Error> {
@@ -117,14 +121,10 @@ pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// A CLI client config: trusts only `ca_der`, ALPN `wsh-client/1`, keep-alives on.
 pub fn cli_client_config(ca_der: &[u8]) -> Result<quinn::ClientConfig, rustls::Error> {
-    let mut cfg = client_config(ca_der, None, protocol::ALPN_CLIENT, Duration::from_secs(30))?;
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
-    transport.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
-    transport.max_concurrent_uni_streams(0u32.into());
-    transport.datagram_receive_buffer_size(None);
-    cfg.transport_config(Arc::new(transport));
-    Ok(cfg)
+    // The hub never opens streams towards the CLI.
+    let mut t = transport(Duration::from_secs(30), 0);
+    t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
+    client_with_transport(ca_der, None, protocol::ALPN_CLIENT, Arc::new(t))
 }
 
 /// A client that trusts only `ca_der`, optionally presenting a client certificate.
@@ -133,6 +133,16 @@ pub fn client_config(
     identity: Option<(Vec<u8>, Vec<u8>)>,
     alpn: &[u8],
     idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, rustls::Error> {
+    let transport = transport_config(idle_timeout, AGENT_ACCEPTS_STREAMS);
+    client_with_transport(ca_der, identity, alpn, transport)
+}
+
+fn client_with_transport(
+    ca_der: &[u8],
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    alpn: &[u8],
+    transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ClientConfig, rustls::Error> {
     let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -147,7 +157,7 @@ pub fn client_config(
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(quic_tls_error)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport_config(idle_timeout, AGENT_ACCEPTS_STREAMS));
+    cfg.transport_config(transport);
     Ok(cfg)
 }
 
@@ -255,15 +265,4 @@ impl FramedRecv {
     pub fn into_parts(self) -> (RecvStream, FrameDecoder) {
         (self.recv, self.decoder)
     }
-}
-
-/// Tells the peer why a stream is being dropped: stops reading and resets writing.
-pub fn abort_stream(
-    send: &mut SendStream,
-    recv: &mut FramedRecv,
-    code: protocol::close::CloseCode,
-) {
-    let code = quinn::VarInt::from_u32(code.code());
-    let _ = send.reset(code);
-    let _ = recv.recv.stop(code);
 }

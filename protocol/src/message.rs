@@ -16,12 +16,6 @@ pub trait Message: Sized {
     /// Decodes a body for a tag read off the wire.
     fn decode_body(tag: u16, body: &[u8]) -> Result<Self, ProtocolError>;
 
-    /// Encodes `tag ++ body` into a fresh buffer.
-    fn to_payload(&self) -> Result<Vec<u8>, ProtocolError> {
-        let out = postcard::to_extend(&self.tag(), Vec::with_capacity(32))?;
-        self.encode_body(out)
-    }
-
     /// Decodes a full payload (`tag ++ body`).
     fn from_payload(payload: &[u8]) -> Result<Self, ProtocolError> {
         if payload.is_empty() {

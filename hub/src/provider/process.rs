@@ -35,31 +35,20 @@ impl ProcessProvider {
         self.root.join(id.to_string())
     }
 
-    /// The agent's process id, if it is alive (and really our agent, not a reused pid).
-    fn live_pid(&self, id: Uuid) -> Option<Pid> {
+    /// The agent's process id and its state letter from `/proc/<pid>/stat` (`R`, `S`, `T`
+    /// for stopped, ...), if it is alive and really our agent (not a reused pid).
+    fn live_pid(&self, id: Uuid) -> Option<(Pid, char)> {
         let raw = std::fs::read_to_string(self.dir(id).join("agent.pid")).ok()?;
         let pid = Pid::from_raw(raw.trim().parse().ok()?)?;
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.as_raw_nonzero())).ok()?;
         let config = self.dir(id).join("agent.toml");
         let needle = config.as_os_str().as_encoded_bytes();
-        let ours = cmdline.split(|b| *b == 0).any(|arg| arg == needle);
+        if !cmdline.split(|b| *b == 0).any(|arg| arg == needle) {
+            return None;
+        }
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).ok()?;
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z'));
-        (ours && !zombie).then_some(pid)
-    }
-
-    fn is_stopped(pid: Pid) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero()))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()
-                    .map(|s| s.trim_start().starts_with('T'))
-            })
-            .unwrap_or(false)
+        let state = stat.rsplit(')').next()?.trim_start().chars().next()?;
+        (state != 'Z').then_some((pid, state))
     }
 
     fn spawn(&self, id: Uuid) -> Result<(), ProviderError> {
@@ -132,21 +121,21 @@ impl Provider for ProcessProvider {
             return Err(ProviderError::NotFound);
         }
         match self.live_pid(id) {
-            Some(pid) => signal_group(pid, Signal::CONT),
+            Some((pid, _)) => signal_group(pid, Signal::CONT),
             None => self.spawn(id),
         }
     }
 
     async fn stop(&self, id: Uuid) -> Result<(), ProviderError> {
         match self.live_pid(id) {
-            Some(pid) => signal_group(pid, Signal::STOP),
+            Some((pid, _)) => signal_group(pid, Signal::STOP),
             None if self.dir(id).exists() => Ok(()),
             None => Err(ProviderError::NotFound),
         }
     }
 
     async fn delete(&self, id: Uuid) -> Result<(), ProviderError> {
-        if let Some(pid) = self.live_pid(id) {
+        if let Some((pid, _)) = self.live_pid(id) {
             signal_group(pid, Signal::KILL)?;
         }
         remove_dir(&self.dir(id))
@@ -154,7 +143,7 @@ impl Provider for ProcessProvider {
 
     async fn observe(&self, id: Uuid) -> Result<Observed, ProviderError> {
         Ok(match self.live_pid(id) {
-            Some(pid) if Self::is_stopped(pid) => Observed::Suspended,
+            Some((_, 'T')) => Observed::Suspended,
             Some(_) => Observed::Running,
             None if self.dir(id).exists() => Observed::Stopped,
             None => Observed::Missing,
