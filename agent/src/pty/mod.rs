@@ -3,14 +3,15 @@
 //! Entry points: [`Sessions`] (create, find, list, close), [`PtySession`] (input, resize,
 //! attach) and [`Attachment`] (what one client receives). Each session runs its process on
 //! a real PTY (`portable-pty`), read by a dedicated thread that appends the output to an
-//! [`ring::OutputRing`] indexed by absolute offset and feeds a headless terminal
-//! (`vt100`) that always knows the current screen. A client attaching fresh, or one whose
+//! [`ring::OutputRing`] indexed by absolute offset and to the backlog of a headless terminal
+//! ([`screen::Screen`], parsed lazily) that knows the current screen whenever asked. A client attaching fresh, or one whose
 //! offset fell out of the ring, gets the screen first and the live stream after it; any
 //! other client gets exactly the bytes after its offset. Clients read at their own pace
 //! from the shared ring, so a slow one never blocks the process or the others, and memory
 //! stays bounded by the ring.
 
 pub mod ring;
+mod screen;
 pub mod stream;
 
 use portable_pty::{ChildKiller, CommandBuilder, MasterPty, PtySize, native_pty_system};
@@ -109,7 +110,6 @@ pub enum Event {
 
 struct State {
     ring: OutputRing,
-    screen: vt100::Parser,
     size: Size,
     exit: Option<i32>,
 }
@@ -120,6 +120,8 @@ pub struct PtySession {
     pub command: String,
     pub created_at: u64,
     state: Mutex<State>,
+    /// Locked after `state` when both are needed, never the other way round.
+    screen: Mutex<screen::Screen>,
     changed: tokio::sync::watch::Sender<()>,
     writer: Mutex<Box<dyn Write + Send>>,
     master: Mutex<Box<dyn MasterPty + Send>>,
@@ -138,15 +140,6 @@ impl std::fmt::Debug for PtySession {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn snapshot(screen: &vt100::Screen) -> Vec<u8> {
-    let mut out = String::new();
-    if screen.alternate_screen() {
-        out.push_str("\x1b[?1049h");
-    }
-    out.push_str(&screen.state_formatted());
-    out.into_bytes()
 }
 
 impl PtySession {
@@ -201,14 +194,10 @@ impl PtySession {
                 .unwrap_or(0),
             state: Mutex::new(State {
                 ring: OutputRing::new(ring_capacity),
-                screen: vt100::Parser::new(
-                    std::num::NonZeroU16::new(spec.size.rows).unwrap_or(std::num::NonZeroU16::MIN),
-                    std::num::NonZeroU16::new(spec.size.cols).unwrap_or(std::num::NonZeroU16::MIN),
-                    0,
-                ),
                 size: spec.size,
                 exit: None,
             }),
+            screen: Mutex::new(screen::Screen::new(spec.size.rows, spec.size.cols)),
             changed,
             writer: Mutex::new(writer),
             master: Mutex::new(pair.master),
@@ -251,12 +240,10 @@ impl PtySession {
     }
 
     fn on_output(&self, bytes: &[u8]) {
-        {
-            let mut st = lock(&self.state);
-            st.ring.push(bytes);
-            st.screen.process(bytes);
-        }
+        lock(&self.state).ring.push(bytes);
         self.changed.send_replace(());
+        // Clients are woken first: parsing (when the backlog is due) must not delay them.
+        lock(&self.screen).push(bytes);
     }
 
     /// Sends keystrokes to the process. Blocks while the PTY's input buffer is full.
@@ -276,12 +263,7 @@ impl PtySession {
             .resize(size.pty())
             .map_err(|e| PtyError::Io(std::io::Error::other(e.to_string())))?;
         let mut st = lock(&self.state);
-        if let (Some(rows), Some(cols)) = (
-            std::num::NonZeroU16::new(size.rows),
-            std::num::NonZeroU16::new(size.cols),
-        ) {
-            st.screen.set_size(rows, cols);
-        }
+        lock(&self.screen).resize(size.rows, size.cols);
         st.size = size;
         Ok(())
     }
@@ -361,12 +343,12 @@ impl Attachment {
         }
         let st = lock(&self.session.state);
         let end = st.ring.end();
+        // The screen may lag the ring by the bytes being handed over right now; the stream
+        // continues from the screen's offset, so those bytes follow the snapshot.
         let start_fresh = |pending: &mut VecDeque<Event>| {
-            pending.push_back(Event::Screen {
-                offset: end,
-                bytes: snapshot(st.screen.screen()),
-            });
-            end
+            let (offset, bytes) = lock(&self.session.screen).snapshot();
+            pending.push_back(Event::Screen { offset, bytes });
+            offset
         };
         match self.next {
             None => {
@@ -377,11 +359,12 @@ impl Attachment {
             }
             Some(off) => match st.ring.read(off, CHUNK) {
                 Read::Truncated { .. } => {
-                    self.pending.push_back(Event::Truncated {
+                    let resumed_at = start_fresh(&mut self.pending);
+                    self.pending.push_front(Event::Truncated {
                         requested: off,
-                        resumed_at: end,
+                        resumed_at,
                     });
-                    self.next = Some(start_fresh(&mut self.pending));
+                    self.next = Some(resumed_at);
                 }
                 Read::Bytes(bytes) if !bytes.is_empty() => {
                     self.next = Some(off + bytes.len() as u64);
