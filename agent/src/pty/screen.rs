@@ -193,11 +193,8 @@ impl EscTracker {
                     }
                 }
                 EscState::Csi => match b {
-                    0x30..=0x3f | 0x20..=0x2f => {
-                        if self.params.len() < 32 {
-                            self.params.push(b);
-                        }
-                    }
+                    0x20..=0x3f if self.params.len() < 32 => self.params.push(b),
+                    0x20..=0x3f => {}
                     0x40..=0x7e => {
                         if b == b'r' {
                             self.region = !full_region(&self.params, rows);
