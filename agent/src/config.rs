@@ -26,7 +26,12 @@ pub struct AgentConfig {
     pub run_as: Option<String>,
     /// How long a terminal session may stay detached.
     pub detached_ttl: Duration,
+    /// Bytes of output each terminal session keeps for replay.
+    pub ring_bytes: usize,
 }
+
+/// Accepted terminal ring sizes.
+pub const RING_BYTES: std::ops::RangeInclusive<u64> = (64 << 10)..=(256 << 20);
 
 /// A plain Unix user name: `[a-z_][a-z0-9_-]*`, at most 32 characters.
 fn valid_user(name: &str) -> bool {
@@ -62,6 +67,15 @@ impl AgentConfig {
             Some(secs) => Duration::from_secs(secs),
             None => crate::pty::DEFAULT_DETACHED_TTL,
         };
+        let ring_bytes = match b.terminal_ring_bytes {
+            Some(n) if !RING_BYTES.contains(&n) => {
+                return Err(bad(
+                    "terminal_ring_bytes must be between 64 KiB and 256 MiB",
+                ));
+            }
+            Some(n) => n as usize,
+            None => crate::pty::DEFAULT_RING,
+        };
         Ok(Self {
             hub_addr: b.hub_addr,
             server_name: b.server_name,
@@ -74,6 +88,7 @@ impl AgentConfig {
             idle_timeout: Duration::from_secs(30),
             run_as: b.user,
             detached_ttl,
+            ring_bytes,
         })
     }
 
@@ -106,6 +121,7 @@ mod tests {
             state_dir: "/tmp/x".into(),
             user: user.map(str::to_owned),
             detached_session_ttl_secs: ttl,
+            terminal_ring_bytes: None,
         }
     }
 
@@ -121,5 +137,11 @@ mod tests {
         assert!(AgentConfig::from_bootstrap(bootstrap(None, Some(0))).is_err());
         let cfg = AgentConfig::from_bootstrap(bootstrap(None, None)).unwrap();
         assert_eq!(cfg.detached_ttl, crate::pty::DEFAULT_DETACHED_TTL);
+        assert_eq!(cfg.ring_bytes, crate::pty::DEFAULT_RING);
+        for (ring, ok) in [(1, false), (64 << 10, true), (1 << 30, false)] {
+            let mut b = bootstrap(None, None);
+            b.terminal_ring_bytes = Some(ring);
+            assert_eq!(AgentConfig::from_bootstrap(b).is_ok(), ok, "{ring}");
+        }
     }
 }

@@ -83,7 +83,7 @@ impl Agent {
             endpoint,
             events: None,
             sessions: Arc::new(pty::Sessions::with_policy(
-                pty::DEFAULT_RING,
+                config.ring_bytes,
                 config.run_as.clone(),
                 config.detached_ttl,
             )),

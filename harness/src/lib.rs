@@ -46,6 +46,8 @@ pub struct HubOptions {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub enrollment_ttl: Option<Duration>,
+    /// More hub settings, as lines of the hub's TOML config file.
+    pub config: String,
 }
 
 impl Default for HubOptions {
@@ -55,6 +57,7 @@ impl Default for HubOptions {
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_millis(1500),
             enrollment_ttl: None,
+            config: String::new(),
         }
     }
 }
@@ -306,6 +309,11 @@ async fn spawn_hub(
         .args(["--heartbeat-timeout", &ms(options.heartbeat_timeout)]);
     if let Some(ttl) = options.enrollment_ttl {
         cmd.args(["--enrollment-ttl", &ms(ttl)]);
+    }
+    if !options.config.is_empty() {
+        let path = state_dir.join("hub.toml");
+        std::fs::write(&path, &options.config)?;
+        cmd.arg("--config").arg(path);
     }
     // Agents started by the process provider find their binary beside the hub's.
     if options.provider == "process" {

@@ -378,7 +378,8 @@ async fn create_workspace(
             // The process provider runs agents as the hub's own user; VM images set the
             // workspace user here (cloud-init).
             user: None,
-            detached_session_ttl_secs: None,
+            detached_session_ttl_secs: Some(cfg.detached_session_ttl.as_secs()),
+            terminal_ring_bytes: Some(cfg.terminal_ring_bytes),
         },
     };
     match hub.provider.create(&spec).await {

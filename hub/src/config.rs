@@ -42,6 +42,11 @@ pub struct FileConfig {
     pub default_zone: String,
     pub default_machine_type: String,
     pub default_image_tag: String,
+    /// Bytes of output each terminal session keeps for replay.
+    pub terminal_ring_bytes: u64,
+    /// How long a terminal session may stay detached before the agent ends it.
+    #[serde(with = "humantime_serde")]
+    pub detached_session_ttl: Duration,
 }
 
 impl Default for FileConfig {
@@ -60,6 +65,8 @@ impl Default for FileConfig {
             default_zone: "local".into(),
             default_machine_type: "local".into(),
             default_image_tag: "default".into(),
+            terminal_ring_bytes: 4 << 20,
+            detached_session_ttl: Duration::from_secs(8 * 3600),
         }
     }
 }
@@ -88,6 +95,8 @@ pub struct Config {
     pub default_zone: String,
     pub default_machine_type: String,
     pub default_image_tag: String,
+    pub terminal_ring_bytes: u64,
+    pub detached_session_ttl: Duration,
 }
 
 impl Config {
@@ -115,6 +124,14 @@ impl Config {
                 file.quic_addr
             );
         }
+        ensure!(
+            ((64 << 10)..=(256 << 20)).contains(&file.terminal_ring_bytes),
+            "terminal_ring_bytes must be between 64 KiB and 256 MiB"
+        );
+        ensure!(
+            file.detached_session_ttl >= Duration::from_secs(1),
+            "detached_session_ttl must be at least 1s"
+        );
         let agent_binary = match file.agent_binary {
             Some(path) => path,
             None => std::env::current_exe()
@@ -137,6 +154,8 @@ impl Config {
             default_zone: file.default_zone,
             default_machine_type: file.default_machine_type,
             default_image_tag: file.default_image_tag,
+            terminal_ring_bytes: file.terminal_ring_bytes,
+            detached_session_ttl: file.detached_session_ttl,
         })
     }
 

@@ -39,6 +39,9 @@ enum Command {
         /// How long an enrollment token stays valid.
         #[arg(long, value_parser = humantime::parse_duration)]
         enrollment_ttl: Option<std::time::Duration>,
+        /// A config file for every other setting (the flags above override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run from a config file.
     Serve {
@@ -92,13 +95,18 @@ async fn async_main(cli: Cli) -> Result<()> {
             heartbeat_interval,
             heartbeat_timeout,
             enrollment_ttl,
+            config,
         } => {
+            let base = match config {
+                Some(path) => FileConfig::load(&path)?,
+                None => FileConfig::default(),
+            };
             let mut file = FileConfig {
                 state_dir,
                 http_addr: http,
                 quic_addr: quic,
                 provider,
-                ..FileConfig::default()
+                ..base
             };
             if let Some(i) = heartbeat_interval {
                 file.heartbeat_interval = i;

@@ -15,8 +15,15 @@ const WAIT: Duration = Duration::from_secs(30);
 /// What the bridge sends, decoded.
 #[derive(Debug)]
 enum Frame {
-    Output { offset: u64, bytes: Vec<u8> },
-    Screen { offset: u64, last: bool },
+    Output {
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    Screen {
+        offset: u64,
+        bytes: Vec<u8>,
+        last: bool,
+    },
     Event(Value),
     Closed,
 }
@@ -47,6 +54,7 @@ async fn frame(ws: &mut Ws) -> Frame {
                     },
                     kind => Frame::Screen {
                         offset,
+                        bytes: b[9..].to_vec(),
                         last: kind == 2,
                     },
                 }
@@ -66,6 +74,9 @@ struct Client {
     base: u64,
     seen: Vec<u8>,
     events: Vec<Value>,
+    /// The last screen snapshot received (`seen` continues after it).
+    screen: Vec<u8>,
+    screen_done: bool,
 }
 
 impl Client {
@@ -81,6 +92,8 @@ impl Client {
             base: u64::MAX,
             seen: vec![],
             events: vec![],
+            screen: vec![],
+            screen_done: true,
         }
     }
 
@@ -91,31 +104,56 @@ impl Client {
     /// Reads until `pred(seen as text)` holds or the stream closes; returns false on close.
     async fn read_until(&mut self, pred: impl Fn(&str) -> bool) -> bool {
         while !pred(&String::from_utf8_lossy(&self.seen)) {
-            match frame(&mut self.ws).await {
-                Frame::Output { offset, bytes } => {
-                    if self.base == u64::MAX {
-                        self.base = offset;
-                    }
-                    assert_eq!(offset, self.next_offset(), "output is contiguous");
-                    self.seen.extend(bytes);
-                }
-                Frame::Screen { offset, last, .. } => {
-                    if last {
-                        self.base = offset;
-                        self.seen.clear();
-                    }
-                }
-                Frame::Event(e) => {
-                    let done = e["type"] == "exit";
-                    self.events.push(e);
-                    if done {
-                        return false;
-                    }
-                }
-                Frame::Closed => return false,
+            if !self.pump().await {
+                return false;
             }
         }
         true
+    }
+
+    /// Reads one frame; returns false when the stream ended.
+    async fn pump(&mut self) -> bool {
+        match frame(&mut self.ws).await {
+            Frame::Output { offset, bytes } => {
+                if self.base == u64::MAX {
+                    self.base = offset;
+                }
+                assert_eq!(offset, self.next_offset(), "output is contiguous");
+                self.seen.extend(bytes);
+            }
+            Frame::Screen {
+                offset,
+                bytes,
+                last,
+            } => {
+                if self.screen_done {
+                    self.screen.clear();
+                }
+                self.screen.extend(bytes);
+                self.screen_done = last;
+                if last {
+                    self.base = offset;
+                    self.seen.clear();
+                }
+            }
+            Frame::Event(e) => {
+                let done = e["type"] == "exit";
+                self.events.push(e);
+                if done {
+                    return false;
+                }
+            }
+            Frame::Closed => return false,
+        }
+        true
+    }
+
+    /// What a terminal emulator shows after this client's snapshot and output up to `upto`.
+    fn render(&self, upto: u64, rows: u16, cols: u16) -> vt100::Parser {
+        let mut p = vt100::Parser::new(rows.try_into().unwrap(), cols.try_into().unwrap(), 0);
+        p.process(&self.screen);
+        p.process(&self.seen[..(upto - self.base) as usize]);
+        p
     }
 
     async fn type_text(&mut self, text: &str) {
@@ -324,5 +362,134 @@ async fn a_workspace_without_a_connected_agent_says_so() {
             assert_eq!(res.status().as_u16(), 409)
         }
         other => panic!("expected 409, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// Two emulators show the same thing: every cell with its attributes, the cursor, the modes.
+fn assert_same_screen(a: &vt100::Parser, b: &vt100::Parser, what: &str) {
+    let (a, b) = (a.screen(), b.screen());
+    assert_eq!(a.contents(), b.contents(), "{what}: text");
+    assert_eq!(
+        a.contents_formatted(),
+        b.contents_formatted(),
+        "{what}: cells"
+    );
+    assert_eq!(a.cursor_position(), b.cursor_position(), "{what}: cursor");
+    assert_eq!(
+        (
+            a.alternate_screen(),
+            a.hide_cursor(),
+            a.application_cursor()
+        ),
+        (
+            b.alternate_screen(),
+            b.hide_cursor(),
+            b.application_cursor()
+        ),
+        "{what}: modes"
+    );
+}
+
+/// Reads both clients until both have seen past `after`, then a little longer so that a
+/// redraw in progress completes; returns an offset both have reached.
+async fn common_offset(a: &mut Client, b: &mut Client, after: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no common offset past {after}"
+        );
+        for c in [&mut *a, &mut *b] {
+            // Until it has been quiet for 200 ms, or for at most a second.
+            let round = tokio::time::Instant::now() + Duration::from_secs(1);
+            while tokio::time::Instant::now() < round
+                && tokio::time::timeout(Duration::from_millis(200), c.pump())
+                    .await
+                    .is_ok_and(|open| open)
+            {}
+        }
+        if a.base == u64::MAX || b.base == u64::MAX {
+            continue;
+        }
+        let x = a.next_offset().min(b.next_offset());
+        if x > after {
+            return x;
+        }
+    }
+}
+
+/// Full-screen programs look the same to a client that attaches long after they started,
+/// with their start fallen out of the ring, as to one that watched all along, and stay so
+/// while the program goes on drawing.
+#[tokio::test]
+async fn full_screen_programs_reattach_exactly() {
+    let hub = TestHub::start_with(harness::HubOptions {
+        config: "terminal_ring_bytes = 65536\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let id = hub.ready_workspace().await.unwrap();
+    let (cols, rows) = (100u16, 30u16);
+    let size = format!("cols={cols}&rows={rows}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("numbers.txt");
+    std::fs::write(
+        &file,
+        (1..=60_000)
+            .map(|i| format!("line {i} \x1b-free text with a tab\there\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let file = file.display();
+
+    // (program, keys that make it draw well past the ring, keys once re-attached)
+    let cases: [(String, &str, &str); 3] = [
+        (
+            format!("vim -u NONE -N -i NONE -n {file}"),
+            "\x06",
+            "\x05\x05\x19Gkk",
+        ),
+        (format!("less -R {file}"), " ", "kkkG"),
+        // Ctrl-L: htop repaints everything.
+        ("htop -d 1".to_owned(), "\x0c", "\x1b[B\x1b[B"),
+    ];
+    for (program, page, keys) in cases {
+        let mut a = Client::connect(&hub, &id, &size).await;
+        a.type_text(&format!("exec {program}\n")).await;
+        while a.base == u64::MAX {
+            assert!(a.pump().await);
+        }
+        // Let it draw, then page on until far more than the ring has gone by.
+        let start = a.next_offset();
+        while a.next_offset() < start + 150_000 {
+            a.type_text(&page.repeat(20)).await;
+            let n = a.next_offset();
+            while a.next_offset() < n + 4096 {
+                assert!(a.pump().await, "{program} keeps drawing");
+            }
+        }
+        // B attaches at the very first offset, long out of the ring: truncated, then the
+        // screen, then the live stream.
+        let mut b =
+            Client::connect(&hub, &id, &format!("session={}&offset=0&{size}", a.session)).await;
+        let x = common_offset(&mut a, &mut b, 0).await;
+        assert!(
+            b.events.iter().any(|e| e["type"] == "truncated"),
+            "{program}: truncation is reported ({:?})",
+            b.events
+        );
+        assert_same_screen(&a.render(x, rows, cols), &b.render(x, rows, cols), &program);
+
+        // The program goes on drawing (scrolling, moving the cursor) for both of them.
+        b.type_text(keys).await;
+        let y = common_offset(&mut a, &mut b, x).await;
+        assert!(y > x, "{program} answered the keys");
+        assert_same_screen(&a.render(y, rows, cols), &b.render(y, rows, cols), &program);
+        let contents = b.render(y, rows, cols).screen().contents();
+        assert!(
+            program.starts_with("htop") || contents.contains("line "),
+            "{program} shows the file: {contents}"
+        );
     }
 }

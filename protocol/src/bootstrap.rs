@@ -24,6 +24,9 @@ pub struct AgentBootstrap {
     /// Seconds a terminal session may stay detached before it is ended (default 8 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detached_session_ttl_secs: Option<u64>,
+    /// Bytes of output each terminal session keeps for replay (default 4 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal_ring_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for AgentBootstrap {
