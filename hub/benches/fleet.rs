@@ -275,9 +275,9 @@ async fn run(args: Args) {
     let mut hub = TestHub::start_with(HubOptions {
         provider: "manual".into(),
         heartbeat_interval: Duration::from_secs(2),
+        heartbeat_timeout: Duration::from_secs(6),
         enrollment_ttl: Some(Duration::from_secs(3600)),
         ..Default::default()
-        enrollment_ttl: Some(Duration::from_secs(3600)),
     })
     .await
     .unwrap();
