@@ -18,6 +18,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use futures_util::{FutureExt, SinkExt};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::pty::{PtyClose, PtyInput, PtyMsg, PtyOpenRequest, PtyResize};
 use protocol::stream::{PtyOpen, StreamHeader, StreamReply};
@@ -162,18 +163,29 @@ async fn bridge(
     loop {
         tokio::select! {
             msg = recv.next::<PtyMsg>() => {
-                let Some(msg) = msg? else {
-                    let _ = socket.send(Message::Close(None)).await;
-                    return Ok(());
-                };
-                let (out, last) = to_browser(msg);
-                if let Some(out) = out
-                    && socket.send(out).await.is_err()
-                {
-                    return Ok(());
+                // Whatever else the agent has already sent goes out in the same write.
+                let mut msg = msg?;
+                for _ in 0..32 {
+                    let Some(m) = msg else {
+                        let _ = socket.send(Message::Close(None)).await;
+                        return Ok(());
+                    };
+                    let (out, last) = to_browser(m);
+                    if let Some(out) = out
+                        && socket.feed(out).await.is_err()
+                    {
+                        return Ok(());
+                    }
+                    if last {
+                        let _ = socket.send(Message::Close(None)).await;
+                        return Ok(());
+                    }
+                    match recv.next::<PtyMsg>().now_or_never() {
+                        Some(next) => msg = next?,
+                        None => break,
+                    }
                 }
-                if last {
-                    let _ = socket.send(Message::Close(None)).await;
+                if socket.flush().await.is_err() {
                     return Ok(());
                 }
             }
