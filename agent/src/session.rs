@@ -5,7 +5,7 @@ use crate::identity::connect;
 use crate::{Agent, AgentError, AgentEvent};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::close::CloseCode;
-use protocol::control::{ControlMsg, Hello, HelloRefusal};
+use protocol::control::{Activity, ControlMsg, Hello, HelloRefusal};
 use protocol::liveness::Liveness;
 use protocol::stream::{ControlOpen, StreamHeader, StreamRefusal, StreamRefused, StreamReply};
 use std::time::{Duration, Instant};
@@ -97,6 +97,9 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
     let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
     let timeout = Duration::from_millis(welcome.heartbeat_timeout_ms.max(300) as u64);
     let mut live = Liveness::new(Instant::now(), interval, timeout);
+    let mut activity = (welcome.protocol_version >= protocol::ACTIVITY_SINCE_VERSION)
+        .then(ActivityReports::default);
+    let mut activity_tick = tokio::time::interval(ACTIVITY_POLL);
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -133,6 +136,16 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
                     return lost(e, true);
                 }
             }
+            _ = activity_tick.tick(), if activity.is_some() => {
+                let (attached, last_input) = agent.sessions.activity();
+                let now = Instant::now();
+                if let Some(report) = activity.as_mut().and_then(|a| a.poll(now, attached, last_input)) {
+                    if let Err(e) = send_msg(&mut send, &ControlMsg::Activity(report)).await {
+                        return lost(e, true);
+                    }
+                    live.on_sent(now);
+                }
+            }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     tokio::spawn(serve_stream(agent.sessions.clone(), send, recv));
@@ -141,6 +154,43 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
             },
             _ = shutdown.cancelled() => return End::Shutdown,
         }
+    }
+}
+
+/// How often the agent looks at its sessions for activity to report.
+const ACTIVITY_POLL: Duration = Duration::from_secs(1);
+/// New input is reported at most this often (a change in attached clients at once).
+const INPUT_REPORT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Decides when an [`Activity`] report is due: at connect, when the number of attached
+/// clients changes, and for new input at most every [`INPUT_REPORT_INTERVAL`].
+#[derive(Debug, Default)]
+struct ActivityReports {
+    sent: Option<(Instant, usize, Option<Instant>)>,
+}
+
+impl ActivityReports {
+    fn poll(
+        &mut self,
+        now: Instant,
+        attached: usize,
+        last_input: Option<Instant>,
+    ) -> Option<Activity> {
+        let due = match self.sent {
+            None => true,
+            Some((at, n, input)) => {
+                n != attached
+                    || (last_input > input && now.duration_since(at) >= INPUT_REPORT_INTERVAL)
+            }
+        };
+        if !due {
+            return None;
+        }
+        self.sent = Some((now, attached, last_input));
+        Some(Activity {
+            attached_clients: u32::try_from(attached).unwrap_or(u32::MAX),
+            input_ago_ms: last_input.map(|t| now.duration_since(t).as_millis() as u64),
+        })
     }
 }
 
@@ -211,5 +261,39 @@ async fn serve_stream(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "stream ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_reports_when_it_changes() {
+        let t0 = Instant::now();
+        let mut r = ActivityReports::default();
+        let first = r.poll(t0, 0, None).expect("a report at connect");
+        assert_eq!(first.attached_clients, 0);
+        assert_eq!(r.poll(t0 + Duration::from_secs(1), 0, None), None);
+        // A client attaches: reported at once.
+        assert_eq!(
+            r.poll(t0 + Duration::from_secs(2), 1, None)
+                .map(|a| a.attached_clients),
+            Some(1)
+        );
+        // Typing is reported, but not more often than the interval.
+        let typed = t0 + Duration::from_secs(3);
+        assert_eq!(r.poll(typed, 1, Some(typed)), None);
+        let later = t0 + Duration::from_secs(2) + INPUT_REPORT_INTERVAL;
+        let report = r.poll(later, 1, Some(typed)).expect("input reported");
+        assert_eq!(
+            report.input_ago_ms,
+            Some((later - typed).as_millis() as u64)
+        );
+        assert_eq!(
+            r.poll(later + INPUT_REPORT_INTERVAL, 1, Some(typed)),
+            None,
+            "no new input"
+        );
     }
 }

@@ -48,6 +48,8 @@ pub struct HubOptions {
     pub enrollment_ttl: Option<Duration>,
     /// More hub settings, as lines of the hub's TOML config file.
     pub config: String,
+    /// Extra environment variables for the hub process (fault injection).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for HubOptions {
@@ -58,6 +60,7 @@ impl Default for HubOptions {
             heartbeat_timeout: Duration::from_millis(1500),
             enrollment_ttl: None,
             config: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -310,6 +313,7 @@ async fn spawn_hub(
     if let Some(ttl) = options.enrollment_ttl {
         cmd.args(["--enrollment-ttl", &ms(ttl)]);
     }
+    cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
     if !options.config.is_empty() {
         let path = state_dir.join("hub.toml");
         std::fs::write(&path, &options.config)?;

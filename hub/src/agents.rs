@@ -42,6 +42,21 @@ pub struct AgentInfo {
     pub hostname: String,
     pub protocol_version: u16,
     pub remote_addr: String,
+    /// Clients attached to the agent's terminal sessions (from its last activity report).
+    pub attached_clients: u32,
+    /// When the agent last saw terminal input, in the hub's clock (Unix ms).
+    pub last_input_at: Option<i64>,
+}
+
+impl AgentInfo {
+    /// The last moment of use this report shows: now while clients are attached.
+    pub fn active_at(&self, now: i64) -> Option<i64> {
+        if self.attached_clients > 0 {
+            Some(now)
+        } else {
+            self.last_input_at
+        }
+    }
 }
 
 struct Connected {
@@ -105,6 +120,17 @@ impl Registry {
             );
         }
         session
+    }
+
+    /// Records an agent's activity report on its live entry.
+    fn set_activity(&self, id: Uuid, session: u64, report: protocol::control::Activity) {
+        let now = now_ms();
+        if let Some(c) = self.lock().get_mut(&id).filter(|c| c.session == session) {
+            c.info.attached_clients = report.attached_clients;
+            c.info.last_input_at = report
+                .input_ago_ms
+                .map(|ago| now.saturating_sub(i64::try_from(ago).unwrap_or(i64::MAX)));
+        }
     }
 
     fn remove(&self, id: Uuid, session: u64) {
@@ -408,17 +434,19 @@ async fn control_session(
             hostname: hello.hostname.chars().take(255).collect(),
             protocol_version,
             remote_addr: remote.to_string(),
+            attached_clients: 0,
+            last_input_at: None,
         },
         conn.clone(),
     );
     tracing::info!(%remote, workspace = %workspace_id, agent_version = %hello.agent_version, "agent connected");
-    let mut activity = Activity::new(workspace);
+    let mut touches = Touches::new(workspace, session);
     mark_ready(hub, workspace).await;
-    activity.record(hub, Instant::now()).await;
+    touches.record(hub, Instant::now(), false).await;
 
-    let result = heartbeat_loop(hub, conn, &mut activity, &mut send, recv).await;
+    let result = heartbeat_loop(hub, conn, &mut touches, &mut send, recv).await;
+    touches.record(hub, Instant::now(), true).await;
     hub.agents.remove(workspace_id, session);
-    activity.record(hub, Instant::now()).await;
     tracing::info!(%remote, workspace = %workspace_id, "agent disconnected");
     result
 }
@@ -429,45 +457,53 @@ async fn mark_ready(hub: &Hub, ws: &Workspace) {
     if !FROM.contains(&ws.status) {
         return;
     }
-    match hub
-        .store
-        .transition(ws.id, &FROM, Status::Ready, None)
-        .await
-    {
+    match hub.transition(ws.id, &FROM, Status::Ready, None).await {
         Ok(_) => tracing::info!(workspace = %ws.id, "workspace ready"),
         Err(StoreError::Conflict { .. }) => {}
         Err(e) => tracing::warn!(workspace = %ws.id, error = %e, "mark workspace ready"),
     }
 }
 
-/// Keeps `last_connected_at` current while writing it at most once per
-/// [`LAST_CONNECTED_WRITE_INTERVAL`] per workspace.
-struct Activity {
+/// Keeps `last_connected_at` and `last_active_at` current while writing the record at most
+/// once per [`LAST_CONNECTED_WRITE_INTERVAL`] per workspace; activity seen in between is
+/// kept and written with the next write.
+struct Touches {
     id: Uuid,
-    /// When the stored value was last written (by this session or, roughly, before it).
+    session: u64,
+    /// When the stored values were last written (by this session or, roughly, before it).
     written: Option<Instant>,
+    pending_active: Option<i64>,
 }
 
-impl Activity {
-    fn new(ws: &Workspace) -> Self {
+impl Touches {
+    fn new(ws: &Workspace, session: u64) -> Self {
         let age_ms = ws
             .last_connected_at
             .map(|at| now_ms().saturating_sub(at).max(0) as u64);
         Self {
             id: ws.id,
+            session,
             written: age_ms.and_then(|age| Instant::now().checked_sub(Duration::from_millis(age))),
+            pending_active: None,
         }
     }
 
-    async fn record(&mut self, hub: &Hub, now: Instant) {
-        if self
-            .written
-            .is_some_and(|at| now.duration_since(at) < LAST_CONNECTED_WRITE_INTERVAL)
+    /// `force` writes now whatever the interval (the agent is leaving).
+    async fn record(&mut self, hub: &Hub, now: Instant, force: bool) {
+        let wall = now_ms();
+        if let Some(at) = hub.agents.get(self.id).and_then(|a| a.active_at(wall)) {
+            self.pending_active = self.pending_active.max(Some(at));
+        }
+        if !force
+            && self
+                .written
+                .is_some_and(|at| now.duration_since(at) < LAST_CONNECTED_WRITE_INTERVAL)
         {
             return;
         }
         self.written = Some(now);
-        if let Err(e) = hub.store.set_last_connected(self.id, now_ms()).await {
+        let active = self.pending_active.take();
+        if let Err(e) = hub.store.touch(self.id, Some(wall), active).await {
             tracing::warn!(workspace = %self.id, error = %e, "record last connection");
         }
     }
@@ -476,11 +512,11 @@ impl Activity {
 async fn heartbeat_loop(
     hub: &Hub,
     conn: &quinn::Connection,
-    activity: &mut Activity,
+    touches: &mut Touches,
     send: &mut quinn::SendStream,
     recv: &mut FramedRecv,
 ) -> Result<(), LinkError> {
-    let workspace_id = activity.id;
+    let workspace_id = touches.id;
     // The agent pings every interval; the hub answers, and pings on its own only if the agent
     // falls quiet, so an idle agent costs one round trip per interval.
     let cfg = &hub.config;
@@ -501,10 +537,14 @@ async fn heartbeat_loop(
                         live.on_sent(now);
                     }
                     Some(ControlMsg::Pong(_)) => live.on_heard(now),
+                    Some(ControlMsg::Activity(report)) => {
+                        live.on_heard(now);
+                        hub.agents.set_activity(workspace_id, touches.session, report);
+                    }
                     Some(_) => return Err(protocol::ProtocolError::Unexpected("handshake message after hello").into()),
                     None => return Ok(()),
                 }
-                activity.record(hub, now).await;
+                touches.record(hub, now, false).await;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let now = Instant::now();

@@ -3,17 +3,19 @@
 
 use crate::agents::{AgentInfo, token_hash};
 use crate::auth::Caller;
-use crate::provider::InstanceSpec;
+use crate::lifecycle::{self, CreateRequest};
 use crate::store::StoreError;
-use crate::workspace::{Metadata, Status, Workspace, now_ms};
-use crate::{AppState, ca};
+use crate::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
+use crate::{AppState, idle, reconcile};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use protocol::bootstrap::AgentBootstrap;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
@@ -30,7 +32,16 @@ pub fn app(hub: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/version", get(version))
         .route("/workspaces", get(list_workspaces).post(create_workspace))
-        .route("/workspaces/{id}", get(get_workspace))
+        .route(
+            "/workspaces/{id}",
+            get(get_workspace).delete(delete_workspace),
+        )
+        .route("/workspaces/{id}/stop", post(stop_workspace))
+        .route("/workspaces/{id}/start", post(start_workspace))
+        .route("/workspaces/{id}/status", get(workspace_status))
+        .route("/workspaces/{id}/events", get(workspace_events))
+        .route("/workspaces/{id}/keep-awake", post(keep_awake))
+        .route("/cleanup", post(cleanup))
         .route("/workspaces/{id}/terminal", get(crate::terminal::terminal))
         .route("/terminal/{id}", get(crate::terminal::terminal))
         .fallback(not_found)
@@ -76,7 +87,7 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
-    fn internal(context: &str, e: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(context: &str, e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "{context}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -193,6 +204,17 @@ pub struct CreateWorkspace {
     pub image_tag: Option<String>,
     #[serde(default)]
     pub metadata: Metadata,
+    /// Idle clean-up times for this workspace; each at most the hub's default.
+    pub idle: Option<IdleRequest>,
+}
+
+/// Idle clean-up times a create may ask for (seconds; missing means the hub's default).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdleRequest {
+    pub stop_after_secs: Option<u64>,
+    pub delete_after_secs: Option<u64>,
+    pub max_lifetime_secs: Option<u64>,
 }
 
 /// A workspace as the API shows it.
@@ -324,83 +346,260 @@ async fn get_workspace(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<WorkspaceView>, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
-    let ws = caller.authorize(hub.store.get_workspace(id).await?)?;
+    let ws = owned(&hub, &caller, &id).await?;
     Ok(Json(view(&hub, ws)))
+}
+
+/// The workspace id from the path; anything that is not a UUID is simply not found.
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found("workspace"))
+}
+
+/// Loads a workspace the caller may act on.
+async fn owned(hub: &crate::Hub, caller: &Caller, id: &str) -> Result<Workspace, ApiError> {
+    let id = parse_id(id)?;
+    caller.authorize(hub.store.get_workspace(id).await?)
+}
+
+/// Checks an `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::invalid("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        })?;
+    Ok(Some(key.to_owned()))
 }
 
 async fn create_workspace(
     State(hub): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     ValidJson(req): ValidJson<CreateWorkspace>,
 ) -> Result<(StatusCode, Json<WorkspaceView>), ApiError> {
     req.validate()?;
-    let id = Uuid::new_v4();
-    let now = now_ms();
-    let cfg = &hub.config;
-    let ws = Workspace {
-        id,
-        owner_id: caller.owner_id.clone(),
-        instance_name: format!("ws-{}", &id.simple().to_string()[..20]),
-        zone: req.zone.unwrap_or_else(|| cfg.default_zone.clone()),
-        image_tag: req
-            .image_tag
-            .unwrap_or_else(|| cfg.default_image_tag.clone()),
-        machine_type: req
-            .machine_type
-            .unwrap_or_else(|| cfg.default_machine_type.clone()),
-        status: Status::Provisioning,
-        status_reason: None,
-        created_at: now,
-        updated_at: now,
-        last_connected_at: None,
-        metadata: req.metadata,
-    };
-    hub.store.insert_workspace(&ws).await?;
-
-    let token = format!("wse_{}", ca::hex(&ca::random_bytes::<32>()));
-    let expires = now + cfg.enrollment_ttl.as_millis() as i64;
-    hub.store
-        .insert_enrollment_token(&token_hash(&token), id, expires)
-        .await?;
-    let spec = InstanceSpec {
-        workspace_id: id,
-        instance_name: ws.instance_name.clone(),
-        zone: ws.zone.clone(),
-        machine_type: ws.machine_type.clone(),
-        image_tag: ws.image_tag.clone(),
-        bootstrap: AgentBootstrap {
-            hub_addr: hub.agent_hub_addr.clone(),
-            server_name: cfg.server_names[0].clone(),
-            ca_pem: hub.ca.cert_pem().to_owned(),
-            enrollment_token: Some(token),
-            state_dir: "/var/lib/workspace-agent".into(),
-            // The process provider runs agents as the hub's own user; VM images set the
-            // workspace user here (cloud-init).
-            user: None,
-            detached_session_ttl_secs: Some(cfg.detached_session_ttl.as_secs()),
-            terminal_ring_bytes: Some(cfg.terminal_ring_bytes),
+    let idle = req.idle.map(|i| {
+        let d = hub.config.idle;
+        let secs = |v: Option<u64>, default: std::time::Duration| {
+            v.map_or(default, std::time::Duration::from_secs)
+        };
+        IdlePolicy {
+            stop_after: secs(i.stop_after_secs, d.stop_after),
+            delete_after: secs(i.delete_after_secs, d.delete_after),
+            max_lifetime: secs(i.max_lifetime_secs, d.max_lifetime),
+        }
+    });
+    let created = lifecycle::create(
+        &hub,
+        &caller.owner_id,
+        CreateRequest {
+            zone: req.zone,
+            machine_type: req.machine_type,
+            image_tag: req.image_tag,
+            metadata: req.metadata,
+            idle,
+            idempotency_key: idempotency_key(&headers)?,
         },
+    )
+    .await?;
+    let status = if created.is_new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
-    match hub.provider.create(&spec).await {
-        Ok(created) => {
-            tracing::info!(workspace = %id, owner = %caller.owner_id, "workspace created");
-            let ws = hub.store.get_workspace(id).await?;
-            let mut body = view(&hub, ws);
-            body.agent_config = created.agent_config;
-            Ok((StatusCode::CREATED, Json(body)))
-        }
+    let mut body = view(&hub, created.workspace);
+    body.agent_config = created.agent_config;
+    Ok((status, Json(body)))
+}
+
+async fn delete_workspace(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<WorkspaceView>), ApiError> {
+    let ws = owned(&hub, &caller, &id).await?;
+    let ws = lifecycle::delete(&hub, ws.id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws))))
+}
+
+async fn stop_workspace(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<WorkspaceView>), ApiError> {
+    let ws = owned(&hub, &caller, &id).await?;
+    let ws = lifecycle::stop(&hub, ws.id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws))))
+}
+
+async fn start_workspace(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<WorkspaceView>), ApiError> {
+    let ws = owned(&hub, &caller, &id).await?;
+    let ws = lifecycle::start(&hub, ws.id, &ws.owner_id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws))))
+}
+
+/// Live status: the record, what the provider observes, the agent, and the idle verdict.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub id: Uuid,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+    /// What the provider sees: RUNNING, SUSPENDED, STOPPED, MISSING or UNKNOWN.
+    pub observed: &'static str,
+    pub agent: Option<AgentInfo>,
+    pub keep_awake_until: Option<String>,
+    pub activity: ActivityView,
+}
+
+/// Why the workspace counts as active or idle, and what clean-up will do when.
+#[derive(Debug, Serialize)]
+pub struct ActivityView {
+    pub active: bool,
+    pub reason: String,
+    pub idle_since: Option<String>,
+    pub stop_at: Option<String>,
+    pub delete_at: Option<String>,
+}
+
+async fn workspace_status(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<StatusView>, ApiError> {
+    let ws = owned(&hub, &caller, &id).await?;
+    let observed = match hub.provider.observe(ws.id).await {
+        Ok(o) => o.as_str(),
         Err(e) => {
-            tracing::warn!(workspace = %id, error = %e, "provider create failed");
-            let reason = format!("create instance: {e}");
-            hub.store
-                .transition(id, &[Status::Provisioning], Status::Error, Some(&reason))
-                .await?;
-            Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "provider_failed",
-                reason,
-            ))
+            tracing::warn!(workspace = %ws.id, error = %e, "observe");
+            "UNKNOWN"
         }
+    };
+    let agent = hub.agents.get(ws.id);
+    let j = idle::judge(&ws, agent.as_ref(), now_ms());
+    Ok(Json(StatusView {
+        id: ws.id,
+        status: ws.status,
+        status_reason: ws.status_reason,
+        observed,
+        agent,
+        keep_awake_until: ws.keep_awake_until.map(rfc3339),
+        activity: ActivityView {
+            active: j.active,
+            reason: j.reason,
+            idle_since: j.idle_since.map(rfc3339),
+            stop_at: j.stop_at.map(rfc3339),
+            delete_at: j.delete_at.map(rfc3339),
+        },
+    }))
+}
+
+/// The body of `POST /workspaces/:id/keep-awake`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepAwake {
+    /// How long from now; 0 releases the lease.
+    pub seconds: u64,
+}
+
+async fn keep_awake(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ValidJson(req): ValidJson<KeepAwake>,
+) -> Result<Json<WorkspaceView>, ApiError> {
+    let ws = owned(&hub, &caller, &id).await?;
+    let ws = lifecycle::keep_awake(&hub, &ws, req.seconds).await?;
+    Ok(Json(view(&hub, ws)))
+}
+
+/// `GET /workspaces/:id/events`: the current status, then every change, as SSE.
+async fn workspace_events(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError>
+{
+    let ws = owned(&hub, &caller, &id).await?;
+    // Subscribe before reading the status so no change falls between the two.
+    let rx = hub.events.subscribe();
+    let ws = hub.store.get_workspace(ws.id).await?;
+    let first = sse_event(&lifecycle::WorkspaceEvent {
+        workspace_id: ws.id,
+        kind: "status",
+        status: Some(ws.status),
+        reason: ws.status_reason.clone(),
+        at: ws.updated_at,
+    });
+    let id = ws.id;
+    let stream = futures_util::stream::unfold((rx, false), move |(mut rx, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) if ev.workspace_id == id => {
+                    let last = ev.kind == "deleted";
+                    return Some((Ok(sse_event(&ev)), (rx, last)));
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let lagged = Event::default().event("lagged").data(n.to_string());
+                    return Some((Ok(lagged), (rx, false)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let stream = futures_util::stream::once(async move { Ok(first) }).chain(stream);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+fn sse_event(ev: &lifecycle::WorkspaceEvent) -> Event {
+    let data = json!({
+        "workspace_id": ev.workspace_id,
+        "status": ev.status,
+        "reason": ev.reason,
+        "at": rfc3339(ev.at),
+    });
+    Event::default().event(ev.kind).data(data.to_string())
+}
+
+/// `POST /cleanup`: the reconciler and the idle clean-up, for Cloud Scheduler or cron,
+/// authenticated by the configured `cleanup_token`.
+async fn cleanup(
+    State(hub): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(expected) = hub.config.cleanup_token.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cleanup_disabled",
+            "POST /cleanup is off: set cleanup_token in the hub config",
+        ));
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Compare hashes, so the time taken says nothing about the secret.
+    if token_hash(given) != token_hash(expected) {
+        return Err(ApiError::unauthorized("invalid cleanup token"));
     }
+    let now = now_ms();
+    let reconciled = reconcile::reconcile(&hub, now)
+        .await
+        .map_err(|e| ApiError::internal("reconcile", e))?;
+    let swept = idle::sweep(&hub, now).await?;
+    Ok(Json(json!({ "reconciled": reconciled, "idle": swept })))
 }

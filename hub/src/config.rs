@@ -18,6 +18,68 @@ pub enum ProviderKind {
     Manual,
 }
 
+/// Idle clean-up defaults; a create request may choose shorter (never longer) times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdlePolicy {
+    /// A READY workspace with no activity for this long is stopped (suspended).
+    #[serde(with = "humantime_serde")]
+    pub stop_after: Duration,
+    /// A SUSPENDED or ERROR workspace untouched for this long is deleted.
+    #[serde(with = "humantime_serde")]
+    pub delete_after: Duration,
+    /// Any workspace older than this is deleted, active or not.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        Self {
+            stop_after: Duration::from_secs(30 * 60),
+            delete_after: Duration::from_secs(14 * 24 * 3600),
+            max_lifetime: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+/// Per-owner limits, checked at create and start.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quota {
+    /// Workspaces an owner may have in all.
+    pub max_workspaces: u32,
+    /// Workspaces an owner may have running (provisioning, starting or ready) at once.
+    pub max_running: u32,
+    /// Machine types an owner may ask for; empty means any.
+    pub machine_types: Vec<String>,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self {
+            max_workspaces: 20,
+            max_running: 5,
+            machine_types: Vec::new(),
+        }
+    }
+}
+
+/// The default quota and per-owner overrides (`[quotas.owners.alice]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quotas {
+    #[serde(flatten)]
+    pub default: Quota,
+    pub owners: std::collections::BTreeMap<String, Quota>,
+}
+
+impl Quotas {
+    pub fn for_owner(&self, owner: &str) -> &Quota {
+        self.owners.get(owner).unwrap_or(&self.default)
+    }
+}
+
 /// The config file as written by people.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -47,6 +109,17 @@ pub struct FileConfig {
     /// How long a terminal session may stay detached before the agent ends it.
     #[serde(with = "humantime_serde")]
     pub detached_session_ttl: Duration,
+    pub idle: IdlePolicy,
+    pub quotas: Quotas,
+    /// How often the reconciler and the idle clean-up run inside the hub.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// How long a record or instance may look inconsistent before the reconciler acts
+    /// (an instance being created has no agent yet; a record being written has no VM yet).
+    #[serde(with = "humantime_serde")]
+    pub reconcile_grace: Duration,
+    /// A shared secret Cloud Scheduler (or cron) sends as a bearer token to `POST /cleanup`.
+    pub cleanup_token: Option<String>,
 }
 
 impl Default for FileConfig {
@@ -67,6 +140,11 @@ impl Default for FileConfig {
             default_image_tag: "default".into(),
             terminal_ring_bytes: 4 << 20,
             detached_session_ttl: Duration::from_secs(8 * 3600),
+            idle: IdlePolicy::default(),
+            quotas: Quotas::default(),
+            reconcile_interval: Duration::from_secs(60),
+            reconcile_grace: Duration::from_secs(10 * 60),
+            cleanup_token: None,
         }
     }
 }
@@ -97,6 +175,11 @@ pub struct Config {
     pub default_image_tag: String,
     pub terminal_ring_bytes: u64,
     pub detached_session_ttl: Duration,
+    pub idle: IdlePolicy,
+    pub quotas: Quotas,
+    pub reconcile_interval: Duration,
+    pub reconcile_grace: Duration,
+    pub cleanup_token: Option<String>,
 }
 
 impl Config {
@@ -132,6 +215,21 @@ impl Config {
             file.detached_session_ttl >= Duration::from_secs(1),
             "detached_session_ttl must be at least 1s"
         );
+        ensure!(
+            file.idle.stop_after <= file.idle.max_lifetime
+                && file.idle.delete_after <= file.idle.max_lifetime,
+            "idle.stop_after and idle.delete_after must not exceed idle.max_lifetime"
+        );
+        ensure!(
+            file.reconcile_interval >= Duration::from_millis(100),
+            "reconcile_interval must be at least 100ms"
+        );
+        if let Some(token) = &file.cleanup_token {
+            ensure!(
+                token.len() >= 16,
+                "cleanup_token must be at least 16 characters"
+            );
+        }
         let agent_binary = match file.agent_binary {
             Some(path) => path,
             None => std::env::current_exe()
@@ -156,6 +254,11 @@ impl Config {
             default_image_tag: file.default_image_tag,
             terminal_ring_bytes: file.terminal_ring_bytes,
             detached_session_ttl: file.detached_session_ttl,
+            idle: file.idle,
+            quotas: file.quotas,
+            reconcile_interval: file.reconcile_interval,
+            reconcile_grace: file.reconcile_grace,
+            cleanup_token: file.cleanup_token,
         })
     }
 

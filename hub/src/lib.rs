@@ -16,7 +16,10 @@ pub mod ca;
 pub mod clients;
 pub mod config;
 pub mod fsutil;
+pub mod idle;
+pub mod lifecycle;
 pub mod provider;
+pub mod reconcile;
 pub mod store;
 pub mod terminal;
 pub mod workspace;
@@ -41,6 +44,10 @@ pub struct Hub {
     /// The address agents are told to dial.
     pub agent_hub_addr: String,
     pub shutdown: CancellationToken,
+    /// Workspace events (status changes) for SSE subscribers.
+    pub events: tokio::sync::broadcast::Sender<lifecycle::WorkspaceEvent>,
+    /// Instances without a record, and when the reconciler first saw each.
+    pub orphans: reconcile::Orphans,
 }
 
 impl std::fmt::Debug for Hub {
@@ -92,7 +99,36 @@ pub fn open_state(
         ca: Arc::new(ca),
         agents: agents::Registry::default(),
         shutdown,
+        events: tokio::sync::broadcast::channel(1024).0,
+        orphans: reconcile::Orphans::default(),
     })
+}
+
+/// The reconciler and idle clean-up: once at start-up, then every `reconcile_interval`.
+async fn housekeeping(hub: AppState) {
+    let mut tick = tokio::time::interval(hub.config.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hub.shutdown.cancelled() => return,
+        }
+        let now = workspace::now_ms();
+        match reconcile::reconcile(&hub, now).await {
+            Ok(report)
+                if !report.orphans_seen.is_empty()
+                    || !report.vanished.is_empty()
+                    || !report.resumed.is_empty() =>
+            {
+                tracing::info!(?report, "reconciled");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconcile"),
+        }
+        if let Err(e) = idle::sweep(&hub, now).await {
+            tracing::warn!(error = %e, "idle clean-up");
+        }
+    }
 }
 
 fn reset_secret(config: &Config) -> Result<Vec<u8>> {
@@ -171,6 +207,8 @@ pub async fn run(
             }
         }
     });
+
+    tasks.spawn(housekeeping(hub.clone()));
 
     let http_shutdown = shutdown.clone();
     axum::serve(listener, app(hub.clone()))

@@ -1,5 +1,6 @@
 //! The workspace record and its status machine.
 
+pub use crate::config::IdlePolicy;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -49,6 +50,14 @@ impl Status {
         })
     }
 
+    /// Whether the instance is meant to be running (counts against `max_running`).
+    pub fn is_running(self) -> bool {
+        matches!(
+            self,
+            Status::Provisioning | Status::Ready | Status::Starting
+        )
+    }
+
     /// Whether a transition from `self` to `to` is allowed.
     pub fn can_become(self, to: Status) -> bool {
         use Status::*;
@@ -60,6 +69,8 @@ impl Status {
                 | (Starting, Error)
                 | (Ready, Stopping)
                 | (Ready, Error)
+                | (Ready, Suspended)
+                | (Suspended, Error)
                 | (Stopping, Suspended)
                 | (Stopping, Error)
                 | (Suspended, Starting)
@@ -96,7 +107,14 @@ pub struct Workspace {
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// When the agent was last connected (written at most once a minute).
     pub last_connected_at: Option<i64>,
+    /// When the agent last reported use: input, attached clients (at most once a minute).
+    pub last_active_at: Option<i64>,
+    /// A keep-awake lease: idle clean-up leaves the workspace alone until then.
+    pub keep_awake_until: Option<i64>,
+    /// The idle clean-up policy chosen at create time.
+    pub idle: IdlePolicy,
     pub metadata: Metadata,
 }
 

@@ -3,7 +3,7 @@
 
 use hub::store::sqlite::SqliteStore;
 use hub::store::{ApiToken, Store, StoreError, TokenRejection};
-use hub::workspace::{Metadata, Status, Workspace};
+use hub::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -21,6 +21,9 @@ fn workspace(owner: &str, created_at: i64) -> Workspace {
         created_at,
         updated_at: created_at,
         last_connected_at: None,
+        last_active_at: None,
+        keep_awake_until: None,
+        idle: IdlePolicy::default(),
         metadata: Metadata {
             repo: Some("https://example.com/r.git".into()),
             branch: Some("main".into()),
@@ -115,15 +118,141 @@ async fn conformance(store: Arc<dyn Store>) {
     }
     assert_eq!(wins, 1);
 
-    store.set_last_connected(a2.id, 42_000).await.unwrap();
+    // Touches only move times forward, and each field alone.
+    store.touch(a2.id, Some(42_000), None).await.unwrap();
+    store
+        .touch(a2.id, Some(41_000), Some(40_000))
+        .await
+        .unwrap();
+    let touched = store.get_workspace(a2.id).await.unwrap();
+    assert_eq!(touched.last_connected_at, Some(42_000));
+    assert_eq!(touched.last_active_at, Some(40_000));
+    store.touch(a2.id, None, Some(43_000)).await.unwrap();
+    let touched = store.get_workspace(a2.id).await.unwrap();
     assert_eq!(
-        store.get_workspace(a2.id).await.unwrap().last_connected_at,
-        Some(42_000)
+        (touched.last_connected_at, touched.last_active_at),
+        (Some(42_000), Some(43_000))
     );
     assert!(matches!(
-        store.set_last_connected(Uuid::new_v4(), 1).await,
+        store.touch(Uuid::new_v4(), Some(1), None).await,
         Err(StoreError::NotFound)
     ));
+
+    // Keep-awake leases.
+    assert_eq!(
+        store
+            .set_keep_awake(a2.id, Some(9_000))
+            .await
+            .unwrap()
+            .keep_awake_until,
+        Some(9_000)
+    );
+    assert_eq!(
+        store
+            .set_keep_awake(a2.id, None)
+            .await
+            .unwrap()
+            .keep_awake_until,
+        None
+    );
+    assert!(matches!(
+        store.set_keep_awake(Uuid::new_v4(), Some(1)).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Deleting: only from DELETING, and the record is gone afterwards.
+    let doomed = workspace("erin", 4_000);
+    store.insert_workspace(&doomed).await.unwrap();
+    assert!(matches!(
+        store.delete_workspace(doomed.id).await,
+        Err(StoreError::Conflict {
+            current: Status::Provisioning
+        })
+    ));
+    store
+        .transition(doomed.id, &[Status::Provisioning], Status::Deleting, None)
+        .await
+        .unwrap();
+    store.delete_workspace(doomed.id).await.unwrap();
+    assert!(matches!(
+        store.get_workspace(doomed.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete_workspace(doomed.id).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // 50 concurrent start, stop and delete requests on one workspace, each a conditional
+    // write the way the lifecycle makes them: the history they leave is a legal one, and
+    // the final state is the one the last winner wrote (no lost update).
+    let busy = workspace("frank", 5_000);
+    store.insert_workspace(&busy).await.unwrap();
+    store
+        .transition(busy.id, &[Status::Provisioning], Status::Ready, None)
+        .await
+        .unwrap();
+    const DELETE_FROM: [Status; 4] = [
+        Status::Ready,
+        Status::Stopping,
+        Status::Suspended,
+        Status::Starting,
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let (from, to): (&[Status], Status) = match i % 5 {
+                _ if i == 45 => (&DELETE_FROM, Status::Deleting),
+                0 | 4 => (&[Status::Ready], Status::Stopping),
+                1 => (&[Status::Stopping], Status::Suspended),
+                2 => (&[Status::Suspended], Status::Starting),
+                _ => (&[Status::Starting], Status::Ready),
+            };
+            match store.transition(busy.id, from, to, None).await {
+                Ok(_) => Some((from[0], to)),
+                Err(StoreError::Conflict { current }) => {
+                    assert!(
+                        !from.contains(&current),
+                        "a conflict names a state outside `from`"
+                    );
+                    None
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }));
+    }
+    let mut wins = Vec::new();
+    for t in tasks {
+        wins.extend(t.await.unwrap());
+    }
+    // No lost update: the winning edges must form one path from READY through the state
+    // machine. For every state, (edges out) - (edges in) is +1 at the start, -1 at the end
+    // and 0 elsewhere; two writers that both "won" from the same state would break it.
+    let last = store.get_workspace(busy.id).await.unwrap();
+    let deleted = wins.iter().any(|(_, to)| *to == Status::Deleting);
+    assert_eq!(deleted, last.status == Status::Deleting);
+    let mut net = std::collections::HashMap::<Status, i32>::new();
+    for (from, to) in wins.iter().filter(|(_, to)| *to != Status::Deleting) {
+        *net.entry(*from).or_default() += 1;
+        *net.entry(*to).or_default() -= 1;
+    }
+    *net.entry(Status::Ready).or_default() -= 1;
+    let ends: Vec<Status> = net
+        .iter()
+        .filter(|(_, n)| **n != 0)
+        .map(|(s, _)| *s)
+        .collect();
+    let end = match ends.as_slice() {
+        [] => Status::Ready,
+        [end] if net[end] == -1 => *end,
+        other => panic!("winning transitions do not form one path: {other:?} {net:?}"),
+    };
+    if deleted {
+        assert!(DELETE_FROM.contains(&end), "deleted from {end:?}");
+    } else {
+        assert_eq!(end, last.status);
+    }
 
     // Enrollment tokens: unknown, bound to the first key, expired; exactly one racer wins.
     store

@@ -15,6 +15,9 @@ crate::tagged_messages! {
         4 => Ping(Ping),
         /// Either way: the answer to a [`Ping`] with the same sequence number.
         5 => Pong(Pong),
+        /// Agent -> hub (protocol 2 and later): what the agent counts as use of the
+        /// workspace, sent when it changes. Idle clean-up decides from this, never by guessing.
+        6 => Activity(Activity),
     }
 }
 
@@ -71,4 +74,13 @@ pub struct Ping {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pong {
     pub seq: u64,
+}
+
+/// Use of the workspace as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    /// Clients attached to terminal sessions right now.
+    pub attached_clients: u32,
+    /// Milliseconds since the last terminal input, if there was any since the agent started.
+    pub input_ago_ms: Option<u64>,
 }

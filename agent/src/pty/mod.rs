@@ -128,6 +128,8 @@ pub struct PtySession {
     killer: Mutex<Box<dyn ChildKiller + Send + Sync>>,
     /// Clients attached now, and when the last one left (for idle expiry).
     attached: Mutex<(usize, Instant)>,
+    /// When a client last typed into this session.
+    last_input: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for PtySession {
@@ -203,6 +205,7 @@ impl PtySession {
             master: Mutex::new(pair.master),
             killer: Mutex::new(child.clone_killer()),
             attached: Mutex::new((0, Instant::now())),
+            last_input: Mutex::new(None),
         });
 
         // The reader blocks, so it gets a thread of its own, never the async runtime.
@@ -251,6 +254,7 @@ impl PtySession {
         if let Some(code) = lock(&self.state).exit {
             return Err(PtyError::Exited { code });
         }
+        *lock(&self.last_input) = Some(Instant::now());
         let mut w = lock(&self.writer);
         w.write_all(bytes)?;
         w.flush()?;
@@ -484,6 +488,13 @@ impl Sessions {
             .collect();
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         out
+    }
+
+    /// Clients attached across all sessions, and when any of them last typed.
+    pub fn activity(&self) -> (usize, Option<Instant>) {
+        lock(&self.map).values().fold((0, None), |(n, last), s| {
+            (n + lock(&s.attached).0, last.max(*lock(&s.last_input)))
+        })
     }
 
     /// Ends and forgets sessions that nobody has been attached to for the detached TTL.

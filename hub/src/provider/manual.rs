@@ -2,7 +2,9 @@
 //! returned once at create time. Used for bring-your-own machines and for the fleet
 //! benchmark, where thousands of agents run in one process.
 
-use super::{Created, InstanceSpec, Observed, Provider, ProviderError, render_agent_config};
+use super::{
+    Created, Instance, InstanceSpec, Observed, Provider, ProviderError, render_agent_config,
+};
 use async_trait::async_trait;
 use uuid::Uuid;
 
@@ -35,5 +37,9 @@ impl Provider for ManualProvider {
 
     async fn observe(&self, _: Uuid) -> Result<Observed, ProviderError> {
         Ok(Observed::Unknown)
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, ProviderError> {
+        Ok(Vec::new())
     }
 }

@@ -18,6 +18,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct InstanceSpec {
     pub workspace_id: Uuid,
+    /// Labelled on the instance, with the workspace id, so the reconciler can match it.
+    pub owner_id: String,
     pub instance_name: String,
     pub zone: String,
     pub machine_type: String,
@@ -38,6 +40,26 @@ pub enum Observed {
     Unknown,
 }
 
+impl Observed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Observed::Running => "RUNNING",
+            Observed::Suspended => "SUSPENDED",
+            Observed::Stopped => "STOPPED",
+            Observed::Missing => "MISSING",
+            Observed::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// An instance the provider runs that carries our workspace label.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub workspace_id: Uuid,
+    pub instance_name: String,
+    pub observed: Observed,
+}
+
 /// The result of a create.
 #[derive(Debug, Clone, Default)]
 pub struct Created {
@@ -50,6 +72,12 @@ pub struct Created {
 pub enum ProviderError {
     #[error("instance not found")]
     NotFound,
+    /// The cloud refused for lack of quota (CPUs, addresses, ...).
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+    /// The hub's service account may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -65,6 +93,8 @@ pub trait Provider: Send + Sync + 'static {
     async fn stop(&self, workspace_id: Uuid) -> Result<(), ProviderError>;
     async fn delete(&self, workspace_id: Uuid) -> Result<(), ProviderError>;
     async fn observe(&self, workspace_id: Uuid) -> Result<Observed, ProviderError>;
+    /// Every instance labelled as a workspace of this hub (for the reconciler).
+    async fn list(&self) -> Result<Vec<Instance>, ProviderError>;
 }
 
 /// Renders the agent's config file (TOML).

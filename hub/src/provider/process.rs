@@ -7,7 +7,9 @@
 //! agent that is gone (after a reboot) is started again from the same folder, where it keeps
 //! its certificate, so it needs no second enrollment.
 
-use super::{Created, InstanceSpec, Observed, Provider, ProviderError, render_agent_config};
+use super::{
+    Created, Instance, InstanceSpec, Observed, Provider, ProviderError, render_agent_config,
+};
 use crate::fsutil::write_private;
 use async_trait::async_trait;
 use rustix::process::{Pid, Signal};
@@ -139,6 +141,30 @@ impl Provider for ProcessProvider {
             signal_group(pid, Signal::KILL)?;
         }
         remove_dir(&self.dir(id))
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, ProviderError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(failed("list workspace folders", e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| Uuid::parse_str(n).ok())
+            else {
+                continue;
+            };
+            out.push(Instance {
+                workspace_id: id,
+                instance_name: crate::lifecycle::instance_name(id),
+                observed: self.observe(id).await?,
+            });
+        }
+        Ok(out)
     }
 
     async fn observe(&self, id: Uuid) -> Result<Observed, ProviderError> {

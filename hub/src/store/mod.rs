@@ -55,7 +55,18 @@ pub trait Store: Send + Sync + 'static {
         to: Status,
         reason: Option<&str>,
     ) -> Result<Workspace, StoreError>;
-    async fn set_last_connected(&self, id: Uuid, at_ms: i64) -> Result<(), StoreError>;
+    /// Moves `last_connected_at` and `last_active_at` forward (never back) to the given
+    /// times; `None` leaves a field alone.
+    async fn touch(
+        &self,
+        id: Uuid,
+        connected_at: Option<i64>,
+        active_at: Option<i64>,
+    ) -> Result<(), StoreError>;
+    /// Sets (or, with `None`, clears) the keep-awake lease.
+    async fn set_keep_awake(&self, id: Uuid, until: Option<i64>) -> Result<Workspace, StoreError>;
+    /// Removes the record; only a workspace in `DELETING` may go (else `Conflict`).
+    async fn delete_workspace(&self, id: Uuid) -> Result<(), StoreError>;
 
     /// Stores an enrollment token (by hash) for a workspace.
     async fn insert_enrollment_token(

@@ -4,7 +4,7 @@
 //! transaction that re-reads the current status before writing.
 
 use super::{ApiToken, Store, StoreError, TokenRejection};
-use crate::workspace::{Metadata, Status, Workspace};
+use crate::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -85,6 +85,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        migrate(&conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -104,8 +105,34 @@ impl SqliteStore {
     }
 }
 
+/// Columns added after the first schema, with their types; added to older files on open.
+const ADDED_COLUMNS: [(&str, &str); 3] = [
+    ("last_active_at", "INTEGER"),
+    ("keep_awake_until", "INTEGER"),
+    ("idle", "TEXT NOT NULL DEFAULT '{}'"),
+];
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT name FROM pragma_table_info('workspaces')")
+        .map_err(backend)?;
+    let have: Vec<String> = stmt
+        .query_map([], |row| row.get(0))
+        .map_err(backend)?
+        .collect::<Result<_, _>>()
+        .map_err(backend)?;
+    for (name, ty) in ADDED_COLUMNS {
+        if !have.iter().any(|c| c == name) {
+            conn.execute_batch(&format!("ALTER TABLE workspaces ADD COLUMN {name} {ty}"))
+                .map_err(backend)?;
+        }
+    }
+    Ok(())
+}
+
 const WS_COLUMNS: &str = "id, owner_id, instance_name, zone, image_tag, machine_type, status, \
-    status_reason, created_at, updated_at, last_connected_at, metadata";
+    status_reason, created_at, updated_at, last_connected_at, metadata, last_active_at, \
+    keep_awake_until, idle";
 
 fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
     let conv = |i: usize, e: String| {
@@ -114,6 +141,7 @@ fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
     let id: String = row.get(0)?;
     let status: String = row.get(6)?;
     let metadata: String = row.get(11)?;
+    let idle: String = row.get(14)?;
     Ok(Workspace {
         id: Uuid::parse_str(&id).map_err(|e| conv(0, e.to_string()))?,
         owner_id: row.get(1)?,
@@ -128,6 +156,9 @@ fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
         last_connected_at: row.get(10)?,
         metadata: serde_json::from_str::<Metadata>(&metadata)
             .map_err(|e| conv(11, e.to_string()))?,
+        last_active_at: row.get(12)?,
+        keep_awake_until: row.get(13)?,
+        idle: serde_json::from_str::<IdlePolicy>(&idle).map_err(|e| conv(14, e.to_string()))?,
     })
 }
 
@@ -148,8 +179,9 @@ impl Store for SqliteStore {
         let ws = ws.clone();
         self.with(move |conn| {
             let metadata = serde_json::to_string(&ws.metadata).map_err(backend)?;
+            let idle = serde_json::to_string(&ws.idle).map_err(backend)?;
             let res = conn.execute(
-                &format!("INSERT INTO workspaces ({WS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                &format!("INSERT INTO workspaces ({WS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
                 params![
                     ws.id.to_string(),
                     ws.owner_id,
@@ -163,6 +195,9 @@ impl Store for SqliteStore {
                     ws.updated_at,
                     ws.last_connected_at,
                     metadata,
+                    ws.last_active_at,
+                    ws.keep_awake_until,
+                    idle,
                 ],
             );
             match res {
@@ -231,17 +266,74 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_last_connected(&self, id: Uuid, at_ms: i64) -> Result<(), StoreError> {
+    async fn touch(
+        &self,
+        id: Uuid,
+        connected_at: Option<i64>,
+        active_at: Option<i64>,
+    ) -> Result<(), StoreError> {
         self.with(move |conn| {
             let n = conn
                 .execute(
-                    "UPDATE workspaces SET last_connected_at = ?2 WHERE id = ?1",
-                    params![id.to_string(), at_ms],
+                    "UPDATE workspaces SET \
+                     last_connected_at = MAX(COALESCE(last_connected_at, ?2), COALESCE(?2, last_connected_at)), \
+                     last_active_at = MAX(COALESCE(last_active_at, ?3), COALESCE(?3, last_active_at)) \
+                     WHERE id = ?1",
+                    params![id.to_string(), connected_at, active_at],
                 )
                 .map_err(backend)?;
             if n == 0 {
                 return Err(StoreError::NotFound);
             }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_keep_awake(&self, id: Uuid, until: Option<i64>) -> Result<Workspace, StoreError> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(backend)?;
+            let n = tx
+                .execute(
+                    "UPDATE workspaces SET keep_awake_until = ?2 WHERE id = ?1",
+                    params![id.to_string(), until],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            let ws = get_ws(&tx, id)?;
+            tx.commit().map_err(backend)?;
+            Ok(ws)
+        })
+        .await
+    }
+
+    async fn delete_workspace(&self, id: Uuid) -> Result<(), StoreError> {
+        self.with(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let current = get_ws(&tx, id)?;
+            if current.status != Status::Deleting {
+                return Err(StoreError::Conflict {
+                    current: current.status,
+                });
+            }
+            let id = id.to_string();
+            tx.execute("DELETE FROM workspaces WHERE id = ?1", params![id])
+                .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM enrollment_tokens WHERE workspace_id = ?1",
+                params![id],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM agent_certs WHERE workspace_id = ?1",
+                params![id],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
             Ok(())
         })
         .await

@@ -1,0 +1,407 @@
+//! Workspace lifecycle: create, stop, start, delete and keep-awake, each a conditional
+//! status change in the store followed by the provider call. Stop, start and delete answer
+//! at once with the transient status (`STOPPING`, `STARTING`, `DELETING`) and finish in the
+//! background; the reconciler finishes whatever a crash interrupted. Every status change is
+//! published as a [`WorkspaceEvent`] (the SSE stream at `/workspaces/:id/events`).
+
+use crate::agents::token_hash;
+use crate::api::ApiError;
+use crate::provider::{InstanceSpec, ProviderError};
+use crate::store::StoreError;
+use crate::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
+use crate::{Hub, ca};
+use axum::http::StatusCode;
+use protocol::bootstrap::AgentBootstrap;
+use protocol::close::CloseCode;
+use serde::Serialize;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Namespace of workspace ids derived from an idempotency key (UUID v5).
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x8f1c_5a4e_2b7d_4e11_9c3a_6d0e_7f21_b5a9);
+
+/// The longest keep-awake lease one request may take.
+pub const MAX_KEEP_AWAKE_SECS: u64 = 24 * 3600;
+
+/// Something that happened to a workspace, for SSE subscribers.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkspaceEvent {
+    pub workspace_id: Uuid,
+    /// The SSE event name: `status`, `deleted`, `error`.
+    pub kind: &'static str,
+    pub status: Option<Status>,
+    pub reason: Option<String>,
+    /// Unix milliseconds.
+    pub at: i64,
+}
+
+impl Hub {
+    /// A conditional status change that, when it succeeds, is published to subscribers.
+    pub async fn transition(
+        &self,
+        id: Uuid,
+        from: &[Status],
+        to: Status,
+        reason: Option<&str>,
+    ) -> Result<Workspace, StoreError> {
+        let ws = self.store.transition(id, from, to, reason).await?;
+        self.publish(id, "status", Some(ws.status), ws.status_reason.clone());
+        Ok(ws)
+    }
+
+    pub fn publish(
+        &self,
+        id: Uuid,
+        kind: &'static str,
+        status: Option<Status>,
+        reason: Option<String>,
+    ) {
+        // Nobody listening is fine.
+        let _ = self.events.send(WorkspaceEvent {
+            workspace_id: id,
+            kind,
+            status,
+            reason,
+            at: now_ms(),
+        });
+    }
+
+    /// Ends the agent's connection (after a stop or a delete), so the registry drops it now
+    /// rather than after a heartbeat timeout.
+    fn disconnect_agent(&self, id: Uuid, why: &str) {
+        if let Some(conn) = self.agents.connection(id) {
+            conn.close(
+                quinn::VarInt::from_u32(CloseCode::ShuttingDown.code()),
+                why.as_bytes(),
+            );
+        }
+    }
+}
+
+/// What a create asks for, already validated by the API.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub zone: Option<String>,
+    pub machine_type: Option<String>,
+    pub image_tag: Option<String>,
+    pub metadata: Metadata,
+    /// Shorter idle times than the hub's defaults (never longer).
+    pub idle: Option<IdlePolicy>,
+    /// A client-chosen key: retrying a create with the same key returns the same workspace.
+    pub idempotency_key: Option<String>,
+}
+
+/// The outcome of a create.
+#[derive(Debug)]
+pub struct Created {
+    pub workspace: Workspace,
+    /// For the manual provider: the agent's config file.
+    pub agent_config: Option<String>,
+    /// False when an earlier request with the same idempotency key created it.
+    pub is_new: bool,
+}
+
+fn quota_exceeded(message: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
+}
+
+/// Checks the owner's quota before a create (`creating`) or a start.
+async fn check_quota(hub: &Hub, owner: &str, creating: Option<&str>) -> Result<(), ApiError> {
+    let quota = hub.config.quotas.for_owner(owner);
+    if let Some(machine_type) = creating
+        && !quota.machine_types.is_empty()
+        && !quota.machine_types.iter().any(|m| m == machine_type)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "machine_type_not_allowed",
+            format!(
+                "machine type {machine_type} is not allowed; allowed: {}",
+                quota.machine_types.join(", ")
+            ),
+        ));
+    }
+    let mine = hub.store.list_workspaces(Some(owner)).await?;
+    if creating.is_some() && mine.len() >= quota.max_workspaces as usize {
+        return Err(quota_exceeded(format!(
+            "you have {} workspaces; the limit is {}",
+            mine.len(),
+            quota.max_workspaces
+        )));
+    }
+    let running = mine.iter().filter(|w| w.status.is_running()).count();
+    if running >= quota.max_running as usize {
+        return Err(quota_exceeded(format!(
+            "you have {running} running workspaces; the limit is {}",
+            quota.max_running
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a workspace record (`PROVISIONING`) and asks the provider for its machine.
+pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<Created, ApiError> {
+    let cfg = &hub.config;
+    let id = match &req.idempotency_key {
+        Some(key) => Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("{owner}\0{key}").as_bytes()),
+        None => Uuid::new_v4(),
+    };
+    if req.idempotency_key.is_some() {
+        match hub.store.get_workspace(id).await {
+            Ok(ws) => return Ok(existing(ws)),
+            Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let machine_type = req
+        .machine_type
+        .unwrap_or_else(|| cfg.default_machine_type.clone());
+    check_quota(hub, owner, Some(&machine_type)).await?;
+    let defaults = cfg.idle;
+    let idle = req.idle.map_or(defaults, |asked| IdlePolicy {
+        stop_after: asked.stop_after.min(defaults.stop_after),
+        delete_after: asked.delete_after.min(defaults.delete_after),
+        max_lifetime: asked.max_lifetime.min(defaults.max_lifetime),
+    });
+    let now = now_ms();
+    let ws = Workspace {
+        id,
+        owner_id: owner.to_owned(),
+        instance_name: instance_name(id),
+        zone: req.zone.unwrap_or_else(|| cfg.default_zone.clone()),
+        image_tag: req
+            .image_tag
+            .unwrap_or_else(|| cfg.default_image_tag.clone()),
+        machine_type,
+        status: Status::Provisioning,
+        status_reason: None,
+        created_at: now,
+        updated_at: now,
+        last_connected_at: None,
+        last_active_at: None,
+        keep_awake_until: None,
+        idle,
+        metadata: req.metadata,
+    };
+    match hub.store.insert_workspace(&ws).await {
+        Ok(()) => {}
+        // The same idempotency key, raced: the other request created it.
+        Err(StoreError::AlreadyExists) if req.idempotency_key.is_some() => {
+            return Ok(existing(hub.store.get_workspace(id).await?));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    hub.publish(id, "status", Some(ws.status), None);
+    tracing::info!(workspace = %id, owner = %owner, "workspace created");
+    crash_point("after-record");
+    let agent_config = provision(hub, &ws).await?;
+    Ok(Created {
+        workspace: hub.store.get_workspace(id).await?,
+        agent_config,
+        is_new: true,
+    })
+}
+
+fn existing(workspace: Workspace) -> Created {
+    Created {
+        workspace,
+        agent_config: None,
+        is_new: false,
+    }
+}
+
+/// GCE instance names: a letter, then up to 62 of `[a-z0-9-]`.
+pub fn instance_name(id: Uuid) -> String {
+    format!("ws-{}", &id.simple().to_string()[..20])
+}
+
+/// Fault injection for crash tests: `WORKSPACE_HUB_CRASH_AT=<point>` aborts the process
+/// there, the way a power cut would.
+fn crash_point(point: &str) {
+    if std::env::var("WORKSPACE_HUB_CRASH_AT").is_ok_and(|p| p == point) {
+        tracing::error!(point, "crash point reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// Mints an enrollment token and asks the provider for the machine. A failure turns the
+/// workspace `ERROR`. Used by create and by the reconciler to resume an interrupted create.
+pub async fn provision(hub: &Hub, ws: &Workspace) -> Result<Option<String>, ApiError> {
+    let cfg = &hub.config;
+    let token = format!("wse_{}", ca::hex(&ca::random_bytes::<32>()));
+    let expires = now_ms() + cfg.enrollment_ttl.as_millis() as i64;
+    hub.store
+        .insert_enrollment_token(&token_hash(&token), ws.id, expires)
+        .await?;
+    let spec = InstanceSpec {
+        workspace_id: ws.id,
+        owner_id: ws.owner_id.clone(),
+        instance_name: ws.instance_name.clone(),
+        zone: ws.zone.clone(),
+        machine_type: ws.machine_type.clone(),
+        image_tag: ws.image_tag.clone(),
+        bootstrap: AgentBootstrap {
+            hub_addr: hub.agent_hub_addr.clone(),
+            server_name: cfg.server_names[0].clone(),
+            ca_pem: hub.ca.cert_pem().to_owned(),
+            enrollment_token: Some(token),
+            state_dir: "/var/lib/workspace-agent".into(),
+            // The process provider runs agents as the hub's own user; VM images set the
+            // workspace user here (cloud-init).
+            user: None,
+            detached_session_ttl_secs: Some(cfg.detached_session_ttl.as_secs()),
+            terminal_ring_bytes: Some(cfg.terminal_ring_bytes),
+        },
+    };
+    match hub.provider.create(&spec).await {
+        Ok(created) => Ok(created.agent_config),
+        Err(e) => {
+            tracing::warn!(workspace = %ws.id, error = %e, "provider create failed");
+            let reason = format!("create instance: {e}");
+            hub.transition(ws.id, &[Status::Provisioning], Status::Error, Some(&reason))
+                .await?;
+            Err(provider_error(e))
+        }
+    }
+}
+
+/// The API error for a provider failure.
+pub fn provider_error(e: ProviderError) -> ApiError {
+    match e {
+        ProviderError::NotFound => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "instance_not_found",
+            "the workspace's instance no longer exists",
+        ),
+        ProviderError::QuotaExceeded(m) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "provider_quota_exceeded",
+            m,
+        ),
+        ProviderError::PermissionDenied(m) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "provider_permission_denied", m)
+        }
+        ProviderError::Failed(m) => ApiError::new(StatusCode::BAD_GATEWAY, "provider_failed", m),
+    }
+}
+
+/// Suspends a READY workspace: `STOPPING` now, `SUSPENDED` when the provider is done.
+pub async fn stop(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, ApiError> {
+    let ws = hub
+        .transition(id, &[Status::Ready], Status::Stopping, None)
+        .await?;
+    let hub = hub.clone();
+    tokio::spawn(async move { finish_stop(&hub, id).await });
+    Ok(ws)
+}
+
+/// The provider half of a stop (also run by the reconciler for a stop a crash cut short).
+pub async fn finish_stop(hub: &Hub, id: Uuid) {
+    let result = hub.provider.stop(id).await;
+    hub.disconnect_agent(id, "workspace stopped");
+    let (to, reason) = match result {
+        Ok(()) => (Status::Suspended, None),
+        Err(ProviderError::NotFound) => (Status::Error, Some("instance vanished".to_owned())),
+        Err(e) => (Status::Error, Some(format!("stop instance: {e}"))),
+    };
+    if let Err(e) = hub
+        .transition(id, &[Status::Stopping], to, reason.as_deref())
+        .await
+    {
+        tracing::warn!(workspace = %id, error = %e, "finish stop");
+    }
+}
+
+/// Resumes a SUSPENDED (or failed) workspace: `STARTING` now, `READY` when its agent says
+/// hello again.
+pub async fn start(hub: &Arc<Hub>, id: Uuid, owner: &str) -> Result<Workspace, ApiError> {
+    check_quota(hub, owner, None).await?;
+    let ws = hub
+        .transition(
+            id,
+            &[Status::Suspended, Status::Error],
+            Status::Starting,
+            None,
+        )
+        .await?;
+    let hub = hub.clone();
+    tokio::spawn(async move { finish_start(&hub, id).await });
+    Ok(ws)
+}
+
+/// The provider half of a start.
+pub async fn finish_start(hub: &Hub, id: Uuid) {
+    let failure = match hub.provider.start(id).await {
+        Ok(()) => {
+            // An agent that never went away (a start after an error) is ready at once.
+            if hub.agents.get(id).is_some() {
+                let _ = hub
+                    .transition(id, &[Status::Starting], Status::Ready, None)
+                    .await;
+            }
+            return;
+        }
+        Err(ProviderError::NotFound) => "instance vanished".to_owned(),
+        Err(e) => format!("start instance: {e}"),
+    };
+    if let Err(e) = hub
+        .transition(id, &[Status::Starting], Status::Error, Some(&failure))
+        .await
+    {
+        tracing::warn!(workspace = %id, error = %e, "finish start");
+    }
+}
+
+/// Destroys a workspace: `DELETING` now; the instance and then the record go in the
+/// background. Deleting a workspace already being deleted retries the delete.
+pub async fn delete(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, ApiError> {
+    const FROM: [Status; 7] = [
+        Status::Provisioning,
+        Status::Ready,
+        Status::Stopping,
+        Status::Suspended,
+        Status::Starting,
+        Status::Error,
+        Status::Deleting,
+    ];
+    let ws = hub.transition(id, &FROM, Status::Deleting, None).await?;
+    let hub = hub.clone();
+    tokio::spawn(async move { finish_delete(&hub, id).await });
+    Ok(ws)
+}
+
+/// The provider half of a delete; on failure the record stays `DELETING` with the reason,
+/// and the reconciler tries again.
+pub async fn finish_delete(hub: &Hub, id: Uuid) {
+    hub.disconnect_agent(id, "workspace deleted");
+    match hub.provider.delete(id).await {
+        Ok(()) | Err(ProviderError::NotFound) => match hub.store.delete_workspace(id).await {
+            Ok(()) | Err(StoreError::NotFound) => {
+                tracing::info!(workspace = %id, "workspace deleted");
+                hub.publish(id, "deleted", None, None);
+            }
+            Err(e) => tracing::warn!(workspace = %id, error = %e, "delete record"),
+        },
+        Err(e) => {
+            let reason = format!("delete instance: {e}");
+            tracing::warn!(workspace = %id, error = %e, "delete instance");
+            let _ = hub
+                .transition(id, &[Status::Deleting], Status::Deleting, Some(&reason))
+                .await;
+        }
+    }
+}
+
+/// Takes (or with 0 seconds, releases) a keep-awake lease.
+pub async fn keep_awake(hub: &Hub, ws: &Workspace, seconds: u64) -> Result<Workspace, ApiError> {
+    if ws.status == Status::Deleting {
+        return Err(StoreError::Conflict { current: ws.status }.into());
+    }
+    if seconds > MAX_KEEP_AWAKE_SECS {
+        return Err(ApiError::invalid(format!(
+            "seconds must be at most {MAX_KEEP_AWAKE_SECS}"
+        )));
+    }
+    let until = (seconds > 0).then(|| now_ms() + seconds as i64 * 1000);
+    Ok(hub.store.set_keep_awake(ws.id, until).await?)
+}

@@ -1,0 +1,134 @@
+//! The reconciler: compares the store with what the provider observes and repairs drift.
+//!
+//! - An instance labelled as ours with no record is an orphan: reported at once, deleted
+//!   once it has been seen for the grace period.
+//! - A record whose instance vanished goes to `ERROR` with the reason.
+//! - A create a crash cut short (`PROVISIONING`, no instance, older than the grace period)
+//!   is resumed: a fresh enrollment token and the provider's create again.
+//! - A stop, start or delete a crash cut short is finished.
+//!
+//! It runs when the hub starts and then every `reconcile_interval`.
+
+use crate::Hub;
+use crate::lifecycle;
+use crate::provider::Observed;
+use crate::workspace::{Status, Workspace};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// Orphans seen so far and when each was first seen (Unix ms).
+#[derive(Debug, Default)]
+pub struct Orphans(Mutex<HashMap<Uuid, i64>>);
+
+/// What one pass found and did.
+#[derive(Debug, Default, Serialize)]
+pub struct ReconcileReport {
+    pub orphans_seen: Vec<String>,
+    pub orphans_deleted: Vec<String>,
+    pub vanished: Vec<Uuid>,
+    pub resumed: Vec<Uuid>,
+    pub finished: Vec<Uuid>,
+}
+
+/// One pass at time `now` (Unix ms).
+pub async fn reconcile(hub: &Arc<Hub>, now: i64) -> anyhow::Result<ReconcileReport> {
+    let grace = i64::try_from(hub.config.reconcile_grace.as_millis()).unwrap_or(i64::MAX);
+    let mut report = ReconcileReport::default();
+    let records = hub.store.list_workspaces(None).await?;
+    let known: HashSet<Uuid> = records.iter().map(|w| w.id).collect();
+
+    let instances = hub.provider.list().await?;
+    let mut orphans = hub
+        .orphans
+        .0
+        .lock()
+        .map_err(|_| anyhow::anyhow!("orphan list poisoned"))?
+        .clone();
+    orphans.retain(|id, _| instances.iter().any(|i| i.workspace_id == *id));
+    for inst in instances
+        .iter()
+        .filter(|i| !known.contains(&i.workspace_id))
+    {
+        let first_seen = *orphans.entry(inst.workspace_id).or_insert(now);
+        report.orphans_seen.push(inst.instance_name.clone());
+        if now.saturating_sub(first_seen) >= grace {
+            match hub.provider.delete(inst.workspace_id).await {
+                Ok(()) => {
+                    tracing::warn!(instance = %inst.instance_name, "deleted orphan instance");
+                    orphans.remove(&inst.workspace_id);
+                    report.orphans_deleted.push(inst.instance_name.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %inst.instance_name, error = %e, "delete orphan")
+                }
+            }
+        } else {
+            tracing::warn!(instance = %inst.instance_name, "instance has no workspace record");
+        }
+    }
+    if let Ok(mut shared) = hub.orphans.0.lock() {
+        *shared = orphans;
+    }
+
+    for ws in records {
+        if let Err(e) = repair(hub, &ws, now, grace, &mut report).await {
+            tracing::warn!(workspace = %ws.id, error = %e, "reconcile workspace");
+        }
+    }
+    Ok(report)
+}
+
+async fn repair(
+    hub: &Arc<Hub>,
+    ws: &Workspace,
+    now: i64,
+    grace: i64,
+    report: &mut ReconcileReport,
+) -> anyhow::Result<()> {
+    let settled = now.saturating_sub(ws.updated_at) >= grace;
+    if ws.status == Status::Deleting {
+        // A delete is always safe to repeat.
+        lifecycle::finish_delete(hub, ws.id).await;
+        report.finished.push(ws.id);
+        return Ok(());
+    }
+    let observed = hub.provider.observe(ws.id).await?;
+    match (ws.status, observed) {
+        (_, Observed::Unknown) => {}
+        (Status::Provisioning, Observed::Missing) if settled => {
+            tracing::warn!(workspace = %ws.id, "resuming a create that was cut short");
+            let _ = lifecycle::provision(hub, ws).await;
+            report.resumed.push(ws.id);
+        }
+        (Status::Provisioning, _) => {}
+        (Status::Error, _) => {}
+        (status, Observed::Missing) => {
+            let reason = format!("instance vanished while {}", status.as_str());
+            hub.transition(ws.id, &[status], Status::Error, Some(&reason))
+                .await?;
+            report.vanished.push(ws.id);
+        }
+        (Status::Stopping, _) if settled => {
+            lifecycle::finish_stop(hub, ws.id).await;
+            report.finished.push(ws.id);
+        }
+        (Status::Starting, _) if settled => {
+            lifecycle::finish_start(hub, ws.id).await;
+            report.finished.push(ws.id);
+        }
+        (Status::Ready, Observed::Suspended | Observed::Stopped) => {
+            hub.transition(
+                ws.id,
+                &[Status::Ready],
+                Status::Suspended,
+                Some("stopped outside the hub"),
+            )
+            .await?;
+            report.finished.push(ws.id);
+        }
+        _ => {}
+    }
+    Ok(())
+}
