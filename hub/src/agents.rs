@@ -35,7 +35,7 @@ pub(crate) const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 const LAST_CONNECTED_WRITE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What the hub knows about a connected agent.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AgentInfo {
     pub connected_since: i64,
     pub agent_version: String,

@@ -31,6 +31,7 @@ pub fn app(hub: AppState) -> Router {
         .route("/ca.pem", get(ca_pem))
         .route("/healthz", get(healthz))
         .route("/version", get(version))
+        .route("/openapi.json", get(openapi))
         .route("/workspaces", get(list_workspaces).post(create_workspace))
         .route(
             "/workspaces/{id}",
@@ -121,6 +122,52 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The body of every error response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable machine-readable code, e.g. `not_found`, `conflict`, `quota_exceeded`.
+    pub code: String,
+    pub message: String,
+}
+
+/// The OpenAPI document, generated from the handlers above so it cannot drift.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Workspace Hub API", description = "Remote development workspaces: lifecycle, status and events."),
+    paths(
+        healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
+        stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup
+    ),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "cleanup_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
 /// JSON body extractor whose rejections are [`ApiError`]s.
 pub struct ValidJson<T>(pub T);
 
@@ -180,10 +227,12 @@ async fn ca_pem(State(hub): State<AppState>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, description = "The hub is up", body = Object)))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
+#[utoipa::path(get, path = "/version", tag = "meta", responses((status = 200, description = "Build, protocol and provider", body = Object)))]
 async fn version(State(hub): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -196,7 +245,7 @@ async fn version(State(hub): State<AppState>) -> Json<serde_json::Value> {
 }
 
 /// The body of `POST /workspaces`; every field optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWorkspace {
     pub zone: Option<String>,
@@ -209,7 +258,7 @@ pub struct CreateWorkspace {
 }
 
 /// Idle clean-up times a create may ask for (seconds; missing means the hub's default).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdleRequest {
     pub stop_after_secs: Option<u64>,
@@ -218,7 +267,7 @@ pub struct IdleRequest {
 }
 
 /// A workspace as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WorkspaceView {
     pub id: Uuid,
     pub owner_id: String,
@@ -333,6 +382,7 @@ impl CreateWorkspace {
     }
 }
 
+#[utoipa::path(get, path = "/workspaces", tag = "workspaces", security(("bearer" = [])), responses((status = 200, description = "The caller's workspaces, newest first", body = [WorkspaceView]), (status = 401, description = "Missing or bad token", body = ErrorBody)))]
 async fn list_workspaces(
     State(hub): State<AppState>,
     caller: Caller,
@@ -341,6 +391,7 @@ async fn list_workspaces(
     Ok(Json(list.into_iter().map(|ws| view(&hub, ws)).collect()))
 }
 
+#[utoipa::path(get, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "The workspace", body = WorkspaceView), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn get_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -376,6 +427,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
+#[utoipa::path(post, path = "/workspaces", tag = "workspaces", security(("bearer" = [])), params(("Idempotency-Key" = Option<String>, Header, description = "Retrying with the same key returns the same workspace")), request_body = CreateWorkspace, responses((status = 201, description = "Created: PROVISIONING", body = WorkspaceView), (status = 200, description = "Already created with this idempotency key", body = WorkspaceView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 403, description = "Quota exceeded or machine type not allowed", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 415, description = "Not JSON", body = ErrorBody), (status = 502, description = "The provider failed", body = ErrorBody)))]
 async fn create_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -417,6 +469,7 @@ async fn create_workspace(
     Ok((status, Json(body)))
 }
 
+#[utoipa::path(delete, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 202, description = "Deleting: DELETING, then gone", body = WorkspaceView), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn delete_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -427,6 +480,7 @@ async fn delete_workspace(
     Ok((StatusCode::ACCEPTED, Json(view(&hub, ws))))
 }
 
+#[utoipa::path(post, path = "/workspaces/{id}/stop", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 202, description = "Stopping: STOPPING, then SUSPENDED", body = WorkspaceView), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn stop_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -437,6 +491,7 @@ async fn stop_workspace(
     Ok((StatusCode::ACCEPTED, Json(view(&hub, ws))))
 }
 
+#[utoipa::path(post, path = "/workspaces/{id}/start", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 202, description = "Starting: STARTING, then READY", body = WorkspaceView), (status = 403, description = "Quota exceeded", body = ErrorBody), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn start_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -448,7 +503,7 @@ async fn start_workspace(
 }
 
 /// Live status: the record, what the provider observes, the agent, and the idle verdict.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StatusView {
     pub id: Uuid,
     pub status: Status,
@@ -462,7 +517,7 @@ pub struct StatusView {
 }
 
 /// Why the workspace counts as active or idle, and what clean-up will do when.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ActivityView {
     pub active: bool,
     pub reason: String,
@@ -471,6 +526,7 @@ pub struct ActivityView {
     pub delete_at: Option<String>,
 }
 
+#[utoipa::path(get, path = "/workspaces/{id}/status", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Live status and idle verdict", body = StatusView), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_status(
     State(hub): State<AppState>,
     caller: Caller,
@@ -504,13 +560,14 @@ async fn workspace_status(
 }
 
 /// The body of `POST /workspaces/:id/keep-awake`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeepAwake {
     /// How long from now; 0 releases the lease.
     pub seconds: u64,
 }
 
+#[utoipa::path(post, path = "/workspaces/{id}/keep-awake", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), request_body = KeepAwake, responses((status = 200, description = "Lease taken (or released with 0)", body = WorkspaceView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 409, description = "Being deleted", body = ErrorBody), (status = 415, description = "Not JSON", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn keep_awake(
     State(hub): State<AppState>,
     caller: Caller,
@@ -523,6 +580,7 @@ async fn keep_awake(
 }
 
 /// `GET /workspaces/:id/events`: the current status, then every change, as SSE.
+#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `deleted`, `lagged`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_events(
     State(hub): State<AppState>,
     caller: Caller,
@@ -576,6 +634,7 @@ fn sse_event(ev: &lifecycle::WorkspaceEvent) -> Event {
 
 /// `POST /cleanup`: the reconciler and the idle clean-up, for Cloud Scheduler or cron,
 /// authenticated by the configured `cleanup_token`.
+#[utoipa::path(post, path = "/cleanup", tag = "operations", security(("cleanup_token" = [])), responses((status = 200, description = "What the reconciler and the idle clean-up did", body = Object), (status = 401, description = "Bad cleanup token", body = ErrorBody), (status = 403, description = "No cleanup_token configured", body = ErrorBody)))]
 async fn cleanup(
     State(hub): State<AppState>,
     headers: HeaderMap,

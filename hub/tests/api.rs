@@ -91,6 +91,40 @@ async fn health_version_and_ui() {
 }
 
 #[tokio::test]
+async fn the_openapi_document_covers_every_route() {
+    let hub = TestHub::start_manual().await.unwrap();
+    let (status, doc) = hub.api("GET", "/openapi.json", None).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, verbs) in [
+        ("/workspaces", &["get", "post"][..]),
+        ("/workspaces/{id}", &["get", "delete"]),
+        ("/workspaces/{id}/stop", &["post"]),
+        ("/workspaces/{id}/start", &["post"]),
+        ("/workspaces/{id}/status", &["get"]),
+        ("/workspaces/{id}/events", &["get"]),
+        ("/workspaces/{id}/keep-awake", &["post"]),
+        ("/cleanup", &["post"]),
+    ] {
+        for verb in verbs {
+            assert!(
+                paths[path][verb].is_object(),
+                "{verb} {path} is not documented"
+            );
+        }
+    }
+    let status_enum = &doc["components"]["schemas"]["Status"]["enum"];
+    assert!(
+        status_enum
+            .as_array()
+            .unwrap()
+            .contains(&"SUSPENDED".into()),
+        "{status_enum}"
+    );
+}
+
+#[tokio::test]
 async fn a_non_owner_learns_nothing() {
     let hub = TestHub::start_manual().await.unwrap();
     let ws = hub.create_workspace().await.unwrap();
