@@ -5,6 +5,8 @@
 //! Entry point: [`TestHub::start`]. Binaries are taken from the cargo target folder of the
 //! running test; if one is missing it is built first.
 
+pub mod firestore;
+
 use anyhow::{Context, Result, bail};
 use rustix::process::{Pid, Signal};
 use serde_json::Value;

@@ -1,6 +1,7 @@
 //! Configuration in two layers: [`FileConfig`] (TOML, every field optional, humantime
 //! durations) and the validated [`Config`] the hub runs with.
 
+pub use crate::store::StoreConfig;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -120,6 +121,7 @@ pub struct FileConfig {
     pub reconcile_grace: Duration,
     /// A shared secret Cloud Scheduler (or cron) sends as a bearer token to `POST /cleanup`.
     pub cleanup_token: Option<String>,
+    pub store: StoreConfig,
 }
 
 impl Default for FileConfig {
@@ -145,6 +147,7 @@ impl Default for FileConfig {
             reconcile_interval: Duration::from_secs(60),
             reconcile_grace: Duration::from_secs(10 * 60),
             cleanup_token: None,
+            store: StoreConfig::Sqlite,
         }
     }
 }
@@ -180,6 +183,7 @@ pub struct Config {
     pub reconcile_interval: Duration,
     pub reconcile_grace: Duration,
     pub cleanup_token: Option<String>,
+    pub store: StoreConfig,
 }
 
 impl Config {
@@ -259,6 +263,7 @@ impl Config {
             reconcile_interval: file.reconcile_interval,
             reconcile_grace: file.reconcile_grace,
             cleanup_token: file.cleanup_token,
+            store: file.store,
         })
     }
 

@@ -71,7 +71,7 @@ pub struct Listening {
 
 /// Opens the state folder: CA, SQLite store, provider. `quic_addr` is the bound QUIC
 /// address, which agents dial unless the config names another.
-pub fn open_state(
+pub async fn open_state(
     config: &Config,
     quic_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -79,7 +79,8 @@ pub fn open_state(
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
     let ca = ca::HubCa::load_or_create(&config.state_dir).context("load CA")?;
-    let store = store::sqlite::SqliteStore::open(&config.state_dir.join("hub.sqlite3"))
+    let store = store::open(&config.store, &config.state_dir)
+        .await
         .context("open store")?;
     let provider: Arc<dyn provider::Provider> = match config.provider {
         ProviderKind::Process => Arc::new(provider::process::ProcessProvider::new(
@@ -94,7 +95,7 @@ pub fn open_state(
             .clone()
             .unwrap_or_else(|| quic_addr.to_string()),
         config: config.clone(),
-        store: Arc::new(store),
+        store,
         provider,
         ca: Arc::new(ca),
         agents: agents::Registry::default(),
@@ -154,7 +155,7 @@ pub async fn run(
         .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
     let socket = link::bind_udp(config.quic_addr, 16 << 20)
         .with_context(|| format!("bind QUIC on {}", config.quic_addr))?;
-    let hub = Arc::new(open_state(&config, socket.local_addr()?, shutdown.clone())?);
+    let hub = Arc::new(open_state(&config, socket.local_addr()?, shutdown.clone()).await?);
 
     let server = hub
         .ca

@@ -153,7 +153,7 @@ async fn async_main(cli: Cli) -> Result<()> {
                 state_dir,
                 ..FileConfig::default()
             })?;
-            let hub = hub::open_state(&config, config.quic_addr, CancellationToken::new())?;
+            let hub = hub::open_state(&config, config.quic_addr, CancellationToken::new()).await?;
             println!(
                 "{}",
                 hub::auth::mint_api_token(&hub, &owner, &name, None).await?
@@ -169,7 +169,7 @@ async fn dev_token(config: &Config) -> Result<String> {
     if let Ok(token) = std::fs::read_to_string(&path) {
         return Ok(token.trim().to_owned());
     }
-    let hub = hub::open_state(config, config.quic_addr, CancellationToken::new())?;
+    let hub = hub::open_state(config, config.quic_addr, CancellationToken::new()).await?;
     let token = hub::auth::mint_api_token(&hub, "dev", "dev mode", None).await?;
     hub::fsutil::write_private(&path, token.as_bytes())?;
     Ok(token)

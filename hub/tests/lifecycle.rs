@@ -517,3 +517,46 @@ async fn the_reconciler_resumes_a_create_cut_short_and_removes_orphans() {
     assert_eq!(code, 200);
     assert_eq!(report["reconciled"]["orphans_seen"], json!([]), "{report}");
 }
+
+#[tokio::test]
+async fn the_whole_lifecycle_runs_on_firestore() {
+    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
+    let hub = TestHub::start_with(HubOptions {
+        config: format!(
+            "[store]\nkind = \"firestore\"\nproject = \"hub-{}\"\nemulator_host = \"{}\"\n",
+            Uuid::new_v4().simple(),
+            emulator.host
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let id = hub.ready_workspace().await.unwrap();
+    let mut events = Events::open(&hub, &id).await;
+    assert_eq!(events.statuses_until("READY").await, ["READY"]);
+    let (code, _) = hub
+        .api("POST", &format!("/workspaces/{id}/stop"), None)
+        .await
+        .unwrap();
+    assert_eq!(code, 202);
+    assert_eq!(
+        events.statuses_until("SUSPENDED").await,
+        ["STOPPING", "SUSPENDED"]
+    );
+    let (code, _) = hub
+        .api("POST", &format!("/workspaces/{id}/start"), None)
+        .await
+        .unwrap();
+    assert_eq!(code, 202);
+    assert_eq!(events.statuses_until("READY").await, ["STARTING", "READY"]);
+    let (code, _) = hub
+        .api("DELETE", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(code, 202);
+    assert_eq!(
+        events.statuses_until("deleted").await,
+        ["DELETING", "deleted"]
+    );
+    wait_gone(&hub, &id).await;
+}

@@ -1,6 +1,7 @@
 //! One conformance suite for every `Store` implementation. SQLite runs it here; the
 //! Firestore store joins with one more `#[tokio::test]` that calls [`conformance`].
 
+use hub::store::firestore::{FirestoreConfig, FirestoreStore};
 use hub::store::sqlite::SqliteStore;
 use hub::store::{ApiToken, Store, StoreError, TokenRejection};
 use hub::workspace::{IdlePolicy, Metadata, Status, Workspace};
@@ -340,6 +341,18 @@ async fn sqlite_store_conforms() {
         SqliteStore::open(&dir.path().join("hub.sqlite3")).unwrap(),
     ))
     .await;
+}
+
+#[tokio::test]
+async fn firestore_store_conforms() {
+    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
+    let store = FirestoreStore::connect(&FirestoreConfig {
+        project: format!("conformance-{}", Uuid::new_v4().simple()),
+        emulator_host: Some(emulator.host.clone()),
+    })
+    .await
+    .unwrap();
+    conformance(Arc::new(store)).await;
 }
 
 #[tokio::test]

@@ -1,12 +1,39 @@
 //! State behind one small trait: workspaces, enrollment tokens, agent certificates, API
-//! tokens. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); Firestore comes
-//! behind the same trait.
+//! tokens. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); production uses
+//! Firestore ([`firestore::FirestoreStore`]). Both pass one conformance suite
+//! (`hub/tests/store.rs`).
 
+pub mod firestore;
 pub mod sqlite;
 
 use crate::workspace::{Status, Workspace};
 use async_trait::async_trait;
 use uuid::Uuid;
+
+/// Which store the hub keeps its state in (`[store]` in the config).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StoreConfig {
+    /// `hub.sqlite3` in the state folder.
+    #[default]
+    Sqlite,
+    Firestore(firestore::FirestoreConfig),
+}
+
+/// Opens the configured store.
+pub async fn open(
+    config: &StoreConfig,
+    state_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match config {
+        StoreConfig::Sqlite => {
+            std::sync::Arc::new(sqlite::SqliteStore::open(&state_dir.join("hub.sqlite3"))?)
+        }
+        StoreConfig::Firestore(fs) => {
+            std::sync::Arc::new(firestore::FirestoreStore::connect(fs).await?)
+        }
+    })
+}
 
 /// Errors a caller branches on.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,487 @@
+//! The production store: Cloud Firestore (the `firestore` crate, gRPC, rustls with
+//! aws-lc-rs). Tests run it against the real Firestore emulator.
+//!
+//! Collections: `workspaces/{id}` (the [`Workspace`] fields as the design names them),
+//! `enrollment_tokens/{sha256}`, `agent_certs/{workspace_id}`, `api_tokens/{sha256}`.
+//! Every read-modify-write (status transitions, touches, token redemption, deletes) is a
+//! conditional write with an update-time precondition: a write that loses to a concurrent
+//! one fails on the server and is retried here with a fresh read, so no update is ever lost
+//! and no lock is held (Firestore's transactions lock pessimistically and time out under
+//! the contention the conformance suite creates).
+
+use super::{ApiToken, Store, StoreError, TokenRejection};
+use crate::workspace::{Status, Workspace};
+use async_trait::async_trait;
+use firestore::errors::FirestoreError;
+use firestore::{FirestoreDb, FirestoreDbOptions, FirestoreWritePrecondition};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use uuid::Uuid;
+
+const WORKSPACES: &str = "workspaces";
+const ENROLLMENT_TOKENS: &str = "enrollment_tokens";
+const AGENT_CERTS: &str = "agent_certs";
+const API_TOKENS: &str = "api_tokens";
+
+/// How often a conditional write that lost to a concurrent writer is tried again.
+const MAX_ATTEMPTS: u32 = 30;
+
+/// Where the Firestore store lives.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirestoreConfig {
+    /// The Google Cloud project.
+    pub project: String,
+    /// `host:port` of an emulator (else `FIRESTORE_EMULATOR_HOST`); without either, the real
+    /// Firestore with Application Default Credentials.
+    #[serde(default)]
+    pub emulator_host: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct FirestoreStore {
+    db: FirestoreDb,
+}
+
+impl std::fmt::Debug for FirestoreStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirestoreStore").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EnrollmentTokenDoc {
+    workspace_id: Uuid,
+    expires_at: i64,
+    used_at: Option<i64>,
+    used_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AgentCertDoc {
+    fingerprint: String,
+    issued_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ApiTokenDoc {
+    owner_id: String,
+    name: String,
+    expires_at: Option<i64>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// What a read-modify-write decides after reading the current document.
+enum Change<D, T> {
+    /// Write this document (only if nobody changed it since the read), then return.
+    Write(D, T),
+    /// Delete the document (only if nobody changed it since the read), then return.
+    Delete(T),
+    /// Leave it alone and return (nothing to do, or a refusal).
+    Keep(T),
+}
+
+/// A write whose precondition failed: somebody else wrote first.
+fn lost_race(e: &FirestoreError) -> bool {
+    match e {
+        FirestoreError::DataConflictError(_) | FirestoreError::DataNotFoundError(_) => true,
+        FirestoreError::DatabaseError(e) => {
+            matches!(
+                e.public.code.as_str(),
+                "FailedPrecondition" | "Aborted" | "AlreadyExists" | "NotFound"
+            )
+        }
+        _ => false,
+    }
+}
+
+impl FirestoreStore {
+    pub async fn connect(config: &FirestoreConfig) -> Result<Self, StoreError> {
+        let options = FirestoreDbOptions::new(config.project.clone())
+            .with_request_timeout(Duration::from_secs(30));
+        let emulator = config
+            .emulator_host
+            .clone()
+            .or_else(|| std::env::var("FIRESTORE_EMULATOR_HOST").ok());
+        let db = match &emulator {
+            Some(host) => {
+                let anonymous =
+                    firestore::gcloud_sdk::google_cloud_auth::credentials::anonymous::Builder::new(
+                    )
+                    .build();
+                FirestoreDb::with_options_auth(
+                    options.with_firebase_api_url(format!("http://{host}")),
+                    anonymous,
+                )
+                .await
+            }
+            None => FirestoreDb::with_options(options).await,
+        }
+        .map_err(backend)?;
+        Ok(Self { db })
+    }
+
+    /// An optimistic read-modify-write of one document: read it with its update time, let
+    /// `decide` choose, and write with the precondition that the document is unchanged
+    /// (or, if it did not exist, still does not). A write that loses to a concurrent one is
+    /// retried with a fresh read, so no update is lost and no lock is held.
+    async fn modify<D, T>(
+        &self,
+        collection: &str,
+        id: &str,
+        decide: impl Fn(Option<D>) -> Result<Change<D, T>, StoreError>,
+    ) -> Result<T, StoreError>
+    where
+        D: Serialize + for<'de> Deserialize<'de> + Send + Sync,
+    {
+        for round in 0..MAX_ATTEMPTS {
+            if round > 0 {
+                let jitter = rand::random::<u64>() % 10;
+                tokio::time::sleep(Duration::from_millis(u64::from(round.min(10)) + jitter)).await;
+            }
+            let doc: Option<firestore::FirestoreDocument> = self
+                .db
+                .fluent()
+                .select()
+                .by_id_in(collection)
+                .one(id)
+                .await
+                .map_err(backend)?;
+            let (current, precondition) = match &doc {
+                Some(doc) => {
+                    let updated = doc
+                        .update_time
+                        .ok_or_else(|| backend("document without an update time"))?;
+                    let updated =
+                        firestore::timestamp_utils::from_timestamp(updated).map_err(backend)?;
+                    (
+                        Some(FirestoreDb::deserialize_doc_to::<D>(doc).map_err(backend)?),
+                        FirestoreWritePrecondition::UpdateTime(updated),
+                    )
+                }
+                None => (None, FirestoreWritePrecondition::Exists(false)),
+            };
+            let result = match decide(current)? {
+                Change::Keep(value) => return Ok(value),
+                Change::Write(new, value) => self
+                    .db
+                    .fluent()
+                    .update()
+                    .in_col(collection)
+                    .precondition(precondition)
+                    .document_id(id)
+                    .object(&new)
+                    .execute::<D>()
+                    .await
+                    .map(|_| value),
+                Change::Delete(value) => self
+                    .db
+                    .fluent()
+                    .delete()
+                    .from(collection)
+                    .precondition(precondition)
+                    .document_id(id)
+                    .execute()
+                    .await
+                    .map(|_| value),
+            };
+            match result {
+                Ok(value) => return Ok(value),
+                Err(e) if lost_race(&e) => continue,
+                Err(e) => return Err(backend(e)),
+            }
+        }
+        Err(backend(format!(
+            "{collection}/{id} kept changing under {MAX_ATTEMPTS} attempts to update it"
+        )))
+    }
+
+    async fn read_workspace(db: &FirestoreDb, id: Uuid) -> Result<Workspace, StoreError> {
+        db.fluent()
+            .select()
+            .by_id_in(WORKSPACES)
+            .obj::<Workspace>()
+            .one(&id.to_string())
+            .await
+            .map_err(backend)?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// A read-modify-write of one workspace; a missing one is `NotFound`.
+    async fn modify_workspace<T>(
+        &self,
+        id: Uuid,
+        decide: impl Fn(Workspace) -> Result<Change<Workspace, T>, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.modify(WORKSPACES, &id.to_string(), |ws: Option<Workspace>| {
+            decide(ws.ok_or(StoreError::NotFound)?)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Store for FirestoreStore {
+    async fn insert_workspace(&self, ws: &Workspace) -> Result<(), StoreError> {
+        let res: Result<Workspace, FirestoreError> = self
+            .db
+            .fluent()
+            .insert()
+            .into(WORKSPACES)
+            .document_id(ws.id.to_string())
+            .object(ws)
+            .execute()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(FirestoreError::DataConflictError(_)) => Err(StoreError::AlreadyExists),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError> {
+        Self::read_workspace(&self.db, id).await
+    }
+
+    async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError> {
+        let select = self.db.fluent().select().from(WORKSPACES);
+        let mut list: Vec<Workspace> = match owner_id {
+            Some(owner) => {
+                select
+                    .filter(|q| q.field("owner_id").eq(owner))
+                    .obj()
+                    .query()
+                    .await
+            }
+            None => select.obj().query().await,
+        }
+        .map_err(backend)?;
+        list.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        Ok(list)
+    }
+
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: &[Status],
+        to: Status,
+        reason: Option<&str>,
+    ) -> Result<Workspace, StoreError> {
+        self.modify_workspace(id, |mut ws| {
+            if !from.contains(&ws.status) {
+                return Err(StoreError::Conflict { current: ws.status });
+            }
+            ws.status = to;
+            ws.status_reason = reason.map(str::to_owned);
+            ws.updated_at = crate::workspace::now_ms();
+            Ok(Change::Write(ws.clone(), ws))
+        })
+        .await
+    }
+
+    async fn touch(
+        &self,
+        id: Uuid,
+        connected_at: Option<i64>,
+        active_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.modify_workspace(id, |mut ws| {
+            let connected = ws.last_connected_at.max(connected_at);
+            let active = ws.last_active_at.max(active_at);
+            if (connected, active) == (ws.last_connected_at, ws.last_active_at) {
+                return Ok(Change::Keep(()));
+            }
+            ws.last_connected_at = connected;
+            ws.last_active_at = active;
+            Ok(Change::Write(ws, ()))
+        })
+        .await
+    }
+
+    async fn set_keep_awake(&self, id: Uuid, until: Option<i64>) -> Result<Workspace, StoreError> {
+        self.modify_workspace(id, |mut ws| {
+            ws.keep_awake_until = until;
+            Ok(Change::Write(ws.clone(), ws))
+        })
+        .await
+    }
+
+    async fn delete_workspace(&self, id: Uuid) -> Result<(), StoreError> {
+        let ws = self.get_workspace(id).await?;
+        if ws.status != Status::Deleting {
+            return Err(StoreError::Conflict { current: ws.status });
+        }
+        // What hangs off the workspace goes first, so a crash in between leaves a record
+        // still DELETING (which the reconciler finishes), never credentials without one.
+        self.db
+            .fluent()
+            .delete()
+            .from(AGENT_CERTS)
+            .document_id(id.to_string())
+            .execute()
+            .await
+            .map_err(backend)?;
+        let tokens: Vec<firestore::FirestoreDocument> = self
+            .db
+            .fluent()
+            .select()
+            .from(ENROLLMENT_TOKENS)
+            .filter(|q| q.field("workspace_id").eq(id.to_string()))
+            .query()
+            .await
+            .map_err(backend)?;
+        for token in tokens.iter().filter_map(|d| d.name.rsplit('/').next()) {
+            self.db
+                .fluent()
+                .delete()
+                .from(ENROLLMENT_TOKENS)
+                .document_id(token)
+                .execute()
+                .await
+                .map_err(backend)?;
+        }
+        self.modify_workspace(id, |ws| {
+            if ws.status != Status::Deleting {
+                return Err(StoreError::Conflict { current: ws.status });
+            }
+            Ok(Change::Delete(()))
+        })
+        .await
+    }
+
+    async fn insert_enrollment_token(
+        &self,
+        token_hash: &str,
+        workspace_id: Uuid,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let doc = EnrollmentTokenDoc {
+            workspace_id,
+            expires_at: expires_at_ms,
+            used_at: None,
+            used_by: None,
+        };
+        let res: Result<EnrollmentTokenDoc, FirestoreError> = self
+            .db
+            .fluent()
+            .insert()
+            .into(ENROLLMENT_TOKENS)
+            .document_id(token_hash)
+            .object(&doc)
+            .execute()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(FirestoreError::DataConflictError(_)) => Err(StoreError::AlreadyExists),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn redeem_enrollment_token(
+        &self,
+        token_hash: &str,
+        key_fingerprint: &str,
+        now_ms: i64,
+    ) -> Result<Result<Uuid, TokenRejection>, StoreError> {
+        self.modify(
+            ENROLLMENT_TOKENS,
+            token_hash,
+            |doc: Option<EnrollmentTokenDoc>| {
+                let Some(mut doc) = doc else {
+                    return Ok(Change::Keep(Err(TokenRejection::Unknown)));
+                };
+                if now_ms >= doc.expires_at {
+                    return Ok(Change::Keep(Err(TokenRejection::Expired)));
+                }
+                Ok(match &doc.used_by {
+                    Some(by) if by != key_fingerprint => Change::Keep(Err(TokenRejection::Used)),
+                    Some(_) => Change::Keep(Ok(doc.workspace_id)),
+                    None => {
+                        doc.used_at = Some(now_ms);
+                        doc.used_by = Some(key_fingerprint.to_owned());
+                        let id = doc.workspace_id;
+                        Change::Write(doc, Ok(id))
+                    }
+                })
+            },
+        )
+        .await
+    }
+
+    async fn put_agent_cert(
+        &self,
+        workspace_id: Uuid,
+        fingerprint: &str,
+    ) -> Result<(), StoreError> {
+        let doc = AgentCertDoc {
+            fingerprint: fingerprint.to_owned(),
+            issued_at: crate::workspace::now_ms(),
+        };
+        let _: AgentCertDoc = self
+            .db
+            .fluent()
+            .update()
+            .in_col(AGENT_CERTS)
+            .document_id(workspace_id.to_string())
+            .object(&doc)
+            .execute()
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn agent_cert(&self, workspace_id: Uuid) -> Result<Option<String>, StoreError> {
+        let doc: Option<AgentCertDoc> = self
+            .db
+            .fluent()
+            .select()
+            .by_id_in(AGENT_CERTS)
+            .obj()
+            .one(&workspace_id.to_string())
+            .await
+            .map_err(backend)?;
+        Ok(doc.map(|d| d.fingerprint))
+    }
+
+    async fn insert_api_token(&self, token_hash: &str, token: &ApiToken) -> Result<(), StoreError> {
+        let doc = ApiTokenDoc {
+            owner_id: token.owner_id.clone(),
+            name: token.name.clone(),
+            expires_at: token.expires_at,
+        };
+        let res: Result<ApiTokenDoc, FirestoreError> = self
+            .db
+            .fluent()
+            .insert()
+            .into(API_TOKENS)
+            .document_id(token_hash)
+            .object(&doc)
+            .execute()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(FirestoreError::DataConflictError(_)) => Err(StoreError::AlreadyExists),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn find_api_token(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let doc: Option<ApiTokenDoc> = self
+            .db
+            .fluent()
+            .select()
+            .by_id_in(API_TOKENS)
+            .obj()
+            .one(token_hash)
+            .await
+            .map_err(backend)?;
+        Ok(doc.map(|d| ApiToken {
+            owner_id: d.owner_id,
+            name: d.name,
+            expires_at: d.expires_at,
+        }))
+    }
+}
