@@ -599,25 +599,36 @@ async fn workspace_events(
         at: ws.updated_at,
     });
     let id = ws.id;
-    let stream = futures_util::stream::unfold((rx, false), move |(mut rx, done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            match rx.recv().await {
-                Ok(ev) if ev.workspace_id == id => {
-                    let last = ev.kind == "deleted";
-                    return Some((Ok(sse_event(&ev)), (rx, last)));
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let lagged = Event::default().event("lagged").data(n.to_string());
-                    return Some((Ok(lagged), (rx, false)));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+    // A change that lands between the subscription and the read arrives twice: once in
+    // the first event and once from the channel. Repeats of the last sent state are dropped.
+    let last = (Some(ws.status), ws.status_reason.clone());
+    let stream = futures_util::stream::unfold(
+        (rx, last, false),
+        move |(mut rx, mut last, done)| async move {
+            if done {
+                return None;
             }
-        }
-    });
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.workspace_id == id => {
+                        let state = (ev.status, ev.reason.clone());
+                        if ev.kind == "status" && state == last {
+                            continue;
+                        }
+                        last = state;
+                        let end = ev.kind == "deleted";
+                        return Some((Ok(sse_event(&ev)), (rx, last, end)));
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let lagged = Event::default().event("lagged").data(n.to_string());
+                        return Some((Ok(lagged), (rx, last, false)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
     let stream = futures_util::stream::once(async move { Ok(first) }).chain(stream);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

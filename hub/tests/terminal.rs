@@ -118,7 +118,14 @@ impl Client {
                 if self.base == u64::MAX {
                     self.base = offset;
                 }
-                assert_eq!(offset, self.next_offset(), "output is contiguous");
+                assert_eq!(
+                    offset,
+                    self.next_offset(),
+                    "output is contiguous (base {}, screen_done {}, events {:?})",
+                    self.base,
+                    self.screen_done,
+                    self.events
+                );
                 self.seen.extend(bytes);
             }
             Frame::Screen {
