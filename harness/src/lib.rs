@@ -204,12 +204,14 @@ impl TestHub {
         Ok(body)
     }
 
-    /// Creates a workspace and waits until its agent is connected; returns its id.
+    /// Creates a workspace and waits until its agent is connected and it is READY.
     pub async fn ready_workspace(&self) -> Result<String> {
         let ws = self.create_workspace().await?;
         let id = ws["id"].as_str().context("workspace id")?.to_owned();
-        self.wait_for(&id, Duration::from_secs(30), |w| !w["agent"].is_null())
-            .await?;
+        self.wait_for(&id, Duration::from_secs(30), |w| {
+            !w["agent"].is_null() && w["status"] == "READY"
+        })
+        .await?;
         Ok(id)
     }
 

@@ -79,6 +79,11 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &str {
+        self.code
+    }
+
     /// The human-readable message (safe to show to the caller).
     pub fn message(&self) -> &str {
         &self.message
@@ -533,7 +538,7 @@ async fn workspace_status(
     Path(id): Path<String>,
 ) -> Result<Json<StatusView>, ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
-    let observed = match hub.provider.observe(ws.id).await {
+    let observed = match hub.provider.observe(&(&ws).into()).await {
         Ok(o) => o.as_str(),
         Err(e) => {
             tracing::warn!(workspace = %ws.id, error = %e, "observe");

@@ -17,6 +17,8 @@ pub enum ProviderKind {
     Process,
     /// Nothing is started; the creator receives the agent config and runs it.
     Manual,
+    /// Google Compute Engine instances (`[gce]` in the config).
+    Gce,
 }
 
 /// Idle clean-up defaults; a create request may choose shorter (never longer) times.
@@ -122,6 +124,7 @@ pub struct FileConfig {
     /// A shared secret Cloud Scheduler (or cron) sends as a bearer token to `POST /cleanup`.
     pub cleanup_token: Option<String>,
     pub store: StoreConfig,
+    pub gce: crate::provider::gce::GceConfig,
 }
 
 impl Default for FileConfig {
@@ -148,6 +151,7 @@ impl Default for FileConfig {
             reconcile_grace: Duration::from_secs(10 * 60),
             cleanup_token: None,
             store: StoreConfig::Sqlite,
+            gce: Default::default(),
         }
     }
 }
@@ -184,6 +188,7 @@ pub struct Config {
     pub reconcile_grace: Duration,
     pub cleanup_token: Option<String>,
     pub store: StoreConfig,
+    pub gce: crate::provider::gce::GceConfig,
 }
 
 impl Config {
@@ -234,6 +239,13 @@ impl Config {
                 "cleanup_token must be at least 16 characters"
             );
         }
+        if file.provider == ProviderKind::Gce {
+            ensure!(
+                !file.gce.project.is_empty(),
+                "provider gce needs gce.project"
+            );
+            ensure!(!file.gce.zones.is_empty(), "provider gce needs gce.zones");
+        }
         let agent_binary = match file.agent_binary {
             Some(path) => path,
             None => std::env::current_exe()
@@ -264,6 +276,7 @@ impl Config {
             reconcile_grace: file.reconcile_grace,
             cleanup_token: file.cleanup_token,
             store: file.store,
+            gce: file.gce,
         })
     }
 

@@ -88,6 +88,11 @@ pub async fn open_state(
             config.agent_binary.clone(),
         )),
         ProviderKind::Manual => Arc::new(provider::manual::ManualProvider),
+        ProviderKind::Gce => Arc::new(
+            provider::gce::GceProvider::new(config.gce.clone())
+                .await
+                .context("Compute Engine provider")?,
+        ),
     };
     Ok(Hub {
         agent_hub_addr: config

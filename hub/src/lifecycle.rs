@@ -6,7 +6,7 @@
 
 use crate::agents::token_hash;
 use crate::api::ApiError;
-use crate::provider::{InstanceSpec, ProviderError};
+use crate::provider::{InstanceSpec, ProviderError, Target};
 use crate::store::StoreError;
 use crate::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
 use crate::{Hub, ca};
@@ -194,7 +194,14 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
     hub.publish(id, "status", Some(ws.status), None);
     tracing::info!(workspace = %id, owner = %owner, "workspace created");
     crash_point("after-record");
-    let agent_config = provision(hub, &ws).await?;
+    let agent_config = if hub.provider.creates_slowly() {
+        // Answer with PROVISIONING now; a failure turns the workspace ERROR (see events).
+        let (hub, ws) = (hub.clone(), ws.clone());
+        tokio::spawn(async move { provision(&hub, &ws).await });
+        None
+    } else {
+        provision(hub, &ws).await?
+    };
     Ok(Created {
         workspace: hub.store.get_workspace(id).await?,
         agent_config,
@@ -290,14 +297,15 @@ pub async fn stop(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, ApiError> {
     let ws = hub
         .transition(id, &[Status::Ready], Status::Stopping, None)
         .await?;
-    let hub = hub.clone();
-    tokio::spawn(async move { finish_stop(&hub, id).await });
+    let (hub, target) = (hub.clone(), Target::from(&ws));
+    tokio::spawn(async move { finish_stop(&hub, &target).await });
     Ok(ws)
 }
 
 /// The provider half of a stop (also run by the reconciler for a stop a crash cut short).
-pub async fn finish_stop(hub: &Hub, id: Uuid) {
-    let result = hub.provider.stop(id).await;
+pub async fn finish_stop(hub: &Hub, target: &Target) {
+    let id = target.workspace_id;
+    let result = hub.provider.stop(target).await;
     hub.disconnect_agent(id, "workspace stopped");
     let (to, reason) = match result {
         Ok(()) => (Status::Suspended, None),
@@ -324,14 +332,15 @@ pub async fn start(hub: &Arc<Hub>, id: Uuid, owner: &str) -> Result<Workspace, A
             None,
         )
         .await?;
-    let hub = hub.clone();
-    tokio::spawn(async move { finish_start(&hub, id).await });
+    let (hub, target) = (hub.clone(), Target::from(&ws));
+    tokio::spawn(async move { finish_start(&hub, &target).await });
     Ok(ws)
 }
 
 /// The provider half of a start.
-pub async fn finish_start(hub: &Hub, id: Uuid) {
-    let failure = match hub.provider.start(id).await {
+pub async fn finish_start(hub: &Hub, target: &Target) {
+    let id = target.workspace_id;
+    let failure = match hub.provider.start(target).await {
         Ok(()) => {
             // An agent that never went away (a start after an error) is ready at once.
             if hub.agents.get(id).is_some() {
@@ -365,16 +374,17 @@ pub async fn delete(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, ApiError> {
         Status::Deleting,
     ];
     let ws = hub.transition(id, &FROM, Status::Deleting, None).await?;
-    let hub = hub.clone();
-    tokio::spawn(async move { finish_delete(&hub, id).await });
+    let (hub, target) = (hub.clone(), Target::from(&ws));
+    tokio::spawn(async move { finish_delete(&hub, &target).await });
     Ok(ws)
 }
 
 /// The provider half of a delete; on failure the record stays `DELETING` with the reason,
 /// and the reconciler tries again.
-pub async fn finish_delete(hub: &Hub, id: Uuid) {
+pub async fn finish_delete(hub: &Hub, target: &Target) {
+    let id = target.workspace_id;
     hub.disconnect_agent(id, "workspace deleted");
-    match hub.provider.delete(id).await {
+    match hub.provider.delete(target).await {
         Ok(()) | Err(ProviderError::NotFound) => match hub.store.delete_workspace(id).await {
             Ok(()) | Err(StoreError::NotFound) => {
                 tracing::info!(workspace = %id, "workspace deleted");

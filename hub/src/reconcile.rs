@@ -46,26 +46,28 @@ pub async fn reconcile(hub: &Arc<Hub>, now: i64) -> anyhow::Result<ReconcileRepo
         .lock()
         .map_err(|_| anyhow::anyhow!("orphan list poisoned"))?
         .clone();
-    orphans.retain(|id, _| instances.iter().any(|i| i.workspace_id == *id));
+    orphans.retain(|id, _| instances.iter().any(|i| i.target.workspace_id == *id));
     for inst in instances
         .iter()
-        .filter(|i| !known.contains(&i.workspace_id))
+        .filter(|i| !known.contains(&i.target.workspace_id))
     {
-        let first_seen = *orphans.entry(inst.workspace_id).or_insert(now);
-        report.orphans_seen.push(inst.instance_name.clone());
+        let first_seen = *orphans.entry(inst.target.workspace_id).or_insert(now);
+        report.orphans_seen.push(inst.target.instance_name.clone());
         if now.saturating_sub(first_seen) >= grace {
-            match hub.provider.delete(inst.workspace_id).await {
+            match hub.provider.delete(&inst.target).await {
                 Ok(()) => {
-                    tracing::warn!(instance = %inst.instance_name, "deleted orphan instance");
-                    orphans.remove(&inst.workspace_id);
-                    report.orphans_deleted.push(inst.instance_name.clone());
+                    tracing::warn!(instance = %inst.target.instance_name, "deleted orphan instance");
+                    orphans.remove(&inst.target.workspace_id);
+                    report
+                        .orphans_deleted
+                        .push(inst.target.instance_name.clone());
                 }
                 Err(e) => {
-                    tracing::warn!(instance = %inst.instance_name, error = %e, "delete orphan")
+                    tracing::warn!(instance = %inst.target.instance_name, error = %e, "delete orphan")
                 }
             }
         } else {
-            tracing::warn!(instance = %inst.instance_name, "instance has no workspace record");
+            tracing::warn!(instance = %inst.target.instance_name, "instance has no workspace record");
         }
     }
     if let Ok(mut shared) = hub.orphans.0.lock() {
@@ -90,11 +92,11 @@ async fn repair(
     let settled = now.saturating_sub(ws.updated_at) >= grace;
     if ws.status == Status::Deleting {
         // A delete is always safe to repeat.
-        lifecycle::finish_delete(hub, ws.id).await;
+        lifecycle::finish_delete(hub, &ws.into()).await;
         report.finished.push(ws.id);
         return Ok(());
     }
-    let observed = hub.provider.observe(ws.id).await?;
+    let observed = hub.provider.observe(&ws.into()).await?;
     match (ws.status, observed) {
         (_, Observed::Unknown) => {}
         (Status::Provisioning, Observed::Missing) if settled => {
@@ -111,11 +113,11 @@ async fn repair(
             report.vanished.push(ws.id);
         }
         (Status::Stopping, _) if settled => {
-            lifecycle::finish_stop(hub, ws.id).await;
+            lifecycle::finish_stop(hub, &ws.into()).await;
             report.finished.push(ws.id);
         }
         (Status::Starting, _) if settled => {
-            lifecycle::finish_start(hub, ws.id).await;
+            lifecycle::finish_start(hub, &ws.into()).await;
             report.finished.push(ws.id);
         }
         (Status::Ready, Observed::Suspended | Observed::Stopped) => {

@@ -2,11 +2,11 @@
 //! returned once at create time. Used for bring-your-own machines and for the fleet
 //! benchmark, where thousands of agents run in one process.
 
+use super::Target;
 use super::{
     Created, Instance, InstanceSpec, Observed, Provider, ProviderError, render_agent_config,
 };
 use async_trait::async_trait;
-use uuid::Uuid;
 
 #[derive(Debug, Default)]
 pub struct ManualProvider;
@@ -23,19 +23,19 @@ impl Provider for ManualProvider {
         })
     }
 
-    async fn start(&self, _: Uuid) -> Result<(), ProviderError> {
+    async fn start(&self, _: &Target) -> Result<(), ProviderError> {
         Ok(())
     }
 
-    async fn stop(&self, _: Uuid) -> Result<(), ProviderError> {
+    async fn stop(&self, _: &Target) -> Result<(), ProviderError> {
         Ok(())
     }
 
-    async fn delete(&self, _: Uuid) -> Result<(), ProviderError> {
+    async fn delete(&self, _: &Target) -> Result<(), ProviderError> {
         Ok(())
     }
 
-    async fn observe(&self, _: Uuid) -> Result<Observed, ProviderError> {
+    async fn observe(&self, _: &Target) -> Result<Observed, ProviderError> {
         Ok(Observed::Unknown)
     }
 

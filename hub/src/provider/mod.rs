@@ -7,6 +7,7 @@
 //!
 //! The GCE and qemu providers come behind the same trait.
 
+pub mod gce;
 pub mod manual;
 pub mod process;
 
@@ -52,11 +53,28 @@ impl Observed {
     }
 }
 
+/// Which instance a call is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub workspace_id: Uuid,
+    pub instance_name: String,
+    pub zone: String,
+}
+
+impl From<&crate::workspace::Workspace> for Target {
+    fn from(ws: &crate::workspace::Workspace) -> Self {
+        Self {
+            workspace_id: ws.id,
+            instance_name: ws.instance_name.clone(),
+            zone: ws.zone.clone(),
+        }
+    }
+}
+
 /// An instance the provider runs that carries our workspace label.
 #[derive(Debug, Clone)]
 pub struct Instance {
-    pub workspace_id: Uuid,
-    pub instance_name: String,
+    pub target: Target,
     pub observed: Observed,
 }
 
@@ -87,12 +105,17 @@ pub trait Provider: Send + Sync + 'static {
     /// A short name for logs and `/version`.
     fn name(&self) -> &'static str;
     async fn create(&self, spec: &InstanceSpec) -> Result<Created, ProviderError>;
+    /// Whether a create takes long enough (a cloud operation) that the API should answer
+    /// before it finishes; the create then runs in the background.
+    fn creates_slowly(&self) -> bool {
+        false
+    }
     /// Resumes a suspended instance, or boots a stopped one.
-    async fn start(&self, workspace_id: Uuid) -> Result<(), ProviderError>;
+    async fn start(&self, target: &Target) -> Result<(), ProviderError>;
     /// Suspends the instance, keeping its state.
-    async fn stop(&self, workspace_id: Uuid) -> Result<(), ProviderError>;
-    async fn delete(&self, workspace_id: Uuid) -> Result<(), ProviderError>;
-    async fn observe(&self, workspace_id: Uuid) -> Result<Observed, ProviderError>;
+    async fn stop(&self, target: &Target) -> Result<(), ProviderError>;
+    async fn delete(&self, target: &Target) -> Result<(), ProviderError>;
+    async fn observe(&self, target: &Target) -> Result<Observed, ProviderError>;
     /// Every instance labelled as a workspace of this hub (for the reconciler).
     async fn list(&self) -> Result<Vec<Instance>, ProviderError>;
 }

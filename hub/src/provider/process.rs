@@ -7,6 +7,7 @@
 //! agent that is gone (after a reboot) is started again from the same folder, where it keeps
 //! its certificate, so it needs no second enrollment.
 
+use super::Target;
 use super::{
     Created, Instance, InstanceSpec, Observed, Provider, ProviderError, render_agent_config,
 };
@@ -118,7 +119,8 @@ impl Provider for ProcessProvider {
         Ok(Created::default())
     }
 
-    async fn start(&self, id: Uuid) -> Result<(), ProviderError> {
+    async fn start(&self, target: &Target) -> Result<(), ProviderError> {
+        let id = target.workspace_id;
         if !self.dir(id).join("agent.toml").exists() {
             return Err(ProviderError::NotFound);
         }
@@ -128,7 +130,8 @@ impl Provider for ProcessProvider {
         }
     }
 
-    async fn stop(&self, id: Uuid) -> Result<(), ProviderError> {
+    async fn stop(&self, target: &Target) -> Result<(), ProviderError> {
+        let id = target.workspace_id;
         match self.live_pid(id) {
             Some((pid, _)) => signal_group(pid, Signal::STOP),
             None if self.dir(id).exists() => Ok(()),
@@ -136,7 +139,8 @@ impl Provider for ProcessProvider {
         }
     }
 
-    async fn delete(&self, id: Uuid) -> Result<(), ProviderError> {
+    async fn delete(&self, target: &Target) -> Result<(), ProviderError> {
+        let id = target.workspace_id;
         if let Some((pid, _)) = self.live_pid(id) {
             signal_group(pid, Signal::KILL)?;
         }
@@ -158,16 +162,19 @@ impl Provider for ProcessProvider {
             else {
                 continue;
             };
-            out.push(Instance {
+            let target = Target {
                 workspace_id: id,
                 instance_name: crate::lifecycle::instance_name(id),
-                observed: self.observe(id).await?,
-            });
+                zone: "local".into(),
+            };
+            let observed = self.observe(&target).await?;
+            out.push(Instance { target, observed });
         }
         Ok(out)
     }
 
-    async fn observe(&self, id: Uuid) -> Result<Observed, ProviderError> {
+    async fn observe(&self, target: &Target) -> Result<Observed, ProviderError> {
+        let id = target.workspace_id;
         Ok(match self.live_pid(id) {
             Some((_, 'T')) => Observed::Suspended,
             Some(_) => Observed::Running,
