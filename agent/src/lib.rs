@@ -7,6 +7,7 @@
 //! hello and heartbeats, and streams the hub opens to it. When the link drops it reconnects
 //! by itself with capped exponential backoff and jitter.
 
+pub mod checkout;
 pub mod config;
 pub mod identity;
 pub mod pty;
@@ -58,6 +59,8 @@ pub struct Agent {
     events: Option<UnboundedSender<AgentEvent>>,
     /// Terminal sessions; they outlive every connection to the hub.
     sessions: Arc<pty::Sessions>,
+    /// The repository checkout's progress (reported to the hub on change and reconnect).
+    checkout: tokio::sync::watch::Sender<Option<protocol::control::CheckoutStatus>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -87,6 +90,7 @@ impl Agent {
                 config.run_as.clone(),
                 config.detached_ttl,
             )),
+            checkout: tokio::sync::watch::Sender::new(None),
             config,
         }
     }

@@ -100,6 +100,9 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
     let mut activity = (welcome.protocol_version >= protocol::ACTIVITY_SINCE_VERSION)
         .then(ActivityReports::default);
     let mut activity_tick = tokio::time::interval(ACTIVITY_POLL);
+    let mut checkout = agent.checkout.subscribe();
+    // The hub learns the checkout's state again after every reconnect.
+    checkout.mark_changed();
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -114,6 +117,12 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
                         live.on_sent(now);
                     }
                     Ok(Some(ControlMsg::Pong(_))) => live.on_heard(now),
+                    Ok(Some(ControlMsg::Checkout(request))) => {
+                        live.on_heard(now);
+                        let run_as = agent.config.run_as.clone();
+                        let workdir = crate::checkout::workdir(run_as.as_deref());
+                        tokio::spawn(crate::checkout::run(request, workdir, run_as, agent.checkout.clone()));
+                    }
                     Ok(Some(_)) => {
                         conn.close(quinn::VarInt::from_u32(CloseCode::ProtocolError.code()), b"unexpected control message");
                         return lost("hub sent an unexpected control message", true);
@@ -144,6 +153,18 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
                         return lost(e, true);
                     }
                     live.on_sent(now);
+                }
+            }
+            changed = checkout.changed(), if activity.is_some() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let current = checkout.borrow_and_update().clone();
+                if let Some(status) = current {
+                    if let Err(e) = send_msg(&mut send, &ControlMsg::CheckoutStatus(status)).await {
+                        return lost(e, true);
+                    }
+                    live.on_sent(Instant::now());
                 }
             }
             stream = conn.accept_bi() => match stream {

@@ -46,6 +46,32 @@ pub struct AgentInfo {
     pub attached_clients: u32,
     /// When the agent last saw terminal input, in the hub's clock (Unix ms).
     pub last_input_at: Option<i64>,
+    /// The repository checkout, as the agent last reported it.
+    pub checkout: Option<CheckoutView>,
+}
+
+/// A repository checkout's state, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CheckoutView {
+    /// `cloning`, `done` or `failed`.
+    pub state: &'static str,
+    pub message: String,
+    pub path: String,
+}
+
+impl From<&protocol::control::CheckoutStatus> for CheckoutView {
+    fn from(s: &protocol::control::CheckoutStatus) -> Self {
+        use protocol::control::CheckoutState;
+        Self {
+            state: match s.state {
+                CheckoutState::Cloning => "cloning",
+                CheckoutState::Done => "done",
+                CheckoutState::Failed => "failed",
+            },
+            message: s.message.chars().take(1024).collect(),
+            path: s.path.chars().take(4096).collect(),
+        }
+    }
 }
 
 impl AgentInfo {
@@ -70,6 +96,9 @@ struct Connected {
 pub struct Registry {
     agents: Mutex<HashMap<Uuid, Connected>>,
     next_session: AtomicU64,
+    /// Repository credentials given at create time, in memory only, until the checkout is
+    /// done (a hub restart before then loses them: the checkout then fails visibly).
+    checkout_tokens: Mutex<HashMap<Uuid, String>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -120,6 +149,28 @@ impl Registry {
             );
         }
         session
+    }
+
+    pub fn keep_checkout_token(&self, id: Uuid, token: String) {
+        if let Ok(mut tokens) = self.checkout_tokens.lock() {
+            tokens.insert(id, token);
+        }
+    }
+
+    fn checkout_token(&self, id: Uuid) -> Option<String> {
+        self.checkout_tokens.lock().ok()?.get(&id).cloned()
+    }
+
+    /// Records a checkout report; a finished checkout no longer needs its credentials.
+    fn set_checkout(&self, id: Uuid, session: u64, view: CheckoutView) {
+        if view.state == "done"
+            && let Ok(mut tokens) = self.checkout_tokens.lock()
+        {
+            tokens.remove(&id);
+        }
+        if let Some(c) = self.lock().get_mut(&id).filter(|c| c.session == session) {
+            c.info.checkout = Some(view);
+        }
     }
 
     /// Records an agent's activity report on its live entry.
@@ -436,6 +487,7 @@ async fn control_session(
             remote_addr: remote.to_string(),
             attached_clients: 0,
             last_input_at: None,
+            checkout: None,
         },
         conn.clone(),
     );
@@ -443,6 +495,17 @@ async fn control_session(
     let mut touches = Touches::new(workspace, session);
     mark_ready(hub, workspace).await;
     touches.record(hub, Instant::now(), false).await;
+    // The repository, on every connect: the agent does nothing if it is there already.
+    if let Some(repo) = &workspace.metadata.repo
+        && protocol_version >= protocol::ACTIVITY_SINCE_VERSION
+    {
+        let checkout = protocol::control::Checkout {
+            repo: repo.clone(),
+            branch: workspace.metadata.branch.clone(),
+            token: hub.agents.checkout_token(workspace_id),
+        };
+        send_msg(&mut send, &ControlMsg::Checkout(checkout)).await?;
+    }
 
     let result = heartbeat_loop(hub, conn, &mut touches, &mut send, recv).await;
     touches.record(hub, Instant::now(), true).await;
@@ -540,6 +603,20 @@ async fn heartbeat_loop(
                     Some(ControlMsg::Activity(report)) => {
                         live.on_heard(now);
                         hub.agents.set_activity(workspace_id, touches.session, report);
+                    }
+                    Some(ControlMsg::CheckoutStatus(status)) => {
+                        live.on_heard(now);
+                        let view = CheckoutView::from(&status);
+                        tracing::info!(workspace = %workspace_id, state = view.state, "checkout");
+                        hub.publish_event(crate::lifecycle::WorkspaceEvent {
+                            workspace_id,
+                            kind: "checkout",
+                            status: None,
+                            reason: None,
+                            at: now_ms(),
+                            detail: serde_json::to_value(&view).ok(),
+                        });
+                        hub.agents.set_checkout(workspace_id, touches.session, view);
                     }
                     Some(_) => return Err(protocol::ProtocolError::Unexpected("handshake message after hello").into()),
                     None => return Ok(()),

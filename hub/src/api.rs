@@ -260,6 +260,9 @@ pub struct CreateWorkspace {
     pub metadata: Metadata,
     /// Idle clean-up times for this workspace; each at most the hub's default.
     pub idle: Option<IdleRequest>,
+    /// A token for cloning a private `metadata.repo` over HTTPS. Travels only to the
+    /// workspace's memory; never stored or shown.
+    pub git_token: Option<String>,
 }
 
 /// Idle clean-up times a create may ask for (seconds; missing means the hub's default).
@@ -369,6 +372,43 @@ fn check_image_tag(value: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A repository URL git can clone: https, http, ssh, git or file, or `user@host:path`.
+fn check_repo(repo: &str) -> Result<(), ApiError> {
+    let scheme_ok = ["https://", "http://", "ssh://", "git://", "file:///"]
+        .iter()
+        .any(|s| repo.starts_with(s))
+        || repo
+            .split_once(':')
+            .is_some_and(|(host, _)| host.contains('@') && !host.contains('/'));
+    // A leading '-' would read as an option (git is also given `--`, belt and braces).
+    if !scheme_ok || repo.starts_with('-') || repo.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(ApiError::invalid(
+            "metadata.repo must be an https, http, ssh, git or file URL (or user@host:path)",
+        ));
+    }
+    Ok(())
+}
+
+/// A branch name git accepts (`git check-ref-format --branch`, in short).
+fn check_branch(branch: &str) -> Result<(), ApiError> {
+    let bad = branch.is_empty()
+        || branch.starts_with(['-', '/', '.'])
+        || branch.ends_with(['/', '.'])
+        || branch.ends_with(".lock")
+        || branch.contains("..")
+        || branch.contains("@{")
+        || branch.contains("//")
+        || branch
+            .chars()
+            .any(|c| c.is_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\'));
+    if bad {
+        return Err(ApiError::invalid(
+            "metadata.branch is not a valid git branch name",
+        ));
+    }
+    Ok(())
+}
+
 impl CreateWorkspace {
     fn validate(&self) -> Result<(), ApiError> {
         if let Some(zone) = &self.zone {
@@ -383,6 +423,22 @@ impl CreateWorkspace {
         check_text("repo", &self.metadata.repo, 2048)?;
         check_text("branch", &self.metadata.branch, 255)?;
         check_text("device_id", &self.metadata.device_id, 128)?;
+        if let Some(repo) = &self.metadata.repo {
+            check_repo(repo)?;
+        }
+        if let Some(branch) = &self.metadata.branch {
+            check_branch(branch)?;
+            if self.metadata.repo.is_none() {
+                return Err(ApiError::invalid("metadata.branch needs metadata.repo"));
+            }
+        }
+        if let Some(token) = &self.git_token
+            && (token.is_empty() || token.len() > 4096 || token.chars().any(char::is_control))
+        {
+            return Err(ApiError::invalid(
+                "git_token must be 1 to 4096 characters without control characters",
+            ));
+        }
         Ok(())
     }
 }
@@ -461,6 +517,7 @@ async fn create_workspace(
             metadata: req.metadata,
             idle,
             idempotency_key: idempotency_key(&headers)?,
+            git_token: req.git_token,
         },
     )
     .await?;
@@ -602,6 +659,7 @@ async fn workspace_events(
         status: Some(ws.status),
         reason: ws.status_reason.clone(),
         at: ws.updated_at,
+        detail: None,
     });
     let id = ws.id;
     // A change that lands between the subscription and the read arrives twice: once in
@@ -639,12 +697,15 @@ async fn workspace_events(
 }
 
 fn sse_event(ev: &lifecycle::WorkspaceEvent) -> Event {
-    let data = json!({
+    let mut data = json!({
         "workspace_id": ev.workspace_id,
         "status": ev.status,
         "reason": ev.reason,
         "at": rfc3339(ev.at),
     });
+    if let Some(detail) = &ev.detail {
+        data["detail"] = detail.clone();
+    }
     Event::default().event(ev.kind).data(data.to_string())
 }
 

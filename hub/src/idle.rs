@@ -201,6 +201,7 @@ mod tests {
             remote_addr: "x".into(),
             attached_clients: attached,
             last_input_at,
+            checkout: None,
         }
     }
 

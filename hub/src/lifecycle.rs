@@ -33,6 +33,8 @@ pub struct WorkspaceEvent {
     pub reason: Option<String>,
     /// Unix milliseconds.
     pub at: i64,
+    /// More about the event (the checkout's state for `checkout` events).
+    pub detail: Option<serde_json::Value>,
 }
 
 impl Hub {
@@ -56,14 +58,19 @@ impl Hub {
         status: Option<Status>,
         reason: Option<String>,
     ) {
-        // Nobody listening is fine.
-        let _ = self.events.send(WorkspaceEvent {
+        self.publish_event(WorkspaceEvent {
             workspace_id: id,
             kind,
             status,
             reason,
             at: now_ms(),
+            detail: None,
         });
+    }
+
+    pub fn publish_event(&self, event: WorkspaceEvent) {
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
     }
 
     /// Ends the agent's connection (after a stop or a delete), so the registry drops it now
@@ -89,6 +96,9 @@ pub struct CreateRequest {
     pub idle: Option<IdlePolicy>,
     /// A client-chosen key: retrying a create with the same key returns the same workspace.
     pub idempotency_key: Option<String>,
+    /// Credentials for a private repository: kept in the hub's memory only until the agent
+    /// has checked it out, never stored.
+    pub git_token: Option<String>,
 }
 
 /// The outcome of a create.
@@ -192,6 +202,9 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
         Err(e) => return Err(e.into()),
     }
     hub.publish(id, "status", Some(ws.status), None);
+    if let Some(token) = req.git_token {
+        hub.agents.keep_checkout_token(id, token);
+    }
     tracing::info!(workspace = %id, owner = %owner, "workspace created");
     crash_point("after-record");
     let agent_config = if hub.provider.creates_slowly() {

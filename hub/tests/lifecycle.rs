@@ -560,3 +560,133 @@ async fn the_whole_lifecycle_runs_on_firestore() {
     );
     wait_gone(&hub, &id).await;
 }
+
+/// A local repository with a `main` and a `feature` branch.
+fn git_repo(dir: &std::path::Path) -> String {
+    let repo = dir.join("widgets.git");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("README"), "main\n").unwrap();
+    git(&["add", "README"]);
+    git(&["commit", "-q", "-m", "main"]);
+    git(&["checkout", "-q", "-b", "feature"]);
+    std::fs::write(repo.join("FEATURE"), "feature branch\n").unwrap();
+    git(&["add", "FEATURE"]);
+    git(&["commit", "-q", "-m", "feature"]);
+    git(&["checkout", "-q", "main"]);
+    format!("file://{}", repo.display())
+}
+
+async fn wait_checkout(hub: &TestHub, id: &str, state: &str) -> Value {
+    hub.wait_for(id, WAIT, |w| w["agent"]["checkout"]["state"] == state)
+        .await
+        .unwrap()["agent"]["checkout"]
+        .clone()
+}
+
+#[tokio::test]
+async fn the_repository_is_checked_out_on_first_boot() {
+    let hub = TestHub::start().await.unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let url = git_repo(src.path());
+    let secret = "ghp_do-not-store-this-token-4711";
+    let (code, ws) = hub
+        .api(
+            "POST",
+            "/workspaces",
+            Some(json!({"metadata": {"repo": url, "branch": "feature"}, "git_token": secret})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 201, "{ws}");
+    let id = ws["id"].as_str().unwrap().to_owned();
+    let mut events = Events::open(&hub, &id).await;
+    let done = wait_checkout(&hub, &id, "done").await;
+    let path = std::path::PathBuf::from(done["path"].as_str().unwrap());
+    assert_eq!(path, hub.workspace_dir(&id).join("widgets"));
+    assert_eq!(
+        std::fs::read_to_string(path.join("FEATURE")).unwrap(),
+        "feature branch\n"
+    );
+    // The checkout showed up on the event stream.
+    loop {
+        let (name, data) = events.next().await;
+        if name == "checkout" && data["detail"]["state"] == "done" {
+            break;
+        }
+    }
+    // The token is in no file of the hub's state and in none of its logs.
+    for entry in walk(&hub.state_dir) {
+        if entry.starts_with(hub.state_dir.join("workspaces")) {
+            continue; // the workspace's own folder stands in for the VM
+        }
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "token found in {}",
+            entry.display()
+        );
+    }
+
+    // A bad URL ends in a readable error, and the workspace stays usable.
+    let (code, ws) = hub
+        .api(
+            "POST",
+            "/workspaces",
+            Some(json!({"metadata": {"repo": "file:///nonexistent/nothing.git"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 201);
+    let id = ws["id"].as_str().unwrap();
+    let failed = wait_checkout(&hub, id, "failed").await;
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("fatal:") && message.contains("nonexistent"),
+        "{message}"
+    );
+
+    // Bad repository values are refused up front.
+    for metadata in [
+        json!({"repo": "-uhttps://evil"}),
+        json!({"repo": "ftp://example.com/r.git"}),
+        json!({"repo": "https://example.com/r.git", "branch": "../../etc"}),
+        json!({"branch": "main"}),
+    ] {
+        let (code, body) = hub
+            .api("POST", "/workspaces", Some(json!({"metadata": metadata})))
+            .await
+            .unwrap();
+        assert_eq!(
+            (code, body["error"]["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{metadata}"
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

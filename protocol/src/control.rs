@@ -18,6 +18,11 @@ crate::tagged_messages! {
         /// Agent -> hub (protocol 2 and later): what the agent counts as use of the
         /// workspace, sent when it changes. Idle clean-up decides from this, never by guessing.
         6 => Activity(Activity),
+        /// Hub -> agent (version 2+): clone the workspace's repository (first boot).
+        7 => Checkout(Checkout),
+        /// Agent -> hub (version 2+): how the checkout is going; sent on every change and
+        /// again after each reconnect.
+        8 => CheckoutStatus(CheckoutStatus),
     }
 }
 
@@ -83,4 +88,40 @@ pub struct Activity {
     pub attached_clients: u32,
     /// Milliseconds since the last terminal input, if there was any since the agent started.
     pub input_ago_ms: Option<u64>,
+}
+
+/// Clone `repo` at `branch` into the workspace. `token`, if any, authenticates HTTPS and is
+/// kept only in the agent's memory for the clone.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkout {
+    pub repo: String,
+    pub branch: Option<String>,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Checkout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkout")
+            .field("repo", &self.repo)
+            .field("branch", &self.branch)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Where a checkout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckoutState {
+    Cloning,
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckoutStatus {
+    pub state: CheckoutState,
+    /// Progress or the error, for people (the last line git printed).
+    pub message: String,
+    /// Where the repository is (or was to be) checked out.
+    pub path: String,
 }
