@@ -249,11 +249,14 @@ impl TestHub {
 
     /// Mints another user's API token through the hub's own CLI.
     pub fn mint_token(&self, owner: &str) -> Result<String> {
-        let out = Command::new(binary("workspace-hub")?)
-            .args(["token", "create", "--owner", owner, "--state-dir"])
-            .arg(&self.state_dir)
-            .output()
-            .context("run workspace-hub token create")?;
+        let mut cmd = Command::new(binary("workspace-hub")?);
+        cmd.args(["token", "create", "--owner", owner, "--state-dir"])
+            .arg(&self.state_dir);
+        let config = self.state_dir.join("hub.toml");
+        if config.exists() {
+            cmd.arg("--config").arg(config);
+        }
+        let out = cmd.output().context("run workspace-hub token create")?;
         if !out.status.success() {
             bail!("token create: {}", String::from_utf8_lossy(&out.stderr));
         }

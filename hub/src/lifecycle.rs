@@ -131,15 +131,13 @@ async fn check_quota(hub: &Hub, owner: &str, creating: Option<&str>) -> Result<(
             ),
         ));
     }
-    let mine = hub.store.list_workspaces(Some(owner)).await?;
-    if creating.is_some() && mine.len() >= quota.max_workspaces as usize {
+    let (total, running) = hub.store.count_workspaces(owner).await?;
+    if creating.is_some() && total >= quota.max_workspaces as usize {
         return Err(quota_exceeded(format!(
-            "you have {} workspaces; the limit is {}",
-            mine.len(),
+            "you have {total} workspaces; the limit is {}",
             quota.max_workspaces
         )));
     }
-    let running = mine.iter().filter(|w| w.status.is_running()).count();
     if running >= quota.max_running as usize {
         return Err(quota_exceeded(format!(
             "you have {running} running workspaces; the limit is {}",

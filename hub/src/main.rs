@@ -61,6 +61,9 @@ enum TokenCommand {
     Create {
         #[arg(long, default_value = ".state", env = "WSH_STATE_DIR")]
         state_dir: PathBuf,
+        /// The hub's config file, for its store (`[store]`); the state folder still applies.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[arg(long)]
         owner: String,
         #[arg(long, default_value = "cli")]
@@ -145,14 +148,16 @@ async fn async_main(cli: Cli) -> Result<()> {
             command:
                 TokenCommand::Create {
                     state_dir,
+                    config,
                     owner,
                     name,
                 },
         } => {
-            let config = Config::from_file(FileConfig {
-                state_dir,
-                ..FileConfig::default()
-            })?;
+            let base = match config {
+                Some(path) => FileConfig::load(&path)?,
+                None => FileConfig::default(),
+            };
+            let config = Config::from_file(FileConfig { state_dir, ..base })?;
             let hub = hub::open_state(&config, config.quic_addr, CancellationToken::new()).await?;
             println!(
                 "{}",

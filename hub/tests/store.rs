@@ -59,6 +59,8 @@ async fn conformance(store: Arc<dyn Store>) {
         .collect();
     assert_eq!(alice, vec![a2.id, a1.id]);
     assert_eq!(store.list_workspaces(None).await.unwrap().len(), 3);
+    assert_eq!(store.count_workspaces("alice").await.unwrap(), (2, 2));
+    assert_eq!(store.count_workspaces("nobody").await.unwrap(), (0, 0));
     assert!(
         store
             .list_workspaces(Some("nobody"))

@@ -74,6 +74,13 @@ pub trait Store: Send + Sync + 'static {
     async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError>;
     /// The owner's workspaces, or all of them for `None`; newest first.
     async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError>;
+    /// How many workspaces the owner has, and how many of them are running
+    /// ([`Status::is_running`]), for quota checks.
+    async fn count_workspaces(&self, owner_id: &str) -> Result<(usize, usize), StoreError> {
+        let all = self.list_workspaces(Some(owner_id)).await?;
+        let running = all.iter().filter(|w| w.status.is_running()).count();
+        Ok((all.len(), running))
+    }
     /// Conditional status change: succeeds only if the current status is in `from`.
     async fn transition(
         &self,

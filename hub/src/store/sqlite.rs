@@ -234,6 +234,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn count_workspaces(&self, owner_id: &str) -> Result<(usize, usize), StoreError> {
+        let owner = owner_id.to_owned();
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(status IN ('PROVISIONING', 'READY', 'STARTING')), 0) \
+                 FROM workspaces WHERE owner_id = ?1",
+                params![owner],
+                |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, i64>(1)? as usize)),
+            )
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn transition(
         &self,
         id: Uuid,
