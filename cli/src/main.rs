@@ -1,6 +1,7 @@
 //! `wsh`: the Workspace Hub command line.
 //!
-//! Lifecycle goes through the hub's REST API (`list`, `create`, `show`, `version`);
+//! Lifecycle goes through the hub's REST API (`list`, `create`, `show`, `status`, `stop`,
+//! `start`, `delete`, `keep-awake`, `version`);
 //! terminals go over direct QUIC (`attach`, `sessions`), see [`attach`].
 
 mod attach;
@@ -52,6 +53,24 @@ enum Command {
     },
     /// Show one workspace.
     Show { id: String },
+    /// Live status: what the provider sees, the agent, and why it counts as active or idle.
+    Status { id: String },
+    /// Suspend a workspace (it keeps its state).
+    Stop { id: String },
+    /// Resume a suspended workspace.
+    Start { id: String },
+    /// Destroy a workspace and its machine.
+    Delete { id: String },
+    /// Keep a workspace from being stopped as idle: for a while, or while a command runs
+    /// (`wsh keep-awake <ws> -- make build`; exits with the command's status).
+    KeepAwake {
+        id: String,
+        /// How long, without a command (e.g. `2h`); `0s` releases the lease.
+        #[arg(long = "for", default_value = "1h", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Show the hub's version.
     Version,
     /// Open a terminal in a workspace (a new session, or `--session` to re-attach).
@@ -105,6 +124,45 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+async fn keep_awake(client: &Client, id: &str, seconds: u64) -> Result<Value> {
+    let path = format!("/workspaces/{id}/keep-awake");
+    client
+        .call(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({ "seconds": seconds })),
+        )
+        .await
+}
+
+/// Holds a short lease, renewed while `command` runs, released when it ends; returns the
+/// command's exit code.
+async fn keep_awake_while(client: &Client, id: &str, command: &[String]) -> Result<i32> {
+    const LEASE_SECS: u64 = 300;
+    const RENEW: std::time::Duration = std::time::Duration::from_secs(60);
+    keep_awake(client, id, LEASE_SECS).await?;
+    let mut child = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .spawn()
+        .with_context(|| format!("run {}", command[0]))?;
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + RENEW, RENEW);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = renew.tick() => {
+                // A failed renewal is reported, not fatal: the job goes on.
+                if let Err(e) = keep_awake(client, id, LEASE_SECS).await {
+                    eprintln!("wsh: renewing the keep-awake lease: {e:#}");
+                }
+            }
+        }
+    };
+    if let Err(e) = keep_awake(client, id, 0).await {
+        eprintln!("wsh: releasing the keep-awake lease: {e:#}");
+    }
+    Ok(status.code().unwrap_or(1))
 }
 
 fn print_workspaces(list: &[Value]) {
@@ -187,6 +245,33 @@ async fn main() -> Result<()> {
                 .await?
         }
         Command::Version => client.call(reqwest::Method::GET, "/version", None).await?,
+        Command::Status { id } => {
+            let path = format!("/workspaces/{id}/status");
+            client.call(reqwest::Method::GET, &path, None).await?
+        }
+        Command::Stop { id } => {
+            let path = format!("/workspaces/{id}/stop");
+            client.call(reqwest::Method::POST, &path, None).await?
+        }
+        Command::Start { id } => {
+            let path = format!("/workspaces/{id}/start");
+            client.call(reqwest::Method::POST, &path, None).await?
+        }
+        Command::Delete { id } => {
+            let path = format!("/workspaces/{id}");
+            client.call(reqwest::Method::DELETE, &path, None).await?
+        }
+        Command::KeepAwake {
+            id,
+            duration,
+            command,
+        } => {
+            if command.is_empty() {
+                keep_awake(&client, &id, duration.as_secs()).await?
+            } else {
+                std::process::exit(keep_awake_while(&client, &id, &command).await?);
+            }
+        }
         Command::Create {
             zone,
             machine_type,

@@ -289,6 +289,10 @@ pub struct WorkspaceView {
     pub created_at: String,
     pub updated_at: String,
     pub last_connected_at: Option<String>,
+    /// The last use the agent reported (attached clients, terminal input).
+    pub last_active_at: Option<String>,
+    /// Idle clean-up leaves the workspace alone until then.
+    pub keep_awake_until: Option<String>,
     pub metadata: Metadata,
     /// The live agent connection, if any.
     pub agent: Option<AgentInfo>,
@@ -321,6 +325,8 @@ fn view(hub: &crate::Hub, ws: Workspace) -> WorkspaceView {
         created_at: rfc3339(ws.created_at),
         updated_at: rfc3339(ws.updated_at),
         last_connected_at: ws.last_connected_at.map(rfc3339),
+        last_active_at: ws.last_active_at.map(rfc3339),
+        keep_awake_until: ws.keep_awake_until.map(rfc3339),
         metadata: ws.metadata,
         agent_config: None,
     }

@@ -2,6 +2,7 @@
 
 use harness::TestHub;
 use std::process::Command;
+use std::time::Duration;
 
 fn wsh(hub: &TestHub, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(harness::binary("wsh").unwrap())
@@ -15,6 +16,67 @@ fn wsh(hub: &TestHub, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+#[tokio::test]
+async fn wsh_keeps_a_workspace_awake_while_a_job_runs_then_stops_and_deletes_it() {
+    let hub = TestHub::start().await.unwrap();
+    let id = hub.ready_workspace().await.unwrap();
+    let job = {
+        let args = [
+            "keep-awake".to_owned(),
+            id.clone(),
+            "--".to_owned(),
+            "sh".to_owned(),
+            "-c".to_owned(),
+            "sleep 1; exit 3".to_owned(),
+        ];
+        let hub_url = hub.url("");
+        let token = hub.token.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(harness::binary("wsh").unwrap())
+                .args(&args)
+                .env("WSH_HUB", hub_url)
+                .env("WSH_TOKEN", token)
+                .status()
+                .unwrap()
+        })
+    };
+    // While the job runs, the lease is held and the status says so.
+    hub.wait_for(&id, Duration::from_secs(10), |w| {
+        w["keep_awake_until"].is_string()
+    })
+    .await
+    .unwrap();
+    let status = job.join().unwrap();
+    assert_eq!(status.code(), Some(3), "the job's exit status");
+    let (_, ws) = hub
+        .api("GET", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    assert!(ws["keep_awake_until"].is_null(), "released: {ws}");
+
+    let (ok, out, err) = wsh(&hub, &["status", &id, "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"activity\""), "{out}");
+    let (ok, out, err) = wsh(&hub, &["stop", &id, "--json"]);
+    assert!(ok && out.contains("STOPPING"), "{out}{err}");
+    hub.wait_for(&id, Duration::from_secs(10), |w| w["status"] == "SUSPENDED")
+        .await
+        .unwrap();
+    let (ok, out, err) = wsh(&hub, &["start", &id, "--json"]);
+    assert!(ok && out.contains("STARTING"), "{out}{err}");
+    hub.wait_for(&id, Duration::from_secs(30), |w| w["status"] == "READY")
+        .await
+        .unwrap();
+    let (ok, out, err) = wsh(&hub, &["delete", &id, "--json"]);
+    assert!(ok && out.contains("DELETING"), "{out}{err}");
+    let (ok, _, err) = wsh(&hub, &["stop", &id]);
+    assert!(!ok, "stopping a deleted workspace fails");
+    assert!(
+        err.contains("not_found") || err.contains("conflict"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -378,9 +378,10 @@ async fn idle_clean_up_stops_idle_workspaces_only() {
         .await
         .unwrap();
     assert_eq!(code, 200, "{body}");
-    assert!(
-        body["keep_awake_until"].is_string()
-            || status(&hub, &leased).await["keep_awake_until"].is_string()
+    assert!(body["keep_awake_until"].is_string(), "{body}");
+    assert_eq!(
+        status(&hub, &leased).await["keep_awake_until"],
+        body["keep_awake_until"]
     );
     let (code, _) = hub
         .api(

@@ -49,7 +49,16 @@ async fn agent_reconnects_after_the_hub_is_killed_and_restarted_without_enrollin
             .count(),
         1
     );
-    assert!(hub.agent_log(&id).matches("connected to hub").count() >= 2);
+    // The hub registers the agent before the agent has logged the welcome: wait for it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hub.agent_log(&id).matches("connected to hub").count() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            hub.agent_log(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The restarted hub recognised the old connection and reset it (no timeout wait).
     assert!(
         hub.agent_log(&id).contains("reset by peer"),

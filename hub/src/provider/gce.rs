@@ -23,6 +23,21 @@ use serde::Deserialize;
 use std::time::Duration;
 use uuid::Uuid;
 
+/// One call on one instance (`get`, `suspend`, `resume`, `start`, `delete`): its operation, or
+/// the mapped error.
+macro_rules! act {
+    ($gce:ident, $call:ident, $zone:expr, $name:expr, $what:literal) => {
+        $gce.instances
+            .$call()
+            .set_project(&$gce.config.project)
+            .set_zone($zone)
+            .set_instance($name)
+            .send()
+            .await
+            .map_err(|e| call_error($what, e))
+    };
+}
+
 /// GCE's limit on one metadata value.
 const MAX_USER_DATA: usize = 256 * 1024;
 
@@ -265,15 +280,13 @@ impl GceProvider {
     }
 
     async fn status(&self, target: &Target) -> Result<Option<instance::Status>, ProviderError> {
-        let inst = self
-            .instances
-            .get()
-            .set_project(&self.config.project)
-            .set_zone(&target.zone)
-            .set_instance(&target.instance_name)
-            .send()
-            .await
-            .map_err(|e| call_error("get instance", e))?;
+        let inst = act!(
+            self,
+            get,
+            &target.zone,
+            &target.instance_name,
+            "get instance"
+        )?;
         Ok(inst.status)
     }
 }
@@ -315,54 +328,34 @@ impl Provider for GceProvider {
     }
 
     async fn start(&self, target: &Target) -> Result<(), ProviderError> {
-        let (project, zone, name) = (&self.config.project, &target.zone, &target.instance_name);
+        let (zone, name) = (&target.zone, &target.instance_name);
         let op = match observed(self.status(target).await?.as_ref()) {
-            Observed::Suspended => self
-                .instances
-                .resume()
-                .set_project(project)
-                .set_zone(zone)
-                .set_instance(name)
-                .send()
-                .await
-                .map_err(|e| call_error("resume instance", e))?,
-            Observed::Stopped => self
-                .instances
-                .start()
-                .set_project(project)
-                .set_zone(zone)
-                .set_instance(name)
-                .send()
-                .await
-                .map_err(|e| call_error("start instance", e))?,
+            Observed::Suspended => act!(self, resume, zone, name, "resume instance")?,
+            Observed::Stopped => act!(self, start, zone, name, "start instance")?,
             _ => return Ok(()),
         };
         self.wait("start instance", zone, op).await
     }
 
     async fn stop(&self, target: &Target) -> Result<(), ProviderError> {
-        let op = self
-            .instances
-            .suspend()
-            .set_project(&self.config.project)
-            .set_zone(&target.zone)
-            .set_instance(&target.instance_name)
-            .send()
-            .await
-            .map_err(|e| call_error("suspend instance", e))?;
+        let op = act!(
+            self,
+            suspend,
+            &target.zone,
+            &target.instance_name,
+            "suspend instance"
+        )?;
         self.wait("suspend instance", &target.zone, op).await
     }
 
     async fn delete(&self, target: &Target) -> Result<(), ProviderError> {
-        let op = self
-            .instances
-            .delete()
-            .set_project(&self.config.project)
-            .set_zone(&target.zone)
-            .set_instance(&target.instance_name)
-            .send()
-            .await
-            .map_err(|e| call_error("delete instance", e))?;
+        let op = act!(
+            self,
+            delete,
+            &target.zone,
+            &target.instance_name,
+            "delete instance"
+        )?;
         self.wait("delete instance", &target.zone, op).await
     }
 

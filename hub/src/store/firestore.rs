@@ -199,15 +199,39 @@ impl FirestoreStore {
         )))
     }
 
-    async fn read_workspace(db: &FirestoreDb, id: Uuid) -> Result<Workspace, StoreError> {
-        db.fluent()
+    /// Creates a document; `AlreadyExists` if the id is taken.
+    async fn insert<D>(&self, collection: &str, id: &str, doc: &D) -> Result<(), StoreError>
+    where
+        D: Serialize + for<'de> Deserialize<'de> + Send + Sync,
+    {
+        let res: Result<D, FirestoreError> = self
+            .db
+            .fluent()
+            .insert()
+            .into(collection)
+            .document_id(id)
+            .object(doc)
+            .execute()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(FirestoreError::DataConflictError(_)) => Err(StoreError::AlreadyExists),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn get<D>(&self, collection: &str, id: &str) -> Result<Option<D>, StoreError>
+    where
+        D: for<'de> Deserialize<'de> + Send,
+    {
+        self.db
+            .fluent()
             .select()
-            .by_id_in(WORKSPACES)
-            .obj::<Workspace>()
-            .one(&id.to_string())
+            .by_id_in(collection)
+            .obj()
+            .one(id)
             .await
-            .map_err(backend)?
-            .ok_or(StoreError::NotFound)
+            .map_err(backend)
     }
 
     /// A read-modify-write of one workspace; a missing one is `NotFound`.
@@ -226,24 +250,13 @@ impl FirestoreStore {
 #[async_trait]
 impl Store for FirestoreStore {
     async fn insert_workspace(&self, ws: &Workspace) -> Result<(), StoreError> {
-        let res: Result<Workspace, FirestoreError> = self
-            .db
-            .fluent()
-            .insert()
-            .into(WORKSPACES)
-            .document_id(ws.id.to_string())
-            .object(ws)
-            .execute()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(FirestoreError::DataConflictError(_)) => Err(StoreError::AlreadyExists),
-            Err(e) => Err(backend(e)),
-        }
+        self.insert(WORKSPACES, &ws.id.to_string(), ws).await
     }
 
     async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError> {
-        Self::read_workspace(&self.db, id).await
+        self.get(WORKSPACES, &id.to_string())
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError> {
@@ -364,20 +377,7 @@ impl Store for FirestoreStore {
             used_at: None,
             used_by: None,
         };
-        let res: Result<EnrollmentTokenDoc, FirestoreError> = self
-            .db
-            .fluent()
-            .insert()
-            .into(ENROLLMENT_TOKENS)
-            .document_id(token_hash)
-            .object(&doc)
-            .execute()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(FirestoreError::DataConflictError(_)) => Err(StoreError::AlreadyExists),
-            Err(e) => Err(backend(e)),
-        }
+        self.insert(ENROLLMENT_TOKENS, token_hash, &doc).await
     }
 
     async fn redeem_enrollment_token(
@@ -434,15 +434,7 @@ impl Store for FirestoreStore {
     }
 
     async fn agent_cert(&self, workspace_id: Uuid) -> Result<Option<String>, StoreError> {
-        let doc: Option<AgentCertDoc> = self
-            .db
-            .fluent()
-            .select()
-            .by_id_in(AGENT_CERTS)
-            .obj()
-            .one(&workspace_id.to_string())
-            .await
-            .map_err(backend)?;
+        let doc: Option<AgentCertDoc> = self.get(AGENT_CERTS, &workspace_id.to_string()).await?;
         Ok(doc.map(|d| d.fingerprint))
     }
 
@@ -452,32 +444,11 @@ impl Store for FirestoreStore {
             name: token.name.clone(),
             expires_at: token.expires_at,
         };
-        let res: Result<ApiTokenDoc, FirestoreError> = self
-            .db
-            .fluent()
-            .insert()
-            .into(API_TOKENS)
-            .document_id(token_hash)
-            .object(&doc)
-            .execute()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(FirestoreError::DataConflictError(_)) => Err(StoreError::AlreadyExists),
-            Err(e) => Err(backend(e)),
-        }
+        self.insert(API_TOKENS, token_hash, &doc).await
     }
 
     async fn find_api_token(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError> {
-        let doc: Option<ApiTokenDoc> = self
-            .db
-            .fluent()
-            .select()
-            .by_id_in(API_TOKENS)
-            .obj()
-            .one(token_hash)
-            .await
-            .map_err(backend)?;
+        let doc: Option<ApiTokenDoc> = self.get(API_TOKENS, token_hash).await?;
         Ok(doc.map(|d| ApiToken {
             owner_id: d.owner_id,
             name: d.name,
