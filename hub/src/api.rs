@@ -43,6 +43,8 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/events", get(workspace_events))
         .route("/workspaces/{id}/keep-awake", post(keep_awake))
         .route("/cleanup", post(cleanup))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/workspaces/{id}/terminal", get(crate::terminal::terminal))
         .route("/terminal/{id}", get(crate::terminal::terminal))
         .fallback(not_found)
@@ -146,7 +148,8 @@ pub struct ErrorDetail {
     info(title = "Workspace Hub API", description = "Remote development workspaces: lifecycle, status and events."),
     paths(
         healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
-        stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup
+        stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
+        create_token, list_tokens, revoke_token
     ),
     modifiers(&BearerAuth)
 )]
@@ -454,7 +457,7 @@ async fn list_workspaces(
     State(hub): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<WorkspaceView>>, ApiError> {
-    let list = hub.store.list_workspaces(Some(&caller.owner_id)).await?;
+    let list = hub.store.list_workspaces(caller.scope()).await?;
     Ok(Json(list.into_iter().map(|ws| view(&hub, ws)).collect()))
 }
 
@@ -713,6 +716,103 @@ fn sse_event(ev: &lifecycle::WorkspaceEvent) -> Event {
         data["detail"] = detail.clone();
     }
     Event::default().event(ev.kind).data(data.to_string())
+}
+
+/// The body of `POST /tokens`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// What the token is for (`laptop`, `ci`): 1 to 64 printable characters.
+    pub name: String,
+    /// Lifetime in seconds; default 90 days, at most 365 days.
+    pub expires_in_secs: Option<u64>,
+}
+
+/// An API token as listed: never the secret itself.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenView {
+    /// The token's public id (the SHA-256 of the secret).
+    pub id: String,
+    pub name: String,
+    pub expires_at: Option<String>,
+    /// Only in the response that creates it, once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+const DEFAULT_TOKEN_SECS: u64 = 90 * 24 * 3600;
+const MAX_TOKEN_SECS: u64 = 365 * 24 * 3600;
+
+#[utoipa::path(post, path = "/tokens", tag = "tokens", security(("bearer" = [])), request_body = CreateToken, responses((status = 201, description = "The new token, shown once", body = TokenView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 429, description = "Too many failed authentications", body = ErrorBody)))]
+async fn create_token(
+    State(hub): State<AppState>,
+    caller: Caller,
+    ValidJson(req): ValidJson<CreateToken>,
+) -> Result<(StatusCode, Json<TokenView>), ApiError> {
+    if req.name.is_empty()
+        || req.name.chars().count() > 64
+        || req.name.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(
+            "name must be 1 to 64 printable characters",
+        ));
+    }
+    let secs = req.expires_in_secs.unwrap_or(DEFAULT_TOKEN_SECS);
+    if !(60..=MAX_TOKEN_SECS).contains(&secs) {
+        return Err(ApiError::invalid(format!(
+            "expires_in_secs must be between 60 and {MAX_TOKEN_SECS}"
+        )));
+    }
+    let expires_at = now_ms() + secs as i64 * 1000;
+    let token = crate::auth::mint_api_token(&hub, &caller.owner_id, &req.name, Some(expires_at))
+        .await
+        .map_err(|e| ApiError::internal("mint token", e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenView {
+            id: token_hash(&token),
+            name: req.name,
+            expires_at: Some(rfc3339(expires_at)),
+            token: Some(token),
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/tokens", tag = "tokens", security(("bearer" = [])), responses((status = 200, description = "The caller's tokens (never their secrets)", body = [TokenView]), (status = 401, description = "Missing or bad token", body = ErrorBody)))]
+async fn list_tokens(
+    State(hub): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let tokens = hub.store.list_api_tokens(&caller.owner_id).await?;
+    Ok(Json(
+        tokens
+            .into_iter()
+            .map(|(id, t)| TokenView {
+                id,
+                name: t.name,
+                expires_at: t.expires_at.map(rfc3339),
+                token: None,
+            })
+            .collect(),
+    ))
+}
+
+#[utoipa::path(delete, path = "/tokens/{id}", tag = "tokens", security(("bearer" = [])), params(("id" = String, Path, description = "The token's id")), responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such token of yours", body = ErrorBody)))]
+async fn revoke_token(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let not_found = || ApiError::not_found("token");
+    let token = hub.store.find_api_token(&id).await?.ok_or_else(not_found)?;
+    if token.owner_id != caller.owner_id {
+        return Err(not_found());
+    }
+    match hub.store.delete_api_token(&id).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(StoreError::NotFound) => Err(not_found()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `POST /cleanup`: the reconciler and the idle clean-up, for Cloud Scheduler or cron,

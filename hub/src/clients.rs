@@ -46,13 +46,15 @@ async fn authenticate(hub: &Hub, conn: &quinn::Connection) -> Result<Option<Call
     let refusal = |reason, message: String| ClientMsg::Refused(ClientRefused { reason, message });
     let reply = match protocol::handshake::negotiate(hello.protocol_version) {
         Err(r) => Err(refusal(ClientRefusal::VersionUnsupported, r.message)),
-        Ok(version) => match auth::authenticate(hub, &hello.token).await {
-            Ok(caller) => Ok((caller, version)),
-            Err(e) => Err(refusal(
-                ClientRefusal::Unauthenticated,
-                e.message().to_owned(),
-            )),
-        },
+        Ok(version) => {
+            match auth::authenticate(hub, &hello.token, Some(conn.remote_address().ip())).await {
+                Ok(caller) => Ok((caller, version)),
+                Err(e) => Err(refusal(
+                    ClientRefusal::Unauthenticated,
+                    e.message().to_owned(),
+                )),
+            }
+        }
     };
     match reply {
         Ok((caller, protocol_version)) => {

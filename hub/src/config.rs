@@ -125,6 +125,8 @@ pub struct FileConfig {
     pub cleanup_token: Option<String>,
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
+    /// Team mode: owners (subjects) who may see and act on every workspace.
+    pub admins: Vec<String>,
 }
 
 impl Default for FileConfig {
@@ -152,6 +154,7 @@ impl Default for FileConfig {
             cleanup_token: None,
             store: StoreConfig::Sqlite,
             gce: Default::default(),
+            admins: Vec::new(),
         }
     }
 }
@@ -189,6 +192,7 @@ pub struct Config {
     pub cleanup_token: Option<String>,
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
+    pub admins: Vec<String>,
 }
 
 impl Config {
@@ -277,6 +281,7 @@ impl Config {
             cleanup_token: file.cleanup_token,
             store: file.store,
             gce: file.gce,
+            admins: file.admins,
         })
     }
 

@@ -48,6 +48,8 @@ pub struct Hub {
     pub events: tokio::sync::broadcast::Sender<lifecycle::WorkspaceEvent>,
     /// Instances without a record, and when the reconciler first saw each.
     pub orphans: reconcile::Orphans,
+    /// Failed authentications per client address.
+    pub auth_failures: auth::Failures,
 }
 
 impl std::fmt::Debug for Hub {
@@ -107,6 +109,7 @@ pub async fn open_state(
         shutdown,
         events: tokio::sync::broadcast::channel(1024).0,
         orphans: reconcile::Orphans::default(),
+        auth_failures: auth::Failures::default(),
     })
 }
 
@@ -217,10 +220,13 @@ pub async fn run(
     tasks.spawn(housekeeping(hub.clone()));
 
     let http_shutdown = shutdown.clone();
-    axum::serve(listener, app(hub.clone()))
-        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-        .await
-        .context("serve HTTP")?;
+    axum::serve(
+        listener,
+        app(hub.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+    .await
+    .context("serve HTTP")?;
 
     // Drain: every control session closes its connection with "shutting down".
     let _ = quic.await;

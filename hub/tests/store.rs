@@ -332,8 +332,28 @@ async fn conformance(store: Arc<dyn Store>) {
         expires_at: Some(99),
     };
     store.insert_api_token("th", &token).await.unwrap();
-    assert_eq!(store.find_api_token("th").await.unwrap(), Some(token));
+    assert_eq!(
+        store.find_api_token("th").await.unwrap(),
+        Some(token.clone())
+    );
     assert_eq!(store.find_api_token("other").await.unwrap(), None);
+    let ci = ApiToken {
+        name: "ci".into(),
+        ..token.clone()
+    };
+    store.insert_api_token("th2", &ci).await.unwrap();
+    assert_eq!(
+        store.list_api_tokens("alice").await.unwrap(),
+        vec![("th2".to_owned(), ci), ("th".to_owned(), token)]
+    );
+    assert!(store.list_api_tokens("bob").await.unwrap().is_empty());
+    store.delete_api_token("th2").await.unwrap();
+    assert!(matches!(
+        store.delete_api_token("th2").await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.find_api_token("th2").await.unwrap(), None);
+    assert_eq!(store.list_api_tokens("alice").await.unwrap().len(), 1);
 }
 
 #[tokio::test]

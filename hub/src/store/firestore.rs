@@ -455,4 +455,48 @@ impl Store for FirestoreStore {
             expires_at: d.expires_at,
         }))
     }
+
+    async fn list_api_tokens(&self, owner_id: &str) -> Result<Vec<(String, ApiToken)>, StoreError> {
+        let docs: Vec<firestore::FirestoreDocument> = self
+            .db
+            .fluent()
+            .select()
+            .from(API_TOKENS)
+            .filter(|q| q.field("owner_id").eq(owner_id))
+            .query()
+            .await
+            .map_err(backend)?;
+        let mut out = Vec::with_capacity(docs.len());
+        for doc in &docs {
+            let hash = doc.name.rsplit('/').next().unwrap_or_default().to_owned();
+            let d: ApiTokenDoc = FirestoreDb::deserialize_doc_to(doc).map_err(backend)?;
+            out.push((
+                hash,
+                ApiToken {
+                    owner_id: d.owner_id,
+                    name: d.name,
+                    expires_at: d.expires_at,
+                },
+            ));
+        }
+        out.sort_by(|a, b| (&a.1.name, &a.0).cmp(&(&b.1.name, &b.0)));
+        Ok(out)
+    }
+
+    async fn delete_api_token(&self, token_hash: &str) -> Result<(), StoreError> {
+        match self
+            .db
+            .fluent()
+            .delete()
+            .from(API_TOKENS)
+            .precondition(FirestoreWritePrecondition::Exists(true))
+            .document_id(token_hash)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(FirestoreError::DataNotFoundError(_)) => Err(StoreError::NotFound),
+            Err(e) => Err(backend(e)),
+        }
+    }
 }

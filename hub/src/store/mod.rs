@@ -125,4 +125,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn insert_api_token(&self, token_hash: &str, token: &ApiToken) -> Result<(), StoreError>;
     async fn find_api_token(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError>;
+    /// The owner's tokens with their hashes (the hash is the token's public id).
+    async fn list_api_tokens(&self, owner_id: &str) -> Result<Vec<(String, ApiToken)>, StoreError>;
+    /// Revokes a token; `NotFound` if there is none with this hash.
+    async fn delete_api_token(&self, token_hash: &str) -> Result<(), StoreError>;
 }

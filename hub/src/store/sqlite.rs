@@ -478,4 +478,47 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn list_api_tokens(&self, owner_id: &str) -> Result<Vec<(String, ApiToken)>, StoreError> {
+        let owner = owner_id.to_owned();
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT token_hash, owner_id, name, expires_at FROM api_tokens \
+                     WHERE owner_id = ?1 ORDER BY name, token_hash",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![owner], |r| {
+                    Ok((
+                        r.get(0)?,
+                        ApiToken {
+                            owner_id: r.get(1)?,
+                            name: r.get(2)?,
+                            expires_at: r.get(3)?,
+                        },
+                    ))
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_api_token(&self, token_hash: &str) -> Result<(), StoreError> {
+        let token_hash = token_hash.to_owned();
+        self.with(move |conn| {
+            let n = conn
+                .execute(
+                    "DELETE FROM api_tokens WHERE token_hash = ?1",
+                    params![token_hash],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await
+    }
 }
