@@ -193,6 +193,26 @@ impl TestHub {
         Ok((status, value))
     }
 
+    /// The terminal WebSocket URL of a workspace, with a fresh session ticket (the way the
+    /// web UI opens it) and extra query parameters.
+    pub async fn terminal_url(&self, id: &str, query: &str) -> Result<String> {
+        let (status, body) = self
+            .api(
+                "POST",
+                &format!("/workspaces/{id}/tickets"),
+                Some(serde_json::json!({"purpose": "terminal"})),
+            )
+            .await?;
+        if status != 201 {
+            bail!("ticket: {status} {body}");
+        }
+        let ticket = body["ticket"].as_str().context("ticket")?;
+        Ok(format!(
+            "ws://{}/workspaces/{id}/terminal?ticket={ticket}&{query}",
+            self.listening.http
+        ))
+    }
+
     /// Creates a workspace and returns its JSON.
     pub async fn create_workspace(&self) -> Result<Value> {
         let (status, body) = self

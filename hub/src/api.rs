@@ -42,6 +42,7 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/status", get(workspace_status))
         .route("/workspaces/{id}/events", get(workspace_events))
         .route("/workspaces/{id}/keep-awake", post(keep_awake))
+        .route("/workspaces/{id}/tickets", post(create_ticket))
         .route("/cleanup", post(cleanup))
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", axum::routing::delete(revoke_token))
@@ -149,7 +150,7 @@ pub struct ErrorDetail {
     paths(
         healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
-        create_token, list_tokens, revoke_token
+        create_token, list_tokens, revoke_token, create_ticket
     ),
     modifiers(&BearerAuth)
 )]
@@ -716,6 +717,41 @@ fn sse_event(ev: &lifecycle::WorkspaceEvent) -> Event {
         data["detail"] = detail.clone();
     }
     Event::default().event(ev.kind).data(data.to_string())
+}
+
+/// The body of `POST /workspaces/:id/tickets`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TicketRequest {
+    pub purpose: crate::auth::Purpose,
+}
+
+/// A scoped session ticket: one workspace, one purpose, one minute.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TicketView {
+    pub ticket: String,
+    pub expires_at: String,
+}
+
+#[utoipa::path(post, path = "/workspaces/{id}/tickets", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), request_body = TicketRequest, responses((status = 201, description = "A ticket for the terminal WebSocket (`?ticket=`)", body = TicketView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+async fn create_ticket(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ValidJson(req): ValidJson<TicketRequest>,
+) -> Result<(StatusCode, Json<TicketView>), ApiError> {
+    // Ownership is checked once, here; the ticket carries the owner, not the admin right.
+    let ws = owned(&hub, &caller, &id).await?;
+    let (ticket, expires) = hub
+        .tickets
+        .issue(ws.id, &ws.owner_id, req.purpose, now_ms());
+    Ok((
+        StatusCode::CREATED,
+        Json(TicketView {
+            ticket,
+            expires_at: rfc3339(expires),
+        }),
+    ))
 }
 
 /// The body of `POST /tokens`.

@@ -13,6 +13,7 @@ use axum::http::request::Parts;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
+use uuid::Uuid;
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]
@@ -49,9 +50,6 @@ impl FromRequestParts<AppState> for Caller {
                 .and_then(|h| h.strip_prefix("Bearer "))
                 .map(str::trim)
                 .map(str::to_owned),
-            // Browsers cannot set headers on a WebSocket: there, and only there, the token
-            // may come as `access_token` in the query.
-            None if is_websocket(parts) => websocket_token(parts),
             None => None,
         };
         let peer = parts
@@ -59,6 +57,27 @@ impl FromRequestParts<AppState> for Caller {
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
         authenticate(hub, token.as_deref().unwrap_or_default(), peer).await
+    }
+}
+
+/// `Option<Caller>`: `None` when the request carries no `Authorization` header at all (the
+/// terminal then looks for a ticket); a header that does not authenticate is an error.
+impl axum::extract::OptionalFromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        hub: &AppState,
+    ) -> Result<Option<Self>, ApiError> {
+        if !parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION)
+        {
+            return Ok(None);
+        }
+        <Caller as FromRequestParts<AppState>>::from_request_parts(parts, hub)
+            .await
+            .map(Some)
     }
 }
 
@@ -138,22 +157,6 @@ async fn check_token(hub: &crate::Hub, token: &str) -> Result<Caller, ApiError> 
     })
 }
 
-fn is_websocket(parts: &Parts) -> bool {
-    parts
-        .headers
-        .get(axum::http::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-fn websocket_token(parts: &Parts) -> Option<String> {
-    parts
-        .uri
-        .query()?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("access_token=").map(str::to_owned))
-}
-
 /// Mints a new API token for `owner_id`; only its hash is stored. Returns the token.
 pub async fn mint_api_token(
     hub: &crate::Hub,
@@ -173,4 +176,154 @@ pub async fn mint_api_token(
         )
         .await?;
     Ok(token)
+}
+
+/// What a session ticket lets its bearer open.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// The terminal WebSocket of one workspace.
+    Terminal,
+}
+
+impl Purpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Terminal => "terminal",
+        }
+    }
+}
+
+/// How long a ticket is good for: long enough to open a connection, no longer.
+pub const TICKET_TTL_MS: i64 = 60_000;
+
+/// Scoped session tickets: short-lived, bound to one workspace and one purpose, signed with
+/// the hub's ticket key (HMAC-SHA256). Browsers put them in WebSocket URLs instead of their
+/// API token, so a URL that leaks (logs, history) opens one thing for a minute at most.
+pub struct Tickets {
+    key: aws_lc_rs::hmac::Key,
+}
+
+impl std::fmt::Debug for Tickets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tickets")
+    }
+}
+
+impl Tickets {
+    /// Loads the key from `ticket.key` in the state folder, creating it (0600) on first use.
+    /// Replicas that share tickets share this file's contents.
+    pub fn load_or_create(state_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let path = state_dir.join("ticket.key");
+        let secret = match std::fs::read(&path) {
+            Ok(secret) if secret.len() == 32 => secret,
+            _ => {
+                let secret = ca::random_bytes::<32>().to_vec();
+                crate::fsutil::write_private(&path, &secret)?;
+                secret
+            }
+        };
+        Ok(Self {
+            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
+        })
+    }
+
+    /// A ticket for `owner` to open `purpose` on `workspace` until `now + TICKET_TTL_MS`.
+    pub fn issue(&self, workspace: Uuid, owner: &str, purpose: Purpose, now: i64) -> (String, i64) {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let expires = now + TICKET_TTL_MS;
+        let payload = format!(
+            "{workspace}.{}.{expires}.{}",
+            purpose.as_str(),
+            b64.encode(owner)
+        );
+        let tag = aws_lc_rs::hmac::sign(&self.key, payload.as_bytes());
+        (
+            format!("wst_{payload}.{}", b64.encode(tag.as_ref())),
+            expires,
+        )
+    }
+
+    /// The owner a ticket was issued to, if it is genuine, unexpired and for this
+    /// workspace and purpose.
+    pub fn verify(
+        &self,
+        ticket: &str,
+        workspace: Uuid,
+        purpose: Purpose,
+        now: i64,
+    ) -> Result<Caller, ApiError> {
+        use base64::Engine;
+        let bad = || ApiError::unauthorized("invalid or expired ticket");
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let body = ticket.strip_prefix("wst_").ok_or_else(bad)?;
+        let (payload, tag) = body.rsplit_once('.').ok_or_else(bad)?;
+        let tag = b64.decode(tag).map_err(|_| bad())?;
+        aws_lc_rs::hmac::verify(&self.key, payload.as_bytes(), &tag).map_err(|_| bad())?;
+        let mut parts = payload.split('.');
+        let (Some(ws), Some(p), Some(exp), Some(owner), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(bad());
+        };
+        let exp: i64 = exp.parse().map_err(|_| bad())?;
+        if ws != workspace.to_string() || p != purpose.as_str() || exp <= now {
+            return Err(bad());
+        }
+        let owner = String::from_utf8(b64.decode(owner).map_err(|_| bad())?).map_err(|_| bad())?;
+        Ok(Caller {
+            owner_id: owner,
+            // Admin rights are not carried by tickets: it was issued for this workspace.
+            admin: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_are_bound_to_workspace_purpose_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let tickets = Tickets::load_or_create(dir.path()).unwrap();
+        let ws = Uuid::new_v4();
+        let (t, exp) = tickets.issue(ws, "alice@example.com", Purpose::Terminal, 1_000);
+        assert_eq!(exp, 1_000 + TICKET_TTL_MS);
+        let caller = tickets.verify(&t, ws, Purpose::Terminal, 2_000).unwrap();
+        assert_eq!(caller.owner_id, "alice@example.com");
+        assert!(
+            tickets
+                .verify(&t, Uuid::new_v4(), Purpose::Terminal, 2_000)
+                .is_err()
+        );
+        assert!(
+            tickets.verify(&t, ws, Purpose::Terminal, exp).is_err(),
+            "expired"
+        );
+        // Any change to the payload breaks the signature.
+        let forged = t.replacen(&ws.to_string(), &Uuid::new_v4().to_string(), 1);
+        assert!(
+            tickets
+                .verify(&forged, ws, Purpose::Terminal, 2_000)
+                .is_err()
+        );
+        assert!(
+            tickets
+                .verify("wst_garbage", ws, Purpose::Terminal, 2_000)
+                .is_err()
+        );
+        // Another hub's key does not verify it; the same key (reloaded) does.
+        let other = Tickets::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        assert!(other.verify(&t, ws, Purpose::Terminal, 2_000).is_err());
+        let again = Tickets::load_or_create(dir.path()).unwrap();
+        assert!(again.verify(&t, ws, Purpose::Terminal, 2_000).is_ok());
+    }
 }

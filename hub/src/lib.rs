@@ -50,6 +50,8 @@ pub struct Hub {
     pub orphans: reconcile::Orphans,
     /// Failed authentications per client address.
     pub auth_failures: auth::Failures,
+    /// Signs and checks scoped session tickets.
+    pub tickets: auth::Tickets,
 }
 
 impl std::fmt::Debug for Hub {
@@ -110,6 +112,7 @@ pub async fn open_state(
         events: tokio::sync::broadcast::channel(1024).0,
         orphans: reconcile::Orphans::default(),
         auth_failures: auth::Failures::default(),
+        tickets: auth::Tickets::load_or_create(&config.state_dir).context("ticket key")?,
     })
 }
 

@@ -13,7 +13,7 @@
 
 use crate::AppState;
 use crate::api::ApiError;
-use crate::auth::Caller;
+use crate::auth::{Caller, Purpose};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -31,6 +31,9 @@ const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 pub struct TerminalQuery {
+    /// A session ticket (`POST /workspaces/:id/tickets`, purpose `terminal`): browsers
+    /// cannot set headers on a WebSocket, and their API token stays out of the URL.
+    pub ticket: Option<String>,
     pub session: Option<String>,
     pub offset: Option<u64>,
     #[serde(default = "default_cols")]
@@ -57,12 +60,21 @@ enum ClientControl {
 /// `GET /workspaces/:id/terminal`: upgrades to a WebSocket bridged to a PTY stream.
 pub async fn terminal(
     State(hub): State<AppState>,
-    caller: Caller,
+    caller: Option<Caller>,
     Path(id): Path<String>,
     Query(query): Query<TerminalQuery>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
+    // A bearer token (CLI, scripts) or a ticket for this workspace's terminal (browsers).
+    let caller = match (caller, &query.ticket) {
+        (Some(caller), _) => caller,
+        (None, Some(ticket)) => {
+            hub.tickets
+                .verify(ticket, id, Purpose::Terminal, crate::workspace::now_ms())?
+        }
+        (None, None) => return Err(ApiError::unauthorized("missing bearer token or ticket")),
+    };
     caller.authorize(hub.store.get_workspace(id).await?)?;
     if query
         .session

@@ -342,10 +342,7 @@ async fn idle_clean_up_stops_idle_workspaces_only() {
     let leased = hub.ready_workspace().await.unwrap();
 
     // A browser terminal stays attached to one workspace.
-    let url = format!(
-        "ws://{}/workspaces/{watched}/terminal?access_token={}",
-        hub.listening.http, hub.token
-    );
+    let url = hub.terminal_url(&watched, "").await.unwrap();
     let (mut terminal, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let reader = tokio::spawn(async move { while terminal.next().await.is_some() {} });
     // The agent reports the attached client; the status says so.

@@ -29,10 +29,7 @@ enum Frame {
 }
 
 async fn open(hub: &TestHub, id: &str, query: &str) -> Ws {
-    let url = format!(
-        "ws://{}/workspaces/{id}/terminal?access_token={}&{query}",
-        hub.listening.http, hub.token
-    );
+    let url = hub.terminal_url(id, query).await.unwrap();
     tokio_tungstenite::connect_async(url)
         .await
         .expect("websocket")
@@ -334,18 +331,37 @@ async fn bad_terminal_input_gets_clear_errors_and_everything_keeps_running() {
     again.type_text("echo alive-$((3+4))\n").await;
     assert!(again.read_until(|s| s.contains("alive-7")).await);
 
-    // HTTP-level refusals.
-    let url = |token: &str| {
-        format!(
-            "ws://{}/workspaces/{id}/terminal?access_token={token}",
-            hub.listening.http
-        )
-    };
-    let other = hub.mint_token("mallory").unwrap();
-    for (token, status) in [("", 401), ("wrong", 401), (other.as_str(), 404)] {
-        match tokio_tungstenite::connect_async(url(token)).await {
+    // HTTP-level refusals: no credentials, a forged or foreign ticket, a user token in the
+    // query (no longer accepted: browsers use tickets), another owner's bearer token.
+    let base = format!("ws://{}/workspaces/{id}/terminal", hub.listening.http);
+    let other = hub.create_workspace().await.unwrap();
+    let foreign = hub
+        .terminal_url(other["id"].as_str().unwrap(), "")
+        .await
+        .unwrap();
+    let foreign_ticket = foreign
+        .split("ticket=")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('&');
+    let mallory = hub.mint_token("mallory").unwrap();
+    let cases = [
+        (base.clone(), None, 401),
+        (format!("{base}?ticket=wst_forged.x"), None, 401),
+        (format!("{base}?ticket={foreign_ticket}"), None, 401),
+        (format!("{base}?access_token={}", hub.token), None, 401),
+        (base.clone(), Some(mallory.as_str()), 404),
+    ];
+    for (url, bearer, status) in cases {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = url.as_str().into_client_request().unwrap();
+        if let Some(token) = bearer {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(req).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
-                assert_eq!(res.status().as_u16(), status)
+                assert_eq!(res.status().as_u16(), status, "{url}")
             }
             other => panic!("expected HTTP {status}, got {:?}", other.map(|_| ())),
         }
@@ -358,12 +374,12 @@ async fn bad_terminal_input_gets_clear_errors_and_everything_keeps_running() {
 async fn a_workspace_without_a_connected_agent_says_so() {
     let hub = TestHub::start_manual().await.unwrap();
     let ws = hub.create_workspace().await.unwrap();
-    let url = format!(
-        "ws://{}/terminal/{}?access_token={}",
-        hub.listening.http,
-        ws["id"].as_str().unwrap(),
-        hub.token
-    );
+    let url = hub
+        .terminal_url(ws["id"].as_str().unwrap(), "")
+        .await
+        .unwrap()
+        .replace("/workspaces/", "/terminal/")
+        .replace("/terminal?", "?");
     match tokio_tungstenite::connect_async(url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
             assert_eq!(res.status().as_u16(), 409)
