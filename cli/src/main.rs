@@ -21,7 +21,8 @@ struct Cli {
         global = true
     )]
     hub: String,
-    /// API token (as printed by `workspace-hub dev` or `workspace-hub token create`).
+    /// API token (as printed by `workspace-hub dev` or `workspace-hub token create`);
+    /// defaults to the one `wsh login` saved.
     #[arg(long, env = "WSH_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// Print raw JSON.
@@ -73,6 +74,9 @@ enum Command {
     },
     /// Show the hub's version.
     Version,
+    /// Sign in: approve a code in the hub's web UI (or pass `--token`); the token is kept in
+    /// `~/.config/wsh/token` (mode 0600) for later commands.
+    Login,
     /// Open a terminal in a workspace (a new session, or `--session` to re-attach).
     Attach {
         workspace: String,
@@ -123,6 +127,80 @@ impl Client {
             bail!("{status}: {code}: {message}");
         }
         Ok(body)
+    }
+}
+
+/// Where `wsh login` keeps the token.
+fn token_path() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".config")))?;
+    Some(base.join("wsh").join("token"))
+}
+
+fn saved_token() -> Option<String> {
+    let token = std::fs::read_to_string(token_path()?).ok()?;
+    Some(token.trim().to_owned()).filter(|t| !t.is_empty())
+}
+
+fn save_token(token: &str) -> Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path = token_path().context("no HOME or XDG_CONFIG_HOME to keep the token in")?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// The device-code sign-in: show a code, wait for its approval in the browser.
+async fn device_login(client: &Client) -> Result<String> {
+    let anonymous = Client {
+        http: client.http.clone(),
+        hub: client.hub.clone(),
+        token: None,
+    };
+    let code = anonymous
+        .call(reqwest::Method::POST, "/login/device", None)
+        .await?;
+    let user_code = code["user_code"].as_str().context("user_code")?;
+    let uri = code["verification_uri"].as_str().unwrap_or("/");
+    println!(
+        "To sign in, open {}{uri} in a browser where you are signed in to the hub and approve code {user_code}",
+        client.hub.trim_end_matches('/')
+    );
+    let interval = std::time::Duration::from_secs(code["interval"].as_u64().unwrap_or(1).max(1));
+    let body = json!({ "device_code": code["device_code"] });
+    loop {
+        tokio::time::sleep(interval).await;
+        match anonymous
+            .call(
+                reqwest::Method::POST,
+                "/login/device/token",
+                Some(body.clone()),
+            )
+            .await
+        {
+            Ok(done) => return Ok(done["token"].as_str().context("token")?.to_owned()),
+            Err(e) if e.to_string().contains("authorization_pending") => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -189,7 +267,7 @@ async fn main() -> Result<()> {
     let client = Client {
         http: reqwest::Client::new(),
         hub: cli.hub,
-        token: cli.token,
+        token: cli.token.clone().or_else(saved_token),
     };
     let quic_hub = |ca_file| attach::Hub {
         http: client.http.clone(),
@@ -245,6 +323,23 @@ async fn main() -> Result<()> {
                 .await?
         }
         Command::Version => client.call(reqwest::Method::GET, "/version", None).await?,
+        Command::Login => {
+            let token = match cli.token {
+                // A token given outright is checked, then kept.
+                Some(token) => {
+                    let check = Client {
+                        token: Some(token.clone()),
+                        ..client
+                    };
+                    check.call(reqwest::Method::GET, "/tokens", None).await?;
+                    token
+                }
+                None => device_login(&client).await?,
+            };
+            let path = save_token(&token)?;
+            eprintln!("Signed in; token saved in {}", path.display());
+            return Ok(());
+        }
         Command::Status { id } => {
             let path = format!("/workspaces/{id}/status");
             client.call(reqwest::Method::GET, &path, None).await?

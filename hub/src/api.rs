@@ -45,6 +45,9 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/tickets", post(create_ticket))
         .route("/cleanup", post(cleanup))
         .route("/tokens", get(list_tokens).post(create_token))
+        .route("/login/device", post(crate::device::start))
+        .route("/login/device/approve", post(crate::device::approve))
+        .route("/login/device/token", post(crate::device::poll))
         .route("/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/workspaces/{id}/terminal", get(crate::terminal::terminal))
         .route("/terminal/{id}", get(crate::terminal::terminal))
@@ -150,7 +153,8 @@ pub struct ErrorDetail {
     paths(
         healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
-        create_token, list_tokens, revoke_token, create_ticket
+        create_token, list_tokens, revoke_token, create_ticket,
+        crate::device::start, crate::device::approve, crate::device::poll
     ),
     modifiers(&BearerAuth)
 )]
@@ -305,7 +309,7 @@ pub struct WorkspaceView {
     pub agent_config: Option<String>,
 }
 
-fn rfc3339(ms: i64) -> String {
+pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| {

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod ca;
 pub mod clients;
 pub mod config;
+pub mod device;
 pub mod fsutil;
 pub mod idle;
 pub mod lifecycle;
@@ -52,6 +53,8 @@ pub struct Hub {
     pub auth_failures: auth::Failures,
     /// Signs and checks scoped session tickets.
     pub tickets: auth::Tickets,
+    /// `wsh login` sign-ins waiting for approval.
+    pub device_logins: device::DeviceLogins,
 }
 
 impl std::fmt::Debug for Hub {
@@ -113,6 +116,7 @@ pub async fn open_state(
         orphans: reconcile::Orphans::default(),
         auth_failures: auth::Failures::default(),
         tickets: auth::Tickets::load_or_create(&config.state_dir).context("ticket key")?,
+        device_logins: device::DeviceLogins::default(),
     })
 }
 

@@ -80,6 +80,82 @@ async fn wsh_keeps_a_workspace_awake_while_a_job_runs_then_stops_and_deletes_it(
 }
 
 #[tokio::test]
+async fn wsh_login_gets_a_token_approved_in_the_browser_and_keeps_it_private() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let hub = TestHub::start_manual().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let mut login = Command::new(harness::binary("wsh").unwrap())
+        .arg("login")
+        .env("WSH_HUB", hub.url(""))
+        .env_remove("WSH_TOKEN")
+        .env("XDG_CONFIG_HOME", home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(login.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let code = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(line.contains(&format!("/#device={code}")), "{line}");
+    // A wrong code is refused; the signed-in user approves the right one.
+    let (status, _) = hub
+        .api(
+            "POST",
+            "/login/device/approve",
+            Some(serde_json::json!({"user_code": "BBBB-BBBB"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    let (status, body) = hub
+        .api(
+            "POST",
+            "/login/device/approve",
+            Some(serde_json::json!({"user_code": code})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    let done = login.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let saved = home.path().join("wsh/token");
+    let mode = std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Later commands use it without WSH_TOKEN, as the approving user.
+    let out = Command::new(harness::binary("wsh").unwrap())
+        .args(["create", "--json"])
+        .env("WSH_HUB", hub.url(""))
+        .env_remove("WSH_TOKEN")
+        .env("XDG_CONFIG_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ws: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ws["owner_id"], "dev");
+    // The device code works once.
+    let (status, _) = hub
+        .api(
+            "POST",
+            "/login/device/approve",
+            Some(serde_json::json!({"user_code": code})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
 async fn wsh_creates_waits_and_lists() {
     let hub = TestHub::start().await.unwrap();
     let (ok, out, err) = wsh(
