@@ -81,8 +81,7 @@ impl axum::extract::OptionalFromRequestParts<AppState> for Caller {
     }
 }
 
-/// Failed authentications a client address may make per [`FAILURE_WINDOW`].
-pub const MAX_FAILURES: u32 = 20;
+/// The window for `auth_failures_per_minute`.
 pub const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Failed authentications per client address, for rate limiting.
@@ -90,11 +89,10 @@ pub const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(6
 pub struct Failures(std::sync::Mutex<HashMap<IpAddr, (u32, Instant)>>);
 
 impl Failures {
-    fn blocked(&self, ip: IpAddr, now: Instant) -> bool {
+    fn blocked(&self, ip: IpAddr, now: Instant, limit: u32) -> bool {
         let Ok(map) = self.0.lock() else { return false };
-        map.get(&ip).is_some_and(|(n, since)| {
-            *n >= MAX_FAILURES && now.duration_since(*since) < FAILURE_WINDOW
-        })
+        map.get(&ip)
+            .is_some_and(|(n, since)| *n >= limit && now.duration_since(*since) < FAILURE_WINDOW)
     }
 
     fn record(&self, ip: IpAddr, now: Instant) {
@@ -111,7 +109,7 @@ impl Failures {
 }
 
 /// The one place an API token becomes a [`Caller`] (HTTP, WebSocket and the CLI's QUIC).
-/// Failures are counted per client address; past [`MAX_FAILURES`] a minute, the address
+/// Failures are counted per client address; past `auth_failures_per_minute`, the address
 /// gets `429` without its token being looked at.
 pub async fn authenticate(
     hub: &crate::Hub,
@@ -119,7 +117,8 @@ pub async fn authenticate(
     peer: Option<IpAddr>,
 ) -> Result<Caller, ApiError> {
     let now = Instant::now();
-    if peer.is_some_and(|ip| hub.auth_failures.blocked(ip, now)) {
+    let limit = hub.config.auth_failures_per_minute;
+    if peer.is_some_and(|ip| hub.auth_failures.blocked(ip, now, limit)) {
         return Err(ApiError::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
             "too_many_failures",

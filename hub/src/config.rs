@@ -127,6 +127,8 @@ pub struct FileConfig {
     pub gce: crate::provider::gce::GceConfig,
     /// Team mode: owners (subjects) who may see and act on every workspace.
     pub admins: Vec<String>,
+    /// Failed authentications a client address may make per minute before it gets 429.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for FileConfig {
@@ -155,6 +157,7 @@ impl Default for FileConfig {
             store: StoreConfig::Sqlite,
             gce: Default::default(),
             admins: Vec::new(),
+            auth_failures_per_minute: 20,
         }
     }
 }
@@ -193,6 +196,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
     pub admins: Vec<String>,
+    pub auth_failures_per_minute: u32,
 }
 
 impl Config {
@@ -282,6 +286,7 @@ impl Config {
             store: file.store,
             gce: file.gce,
             admins: file.admins,
+            auth_failures_per_minute: file.auth_failures_per_minute,
         })
     }
 
