@@ -114,6 +114,12 @@ impl Registry {
         self.lock().get(&id).map(|c| c.info.clone())
     }
 
+    /// The last moment of use the agent reported (see [`AgentInfo::active_at`]), without
+    /// copying its entry: called on every heartbeat.
+    pub fn active_at(&self, id: Uuid, now: i64) -> Option<i64> {
+        self.lock().get(&id).and_then(|c| c.info.active_at(now))
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -554,7 +560,7 @@ impl Touches {
     /// `force` writes now whatever the interval (the agent is leaving).
     async fn record(&mut self, hub: &Hub, now: Instant, force: bool) {
         let wall = now_ms();
-        if let Some(at) = hub.agents.get(self.id).and_then(|a| a.active_at(wall)) {
+        if let Some(at) = hub.agents.active_at(self.id, wall) {
             self.pending_active = self.pending_active.max(Some(at));
         }
         if !force
