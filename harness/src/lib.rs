@@ -6,6 +6,7 @@
 //! running test; if one is missing it is built first.
 
 pub mod firestore;
+pub mod oidc;
 
 use anyhow::{Context, Result, bail};
 use rustix::process::{Pid, Signal};

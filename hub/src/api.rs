@@ -45,6 +45,11 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/tickets", post(create_ticket))
         .route("/cleanup", post(cleanup))
         .route("/tokens", get(list_tokens).post(create_token))
+        .route("/login", get(crate::session::login))
+        .route("/login/callback", get(crate::session::callback))
+        .route("/login/once", get(crate::session::once))
+        .route("/session", get(crate::session::whoami))
+        .route("/logout", post(crate::session::logout))
         .route("/login/device", post(crate::device::start))
         .route("/login/device/approve", post(crate::device::approve))
         .route("/login/device/token", post(crate::device::poll))
@@ -154,7 +159,9 @@ pub struct ErrorDetail {
         healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
         create_token, list_tokens, revoke_token, create_ticket,
-        crate::device::start, crate::device::approve, crate::device::poll
+        crate::device::start, crate::device::approve, crate::device::poll,
+        crate::session::login, crate::session::callback, crate::session::once,
+        crate::session::whoami, crate::session::logout
     ),
     modifiers(&BearerAuth)
 )]
@@ -254,6 +261,7 @@ async fn version(State(hub): State<AppState>) -> Json<serde_json::Value> {
         "provider": hub.provider.name(),
         "quic_addr": hub.agent_hub_addr,
         "server_name": hub.config.server_names[0],
+        "sign_in": if hub.oidc.is_some() { "oidc" } else { "token" },
     }))
 }
 
@@ -804,9 +812,15 @@ async fn create_token(
         )));
     }
     let expires_at = now_ms() + secs as i64 * 1000;
-    let token = crate::auth::mint_api_token(&hub, &caller.owner_id, &req.name, Some(expires_at))
-        .await
-        .map_err(|e| ApiError::internal("mint token", e))?;
+    let token = crate::auth::mint_api_token(
+        &hub,
+        &caller.owner_id,
+        caller.email.as_deref(),
+        &req.name,
+        Some(expires_at),
+    )
+    .await
+    .map_err(|e| ApiError::internal("mint token", e))?;
     Ok((
         StatusCode::CREATED,
         Json(TokenView {
@@ -855,29 +869,48 @@ async fn revoke_token(
     }
 }
 
+/// Who may call `POST /cleanup`: the configured service account's ID token for the
+/// configured audience, or the shared secret.
+async fn check_scheduler(hub: &crate::Hub, given: &str) -> Result<(), ApiError> {
+    let secret = hub.config.cleanup_token.as_ref();
+    let oidc = hub.scheduler.as_ref().zip(hub.config.cleanup_oidc.as_ref());
+    if secret.is_none() && oidc.is_none() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cleanup_disabled",
+            "POST /cleanup is off: set cleanup_token or [cleanup_oidc] in the hub config",
+        ));
+    }
+    // Compare hashes, so the time taken says nothing about the secret.
+    if secret.is_some_and(|s| token_hash(given) == token_hash(s.expose())) {
+        return Ok(());
+    }
+    match oidc {
+        Some((issuer, expected)) if given.contains('.') => {
+            let claims = issuer.verify(given, &expected.audience).await?;
+            if claims.verified_email() == Some(expected.service_account.as_str()) {
+                Ok(())
+            } else {
+                Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    "token is not the configured cleanup service account's",
+                ))
+            }
+        }
+        _ => Err(ApiError::unauthorized("invalid cleanup token")),
+    }
+}
+
 /// `POST /cleanup`: the reconciler and the idle clean-up, for Cloud Scheduler or cron,
-/// authenticated by the configured `cleanup_token`.
-#[utoipa::path(post, path = "/cleanup", tag = "operations", security(("cleanup_token" = [])), responses((status = 200, description = "What the reconciler and the idle clean-up did", body = Object), (status = 401, description = "Bad cleanup token", body = ErrorBody), (status = 403, description = "No cleanup_token configured", body = ErrorBody)))]
+/// authenticated by Cloud Scheduler's OIDC token (`[cleanup_oidc]`) or the shared
+/// `cleanup_token`.
+#[utoipa::path(post, path = "/cleanup", tag = "operations", security(("cleanup_token" = [])), responses((status = 200, description = "What the reconciler and the idle clean-up did", body = Object), (status = 401, description = "Bad cleanup token", body = ErrorBody), (status = 403, description = "No cleanup_token or cleanup_oidc configured", body = ErrorBody)))]
 async fn cleanup(
     State(hub): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Some(expected) = hub.config.cleanup_token.as_deref() else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "cleanup_disabled",
-            "POST /cleanup is off: set cleanup_token in the hub config",
-        ));
-    };
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    // Compare hashes, so the time taken says nothing about the secret.
-    if token_hash(given) != token_hash(expected) {
-        return Err(ApiError::unauthorized("invalid cleanup token"));
-    }
+    check_scheduler(&hub, crate::auth::bearer(&headers).unwrap_or_default()).await?;
     let now = now_ms();
     let reconciled = reconcile::reconcile(&hub, now)
         .await

@@ -1,4 +1,7 @@
-//! Who is calling: API tokens (random, stored only as SHA-256 hashes).
+//! Who is calling: API tokens (random, stored only as SHA-256 hashes), sent as a bearer
+//! token by the CLI and scripts, or held by browsers in the `wsh_session` cookie (a session
+//! is a token minted at sign-in). Requests authenticated by the cookie must carry the
+//! session's CSRF token in `X-CSRF-Token` unless their method is safe (GET, HEAD).
 //!
 //! Every handler that touches a workspace takes a [`Caller`] and goes through
 //! [`Caller::authorize`]; a workspace that is not the caller's reads as "not found".
@@ -19,6 +22,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub owner_id: String,
+    /// The verified e-mail the caller signed in with, if any (for `@domain` admins).
+    pub email: Option<String>,
     /// Team mode: an admin (listed in `admins`) sees and acts on every workspace.
     pub admin: bool,
 }
@@ -43,20 +48,38 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, hub: &AppState) -> Result<Self, ApiError> {
-        let token = match parts.headers.get(axum::http::header::AUTHORIZATION) {
-            Some(header) => header
-                .to_str()
-                .ok()
-                .and_then(|h| h.strip_prefix("Bearer "))
-                .map(str::trim)
-                .map(str::to_owned),
-            None => None,
-        };
         let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
-        authenticate(hub, token.as_deref().unwrap_or_default(), peer).await
+        if parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION)
+        {
+            let token = bearer(&parts.headers).unwrap_or_default();
+            return authenticate(hub, token, peer).await;
+        }
+        let Some(session) = cookie(&parts.headers, SESSION_COOKIE) else {
+            return Err(ApiError::unauthorized(
+                "sign in, or send Authorization: Bearer <token>",
+            ));
+        };
+        let caller = authenticate(hub, session, peer).await?;
+        if !parts.method.is_safe() {
+            let given = parts
+                .headers
+                .get(CSRF_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if !hub.tickets.check_csrf(session, given) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "csrf",
+                    "missing or wrong X-CSRF-Token for this session (GET /session has it)",
+                ));
+            }
+        }
+        Ok(caller)
     }
 }
 
@@ -79,6 +102,35 @@ impl axum::extract::OptionalFromRequestParts<AppState> for Caller {
             .await
             .map(Some)
     }
+}
+
+/// The browser session cookie: an API token minted at sign-in.
+pub const SESSION_COOKIE: &str = "wsh_session";
+/// State-changing requests authenticated by the cookie must repeat the CSRF token here.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The bearer token of an `Authorization` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// The value of a cookie.
+pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+        .filter(|v| !v.is_empty())
 }
 
 /// The window for `auth_failures_per_minute`.
@@ -151,15 +203,20 @@ async fn check_token(hub: &crate::Hub, token: &str) -> Result<Caller, ApiError> 
         return Err(ApiError::unauthorized("token expired"));
     }
     Ok(Caller {
-        admin: hub.config.admins.contains(&record.owner_id),
+        admin: hub
+            .config
+            .is_admin(&record.owner_id, record.email.as_deref()),
         owner_id: record.owner_id,
+        email: record.email,
     })
 }
 
-/// Mints a new API token for `owner_id`; only its hash is stored. Returns the token.
+/// Mints a new API token for `owner_id` (signed in with `email`, if verified); only its
+/// hash is stored. Returns the token.
 pub async fn mint_api_token(
     hub: &crate::Hub,
     owner_id: &str,
+    email: Option<&str>,
     name: &str,
     expires_at: Option<i64>,
 ) -> anyhow::Result<String> {
@@ -169,6 +226,7 @@ pub async fn mint_api_token(
             &token_hash(&token),
             &ApiToken {
                 owner_id: owner_id.to_owned(),
+                email: email.map(str::to_owned),
                 name: name.to_owned(),
                 expires_at,
             },
@@ -246,15 +304,34 @@ impl Tickets {
         )
     }
 
-    /// The owner a ticket was issued to, if it is genuine, unexpired and for this
-    /// workspace and purpose.
+    /// The CSRF token of a browser session: derived from the session token with the
+    /// ticket key, so it needs no storage and dies with the session.
+    pub fn csrf(&self, session: &str) -> String {
+        use base64::Engine;
+        let tag = aws_lc_rs::hmac::sign(&self.key, format!("csrf.{session}").as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
+    }
+
+    /// Whether `given` is the CSRF token of `session` (compared in constant time).
+    pub fn check_csrf(&self, session: &str, given: &str) -> bool {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(given)
+            .is_ok_and(|tag| {
+                aws_lc_rs::hmac::verify(&self.key, format!("csrf.{session}").as_bytes(), &tag)
+                    .is_ok()
+            })
+    }
+
+    /// The subject a ticket was issued to, if it is genuine, unexpired and for this
+    /// workspace and purpose. Ownership was checked when it was issued.
     pub fn verify(
         &self,
         ticket: &str,
         workspace: Uuid,
         purpose: Purpose,
         now: i64,
-    ) -> Result<Caller, ApiError> {
+    ) -> Result<String, ApiError> {
         use base64::Engine;
         let bad = || ApiError::unauthorized("invalid or expired ticket");
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -276,12 +353,7 @@ impl Tickets {
         if ws != workspace.to_string() || p != purpose.as_str() || exp <= now {
             return Err(bad());
         }
-        let owner = String::from_utf8(b64.decode(owner).map_err(|_| bad())?).map_err(|_| bad())?;
-        Ok(Caller {
-            owner_id: owner,
-            // Admin rights are not carried by tickets: it was issued for this workspace.
-            admin: false,
-        })
+        String::from_utf8(b64.decode(owner).map_err(|_| bad())?).map_err(|_| bad())
     }
 }
 
@@ -296,8 +368,8 @@ mod tests {
         let ws = Uuid::new_v4();
         let (t, exp) = tickets.issue(ws, "alice@example.com", Purpose::Terminal, 1_000);
         assert_eq!(exp, 1_000 + TICKET_TTL_MS);
-        let caller = tickets.verify(&t, ws, Purpose::Terminal, 2_000).unwrap();
-        assert_eq!(caller.owner_id, "alice@example.com");
+        let owner = tickets.verify(&t, ws, Purpose::Terminal, 2_000).unwrap();
+        assert_eq!(owner, "alice@example.com");
         assert!(
             tickets
                 .verify(&t, Uuid::new_v4(), Purpose::Terminal, 2_000)
@@ -324,5 +396,27 @@ mod tests {
         assert!(other.verify(&t, ws, Purpose::Terminal, 2_000).is_err());
         let again = Tickets::load_or_create(dir.path()).unwrap();
         assert!(again.verify(&t, ws, Purpose::Terminal, 2_000).is_ok());
+    }
+
+    #[test]
+    fn csrf_tokens_belong_to_one_session_and_key() {
+        let tickets = Tickets::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let csrf = tickets.csrf("wsh_session_a");
+        assert!(tickets.check_csrf("wsh_session_a", &csrf));
+        assert!(!tickets.check_csrf("wsh_session_b", &csrf));
+        assert!(!tickets.check_csrf("wsh_session_a", ""));
+        assert!(!tickets.check_csrf("wsh_session_a", "not base64!"));
+        let other = Tickets::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        assert!(!other.check_csrf("wsh_session_a", &csrf));
+    }
+
+    #[test]
+    fn cookies_are_found_by_exact_name() {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.append("cookie", "a=1; wsh_session_x=2".parse().unwrap());
+        headers.append("cookie", "wsh_session=abc".parse().unwrap());
+        assert_eq!(cookie(&headers, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&headers, "a"), Some("1"));
+        assert_eq!(cookie(&headers, "b"), None);
     }
 }

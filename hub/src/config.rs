@@ -83,6 +83,52 @@ impl Quotas {
     }
 }
 
+/// A secret from the config: never shown by `Debug`, so it cannot reach a log line.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+fn google() -> String {
+    "https://accounts.google.com".into()
+}
+
+/// Browser sign-in through an OpenID Connect issuer (`[oidc]`); Google by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    #[serde(default = "google")]
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+}
+
+/// Cloud Scheduler's OIDC tokens for `POST /cleanup` (`[cleanup_oidc]`): the token must
+/// come from `issuer`, name `audience`, and belong to the `service_account` e-mail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    #[serde(default = "google")]
+    pub issuer: String,
+    pub audience: String,
+    pub service_account: String,
+}
+
 /// The config file as written by people.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -122,10 +168,19 @@ pub struct FileConfig {
     #[serde(with = "humantime_serde")]
     pub reconcile_grace: Duration,
     /// A shared secret Cloud Scheduler (or cron) sends as a bearer token to `POST /cleanup`.
-    pub cleanup_token: Option<String>,
+    pub cleanup_token: Option<Secret>,
+    /// Cloud Scheduler's OIDC tokens, accepted on `POST /cleanup` instead of a secret.
+    pub cleanup_oidc: Option<SchedulerConfig>,
+    /// Browser sign-in; without it the hub signs in only through tokens and dev links.
+    pub oidc: Option<OidcConfig>,
+    /// The hub's address as browsers reach it (`https://hub.example.com`): the OIDC
+    /// redirect goes there, and session cookies are `Secure` when it is https. Defaults
+    /// to `http://` and the bound HTTP address.
+    pub public_url: Option<String>,
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
-    /// Team mode: owners (subjects) who may see and act on every workspace.
+    /// Team mode: who may see and act on every workspace: subjects (`sub`), or
+    /// `@example.com` for everyone whose verified e-mail is in that domain.
     pub admins: Vec<String>,
     /// Failed authentications a client address may make per minute before it gets 429.
     pub auth_failures_per_minute: u32,
@@ -154,6 +209,9 @@ impl Default for FileConfig {
             reconcile_interval: Duration::from_secs(60),
             reconcile_grace: Duration::from_secs(10 * 60),
             cleanup_token: None,
+            cleanup_oidc: None,
+            oidc: None,
+            public_url: None,
             store: StoreConfig::Sqlite,
             gce: Default::default(),
             admins: Vec::new(),
@@ -192,7 +250,10 @@ pub struct Config {
     pub quotas: Quotas,
     pub reconcile_interval: Duration,
     pub reconcile_grace: Duration,
-    pub cleanup_token: Option<String>,
+    pub cleanup_token: Option<Secret>,
+    pub cleanup_oidc: Option<SchedulerConfig>,
+    pub oidc: Option<OidcConfig>,
+    pub public_url: Option<String>,
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
     pub admins: Vec<String>,
@@ -241,9 +302,27 @@ impl Config {
             file.reconcile_interval >= Duration::from_millis(100),
             "reconcile_interval must be at least 100ms"
         );
+        if let Some(oidc) = &file.oidc {
+            crate::oidc::check_issuer_url(&oidc.issuer)?;
+            ensure!(!oidc.client_id.is_empty(), "oidc.client_id must be set");
+        }
+        if let Some(s) = &file.cleanup_oidc {
+            crate::oidc::check_issuer_url(&s.issuer)?;
+            ensure!(
+                !s.audience.is_empty() && s.service_account.contains('@'),
+                "cleanup_oidc needs an audience and a service_account e-mail"
+            );
+        }
+        if let Some(url) = &file.public_url {
+            let parsed = url::Url::parse(url).with_context(|| format!("public_url {url:?}"))?;
+            ensure!(
+                matches!(parsed.scheme(), "http" | "https") && parsed.path() == "/",
+                "public_url must be an http(s) origin without a path, like https://hub.example.com"
+            );
+        }
         if let Some(token) = &file.cleanup_token {
             ensure!(
-                token.len() >= 16,
+                token.expose().len() >= 16,
                 "cleanup_token must be at least 16 characters"
             );
         }
@@ -283,10 +362,22 @@ impl Config {
             reconcile_interval: file.reconcile_interval,
             reconcile_grace: file.reconcile_grace,
             cleanup_token: file.cleanup_token,
+            cleanup_oidc: file.cleanup_oidc,
+            oidc: file.oidc,
+            public_url: file.public_url.map(|u| u.trim_end_matches('/').to_owned()),
             store: file.store,
             gce: file.gce,
             admins: file.admins,
             auth_failures_per_minute: file.auth_failures_per_minute,
+        })
+    }
+
+    /// Team mode: is this subject (with this verified e-mail) an admin?
+    pub fn is_admin(&self, subject: &str, email: Option<&str>) -> bool {
+        let domain = email.and_then(|e| e.rsplit_once('@')).map(|(_, d)| d);
+        self.admins.iter().any(|a| match a.strip_prefix('@') {
+            Some(admin_domain) => domain.is_some_and(|d| d.eq_ignore_ascii_case(admin_domain)),
+            None => a == subject,
         })
     }
 

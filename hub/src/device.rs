@@ -24,7 +24,8 @@ const USER_CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
 struct Pending {
     user_code: String,
     created: Instant,
-    approved_by: Option<String>,
+    /// The approving user: subject and verified e-mail.
+    approved_by: Option<(String, Option<String>)>,
 }
 
 /// Sign-ins waiting for approval, by device code.
@@ -107,7 +108,7 @@ pub async fn approve(
         .values_mut()
         .find(|p| p.user_code == code && p.created.elapsed() < CODE_TTL && p.approved_by.is_none())
         .ok_or_else(|| ApiError::not_found("sign-in code"))?;
-    entry.approved_by = Some(caller.owner_id);
+    entry.approved_by = Some((caller.owner_id, caller.email));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -130,7 +131,7 @@ pub async fn poll(
     State(hub): State<AppState>,
     ValidJson(req): ValidJson<Poll>,
 ) -> Result<Json<DeviceToken>, ApiError> {
-    let owner = {
+    let (owner, email) = {
         let mut pending = hub.device_logins.0.lock().map_err(|_| busy())?;
         let entry = pending
             .get(&req.device_code)
@@ -154,9 +155,15 @@ pub async fn poll(
         owner
     };
     let expires_at = crate::workspace::now_ms() + 90 * 24 * 3600 * 1000;
-    let token = crate::auth::mint_api_token(&hub, &owner, "wsh login", Some(expires_at))
-        .await
-        .map_err(|e| ApiError::internal("mint token", e))?;
+    let token = crate::auth::mint_api_token(
+        &hub,
+        &owner,
+        email.as_deref(),
+        "wsh login",
+        Some(expires_at),
+    )
+    .await
+    .map_err(|e| ApiError::internal("mint token", e))?;
     tracing::info!(owner = %owner, "CLI signed in with a device code");
     Ok(Json(DeviceToken {
         token,

@@ -19,8 +19,10 @@ pub mod device;
 pub mod fsutil;
 pub mod idle;
 pub mod lifecycle;
+pub mod oidc;
 pub mod provider;
 pub mod reconcile;
+pub mod session;
 pub mod store;
 pub mod terminal;
 pub mod workspace;
@@ -55,6 +57,14 @@ pub struct Hub {
     pub tickets: auth::Tickets,
     /// `wsh login` sign-ins waiting for approval.
     pub device_logins: device::DeviceLogins,
+    /// Browser sign-in through the configured identity provider.
+    pub oidc: Option<oidc::Oidc>,
+    /// Verifies Cloud Scheduler's tokens on `POST /cleanup`.
+    pub scheduler: Option<oidc::Issuer>,
+    /// One-time sign-in links (dev mode).
+    pub login_links: session::LoginLinks,
+    /// The hub's origin as browsers reach it (no trailing slash).
+    pub public_url: String,
 }
 
 impl std::fmt::Debug for Hub {
@@ -77,10 +87,12 @@ pub struct Listening {
 }
 
 /// Opens the state folder: CA, SQLite store, provider. `quic_addr` is the bound QUIC
-/// address, which agents dial unless the config names another.
+/// address, which agents dial unless the config names another; `http_addr` the bound HTTP
+/// address, the public URL unless the config names one.
 pub async fn open_state(
     config: &Config,
     quic_addr: SocketAddr,
+    http_addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<Hub> {
     std::fs::create_dir_all(&config.state_dir)
@@ -117,6 +129,23 @@ pub async fn open_state(
         auth_failures: auth::Failures::default(),
         tickets: auth::Tickets::load_or_create(&config.state_dir).context("ticket key")?,
         device_logins: device::DeviceLogins::default(),
+        oidc: config
+            .oidc
+            .as_ref()
+            .map(oidc::Oidc::new)
+            .transpose()
+            .context("oidc")?,
+        scheduler: config
+            .cleanup_oidc
+            .as_ref()
+            .map(|s| oidc::Issuer::new(&s.issuer))
+            .transpose()
+            .context("cleanup_oidc")?,
+        login_links: session::LoginLinks::default(),
+        public_url: config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}")),
     })
 }
 
@@ -170,7 +199,18 @@ pub async fn run(
         .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
     let socket = link::bind_udp(config.quic_addr, 16 << 20)
         .with_context(|| format!("bind QUIC on {}", config.quic_addr))?;
-    let hub = Arc::new(open_state(&config, socket.local_addr()?, shutdown.clone()).await?);
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("bind HTTP on {}", config.http_addr))?;
+    let hub = Arc::new(
+        open_state(
+            &config,
+            socket.local_addr()?,
+            listener.local_addr()?,
+            shutdown.clone(),
+        )
+        .await?,
+    );
 
     let server = hub
         .ca
@@ -191,10 +231,6 @@ pub async fn run(
         Arc::new(quinn::TokioRuntime),
     )
     .context("start QUIC endpoint")?;
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("bind HTTP on {}", config.http_addr))?;
-
     let listening = Listening {
         http: listener.local_addr()?,
         quic: endpoint.local_addr()?,

@@ -158,10 +158,16 @@ async fn async_main(cli: Cli) -> Result<()> {
                 None => FileConfig::default(),
             };
             let config = Config::from_file(FileConfig { state_dir, ..base })?;
-            let hub = hub::open_state(&config, config.quic_addr, CancellationToken::new()).await?;
+            let hub = hub::open_state(
+                &config,
+                config.quic_addr,
+                config.http_addr,
+                CancellationToken::new(),
+            )
+            .await?;
             println!(
                 "{}",
-                hub::auth::mint_api_token(&hub, &owner, &name, None).await?
+                hub::auth::mint_api_token(&hub, &owner, None, &name, None).await?
             );
             Ok(())
         }
@@ -174,8 +180,14 @@ async fn dev_token(config: &Config) -> Result<String> {
     if let Ok(token) = std::fs::read_to_string(&path) {
         return Ok(token.trim().to_owned());
     }
-    let hub = hub::open_state(config, config.quic_addr, CancellationToken::new()).await?;
-    let token = hub::auth::mint_api_token(&hub, "dev", "dev mode", None).await?;
+    let hub = hub::open_state(
+        config,
+        config.quic_addr,
+        config.http_addr,
+        CancellationToken::new(),
+    )
+    .await?;
+    let token = hub::auth::mint_api_token(&hub, "dev", None, "dev mode", None).await?;
     hub::fsutil::write_private(&path, token.as_bytes())?;
     Ok(token)
 }

@@ -67,15 +67,18 @@ pub async fn terminal(
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
     // A bearer token (CLI, scripts) or a ticket for this workspace's terminal (browsers).
-    let caller = match (caller, &query.ticket) {
-        (Some(caller), _) => caller,
+    // A ticket was issued only after the ownership check, for this workspace alone.
+    match (caller, &query.ticket) {
+        (Some(caller), _) => {
+            caller.authorize(hub.store.get_workspace(id).await?)?;
+        }
         (None, Some(ticket)) => {
             hub.tickets
-                .verify(ticket, id, Purpose::Terminal, crate::workspace::now_ms())?
+                .verify(ticket, id, Purpose::Terminal, crate::workspace::now_ms())?;
+            hub.store.get_workspace(id).await?;
         }
         (None, None) => return Err(ApiError::unauthorized("missing bearer token or ticket")),
-    };
-    caller.authorize(hub.store.get_workspace(id).await?)?;
+    }
     if query
         .session
         .as_ref()

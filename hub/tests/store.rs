@@ -330,6 +330,7 @@ async fn conformance(store: Arc<dyn Store>) {
         owner_id: "alice".into(),
         name: "laptop".into(),
         expires_at: Some(99),
+        email: Some("alice@example.com".into()),
     };
     store.insert_api_token("th", &token).await.unwrap();
     assert_eq!(

@@ -68,6 +68,8 @@ struct ApiTokenDoc {
     owner_id: String,
     name: String,
     expires_at: Option<i64>,
+    #[serde(default)]
+    email: Option<String>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -443,6 +445,7 @@ impl Store for FirestoreStore {
             owner_id: token.owner_id.clone(),
             name: token.name.clone(),
             expires_at: token.expires_at,
+            email: token.email.clone(),
         };
         self.insert(API_TOKENS, token_hash, &doc).await
     }
@@ -453,6 +456,7 @@ impl Store for FirestoreStore {
             owner_id: d.owner_id,
             name: d.name,
             expires_at: d.expires_at,
+            email: d.email,
         }))
     }
 
@@ -476,6 +480,7 @@ impl Store for FirestoreStore {
                     owner_id: d.owner_id,
                     name: d.name,
                     expires_at: d.expires_at,
+                    email: d.email,
                 },
             ));
         }

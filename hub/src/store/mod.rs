@@ -66,6 +66,8 @@ pub struct ApiToken {
     pub owner_id: String,
     pub name: String,
     pub expires_at: Option<i64>,
+    /// The verified e-mail its owner signed in with (team mode's `@domain` admins).
+    pub email: Option<String>,
 }
 
 #[async_trait]

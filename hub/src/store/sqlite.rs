@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     token_hash TEXT PRIMARY KEY,
     owner_id TEXT NOT NULL,
     name TEXT NOT NULL,
-    expires_at INTEGER
+    expires_at INTEGER,
+    email TEXT
 );
 "#;
 
@@ -126,6 +127,18 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             conn.execute_batch(&format!("ALTER TABLE workspaces ADD COLUMN {name} {ty}"))
                 .map_err(backend)?;
         }
+    }
+    let has_email: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('api_tokens') WHERE name = 'email'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(backend)?
+        > 0;
+    if !has_email {
+        conn.execute_batch("ALTER TABLE api_tokens ADD COLUMN email TEXT")
+            .map_err(backend)?;
     }
     Ok(())
 }
@@ -450,8 +463,15 @@ impl Store for SqliteStore {
         let token = token.clone();
         self.with(move |conn| {
             conn.execute(
-                "INSERT INTO api_tokens (token_hash, owner_id, name, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![token_hash, token.owner_id, token.name, token.expires_at],
+                "INSERT INTO api_tokens (token_hash, owner_id, name, expires_at, email) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    token_hash,
+                    token.owner_id,
+                    token.name,
+                    token.expires_at,
+                    token.email
+                ],
             )
             .map_err(backend)?;
             Ok(())
@@ -463,13 +483,14 @@ impl Store for SqliteStore {
         let token_hash = token_hash.to_owned();
         self.with(move |conn| {
             conn.query_row(
-                "SELECT owner_id, name, expires_at FROM api_tokens WHERE token_hash = ?1",
+                "SELECT owner_id, name, expires_at, email FROM api_tokens WHERE token_hash = ?1",
                 params![token_hash],
                 |r| {
                     Ok(ApiToken {
                         owner_id: r.get(0)?,
                         name: r.get(1)?,
                         expires_at: r.get(2)?,
+                        email: r.get(3)?,
                     })
                 },
             )
@@ -484,7 +505,7 @@ impl Store for SqliteStore {
         self.with(move |conn| {
             let mut stmt = conn
                 .prepare(
-                    "SELECT token_hash, owner_id, name, expires_at FROM api_tokens \
+                    "SELECT token_hash, owner_id, name, expires_at, email FROM api_tokens \
                      WHERE owner_id = ?1 ORDER BY name, token_hash",
                 )
                 .map_err(backend)?;
@@ -496,6 +517,7 @@ impl Store for SqliteStore {
                             owner_id: r.get(1)?,
                             name: r.get(2)?,
                             expires_at: r.get(3)?,
+                            email: r.get(4)?,
                         },
                     ))
                 })
