@@ -122,9 +122,14 @@ async fn async_main(cli: Cli) -> Result<()> {
             }
             let config = Config::from_file(file)?;
             let token = dev_token(&config).await?;
-            serve(config, move |listening| {
+            serve(config, move |hub, listening| {
+                // The same session path as an identity provider's sign-in, for the local user.
+                let link = hub.login_links.issue("dev");
                 println!("workspace-hub dev is running");
-                println!("  web UI   http://{}/#token={token}", listening.http);
+                println!(
+                    "  web UI   http://{}/login/once?code={link}  (one-time sign-in link, 15 min)",
+                    listening.http
+                );
                 println!(
                     "  API      http://{}  (Authorization: Bearer <token>)",
                     listening.http
@@ -136,7 +141,7 @@ async fn async_main(cli: Cli) -> Result<()> {
         }
         Command::Serve { config } => {
             let config = Config::from_file(FileConfig::load(&config)?)?;
-            serve(config, |listening| {
+            serve(config, |_, listening| {
                 println!(
                     "workspace-hub listening: http://{} quic://{}",
                     listening.http, listening.quic
@@ -192,7 +197,7 @@ async fn dev_token(config: &Config) -> Result<String> {
     Ok(token)
 }
 
-async fn serve(config: Config, banner: impl FnOnce(&hub::Listening)) -> Result<()> {
+async fn serve(config: Config, banner: impl FnOnce(&hub::Hub, &hub::Listening)) -> Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -205,5 +210,5 @@ async fn serve(config: Config, banner: impl FnOnce(&hub::Listening)) -> Result<(
         tracing::info!("shutting down");
         signal.cancel();
     });
-    hub::run(config, shutdown, |_, listening| banner(listening)).await
+    hub::run(config, shutdown, banner).await
 }
