@@ -1,0 +1,324 @@
+//! The authorization matrix: every route of the OpenAPI document (so a new route cannot
+//! escape it), called as anonymous, with a revoked token, with an expired token, as another
+//! member, as the owner and as an admin; then the same for the terminal WebSocket and the
+//! CLI's QUIC sessions. A non-owner gets 404 and never the workspace's data.
+
+use harness::oidc::TestIssuer;
+use harness::{HubOptions, TestHub};
+use hub::store::{ApiToken, Store};
+use serde_json::{Value, json};
+use std::process::Command;
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Access {
+    /// Anyone (health, version, sign-in steps).
+    Public,
+    /// Any signed-in caller; acts on the caller's own things.
+    Caller,
+    /// The owner of the workspace (or token) in the path, or an admin.
+    Owner,
+    /// Only its owner, even in team mode (API tokens are personal).
+    Personal,
+    /// Only the scheduler's secret or OIDC token.
+    Scheduler,
+}
+
+fn access(method: &str, path: &str) -> Access {
+    use Access::*;
+    match (method, path) {
+        ("get", "/healthz" | "/version" | "/login" | "/login/callback" | "/login/once") => Public,
+        ("post", "/login/device" | "/login/device/token") => Public,
+        ("post", "/cleanup") => Scheduler,
+        ("get" | "post", "/workspaces" | "/tokens")
+        | ("get", "/session")
+        | ("post", "/logout" | "/login/device/approve") => Caller,
+        ("delete", "/tokens/{id}") => Personal,
+        (_, p) if p.starts_with("/workspaces/{id}") => Owner,
+        other => panic!("{other:?} is not in the authorization matrix: add it to `access`"),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Who {
+    Anonymous,
+    Revoked,
+    Expired,
+    Member,
+    Owner,
+    Admin,
+}
+
+struct Callers {
+    revoked: String,
+    expired: String,
+    member: String,
+    admin: String,
+}
+
+impl Callers {
+    fn token<'a>(&'a self, hub: &'a TestHub, who: Who) -> Option<&'a str> {
+        match who {
+            Who::Anonymous => None,
+            Who::Revoked => Some(&self.revoked),
+            Who::Expired => Some(&self.expired),
+            Who::Member => Some(&self.member),
+            Who::Owner => Some(&hub.token),
+            Who::Admin => Some(&self.admin),
+        }
+    }
+}
+
+const EVERYONE: [Who; 6] = [
+    Who::Anonymous,
+    Who::Revoked,
+    Who::Expired,
+    Who::Member,
+    Who::Owner,
+    Who::Admin,
+];
+
+async fn setup(provider: &str) -> (TestIssuer, TestHub, Callers) {
+    let issuer = TestIssuer::start("matrix", "matrix-secret").await.unwrap();
+    let hub = TestHub::start_with(HubOptions {
+        provider: provider.into(),
+        config: format!(
+            "admins = [\"root\"]\nauth_failures_per_minute = 100000\n\
+             cleanup_token = \"a-cleanup-secret-of-some-length\"\n\
+             [quotas]\nmax_workspaces = 10000\nmax_running = 10000\n\
+             [oidc]\nissuer = \"{}\"\nclient_id = \"matrix\"\nclient_secret = \"matrix-secret\"\n",
+            issuer.url
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, created) = hub
+        .api("POST", "/tokens", Some(json!({"name": "to revoke"})))
+        .await
+        .unwrap();
+    let revoked = created["token"].as_str().unwrap().to_owned();
+    let (status, _) = hub
+        .api(
+            "DELETE",
+            &format!("/tokens/{}", created["id"].as_str().unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 204);
+    // An expired token, written into the hub's own store (the API never mints one).
+    let expired = "wsh_expired0123456789abcdef0123456789abcdef01".to_owned();
+    let store = hub::store::sqlite::SqliteStore::open(&hub.state_dir.join("hub.sqlite3")).unwrap();
+    store
+        .insert_api_token(
+            &hub::agents::token_hash(&expired),
+            &ApiToken {
+                owner_id: "dev".into(),
+                name: "old".into(),
+                expires_at: Some(hub::workspace::now_ms() - 1_000),
+                email: None,
+            },
+        )
+        .await
+        .unwrap();
+    let callers = Callers {
+        revoked,
+        expired,
+        member: hub.mint_token("member").unwrap(),
+        admin: hub.mint_token("root").unwrap(),
+    };
+    (issuer, hub, callers)
+}
+
+/// A request body that is valid for the route, so only authorization can refuse it.
+async fn body_for(hub: &TestHub, method: &str, path: &str) -> Option<Value> {
+    match (method, path) {
+        ("post", "/workspaces") => Some(json!({})),
+        ("post", "/tokens") => Some(json!({"name": "matrix"})),
+        ("post", "/workspaces/{id}/tickets") => Some(json!({"purpose": "terminal"})),
+        ("post", "/workspaces/{id}/keep-awake") => Some(json!({"seconds": 60})),
+        ("post", "/login/device/token") => Some(json!({"device_code": "unknown"})),
+        ("post", "/login/device/approve") => {
+            let (_, code) = hub.api("POST", "/login/device", None).await.unwrap();
+            Some(json!({"user_code": code["user_code"]}))
+        }
+        (_, _) => None,
+    }
+}
+
+#[tokio::test]
+async fn every_route_answers_each_kind_of_caller_as_the_matrix_says() {
+    let (_issuer, hub, callers) = setup("manual").await;
+    let (_, doc) = hub.api("GET", "/openapi.json", None).await.unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut checked = 0;
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let access = access(method, path);
+            for who in EVERYONE {
+                // A fresh target each time: the owner's workspace and API token.
+                let ws = hub.create_workspace().await.unwrap();
+                let ws_id = ws["id"].as_str().unwrap().to_owned();
+                let (_, tok) = hub
+                    .api("POST", "/tokens", Some(json!({"name": "target"})))
+                    .await
+                    .unwrap();
+                let target = if path.starts_with("/tokens/") {
+                    tok["id"].as_str().unwrap().to_owned()
+                } else {
+                    ws_id.clone()
+                };
+                let url = hub.url(&path.replace("{id}", &target));
+                let mut req = http.request(method.to_uppercase().parse().unwrap(), &url);
+                if let Some(token) = callers.token(&hub, who) {
+                    req = req.bearer_auth(token);
+                }
+                if let Some(body) = body_for(&hub, method, path).await {
+                    req = req.json(&body);
+                }
+                let res = req.send().await.unwrap();
+                let status = res.status().as_u16();
+                let streaming = res
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|v| v.to_str().unwrap_or("").starts_with("text/event-stream"));
+                let body = if streaming {
+                    String::new()
+                } else {
+                    res.text().await.unwrap()
+                };
+                let case = format!(
+                    "{} {path} as {who:?}: {status} {body}",
+                    method.to_uppercase()
+                );
+                assert!(status < 500, "{case}");
+                let anonymous = matches!(who, Who::Anonymous | Who::Revoked | Who::Expired);
+                match (access, who) {
+                    (Access::Public, _) => assert_ne!(status, 401, "{case}"),
+                    (Access::Scheduler, _) => assert_eq!(status, 401, "{case}"),
+                    (_, _) if anonymous => {
+                        assert_eq!(status, 401, "{case}");
+                        assert!(body.contains("\"unauthorized\""), "{case}");
+                    }
+                    (Access::Owner, Who::Member) | (Access::Personal, Who::Member | Who::Admin) => {
+                        assert_eq!(status, 404, "{case}");
+                        assert!(!body.contains(&ws_id), "{case}");
+                    }
+                    _ => assert!(![401, 403, 404].contains(&status), "{case}"),
+                }
+                // A member's list is their own; an admin's has everyone's.
+                if (method.as_str(), path.as_str()) == ("get", "/workspaces") {
+                    assert_eq!(
+                        body.contains(&ws_id),
+                        matches!(who, Who::Owner | Who::Admin),
+                        "{case}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 6 * 20,
+        "only {checked} cases: did the OpenAPI document shrink?"
+    );
+}
+
+#[tokio::test]
+async fn terminals_events_and_cli_sessions_admit_only_owner_and_admin() {
+    let (_issuer, hub, callers) = setup("process").await;
+    let id = hub.ready_workspace().await.unwrap();
+    let terminal = format!("ws://{}/workspaces/{id}/terminal", hub.listening.http);
+    for who in EVERYONE {
+        // The terminal WebSocket with a bearer header (the CLI and scripts).
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                terminal.as_str(),
+            )
+            .unwrap();
+        if let Some(token) = callers.token(&hub, who) {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let got = match tokio_tungstenite::connect_async(req).await {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => res.status().as_u16(),
+            Err(e) => panic!("{who:?}: {e}"),
+        };
+        let want = match who {
+            Who::Anonymous | Who::Revoked | Who::Expired => 401,
+            Who::Member => 404,
+            Who::Owner | Who::Admin => 101,
+        };
+        assert_eq!(got, want, "terminal as {who:?}");
+
+        // The browser way: a ticket first (only for owner and admin), then the socket.
+        if let Some(token) = callers.token(&hub, who) {
+            let (status, ticket) = hub
+                .api_as(
+                    token,
+                    "POST",
+                    &format!("/workspaces/{id}/tickets"),
+                    Some(json!({"purpose": "terminal"})),
+                )
+                .await
+                .unwrap();
+            if matches!(who, Who::Owner | Who::Admin) {
+                assert_eq!(status, 201, "{who:?}");
+                let url = format!("{terminal}?ticket={}", ticket["ticket"].as_str().unwrap());
+                assert!(
+                    tokio_tungstenite::connect_async(url).await.is_ok(),
+                    "{who:?}"
+                );
+            } else {
+                assert_eq!(
+                    status,
+                    if who == Who::Member { 404 } else { 401 },
+                    "{who:?}"
+                );
+            }
+        }
+
+        // The CLI's QUIC session.
+        let mut cmd = Command::new(harness::binary("wsh").unwrap());
+        cmd.args(["sessions", &id])
+            .env("WSH_HUB", hub.url(""))
+            .env("XDG_CONFIG_HOME", hub.state_dir.join("no-config"))
+            .env_remove("WSH_TOKEN");
+        if let Some(token) = callers.token(&hub, who) {
+            cmd.env("WSH_TOKEN", token);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.success(),
+            matches!(who, Who::Owner | Who::Admin),
+            "wsh sessions as {who:?}: {err}"
+        );
+        if who == Who::Member {
+            assert!(err.contains("not found"), "{err}");
+            assert!(!err.contains("dev"), "the owner leaks: {err}");
+        }
+    }
+    // A ticket for one workspace opens no other.
+    let (_, other) = hub
+        .api("POST", "/workspaces", Some(json!({})))
+        .await
+        .unwrap();
+    let url = hub.terminal_url(&id, "").await.unwrap();
+    let ticket = url.split("ticket=").nth(1).unwrap().trim_end_matches('&');
+    let foreign = format!(
+        "ws://{}/workspaces/{}/terminal?ticket={ticket}",
+        hub.listening.http,
+        other["id"].as_str().unwrap()
+    );
+    match tokio_tungstenite::connect_async(foreign).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 401),
+        other => panic!("foreign ticket: {:?}", other.map(|_| ())),
+    }
+}
