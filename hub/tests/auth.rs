@@ -144,3 +144,42 @@ async fn failed_authentication_is_rate_limited_per_address() {
     assert!(!hub.log().contains("wsh_wrong"));
     assert!(!hub.log().contains(&hub.token));
 }
+
+#[tokio::test]
+async fn huge_and_malformed_credentials_get_a_clear_401_and_the_hub_keeps_serving() {
+    let hub = TestHub::start_manual().await.unwrap();
+    let http = reqwest::Client::new();
+    for (what, token) in [
+        ("100 KB bearer", "x".repeat(100_000)),
+        ("JWT-looking bearer", "eyJhbGciOiJub25lIn0.e30.".to_owned()),
+        ("not a token", "wsh_\u{1}".replace('\u{1}', "%00")),
+    ] {
+        let res = http
+            .get(hub.url("/workspaces"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{what}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized", "{what}");
+        assert!(!hub.log().contains(&token), "{what} logged");
+    }
+    // A cookie session that is garbage is no better than none.
+    let res = http
+        .get(hub.url("/session"))
+        .header("cookie", "wsh_session=garbage; other=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    // Headers beyond what the server reads are refused at the HTTP layer.
+    let res = http
+        .get(hub.url("/workspaces"))
+        .header("x-padding", "p".repeat(2 << 20))
+        .send()
+        .await;
+    assert!(res.map(|r| r.status().as_u16() == 431).unwrap_or(true));
+    let (code, _) = hub.api("GET", "/workspaces", None).await.unwrap();
+    assert_eq!(code, 200);
+}
