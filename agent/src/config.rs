@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub detached_ttl: Duration,
     /// Bytes of output each terminal session keeps for replay.
     pub ring_bytes: usize,
+    /// Which listening ports to report.
+    pub ports: protocol::bootstrap::PortScope,
 }
 
 /// Accepted terminal ring sizes.
@@ -89,6 +91,7 @@ impl AgentConfig {
             run_as: b.user,
             detached_ttl,
             ring_bytes,
+            ports: b.ports.unwrap_or_default(),
         })
     }
 
@@ -122,6 +125,7 @@ mod tests {
             user: user.map(str::to_owned),
             detached_session_ttl_secs: ttl,
             terminal_ring_bytes: None,
+            ports: None,
         }
     }
 

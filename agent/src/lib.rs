@@ -9,7 +9,9 @@
 
 pub mod checkout;
 pub mod config;
+pub mod forward;
 pub mod identity;
+pub mod ports;
 pub mod pty;
 pub mod session;
 
@@ -61,6 +63,10 @@ pub struct Agent {
     sessions: Arc<pty::Sessions>,
     /// The repository checkout's progress (reported to the hub on change and reconnect).
     checkout: tokio::sync::watch::Sender<Option<protocol::control::CheckoutStatus>>,
+    /// Listening ports, from the watcher thread (started by [`Agent::run`]).
+    ports: Option<tokio::sync::watch::Receiver<ports::PortTable>>,
+    /// TCP forwards open right now (they count as use of the workspace).
+    forwards: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -91,6 +97,8 @@ impl Agent {
                 config.detached_ttl,
             )),
             checkout: tokio::sync::watch::Sender::new(None),
+            ports: None,
+            forwards: Arc::default(),
             config,
         }
     }
@@ -112,7 +120,8 @@ impl Agent {
     }
 
     /// Runs until `shutdown` is cancelled or a fatal error occurs.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        self.ports = ports::watch(self.config.ports);
         // Detached sessions past their time are ended once a minute.
         let sessions = self.sessions.clone();
         let reaper_stop = shutdown.clone();

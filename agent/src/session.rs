@@ -100,6 +100,15 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
     let mut activity = (welcome.protocol_version >= protocol::ACTIVITY_SINCE_VERSION)
         .then(ActivityReports::default);
     let mut activity_tick = tokio::time::interval(ACTIVITY_POLL);
+    // Port reports: a full list first, then differences (protocol 3+).
+    let mut ports = agent
+        .ports
+        .clone()
+        .filter(|_| welcome.protocol_version >= protocol::PORTS_SINCE_VERSION);
+    if let Some(p) = ports.as_mut() {
+        p.mark_changed();
+    }
+    let mut ports_sent: Option<crate::ports::PortTable> = None;
     let mut checkout = agent.checkout.subscribe();
     // The hub learns the checkout's state again after every reconnect.
     checkout.mark_changed();
@@ -147,6 +156,8 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
             }
             _ = activity_tick.tick(), if activity.is_some() => {
                 let (attached, last_input) = agent.sessions.activity();
+                // Open forwards (previews, `wsh forward`) are use of the workspace too.
+                let attached = attached + agent.forwards.load(std::sync::atomic::Ordering::Relaxed);
                 let now = Instant::now();
                 if let Some(report) = activity.as_mut().and_then(|a| a.poll(now, attached, last_input)) {
                     if let Err(e) = send_msg(&mut send, &ControlMsg::Activity(report)).await {
@@ -167,9 +178,25 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
                     live.on_sent(Instant::now());
                 }
             }
+            changed = async { ports.as_mut()?.changed().await.ok() }, if ports.is_some() => {
+                let Some(()) = changed else {
+                    ports = None;
+                    continue;
+                };
+                let now_table = ports.as_mut().map(|p| p.borrow_and_update().clone());
+                if let Some(table) = now_table {
+                    for report in crate::ports::reports(ports_sent.as_ref(), &table) {
+                        if let Err(e) = send_msg(&mut send, &report).await {
+                            return lost(e, true);
+                        }
+                    }
+                    ports_sent = Some(table);
+                    live.on_sent(Instant::now());
+                }
+            }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(serve_stream(agent.sessions.clone(), send, recv));
+                    tokio::spawn(serve_stream(agent.sessions.clone(), agent.forwards.clone(), send, recv));
                 }
                 Err(e) => return closed(&e, true),
             },
@@ -243,6 +270,7 @@ async fn hello(
 /// A stream the hub opened: its header says what it is for.
 async fn serve_stream(
     sessions: std::sync::Arc<crate::pty::Sessions>,
+    forwards: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -267,6 +295,7 @@ async fn serve_stream(
                 Err(e) => Err(e),
             }
         }
+        StreamHeader::TcpForward(open) => crate::forward::serve(open, send, recv, forwards).await,
         other => {
             let refused = StreamRefused {
                 reason: StreamRefusal::Unsupported,

@@ -406,6 +406,8 @@ pub fn agent_config(
     let mut config = agent::config::AgentConfig::parse(text)?;
     let dir = tempfile::Builder::new().prefix("wsh-agent-").tempdir()?;
     config.state_dir = dir.path().to_path_buf();
+    // In-process agents share the test process: its ports are not theirs.
+    config.ports = protocol::bootstrap::PortScope::Off;
     Ok((config, dir))
 }
 

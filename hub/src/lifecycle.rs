@@ -269,6 +269,11 @@ pub async fn provision(hub: &Hub, ws: &Workspace) -> Result<Option<String>, ApiE
             user: None,
             detached_session_ttl_secs: Some(cfg.detached_session_ttl.as_secs()),
             terminal_ring_bytes: Some(cfg.terminal_ring_bytes),
+            // An agent beside other programs reports only its own process tree's ports.
+            ports: hub
+                .provider
+                .shares_host()
+                .then_some(protocol::bootstrap::PortScope::Descendants),
         },
     };
     match hub.provider.create(&spec).await {

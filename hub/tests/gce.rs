@@ -268,6 +268,7 @@ fn spec() -> InstanceSpec {
             user: Some("dev".into()),
             detached_session_ttl_secs: Some(3600),
             terminal_ring_bytes: Some(4 << 20),
+            ports: None,
         },
     }
 }

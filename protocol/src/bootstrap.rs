@@ -27,6 +27,22 @@ pub struct AgentBootstrap {
     /// Bytes of output each terminal session keeps for replay (default 4 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal_ring_bytes: Option<u64>,
+    /// Which listening ports the agent reports (default: all but its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortScope>,
+}
+
+/// Which listening TCP ports are the workspace's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PortScope {
+    /// Every listening socket on the machine but the agent's own (a VM is the workspace).
+    #[default]
+    All,
+    /// Only sockets of the agent's descendants (the agent shares a machine).
+    Descendants,
+    /// No port watching.
+    Off,
 }
 
 impl std::fmt::Debug for AgentBootstrap {

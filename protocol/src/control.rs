@@ -23,7 +23,54 @@ crate::tagged_messages! {
         /// Agent -> hub (version 2+): how the checkout is going; sent on every change and
         /// again after each reconnect.
         8 => CheckoutStatus(CheckoutStatus),
+        /// Agent -> hub (version 3+): every listening port, after each (re)connect.
+        9 => Ports(Ports),
+        /// Agent -> hub (version 3+): a port started listening, or what is known about it
+        /// changed (its HTTP probe finished).
+        10 => PortOpened(PortInfo),
+        /// Agent -> hub (version 3+): nothing listens on this port any more.
+        11 => PortClosed(PortClosed),
     }
+}
+
+/// How the agent finds listening sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PortSource {
+    /// Netlink `sock_diag` dumps.
+    SockDiag,
+    /// `/proc/net/tcp` and `tcp6`, where netlink is not allowed (slower to read).
+    ProcNet,
+}
+
+/// All listening TCP ports of the workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ports {
+    pub source: PortSource,
+    pub ports: Vec<PortInfo>,
+}
+
+/// One listening TCP port (all its addresses together).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortInfo {
+    pub port: u16,
+    /// The addresses it listens on (`127.0.0.1`, `0.0.0.0`, `::`, ...).
+    pub addresses: Vec<String>,
+    /// Every address is a loopback address (reachable only from inside the workspace,
+    /// and through the hub).
+    pub loopback_only: bool,
+    pub pid: Option<u32>,
+    /// The process name (`comm`).
+    pub process: String,
+    /// The command line, shortened.
+    pub command: String,
+    /// Whether it answered an HTTP request; `None` until the probe is done.
+    pub http: Option<bool>,
+}
+
+/// A port closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortClosed {
+    pub port: u16,
 }
 
 /// The agent introduces itself. Its workspace comes from its certificate, not from here.

@@ -19,7 +19,18 @@ crate::tagged_messages! {
         /// stream to the workspace's agent and splices the two byte for byte; the agent's
         /// reply and messages flow back unchanged.
         6 => ClientPty(ClientPtyOpen),
+        /// CLI -> hub (version 3+): a TCP forward to a port of a workspace. The hub opens
+        /// a [`StreamHeader::TcpForward`] stream to the agent and splices the two; after
+        /// the agent's [`StreamReply`], the stream carries the connection's raw bytes.
+        7 => ClientTcpForward(ClientTcpForwardOpen),
     }
+}
+
+/// Opens a TCP forward from the CLI through the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientTcpForwardOpen {
+    pub workspace_id: String,
+    pub port: u16,
 }
 
 /// Opens a PTY stream from the CLI through the hub.
@@ -40,10 +51,12 @@ pub struct EnrollOpen {}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PtyOpen {}
 
-/// Opens a TCP forward.
+/// Opens a TCP forward: the agent connects to the port on loopback (IPv4, then IPv6),
+/// answers with a [`StreamReply`], and from then on the stream carries raw bytes each way;
+/// finishing the stream half-closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpForwardOpen {
-    /// The port inside the workspace (loopback).
+    /// The port inside the workspace (loopback); 0 is refused.
     pub port: u16,
 }
 

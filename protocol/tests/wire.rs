@@ -2,7 +2,10 @@
 //! panic or an unbounded allocation.
 
 use proptest::prelude::*;
-use protocol::control::{ControlMsg, Hello, HelloRefusal, HelloRefused, Ping, Pong, Welcome};
+use protocol::control::{
+    ControlMsg, Hello, HelloRefusal, HelloRefused, Ping, Pong, PortClosed, PortInfo, PortSource,
+    Ports, Welcome,
+};
 use protocol::enroll::{EnrollMsg, EnrollRefusal, EnrollRefused, EnrollRequest, Issued};
 use protocol::pty::{
     PtyClose, PtyError, PtyErrorCode, PtyExit, PtyInput, PtyList, PtyMsg, PtyOpenRequest,
@@ -49,7 +52,42 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             }),
         any::<u64>().prop_map(|seq| ControlMsg::Ping(Ping { seq })),
         any::<u64>().prop_map(|seq| ControlMsg::Pong(Pong { seq })),
+        port_info().prop_map(ControlMsg::PortOpened),
+        any::<u16>().prop_map(|port| ControlMsg::PortClosed(PortClosed { port })),
+        (any::<bool>(), prop::collection::vec(port_info(), 0..8)).prop_map(|(netlink, ports)| {
+            ControlMsg::Ports(Ports {
+                source: if netlink {
+                    PortSource::SockDiag
+                } else {
+                    PortSource::ProcNet
+                },
+                ports,
+            })
+        }),
     ]
+}
+
+fn port_info() -> impl Strategy<Value = PortInfo> {
+    (
+        any::<u16>(),
+        prop::collection::vec("[0-9a-f:.]{1,39}", 0..3),
+        any::<bool>(),
+        proptest::option::of(any::<u32>()),
+        ".{0,15}",
+        ".{0,60}",
+        proptest::option::of(any::<bool>()),
+    )
+        .prop_map(
+            |(port, addresses, loopback_only, pid, process, command, http)| PortInfo {
+                port,
+                addresses,
+                loopback_only,
+                pid,
+                process,
+                command,
+                http,
+            },
+        )
 }
 
 fn enroll_msg() -> impl Strategy<Value = EnrollMsg> {
@@ -302,9 +340,9 @@ fn encoding_refuses_frames_over_the_limit() {
 /// Tags are part of the wire contract: changing one breaks every deployed agent.
 #[test]
 fn tags_are_stable() {
-    assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
-    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6]);
+    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(protocol::client::ClientMsg::TAGS, &[1, 2, 3]);
     assert_eq!(StreamReply::TAGS, &[1, 2]);
     assert_eq!(PtyMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);

@@ -104,6 +104,11 @@ pub enum ProviderError {
 pub trait Provider: Send + Sync + 'static {
     /// A short name for logs and `/version`.
     fn name(&self) -> &'static str;
+    /// Whether agents share their machine with other programs (then they report only
+    /// their own process tree's ports).
+    fn shares_host(&self) -> bool {
+        false
+    }
     async fn create(&self, spec: &InstanceSpec) -> Result<Created, ProviderError>;
     /// Whether a create takes long enough (a cloud operation) that the API should answer
     /// before it finishes; the create then runs in the background.

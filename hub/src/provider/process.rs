@@ -106,6 +106,10 @@ impl Provider for ProcessProvider {
         "process"
     }
 
+    fn shares_host(&self) -> bool {
+        true
+    }
+
     async fn create(&self, spec: &InstanceSpec) -> Result<Created, ProviderError> {
         let dir = self.dir(spec.workspace_id);
         let agent_state = dir.join("agent");
