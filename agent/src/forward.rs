@@ -9,7 +9,6 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How long connecting to the port may take.
@@ -56,41 +55,12 @@ pub async fn serve(
     send_msg(&mut send, &StreamReply::Accepted(Accepted {})).await?;
     open_forwards.fetch_add(1, Ordering::Relaxed);
     let _count = Decrement(open_forwards);
-    let (mut recv, mut decoder) = recv.into_parts();
-    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let (recv, mut decoder) = recv.into_parts();
+    let (tcp_read, tcp_write) = tcp.into_split();
     // Bytes that arrived with the header belong to the connection.
     let early = decoder.take_buffered();
-    let upstream = async {
-        tcp_write.write_all(&early).await?;
-        while let Some(chunk) = recv
-            .read_chunk(usize::MAX, true)
-            .await
-            .map_err(std::io::Error::other)?
-        {
-            tcp_write.write_all(&chunk.bytes).await?;
-        }
-        tcp_write.shutdown().await
-    };
-    let downstream = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = tcp_read.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            send.write_all(&buf[..n])
-                .await
-                .map_err(std::io::Error::other)?;
-        }
-        let _ = send.finish();
-        Ok::<_, std::io::Error>(())
-    };
-    // The first error (a reset either side) ends both directions.
-    if let Err(e) = tokio::try_join!(upstream, downstream) {
+    if let Err(e) = link::splice(tcp_read, tcp_write, send, recv, &early).await {
         tracing::debug!(port = open.port, error = %e, "forward ended");
-        // A reset on one side resets the other.
-        let _ = send.reset(quinn::VarInt::from_u32(1));
-        let _ = recv.stop(quinn::VarInt::from_u32(1));
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ pub struct Hub {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-struct Link {
+pub struct Link {
     conn: quinn::Connection,
 }
 
@@ -42,7 +42,7 @@ impl Hub {
     }
 
     /// Connects and authenticates over QUIC.
-    async fn connect(&self) -> Result<Link> {
+    pub async fn connect(&self) -> Result<Link> {
         let version: serde_json::Value = serde_json::from_str(&self.get_text("/version").await?)?;
         let quic_addr = version["quic_addr"]
             .as_str()
@@ -96,6 +96,37 @@ fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
 }
 
 impl Link {
+    /// Opens a TCP forward to `port` of `workspace`; returns the stream once the agent
+    /// has connected to the port, with the first bytes of the connection if any came along.
+    pub async fn forward(
+        &self,
+        workspace: &str,
+        port: u16,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<u8>)> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let mut recv = FramedRecv::new(recv);
+        send_msg(
+            &mut send,
+            &StreamHeader::ClientTcpForward(protocol::stream::ClientTcpForwardOpen {
+                workspace_id: workspace.to_owned(),
+                port,
+            }),
+        )
+        .await?;
+        match recv.expect::<StreamReply>().await? {
+            StreamReply::Accepted(_) => {
+                let (recv, mut decoder) = recv.into_parts();
+                Ok((send, recv, decoder.take_buffered()))
+            }
+            StreamReply::Refused(r) => bail!("{}", r.message),
+        }
+    }
+
+    /// Whether the connection to the hub is gone.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
     /// Opens a PTY stream on `workspace` and sends `first`; returns the agent's answer.
     async fn pty(&self, workspace: &str, first: PtyMsg) -> Result<(quinn::SendStream, FramedRecv)> {
         let (mut send, recv) = self.conn.open_bi().await?;

@@ -2,9 +2,11 @@
 //!
 //! Lifecycle goes through the hub's REST API (`list`, `create`, `show`, `status`, `stop`,
 //! `start`, `delete`, `keep-awake`, `version`);
-//! terminals go over direct QUIC (`attach`, `sessions`), see [`attach`].
+//! terminals and TCP go over direct QUIC (`attach`, `sessions`, `forward`, `proxy`), see
+//! [`attach`] and [`forward`].
 
 mod attach;
+mod forward;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -92,6 +94,24 @@ enum Command {
     /// List a workspace's terminal sessions.
     Sessions {
         workspace: String,
+        #[arg(long, env = "WSH_CA")]
+        ca_file: Option<std::path::PathBuf>,
+    },
+    /// Forward local ports to ports inside a workspace, like `ssh -L`:
+    /// `wsh forward <ws> 3000 8080:80 0.0.0.0:2222:22`.
+    Forward {
+        workspace: String,
+        /// `PORT`, `LOCAL:REMOTE` or `BIND_ADDR:LOCAL:REMOTE`.
+        #[arg(required = true)]
+        specs: Vec<forward::Spec>,
+        #[arg(long, env = "WSH_CA")]
+        ca_file: Option<std::path::PathBuf>,
+    },
+    /// Join stdin and stdout to a port inside a workspace, for OpenSSH:
+    /// `ssh -o ProxyCommand='wsh proxy <ws> 22' user@workspace`.
+    Proxy {
+        workspace: String,
+        port: u16,
         #[arg(long, env = "WSH_CA")]
         ca_file: Option<std::path::PathBuf>,
     },
@@ -284,6 +304,20 @@ async fn main() -> Result<()> {
         } => {
             let code = attach::attach(&quic_hub(ca_file), &workspace, session, command).await?;
             std::process::exit(code);
+        }
+        Command::Forward {
+            workspace,
+            specs,
+            ca_file,
+        } => {
+            return forward::forward(quic_hub(ca_file), &workspace, &specs).await;
+        }
+        Command::Proxy {
+            workspace,
+            port,
+            ca_file,
+        } => {
+            return forward::proxy(quic_hub(ca_file), &workspace, port).await;
         }
         Command::Sessions { workspace, ca_file } => {
             let list = attach::sessions(&quic_hub(ca_file), &workspace).await?;

@@ -89,6 +89,54 @@ struct Connected {
     info: AgentInfo,
     conn: quinn::Connection,
     session: u64,
+    ports: Ports,
+}
+
+/// A workspace's listening ports, as its agent reported them.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct Ports {
+    /// How the agent finds them: `sock_diag` (netlink) or `proc_net` (the slower fallback);
+    /// `null` until the agent reported (agents before protocol 3 never do).
+    pub source: Option<&'static str>,
+    pub ports: std::collections::BTreeMap<u16, PortView>,
+}
+
+/// One listening port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct PortView {
+    pub port: u16,
+    pub addresses: Vec<String>,
+    /// Reachable only from inside the workspace (and through the hub).
+    pub loopback_only: bool,
+    pub pid: Option<u32>,
+    pub process: String,
+    pub command: String,
+    /// Answers HTTP (a preview makes sense); `null` while the agent's probe runs.
+    pub http: Option<bool>,
+}
+
+/// At most this many ports per workspace are kept; more are ignored.
+const MAX_PORTS: usize = 4096;
+
+impl PortView {
+    /// Checks and trims what an agent sent: port 0 is refused, strings are cut short.
+    fn from_agent(p: protocol::control::PortInfo) -> Option<Self> {
+        let cut = |s: String, n: usize| s.chars().filter(|c| !c.is_control()).take(n).collect();
+        (p.port != 0).then(|| Self {
+            port: p.port,
+            addresses: p
+                .addresses
+                .into_iter()
+                .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+                .take(16)
+                .collect(),
+            loopback_only: p.loopback_only,
+            pid: p.pid,
+            process: cut(p.process, 64),
+            command: cut(p.command, 512),
+            http: p.http,
+        })
+    }
 }
 
 /// The agents connected to this hub process.
@@ -128,6 +176,50 @@ impl Registry {
         self.len() == 0
     }
 
+    /// The workspace's listening ports (empty while its agent is not connected).
+    pub fn ports(&self, id: Uuid) -> Ports {
+        self.lock()
+            .get(&id)
+            .map(|c| c.ports.clone())
+            .unwrap_or_default()
+    }
+
+    /// Applies a port report from the agent's live session; returns the event to publish.
+    fn apply_ports(&self, id: Uuid, session: u64, msg: ControlMsg) -> Option<serde_json::Value> {
+        let mut agents = self.lock();
+        let ports = &mut agents.get_mut(&id).filter(|c| c.session == session)?.ports;
+        match msg {
+            ControlMsg::Ports(all) => {
+                ports.source = Some(match all.source {
+                    protocol::control::PortSource::SockDiag => "sock_diag",
+                    protocol::control::PortSource::ProcNet => "proc_net",
+                });
+                ports.ports = all
+                    .ports
+                    .into_iter()
+                    .filter_map(PortView::from_agent)
+                    .take(MAX_PORTS)
+                    .map(|p| (p.port, p))
+                    .collect();
+                Some(serde_json::json!({ "state": "all", "ports": ports.ports.values().collect::<Vec<_>>() }))
+            }
+            ControlMsg::PortOpened(info) => {
+                let view = PortView::from_agent(info)?;
+                if !ports.ports.contains_key(&view.port) && ports.ports.len() >= MAX_PORTS {
+                    return None;
+                }
+                let state = if ports.ports.contains_key(&view.port) { "updated" } else { "opened" };
+                ports.ports.insert(view.port, view.clone());
+                Some(serde_json::json!({ "state": state, "port": view }))
+            }
+            ControlMsg::PortClosed(closed) => {
+                ports.ports.remove(&closed.port)?;
+                Some(serde_json::json!({ "state": "closed", "port": { "port": closed.port } }))
+            }
+            _ => None,
+        }
+    }
+
     /// The live connection to a workspace's agent, for opening streams to it.
     pub fn connection(&self, id: Uuid) -> Option<quinn::Connection> {
         self.lock().get(&id).map(|c| c.conn.clone())
@@ -145,6 +237,7 @@ impl Registry {
                 info,
                 conn,
                 session,
+                ports: Ports::default(),
             },
         );
         if let Some(old) = old {
@@ -190,11 +283,14 @@ impl Registry {
         }
     }
 
-    fn remove(&self, id: Uuid, session: u64) {
+    /// Removes the session's entry; false if a newer session replaced it already.
+    fn remove(&self, id: Uuid, session: u64) -> bool {
         let mut agents = self.lock();
-        if agents.get(&id).is_some_and(|c| c.session == session) {
+        let current = agents.get(&id).is_some_and(|c| c.session == session);
+        if current {
             agents.remove(&id);
         }
+        current
     }
 }
 
@@ -515,7 +611,17 @@ async fn control_session(
 
     let result = heartbeat_loop(hub, conn, &mut touches, &mut send, recv).await;
     touches.record(hub, Instant::now(), true).await;
-    hub.agents.remove(workspace_id, session);
+    if hub.agents.remove(workspace_id, session) {
+        // Its ports are out of reach until it is back (and reports them again).
+        hub.publish_event(crate::lifecycle::WorkspaceEvent {
+            workspace_id,
+            kind: "port",
+            status: None,
+            reason: None,
+            at: now_ms(),
+            detail: Some(serde_json::json!({ "state": "all", "ports": [] })),
+        });
+    }
     tracing::info!(%remote, workspace = %workspace_id, "agent disconnected");
     result
 }
@@ -623,6 +729,19 @@ async fn heartbeat_loop(
                             detail: serde_json::to_value(&view).ok(),
                         });
                         hub.agents.set_checkout(workspace_id, touches.session, view);
+                    }
+                    Some(report @ (ControlMsg::Ports(_) | ControlMsg::PortOpened(_) | ControlMsg::PortClosed(_))) => {
+                        live.on_heard(now);
+                        if let Some(detail) = hub.agents.apply_ports(workspace_id, touches.session, report) {
+                            hub.publish_event(crate::lifecycle::WorkspaceEvent {
+                                workspace_id,
+                                kind: "port",
+                                status: None,
+                                reason: None,
+                                at: now_ms(),
+                                detail: Some(detail),
+                            });
+                        }
                     }
                     Some(_) => return Err(protocol::ProtocolError::Unexpected("handshake message after hello").into()),
                     None => return Ok(()),

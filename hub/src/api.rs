@@ -41,6 +41,8 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/start", post(start_workspace))
         .route("/workspaces/{id}/status", get(workspace_status))
         .route("/workspaces/{id}/events", get(workspace_events))
+        .route("/preview/{id}", get(workspace_events))
+        .route("/workspaces/{id}/ports", get(workspace_ports))
         .route("/workspaces/{id}/keep-awake", post(keep_awake))
         .route("/workspaces/{id}/tickets", post(create_ticket))
         .route("/cleanup", post(cleanup))
@@ -158,7 +160,7 @@ pub struct ErrorDetail {
     paths(
         healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
-        create_token, list_tokens, revoke_token, create_ticket,
+        create_token, list_tokens, revoke_token, create_ticket, workspace_ports,
         crate::device::start, crate::device::approve, crate::device::poll,
         crate::session::login, crate::session::callback, crate::session::once,
         crate::session::whoami, crate::session::logout
@@ -664,7 +666,7 @@ async fn keep_awake(
 }
 
 /// `GET /workspaces/:id/events`: the current status, then every change, as SSE.
-#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `deleted`, `lagged`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `checkout`, `port` (detail: state `all` with ports, or `opened`/`updated`/`closed` with one port), `deleted`, `lagged`; also at `/preview/{id}`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_events(
     State(hub): State<AppState>,
     caller: Caller,
@@ -684,6 +686,15 @@ async fn workspace_events(
         detail: None,
     });
     let id = ws.id;
+    // Then the ports as they are now; `port` events follow as they open and close.
+    let ports = sse_event(&lifecycle::WorkspaceEvent {
+        workspace_id: ws.id,
+        kind: "port",
+        status: None,
+        reason: None,
+        at: now_ms(),
+        detail: Some(json!({ "state": "all", "ports": hub.agents.ports(id).ports.values().collect::<Vec<_>>() })),
+    });
     // A change that lands between the subscription and the read arrives twice: once in
     // the first event and once from the channel. Repeats of the last sent state are dropped.
     let last = (Some(ws.status), ws.status_reason.clone());
@@ -714,7 +725,7 @@ async fn workspace_events(
             }
         },
     );
-    let stream = futures_util::stream::once(async move { Ok(first) }).chain(stream);
+    let stream = futures_util::stream::iter([Ok(first), Ok(ports)]).chain(stream);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -729,6 +740,16 @@ fn sse_event(ev: &lifecycle::WorkspaceEvent) -> Event {
         data["detail"] = detail.clone();
     }
     Event::default().event(ev.kind).data(data.to_string())
+}
+
+#[utoipa::path(get, path = "/workspaces/{id}/ports", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Listening ports, as the agent reports them (empty while it is not connected)", body = crate::agents::Ports), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+async fn workspace_ports(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<crate::agents::Ports>, ApiError> {
+    let ws = owned(&hub, &caller, &id).await?;
+    Ok(Json(hub.agents.ports(ws.id)))
 }
 
 /// The body of `POST /workspaces/:id/tickets`.

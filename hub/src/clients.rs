@@ -11,7 +11,7 @@ use crate::{Hub, auth};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::client::{ClientMsg, ClientRefusal, ClientRefused, ClientWelcome};
 use protocol::close::CloseCode;
-use protocol::stream::{PtyOpen, StreamHeader, StreamRefusal};
+use protocol::stream::{PtyOpen, StreamHeader, StreamRefusal, TcpForwardOpen};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::timeout;
@@ -91,16 +91,27 @@ async fn client_stream(
             return refuse_stream(&mut send, StreamRefusal::BadHeader, "no header in time").await;
         }
     };
-    let StreamHeader::ClientPty(open) = header else {
-        return refuse_stream(
-            &mut send,
-            StreamRefusal::Unsupported,
-            "not a client stream type",
-        )
-        .await;
+    // What the agent is asked for, on which workspace.
+    let (workspace_id, to_agent) = match header {
+        StreamHeader::ClientPty(open) => (open.workspace_id, StreamHeader::Pty(PtyOpen {})),
+        StreamHeader::ClientTcpForward(open) if open.port != 0 => (
+            open.workspace_id,
+            StreamHeader::TcpForward(TcpForwardOpen { port: open.port }),
+        ),
+        StreamHeader::ClientTcpForward(_) => {
+            return refuse_stream(&mut send, StreamRefusal::BadHeader, "port 0").await;
+        }
+        _ => {
+            return refuse_stream(
+                &mut send,
+                StreamRefusal::Unsupported,
+                "not a client stream type",
+            )
+            .await;
+        }
     };
     // A workspace that is not the caller's reads exactly like one that does not exist.
-    let owned = match Uuid::parse_str(&open.workspace_id) {
+    let owned = match Uuid::parse_str(&workspace_id) {
         Ok(id) => match hub.store.get_workspace(id).await {
             Ok(ws) => caller.authorize(ws).ok(),
             Err(_) => None,
@@ -123,32 +134,47 @@ async fn client_stream(
         )
         .await;
     };
-    if let Err(e) = splice(agent, send, recv).await {
+    if let Err(e) = splice(agent, &to_agent, send, recv).await {
         tracing::debug!(workspace = %ws.id, error = %e, "client stream ended");
     }
 }
 
-/// Opens a PTY stream to the agent and copies bytes both ways until both sides finish.
+/// Opens a stream to the agent with `header` and copies bytes both ways until both sides
+/// finish.
 async fn splice(
     agent: quinn::Connection,
+    header: &StreamHeader,
     client_send: quinn::SendStream,
     client_recv: FramedRecv,
 ) -> Result<(), LinkError> {
     let (mut agent_send, agent_recv) = agent.open_bi().await?;
-    send_msg(&mut agent_send, &StreamHeader::Pty(PtyOpen {})).await?;
+    send_msg(&mut agent_send, header).await?;
     let (client_recv, mut decoder) = client_recv.into_parts();
     agent_send.write_all(&decoder.take_buffered()).await?;
     tokio::join!(pump(client_recv, agent_send), pump(agent_recv, client_send));
     Ok(())
 }
 
-/// Moves whole received chunks from one stream to the other without copying them.
-async fn pump(mut from: quinn::RecvStream, mut to: quinn::SendStream) {
-    while let Ok(Some(chunk)) = from.read_chunk(usize::MAX, true).await {
-        if to.write_chunk(chunk.bytes).await.is_err() {
-            let _ = from.stop(quinn::VarInt::from_u32(0));
-            return;
+/// Moves whole received chunks from one stream to the other without copying them. A
+/// reset on the way in becomes a reset on the way out (a dropped TCP connection stays a
+/// dropped connection, not a clean end).
+pub(crate) async fn pump(mut from: quinn::RecvStream, mut to: quinn::SendStream) {
+    loop {
+        match from.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
+                if to.write_chunk(chunk.bytes).await.is_err() {
+                    let _ = from.stop(quinn::VarInt::from_u32(0));
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return;
+            }
+            Err(_) => {
+                let _ = to.reset(quinn::VarInt::from_u32(1));
+                return;
+            }
         }
     }
-    let _ = to.finish();
 }

@@ -266,3 +266,52 @@ impl FramedRecv {
         (self.recv, self.decoder)
     }
 }
+
+/// Joins a byte stream (a TCP connection, stdin/stdout) to a QUIC stream until both
+/// directions end: `early` (bytes that arrived with a header) goes out first; the QUIC
+/// stream finishing shuts down `write`, `read` ending finishes the QUIC stream. The first
+/// error (a reset on either side) ends both directions and resets the QUIC stream.
+pub async fn splice<R, W>(
+    mut read: R,
+    mut write: W,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    early: &[u8],
+) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let inbound = async {
+        write.write_all(early).await?;
+        while let Some(chunk) = recv
+            .read_chunk(usize::MAX, true)
+            .await
+            .map_err(std::io::Error::other)?
+        {
+            write.write_all(&chunk.bytes).await?;
+            write.flush().await?;
+        }
+        write.shutdown().await
+    };
+    let outbound = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = read.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            send.write_all(&buf[..n])
+                .await
+                .map_err(std::io::Error::other)?;
+        }
+        send.finish().map_err(std::io::Error::other)
+    };
+    let result = tokio::try_join!(inbound, outbound).map(|_| ());
+    if result.is_err() {
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+        let _ = recv.stop(quinn::VarInt::from_u32(1));
+    }
+    result
+}
