@@ -18,8 +18,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 async fn connect(port: u16) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::other("no address to try");
     for ip in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(SocketAddr::new(ip, port)))
-            .await
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect(SocketAddr::new(ip, port)),
+        )
+        .await
         {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(e)) => last = e,
@@ -38,7 +41,11 @@ pub async fn serve(
 ) -> Result<(), LinkError> {
     let refuse = |reason, message: String| StreamReply::Refused(StreamRefused { reason, message });
     if open.port == 0 {
-        send_msg(&mut send, &refuse(StreamRefusal::BadHeader, "port 0".into())).await?;
+        send_msg(
+            &mut send,
+            &refuse(StreamRefusal::BadHeader, "port 0".into()),
+        )
+        .await?;
         let _ = send.finish();
         return Ok(());
     }

@@ -11,7 +11,9 @@
 //! current table on a `watch` channel; each connection to the hub turns changes of the
 //! table into [`ControlMsg`](protocol::control::ControlMsg) port reports.
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
@@ -209,7 +211,11 @@ fn owners_of(inodes: &HashSet<u64>) -> HashMap<u64, u32> {
         return found;
     };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
@@ -286,7 +292,9 @@ pub fn probe_http(addr: SocketAddr) -> bool {
     let _ = stream.set_read_timeout(Some(PROBE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(PROBE_TIMEOUT));
     if stream
-        .write_all(b"HEAD / HTTP/1.0\r\nHost: localhost\r\nUser-Agent: workspace-agent-probe\r\n\r\n")
+        .write_all(
+            b"HEAD / HTTP/1.0\r\nHost: localhost\r\nUser-Agent: workspace-agent-probe\r\n\r\n",
+        )
         .is_err()
     {
         return false;
@@ -322,11 +330,14 @@ pub struct Watcher {
     /// HTTP probe results by port (dropped when the port closes).
     http: HashMap<u16, bool>,
     probing: HashSet<u16>,
-    probes: (mpsc::Sender<(u16, bool)>, mpsc::Receiver<(u16, bool)>),
+    /// Finished probes: (port, answers HTTP).
+    probe_done: mpsc::Sender<(u16, bool)>,
+    probe_results: mpsc::Receiver<(u16, bool)>,
 }
 
 impl Watcher {
     pub fn new(scope: PortScope) -> Self {
+        let (probe_done, probe_results) = mpsc::channel();
         Self {
             scope,
             agent_pid: std::process::id(),
@@ -334,7 +345,8 @@ impl Watcher {
             owners: HashMap::new(),
             http: HashMap::new(),
             probing: HashSet::new(),
-            probes: mpsc::channel(),
+            probe_done,
+            probe_results,
         }
     }
 
@@ -375,7 +387,7 @@ impl Watcher {
                 self.owners.insert(inode, owner);
             }
         }
-        while let Ok((port, http)) = self.probes.1.try_recv() {
+        while let Ok((port, http)) = self.probe_results.try_recv() {
             self.probing.remove(&port);
             self.http.insert(port, http);
         }
@@ -409,7 +421,7 @@ impl Watcher {
                     .first()
                     .and_then(|a| a.parse().ok())
                     .map(|ip| local_addr(ip, *port));
-                let done = self.probes.0.clone();
+                let done = self.probe_done.clone();
                 let port = *port;
                 std::thread::spawn(move || {
                     let http = addr.is_some_and(probe_http);
@@ -454,10 +466,7 @@ pub fn watch(scope: PortScope) -> Option<tokio::sync::watch::Receiver<PortTable>
 /// first time, then `PortOpened` for new or changed ports and `PortClosed` for gone ones.
 ///
 /// [`Ports`]: protocol::control::Ports
-pub fn reports(
-    sent: Option<&PortTable>,
-    now: &PortTable,
-) -> Vec<protocol::control::ControlMsg> {
+pub fn reports(sent: Option<&PortTable>, now: &PortTable) -> Vec<protocol::control::ControlMsg> {
     use protocol::control::{ControlMsg, PortClosed, Ports};
     let Some(sent) = sent else {
         return vec![ControlMsg::Ports(Ports {

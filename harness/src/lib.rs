@@ -7,6 +7,7 @@
 
 pub mod firestore;
 pub mod oidc;
+pub mod sshd;
 
 use anyhow::{Context, Result, bail};
 use rustix::process::{Pid, Signal};

@@ -15,7 +15,6 @@ use protocol::client::{ClientHello, ClientMsg};
 use protocol::pty::{PtyInput, PtyMsg, PtyOpenRequest};
 use protocol::stream::{ClientPtyOpen, StreamHeader, StreamReply};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -338,8 +337,7 @@ async fn ws_drain(ws: &mut Ws) -> Throughput {
 
 struct Sshd {
     child: std::process::Child,
-    port: u16,
-    dir: tempfile::TempDir,
+    ssh: harness::sshd::Ssh,
 }
 
 impl Drop for Sshd {
@@ -350,78 +348,25 @@ impl Drop for Sshd {
 }
 
 fn start_sshd() -> Option<Sshd> {
-    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())?;
-    let dir = tempfile::tempdir().ok()?;
-    let d = dir.path();
-    let keygen = |path: &Path| {
-        std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(path)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if !keygen(&d.join("host")) || !keygen(&d.join("client")) {
-        return None;
-    }
-    std::fs::copy(d.join("client.pub"), d.join("authorized_keys")).ok()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    std::fs::create_dir_all("/run/sshd").ok();
-    let config = format!(
-        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin yes\nPasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {}\n",
-        d.join("host").display(),
-        d.join("authorized_keys").display(),
-        d.join("sshd.pid").display()
-    );
-    std::fs::write(d.join("sshd_config"), config).ok()?;
-    let child = std::process::Command::new(sshd)
-        .args(["-D", "-e", "-f"])
-        .arg(d.join("sshd_config"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if start.elapsed() > Duration::from_secs(10) {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(Sshd { child, port, dir })
+    let ssh = harness::sshd::Ssh::prepare().ok()?;
+    let child = ssh.start_local().ok()?;
+    Some(Sshd { child, ssh })
 }
 
 fn ssh_command(sshd: &Sshd, remote: &str) -> tokio::process::Command {
-    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let mut cmd = tokio::process::Command::new("ssh");
-    cmd.args([
-        "-tt",
-        "-q",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-i",
-    ])
-    .arg(sshd.dir.path().join("client"))
-    .args([
-        "-p",
-        &sshd.port.to_string(),
-        &format!("{user}@127.0.0.1"),
-        remote,
-    ])
-    .stdin(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null())
-    .kill_on_drop(true);
+    cmd.args(["-tt", "-q"])
+        .args(sshd.ssh.client_options())
+        .args([
+            "-p",
+            &sshd.ssh.port.to_string(),
+            &format!("{}@127.0.0.1", harness::sshd::user()),
+            remote,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
     cmd
 }
 

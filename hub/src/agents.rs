@@ -176,6 +176,13 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Records use of the workspace seen by the hub (preview traffic), like terminal input.
+    pub fn note_use(&self, id: Uuid, now: i64) {
+        if let Some(c) = self.lock().get_mut(&id) {
+            c.info.last_input_at = c.info.last_input_at.max(Some(now));
+        }
+    }
+
     /// The workspace's listening ports (empty while its agent is not connected).
     pub fn ports(&self, id: Uuid) -> Ports {
         self.lock()
@@ -201,14 +208,20 @@ impl Registry {
                     .take(MAX_PORTS)
                     .map(|p| (p.port, p))
                     .collect();
-                Some(serde_json::json!({ "state": "all", "ports": ports.ports.values().collect::<Vec<_>>() }))
+                Some(
+                    serde_json::json!({ "state": "all", "ports": ports.ports.values().collect::<Vec<_>>() }),
+                )
             }
             ControlMsg::PortOpened(info) => {
                 let view = PortView::from_agent(info)?;
                 if !ports.ports.contains_key(&view.port) && ports.ports.len() >= MAX_PORTS {
                     return None;
                 }
-                let state = if ports.ports.contains_key(&view.port) { "updated" } else { "opened" };
+                let state = if ports.ports.contains_key(&view.port) {
+                    "updated"
+                } else {
+                    "opened"
+                };
                 ports.ports.insert(view.port, view.clone());
                 Some(serde_json::json!({ "state": state, "port": view }))
             }

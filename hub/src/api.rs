@@ -13,7 +13,7 @@ use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,24 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/events", get(workspace_events))
         .route("/preview/{id}", get(workspace_events))
         .route("/workspaces/{id}/ports", get(workspace_ports))
+        .route(
+            "/workspaces/{id}/ports/{port}/sharing",
+            get(crate::preview::get_sharing).put(crate::preview::set_sharing),
+        )
+        .route(
+            "/workspaces/{id}/ports/{port}/links",
+            post(crate::preview::create_link),
+        )
+        .route(
+            "/workspaces/{id}/ports/{port}/links/{link}",
+            axum::routing::delete(crate::preview::revoke_link),
+        )
+        .route("/preview/{id}/{port}", any(crate::preview::path_form))
+        .route("/preview/{id}/{port}/", any(crate::preview::path_form))
+        .route(
+            "/preview/{id}/{port}/{*rest}",
+            any(crate::preview::path_form),
+        )
         .route("/workspaces/{id}/keep-awake", post(keep_awake))
         .route("/workspaces/{id}/tickets", post(create_ticket))
         .route("/cleanup", post(cleanup))
@@ -60,6 +78,10 @@ pub fn app(hub: AppState) -> Router {
         .route("/terminal/{id}", get(crate::terminal::terminal))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            crate::preview::by_host,
+        ))
         .with_state(hub)
 }
 
@@ -161,6 +183,8 @@ pub struct ErrorDetail {
         healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
         create_token, list_tokens, revoke_token, create_ticket, workspace_ports,
+        crate::preview::get_sharing, crate::preview::set_sharing, crate::preview::create_link,
+        crate::preview::revoke_link,
         crate::device::start, crate::device::approve, crate::device::poll,
         crate::session::login, crate::session::callback, crate::session::once,
         crate::session::whoami, crate::session::logout
@@ -693,7 +717,9 @@ async fn workspace_events(
         status: None,
         reason: None,
         at: now_ms(),
-        detail: Some(json!({ "state": "all", "ports": hub.agents.ports(id).ports.values().collect::<Vec<_>>() })),
+        detail: Some(
+            json!({ "state": "all", "ports": hub.agents.ports(id).ports.values().collect::<Vec<_>>() }),
+        ),
     });
     // A change that lands between the subscription and the read arrives twice: once in
     // the first event and once from the channel. Repeats of the last sent state are dropped.

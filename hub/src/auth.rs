@@ -289,14 +289,25 @@ impl Tickets {
 
     /// A ticket for `owner` to open `purpose` on `workspace` until `now + TICKET_TTL_MS`.
     pub fn issue(&self, workspace: Uuid, owner: &str, purpose: Purpose, now: i64) -> (String, i64) {
+        self.issue_scoped(
+            &workspace.to_string(),
+            owner,
+            purpose.as_str(),
+            now + TICKET_TTL_MS,
+        )
+    }
+
+    /// A ticket for `owner` to use `purpose` on `scope` (`[0-9a-z:-]`) until `expires`.
+    pub fn issue_scoped(
+        &self,
+        scope: &str,
+        owner: &str,
+        purpose: &str,
+        expires: i64,
+    ) -> (String, i64) {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let expires = now + TICKET_TTL_MS;
-        let payload = format!(
-            "{workspace}.{}.{expires}.{}",
-            purpose.as_str(),
-            b64.encode(owner)
-        );
+        let payload = format!("{scope}.{purpose}.{expires}.{}", b64.encode(owner));
         let tag = aws_lc_rs::hmac::sign(&self.key, payload.as_bytes());
         (
             format!("wst_{payload}.{}", b64.encode(tag.as_ref())),
@@ -332,6 +343,17 @@ impl Tickets {
         purpose: Purpose,
         now: i64,
     ) -> Result<String, ApiError> {
+        self.verify_scoped(ticket, &workspace.to_string(), purpose.as_str(), now)
+    }
+
+    /// [`Tickets::verify`] for tickets from [`Tickets::issue_scoped`].
+    pub fn verify_scoped(
+        &self,
+        ticket: &str,
+        scope: &str,
+        purpose: &str,
+        now: i64,
+    ) -> Result<String, ApiError> {
         use base64::Engine;
         let bad = || ApiError::unauthorized("invalid or expired ticket");
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -350,7 +372,7 @@ impl Tickets {
             return Err(bad());
         };
         let exp: i64 = exp.parse().map_err(|_| bad())?;
-        if ws != workspace.to_string() || p != purpose.as_str() || exp <= now {
+        if ws != scope || p != purpose || exp <= now {
             return Err(bad());
         }
         String::from_utf8(b64.decode(owner).map_err(|_| bad())?).map_err(|_| bad())

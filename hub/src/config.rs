@@ -177,6 +177,15 @@ pub struct FileConfig {
     /// redirect goes there, and session cookies are `Secure` when it is https. Defaults
     /// to `http://` and the bound HTTP address.
     pub public_url: Option<String>,
+    /// Port previews are served at `<port>-<workspace>.<preview_domain>` (a wildcard DNS
+    /// name for the hub, with its port if not the default). Defaults to `localhost` (with
+    /// the hub's port) when the hub runs on a loopback address.
+    pub preview_domain: Option<String>,
+    /// How long a previewed server may take to answer a request.
+    #[serde(with = "humantime_serde")]
+    pub preview_timeout: Duration,
+    /// Whether preview traffic counts as use of the workspace for idle clean-up.
+    pub preview_is_activity: bool,
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
     /// Team mode: who may see and act on every workspace: subjects (`sub`), or
@@ -212,6 +221,9 @@ impl Default for FileConfig {
             cleanup_oidc: None,
             oidc: None,
             public_url: None,
+            preview_domain: None,
+            preview_timeout: Duration::from_secs(60),
+            preview_is_activity: true,
             store: StoreConfig::Sqlite,
             gce: Default::default(),
             admins: Vec::new(),
@@ -254,6 +266,9 @@ pub struct Config {
     pub cleanup_oidc: Option<SchedulerConfig>,
     pub oidc: Option<OidcConfig>,
     pub public_url: Option<String>,
+    pub preview_domain: Option<String>,
+    pub preview_timeout: Duration,
+    pub preview_is_activity: bool,
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
     pub admins: Vec<String>,
@@ -320,6 +335,21 @@ impl Config {
                 "public_url must be an http(s) origin without a path, like https://hub.example.com"
             );
         }
+        if let Some(domain) = &file.preview_domain {
+            let (host, port) = domain.rsplit_once(':').unwrap_or((domain, "443"));
+            ensure!(
+                !host.is_empty()
+                    && host.split('.').all(|l| !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                    && port.parse::<u16>().is_ok(),
+                "preview_domain must be a host name with an optional :port, like preview.example.com"
+            );
+        }
+        ensure!(
+            file.preview_timeout >= Duration::from_millis(100),
+            "preview_timeout must be at least 100ms"
+        );
         if let Some(token) = &file.cleanup_token {
             ensure!(
                 token.expose().len() >= 16,
@@ -365,6 +395,9 @@ impl Config {
             cleanup_oidc: file.cleanup_oidc,
             oidc: file.oidc,
             public_url: file.public_url.map(|u| u.trim_end_matches('/').to_owned()),
+            preview_domain: file.preview_domain,
+            preview_timeout: file.preview_timeout,
+            preview_is_activity: file.preview_is_activity,
             store: file.store,
             gce: file.gce,
             admins: file.admins,

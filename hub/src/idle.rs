@@ -189,6 +189,7 @@ mod tests {
                 max_lifetime: Duration::from_secs(7 * 24 * 3600),
             },
             metadata: Metadata::default(),
+            sharing: Default::default(),
         }
     }
 

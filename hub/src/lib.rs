@@ -20,6 +20,7 @@ pub mod fsutil;
 pub mod idle;
 pub mod lifecycle;
 pub mod oidc;
+pub mod preview;
 pub mod provider;
 pub mod reconcile;
 pub mod session;

@@ -190,6 +190,7 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
         keep_awake_until: None,
         idle,
         metadata: req.metadata,
+        sharing: Default::default(),
     };
     match hub.store.insert_workspace(&ws).await {
         Ok(()) => {}

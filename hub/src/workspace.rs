@@ -97,6 +97,106 @@ pub struct Workspace {
     /// The idle clean-up policy chosen at create time.
     pub idle: IdlePolicy,
     pub metadata: Metadata,
+    /// Who besides the owner may open the workspace's port previews.
+    #[serde(default)]
+    pub sharing: Sharing,
+}
+
+/// Who may open a port's preview.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    /// The owner (and admins).
+    #[default]
+    Private,
+    /// Anyone signed in to the hub.
+    Authenticated,
+    /// Anyone with the URL.
+    Public,
+}
+
+/// A port shared beyond its owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PortShare {
+    pub port: u16,
+    pub visibility: Visibility,
+}
+
+/// An expiring, revocable link to one port's preview; only its secret's hash is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShareLink {
+    pub id: String,
+    pub port: u16,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub secret_hash: String,
+    /// Unix milliseconds.
+    pub expires_at: i64,
+}
+
+/// A workspace's preview sharing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Sharing {
+    #[serde(default)]
+    pub ports: Vec<PortShare>,
+    #[serde(default)]
+    pub links: Vec<ShareLink>,
+}
+
+/// At most this many share links per workspace.
+pub const MAX_SHARE_LINKS: usize = 100;
+
+/// A change to [`Sharing`], applied by the store inside its conditional write.
+#[derive(Debug, Clone)]
+pub enum SharingChange {
+    Visibility(u16, Visibility),
+    AddLink(ShareLink),
+    RemoveLink(String),
+}
+
+impl Sharing {
+    pub fn visibility(&self, port: u16) -> Visibility {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.visibility)
+            .unwrap_or_default()
+    }
+
+    /// Applies a change; expired links are dropped on the way. Removing an unknown link
+    /// is an error (`NotFound`).
+    pub fn apply(
+        &mut self,
+        change: &SharingChange,
+        now: i64,
+    ) -> Result<(), crate::store::StoreError> {
+        self.links.retain(|l| l.expires_at > now);
+        match change {
+            SharingChange::Visibility(port, v) => {
+                self.ports.retain(|p| p.port != *port);
+                if *v != Visibility::Private {
+                    self.ports.push(PortShare {
+                        port: *port,
+                        visibility: *v,
+                    });
+                    self.ports.sort_by_key(|p| p.port);
+                }
+            }
+            SharingChange::AddLink(link) => {
+                if self.links.len() >= MAX_SHARE_LINKS {
+                    self.links.remove(0);
+                }
+                self.links.push(link.clone());
+            }
+            SharingChange::RemoveLink(id) => {
+                let before = self.links.len();
+                self.links.retain(|l| &l.id != id);
+                if self.links.len() == before {
+                    return Err(crate::store::StoreError::NotFound);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -138,6 +138,8 @@ async fn body_for(hub: &TestHub, method: &str, path: &str) -> Option<Value> {
         ("post", "/tokens") => Some(json!({"name": "matrix"})),
         ("post", "/workspaces/{id}/tickets") => Some(json!({"purpose": "terminal"})),
         ("post", "/workspaces/{id}/keep-awake") => Some(json!({"seconds": 60})),
+        ("put", "/workspaces/{id}/ports/{port}/sharing") => Some(json!({"visibility": "public"})),
+        ("post", "/workspaces/{id}/ports/{port}/links") => Some(json!({})),
         ("post", "/login/device/token") => Some(json!({"device_code": "unknown"})),
         ("post", "/login/device/approve") => {
             let (_, code) = hub.api("POST", "/login/device", None).await.unwrap();
@@ -173,7 +175,19 @@ async fn every_route_answers_each_kind_of_caller_as_the_matrix_says() {
                 } else {
                     ws_id.clone()
                 };
-                let url = hub.url(&path.replace("{id}", &target));
+                let mut concrete = path.replace("{id}", &target).replace("{port}", "3000");
+                if path.contains("{link}") {
+                    let (_, link) = hub
+                        .api(
+                            "POST",
+                            &format!("/workspaces/{ws_id}/ports/3000/links"),
+                            Some(json!({})),
+                        )
+                        .await
+                        .unwrap();
+                    concrete = concrete.replace("{link}", link["id"].as_str().unwrap());
+                }
+                let url = hub.url(&concrete);
                 let mut req = http.request(method.to_uppercase().parse().unwrap(), &url);
                 if let Some(token) = callers.token(&hub, who) {
                     req = req.bearer_auth(token);

@@ -75,6 +75,9 @@ impl Events {
         let mut seen = Vec::new();
         loop {
             let (name, data) = self.next().await;
+            if name != "status" && name != "deleted" {
+                continue; // port and checkout events
+            }
             let s = if name == "deleted" {
                 "deleted".to_owned()
             } else {

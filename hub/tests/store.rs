@@ -30,6 +30,7 @@ fn workspace(owner: &str, created_at: i64) -> Workspace {
             branch: Some("main".into()),
             device_id: None,
         },
+        sharing: Default::default(),
     }
 }
 
@@ -162,6 +163,58 @@ async fn conformance(store: Arc<dyn Store>) {
         store.set_keep_awake(Uuid::new_v4(), Some(1)).await,
         Err(StoreError::NotFound)
     ));
+
+    // Preview sharing: visibility per port, links that expire and can be revoked.
+    use hub::workspace::{ShareLink, SharingChange, Visibility};
+    let link = |id: &str, expires_at| ShareLink {
+        id: id.into(),
+        port: 3000,
+        secret_hash: format!("hash-{id}"),
+        expires_at,
+    };
+    store
+        .update_sharing(
+            a2.id,
+            SharingChange::Visibility(3000, Visibility::Public),
+            0,
+        )
+        .await
+        .unwrap();
+    store
+        .update_sharing(a2.id, SharingChange::AddLink(link("l1", 5_000)), 0)
+        .await
+        .unwrap();
+    let ws = store
+        .update_sharing(a2.id, SharingChange::AddLink(link("l2", 9_000)), 0)
+        .await
+        .unwrap();
+    assert_eq!(ws.sharing.visibility(3000), Visibility::Public);
+    assert_eq!(ws.sharing.visibility(3001), Visibility::Private);
+    assert_eq!(ws.sharing.links.len(), 2);
+    // Reads see it; an expired link is dropped by the next change.
+    let read = store.get_workspace(a2.id).await.unwrap();
+    assert_eq!(read.sharing, ws.sharing);
+    let ws = store
+        .update_sharing(
+            a2.id,
+            SharingChange::Visibility(3000, Visibility::Private),
+            6_000,
+        )
+        .await
+        .unwrap();
+    assert!(ws.sharing.ports.is_empty());
+    assert_eq!(ws.sharing.links, vec![link("l2", 9_000)]);
+    assert!(matches!(
+        store
+            .update_sharing(a2.id, SharingChange::RemoveLink("l1".into()), 6_000)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    let ws = store
+        .update_sharing(a2.id, SharingChange::RemoveLink("l2".into()), 6_000)
+        .await
+        .unwrap();
+    assert!(ws.sharing.links.is_empty());
 
     // Deleting: only from DELETING, and the record is gone afterwards.
     let doomed = workspace("erin", 4_000);

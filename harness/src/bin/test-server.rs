@@ -21,13 +21,17 @@ async fn main() -> anyhow::Result<()> {
         .route("/count", post(count))
         .route("/stream", get(stream))
         .route("/ws", get(ws))
-        .route("/hang", get(|| std::future::pending::<&'static str>()));
+        .route("/hang", get(std::future::pending::<&'static str>));
     let listener = tokio::net::TcpListener::bind((bind.as_str(), port)).await?;
     axum::serve(listener, app).await?;
     Ok(())
 }
 
-async fn echo(method: axum::http::Method, uri: Uri, headers: HeaderMap) -> axum::Json<serde_json::Value> {
+async fn echo(
+    method: axum::http::Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> axum::Json<serde_json::Value> {
     let headers: serde_json::Map<String, serde_json::Value> = headers
         .iter()
         .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or_default())))
@@ -50,7 +54,10 @@ async fn stream() -> Response {
             return None;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        Some((Ok::<_, std::io::Error>(format!("data: tick {i}\n\n")), i + 1))
+        Some((
+            Ok::<_, std::io::Error>(format!("data: tick {i}\n\n")),
+            i + 1,
+        ))
     });
     Response::builder()
         .header("content-type", "text/event-stream")

@@ -324,6 +324,19 @@ impl Store for FirestoreStore {
         .await
     }
 
+    async fn update_sharing(
+        &self,
+        id: Uuid,
+        change: crate::workspace::SharingChange,
+        now: i64,
+    ) -> Result<Workspace, StoreError> {
+        self.modify_workspace(id, |mut ws| {
+            ws.sharing.apply(&change, now)?;
+            Ok(Change::Write(ws.clone(), ws))
+        })
+        .await
+    }
+
     async fn delete_workspace(&self, id: Uuid) -> Result<(), StoreError> {
         let ws = self.get_workspace(id).await?;
         if ws.status != Status::Deleting {

@@ -101,6 +101,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Sets (or, with `None`, clears) the keep-awake lease.
     async fn set_keep_awake(&self, id: Uuid, until: Option<i64>) -> Result<Workspace, StoreError>;
+    /// Changes a workspace's preview sharing atomically (read, apply, conditional write).
+    async fn update_sharing(
+        &self,
+        id: Uuid,
+        change: crate::workspace::SharingChange,
+        now: i64,
+    ) -> Result<Workspace, StoreError>;
     /// Removes the record; only a workspace in `DELETING` may go (else `Conflict`).
     async fn delete_workspace(&self, id: Uuid) -> Result<(), StoreError>;
 

@@ -107,10 +107,11 @@ impl SqliteStore {
 }
 
 /// Columns added after the first schema, with their types; added to older files on open.
-const ADDED_COLUMNS: [(&str, &str); 3] = [
+const ADDED_COLUMNS: [(&str, &str); 4] = [
     ("last_active_at", "INTEGER"),
     ("keep_awake_until", "INTEGER"),
     ("idle", "TEXT NOT NULL DEFAULT '{}'"),
+    ("sharing", "TEXT NOT NULL DEFAULT '{}'"),
 ];
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -145,7 +146,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 
 const WS_COLUMNS: &str = "id, owner_id, instance_name, zone, image_tag, machine_type, status, \
     status_reason, created_at, updated_at, last_connected_at, metadata, last_active_at, \
-    keep_awake_until, idle";
+    keep_awake_until, idle, sharing";
 
 fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
     let conv = |i: usize, e: String| {
@@ -155,6 +156,7 @@ fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
     let status: String = row.get(6)?;
     let metadata: String = row.get(11)?;
     let idle: String = row.get(14)?;
+    let sharing: String = row.get(15)?;
     Ok(Workspace {
         id: Uuid::parse_str(&id).map_err(|e| conv(0, e.to_string()))?,
         owner_id: row.get(1)?,
@@ -172,6 +174,7 @@ fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
         last_active_at: row.get(12)?,
         keep_awake_until: row.get(13)?,
         idle: serde_json::from_str::<IdlePolicy>(&idle).map_err(|e| conv(14, e.to_string()))?,
+        sharing: serde_json::from_str(&sharing).map_err(|e| conv(15, e.to_string()))?,
     })
 }
 
@@ -193,8 +196,9 @@ impl Store for SqliteStore {
         self.with(move |conn| {
             let metadata = serde_json::to_string(&ws.metadata).map_err(backend)?;
             let idle = serde_json::to_string(&ws.idle).map_err(backend)?;
+            let sharing = serde_json::to_string(&ws.sharing).map_err(backend)?;
             let res = conn.execute(
-                &format!("INSERT INTO workspaces ({WS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+                &format!("INSERT INTO workspaces ({WS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
                 params![
                     ws.id.to_string(),
                     ws.owner_id,
@@ -211,6 +215,7 @@ impl Store for SqliteStore {
                     ws.last_active_at,
                     ws.keep_awake_until,
                     idle,
+                    sharing,
                 ],
             );
             match res {
@@ -330,6 +335,32 @@ impl Store for SqliteStore {
                 return Err(StoreError::NotFound);
             }
             let ws = get_ws(&tx, id)?;
+            tx.commit().map_err(backend)?;
+            Ok(ws)
+        })
+        .await
+    }
+
+    async fn update_sharing(
+        &self,
+        id: Uuid,
+        change: crate::workspace::SharingChange,
+        now: i64,
+    ) -> Result<Workspace, StoreError> {
+        self.with(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let mut ws = get_ws(&tx, id)?;
+            ws.sharing.apply(&change, now)?;
+            tx.execute(
+                "UPDATE workspaces SET sharing = ?2 WHERE id = ?1",
+                params![
+                    id.to_string(),
+                    serde_json::to_string(&ws.sharing).map_err(backend)?
+                ],
+            )
+            .map_err(backend)?;
             tx.commit().map_err(backend)?;
             Ok(ws)
         })

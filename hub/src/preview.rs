@@ -1,0 +1,712 @@
+//! Port previews: an HTTP reverse proxy to a port inside a workspace, over a QUIC stream to
+//! its agent (a `TcpForward` stream per request; the agent connects on loopback).
+//!
+//! Two forms:
+//! - `/preview/:id/:port/...` on the hub's origin. API clients send a bearer token and are
+//!   proxied there. Browsers are sent on to the subdomain form with a one-minute entry
+//!   ticket: the workspace's pages must never run on the hub's origin, where they could
+//!   use the user's hub session.
+//! - `<port>-<id>.<preview domain>` (default `localhost` when the hub is on loopback, which
+//!   browsers resolve to 127.0.0.1). `/__wsh/auth?ticket=` trades an entry ticket for a
+//!   host-only `wsh_preview` cookie (12 h), whose grounds (owner, admin, signed-in user of
+//!   an `authenticated` port, share link) are checked again on every request.
+//!
+//! Requests and responses stream both ways, WebSocket upgrades are spliced, hop-by-hop
+//! headers are dropped, `X-Forwarded-*` is set, and the hub's own credentials (its cookies,
+//! the bearer token) never reach the workspace.
+
+use crate::api::ApiError;
+use crate::auth::{SESSION_COOKIE, bearer, cookie};
+use crate::workspace::{ShareLink, SharingChange, Visibility, Workspace, now_ms};
+use crate::{AppState, Hub};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use link::{FramedRecv, send_msg};
+use protocol::stream::{StreamHeader, StreamReply, TcpForwardOpen};
+use std::net::SocketAddr;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub const PREVIEW_COOKIE: &str = "wsh_preview";
+/// How long a preview cookie lasts.
+const COOKIE_TTL_MS: i64 = 12 * 3600 * 1000;
+/// How long the agent may take to connect to the port.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn scope(id: Uuid, port: u16) -> String {
+    format!("{id}:{port}")
+}
+
+/// The preview domain: configured, or `localhost` for a hub on a loopback address.
+fn preview_domain(hub: &Hub) -> Option<String> {
+    if let Some(d) = &hub.config.preview_domain {
+        return Some(d.clone());
+    }
+    let url = url::Url::parse(&hub.public_url).ok()?;
+    let loopback = match url.host()? {
+        url::Host::Domain(d) => d == "localhost",
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    };
+    loopback.then(|| match url.port() {
+        Some(p) => format!("localhost:{p}"),
+        None => "localhost".into(),
+    })
+}
+
+/// Where a port's preview is served (the subdomain form's origin).
+pub fn origin(hub: &Hub, id: Uuid, port: u16) -> Option<String> {
+    let scheme = if hub.public_url.starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
+    Some(format!("{scheme}://{port}-{id}.{}", preview_domain(hub)?))
+}
+
+/// The workspace and port a `Host` names, if it is a preview host.
+fn target(hub: &Hub, host: &str) -> Option<(Uuid, u16)> {
+    let domain = preview_domain(hub)?;
+    let label = host
+        .to_ascii_lowercase()
+        .strip_suffix(&domain.to_ascii_lowercase())?
+        .strip_suffix('.')?
+        .to_owned();
+    let (port, id) = label.split_once('-')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    Some((Uuid::parse_str(id).ok()?, port))
+}
+
+fn port_param(s: &str) -> Result<u16, ApiError> {
+    s.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ApiError::invalid("port must be 1 to 65535"))
+}
+
+/// Why someone may open a preview; kept in the preview cookie and checked on every request.
+fn grounds_hold(hub: &Hub, ws: &Workspace, port: u16, grounds: &str) -> bool {
+    let now = now_ms();
+    match grounds.split_once(':') {
+        Some(("owner", sub)) => sub == ws.owner_id,
+        Some(("admin", sub)) => hub.config.admins.iter().any(|a| a == sub) || sub == ws.owner_id,
+        Some(("user", _)) => ws.sharing.visibility(port) != Visibility::Private,
+        Some(("link", id)) => ws
+            .sharing
+            .links
+            .iter()
+            .any(|l| l.id == id && l.port == port && l.expires_at > now),
+        _ => false,
+    }
+}
+
+/// Middleware: requests for a preview host go to the preview, everything else on.
+pub async fn by_host(State(hub): State<AppState>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| target(&hub, h));
+    match host {
+        Some((id, port)) => subdomain(hub, id, port, req)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        None => next.run(req).await,
+    }
+}
+
+fn query_param(req: &Request, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+async fn subdomain(hub: AppState, id: Uuid, port: u16, req: Request) -> Result<Response, ApiError> {
+    let now = now_ms();
+    if req.uri().path() == "/__wsh/auth" {
+        let ticket = query_param(&req, "ticket").unwrap_or_default();
+        let grounds = hub
+            .tickets
+            .verify_scoped(&ticket, &scope(id, port), "preview-entry", now)?;
+        let next = query_param(&req, "next")
+            .filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
+            .unwrap_or_else(|| "/".into());
+        let (long, _) =
+            hub.tickets
+                .issue_scoped(&scope(id, port), &grounds, "preview", now + COOKIE_TTL_MS);
+        let secure = if hub.public_url.starts_with("https://") {
+            "; Secure"
+        } else {
+            ""
+        };
+        let cookie = format!(
+            "{PREVIEW_COOKIE}={long}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+            COOKIE_TTL_MS / 1000
+        );
+        let mut res = StatusCode::SEE_OTHER.into_response();
+        res.headers_mut().insert(
+            header::LOCATION,
+            HeaderValue::from_str(&next).map_err(|_| ApiError::invalid("bad next"))?,
+        );
+        res.headers_mut().insert(
+            header::SET_COOKIE,
+            HeaderValue::from_str(&cookie).map_err(|e| ApiError::internal("cookie", e))?,
+        );
+        return Ok(res);
+    }
+    let ws = hub.store.get_workspace(id).await?;
+    let allowed = ws.sharing.visibility(port) == Visibility::Public
+        || cookie(req.headers(), PREVIEW_COOKIE)
+            .and_then(|c| {
+                hub.tickets
+                    .verify_scoped(c, &scope(id, port), "preview", now)
+                    .ok()
+            })
+            .is_some_and(|grounds| grounds_hold(&hub, &ws, port, &grounds));
+    if !allowed {
+        // A browser without a preview cookie goes through the hub to get one.
+        let wants_html = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"));
+        if req.method() == Method::GET && wants_html {
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let to = format!("{}/preview/{id}/{port}{path}", hub.public_url);
+            return Ok(redirect(&to));
+        }
+        return Err(ApiError::unauthorized(
+            "open the preview through the hub to sign in",
+        ));
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    proxy(&hub, &ws, port, req, path, None).await
+}
+
+fn redirect(to: &str) -> Response {
+    let mut res = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res
+}
+
+/// `/preview/:id/:port` and `/preview/:id/:port/*rest`.
+pub async fn path_form(
+    State(hub): State<AppState>,
+    Path(params): Path<Vec<(String, String)>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let id = Uuid::parse_str(param("id").unwrap_or_default())
+        .map_err(|_| ApiError::not_found("workspace"))?;
+    let port = port_param(param("port").unwrap_or_default())?;
+    let prefix = format!("/preview/{id}/{port}");
+    let rest = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .strip_prefix(&prefix)
+        .unwrap_or("/")
+        .to_owned();
+    let rest = if rest.starts_with('/') {
+        rest
+    } else {
+        format!("/{rest}")
+    };
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+
+    // API clients: a bearer token, proxied right here.
+    if let Some(token) = bearer(req.headers()) {
+        let caller = crate::auth::authenticate(&hub, token, peer).await?;
+        let ws = hub.store.get_workspace(id).await?;
+        let ws = match caller.authorize(ws.clone()) {
+            Ok(ws) => ws,
+            Err(e) if ws.sharing.visibility(port) == Visibility::Private => return Err(e),
+            Err(_) => ws,
+        };
+        return proxy(&hub, &ws, port, req, rest, Some(prefix)).await;
+    }
+
+    // Browsers: decide on what grounds, then on to the preview's own origin.
+    let ws = hub.store.get_workspace(id).await?;
+    let origin = origin(&hub, id, port).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "preview_domain_not_configured",
+            "browser previews need preview_domain in the hub config",
+        )
+    })?;
+    let visibility = ws.sharing.visibility(port);
+    let grounds = if let Some(secret) = query_param(&req, "share") {
+        let hash = crate::agents::token_hash(&secret);
+        let link = ws
+            .sharing
+            .links
+            .iter()
+            .find(|l| l.secret_hash == hash && l.port == port && l.expires_at > now_ms())
+            .ok_or_else(|| {
+                ApiError::unauthorized("this share link is unknown, revoked or expired")
+            })?;
+        format!("link:{}", link.id)
+    } else if visibility == Visibility::Public {
+        return Ok(redirect(&format!("{origin}{rest}")));
+    } else {
+        let session = cookie(req.headers(), SESSION_COOKIE)
+            .ok_or_else(|| ApiError::unauthorized("sign in to open this preview"))?;
+        let caller = crate::auth::authenticate(&hub, session, peer).await?;
+        match caller.authorize(ws.clone()) {
+            Ok(_) if caller.owner_id == ws.owner_id => format!("owner:{}", caller.owner_id),
+            Ok(_) => format!("admin:{}", caller.owner_id),
+            Err(_) if visibility == Visibility::Authenticated => {
+                format!("user:{}", caller.owner_id)
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let (ticket, _) = hub.tickets.issue_scoped(
+        &scope(id, port),
+        &grounds,
+        "preview-entry",
+        now_ms() + crate::auth::TICKET_TTL_MS,
+    );
+    let next = rest
+        .split_once('?')
+        .map(|(path, query)| {
+            let kept: Vec<_> = url::form_urlencoded::parse(query.as_bytes())
+                .filter(|(k, _)| k != "share")
+                .collect();
+            if kept.is_empty() {
+                path.to_owned()
+            } else {
+                let q = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(kept)
+                    .finish();
+                format!("{path}?{q}")
+            }
+        })
+        .unwrap_or(rest);
+    let to = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("ticket", &ticket)
+        .append_pair("next", &next)
+        .finish();
+    Ok(redirect(&format!("{origin}/__wsh/auth?{to}")))
+}
+
+/// Drops hop-by-hop headers (and those `Connection` names); returns the `Upgrade` value
+/// if the message asked to upgrade.
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let upgrade = listed
+        .contains(&header::UPGRADE)
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+    upgrade
+}
+
+/// Removes the hub's own cookies from a request bound for the workspace.
+fn strip_hub_cookies(headers: &mut HeaderMap) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            !name.is_empty() && !name.starts_with("wsh_")
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+fn bad_gateway(code: &'static str, message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, code, message)
+}
+
+/// Proxies one request to `port` of the workspace.
+async fn proxy(
+    hub: &Hub,
+    ws: &Workspace,
+    port: u16,
+    mut req: Request,
+    path_and_query: String,
+    prefix: Option<String>,
+) -> Result<Response, ApiError> {
+    let agent = hub.agents.connection(ws.id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "agent_offline",
+            "the workspace's agent is not connected",
+        )
+    })?;
+    if hub.config.preview_is_activity {
+        hub.agents.note_use(ws.id, now_ms());
+    }
+    // Ask the agent for the port.
+    let (mut send, recv) = agent
+        .open_bi()
+        .await
+        .map_err(|e| bad_gateway("agent_unreachable", e.to_string()))?;
+    send_msg(
+        &mut send,
+        &StreamHeader::TcpForward(TcpForwardOpen { port }),
+    )
+    .await
+    .map_err(|e| bad_gateway("agent_unreachable", e.to_string()))?;
+    let mut recv = FramedRecv::with_limit(recv, crate::agents::CONTROL_FRAME_LIMIT);
+    match tokio::time::timeout(REPLY_TIMEOUT, recv.expect::<StreamReply>()).await {
+        Ok(Ok(StreamReply::Accepted(_))) => {}
+        Ok(Ok(StreamReply::Refused(r))) => {
+            return Err(bad_gateway(
+                "port_unreachable",
+                format!("nothing answers on port {port}: {}", r.message),
+            ));
+        }
+        Ok(Err(e)) => return Err(bad_gateway("agent_unreachable", e.to_string())),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "preview_timeout",
+                "the agent did not reach the port in time",
+            ));
+        }
+    }
+    let (recv, mut decoder) = recv.into_parts();
+    let early = std::io::Cursor::new(decoder.take_buffered());
+    let io = tokio::io::join(tokio::io::AsyncReadExt::chain(early, recv), send);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| bad_gateway("port_unreachable", e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "preview connection ended");
+        }
+    });
+
+    // The request as the workspace's server should see it.
+    let client_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let original_host = req.headers().get(header::HOST).cloned();
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let (mut parts, body) = req.into_parts();
+    let upgrade = strip_hop_by_hop(&mut parts.headers);
+    strip_hub_cookies(&mut parts.headers);
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.uri = path_and_query
+        .parse()
+        .map_err(|_| ApiError::invalid("bad path"))?;
+    parts.version = axum::http::Version::HTTP_11;
+    let headers = &mut parts.headers;
+    if let Ok(v) = HeaderValue::from_str(&format!("localhost:{port}")) {
+        headers.insert(header::HOST, v);
+    }
+    if let Some(host) = original_host {
+        headers.insert("x-forwarded-host", host);
+    }
+    let proto = if hub.public_url.starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if let Some(ip) = peer {
+        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(before) => format!("{before}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&chain) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    if let Some(prefix) = prefix
+        && let Ok(v) = HeaderValue::from_str(&prefix)
+    {
+        headers.insert("x-forwarded-prefix", v);
+    }
+    if let Some(upgrade) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade.clone());
+    }
+    let request = hyper::Request::from_parts(parts, body);
+    let mut response =
+        tokio::time::timeout(hub.config.preview_timeout, sender.send_request(request))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "preview_timeout",
+                    format!("port {port} sent no response in time"),
+                )
+            })?
+            .map_err(|e| bad_gateway("bad_response", format!("port {port}: {e}")))?;
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // WebSocket (or another upgrade): splice the two upgraded connections.
+        let Some(client) = client_upgrade else {
+            return Err(bad_gateway(
+                "bad_response",
+                "the server switched protocols unasked".into(),
+            ));
+        };
+        let server = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(server)) = (client.await, server.await) {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut server = hyper_util::rt::TokioIo::new(server);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+        let (parts, _) = response.into_parts();
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The body of `PUT /workspaces/:id/ports/:port/sharing`.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSharing {
+    pub visibility: Visibility,
+}
+
+/// A port's preview sharing, as the API shows it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct PortSharing {
+    pub port: u16,
+    pub visibility: Visibility,
+    /// Where the preview is served to browsers (`null` without a preview domain).
+    pub url: Option<String>,
+    /// Share links of this port (their secrets are shown only once, at creation).
+    pub links: Vec<ShareLinkView>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ShareLinkView {
+    pub id: String,
+    pub expires_at: String,
+    /// Only in the answer that created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+fn sharing_view(hub: &Hub, ws: &Workspace, port: u16) -> PortSharing {
+    let now = now_ms();
+    PortSharing {
+        port,
+        visibility: ws.sharing.visibility(port),
+        url: origin(hub, ws.id, port).map(|o| format!("{o}/")),
+        links: ws
+            .sharing
+            .links
+            .iter()
+            .filter(|l| l.port == port && l.expires_at > now)
+            .map(|l| ShareLinkView {
+                id: l.id.clone(),
+                expires_at: crate::api::rfc3339(l.expires_at),
+                url: None,
+            })
+            .collect(),
+    }
+}
+
+async fn owned_port(
+    hub: &Hub,
+    caller: &crate::auth::Caller,
+    id: &str,
+    port: &str,
+) -> Result<(Workspace, u16), ApiError> {
+    let id = Uuid::parse_str(id).map_err(|_| ApiError::not_found("workspace"))?;
+    let ws = caller.authorize(hub.store.get_workspace(id).await?)?;
+    Ok((ws, port_param(port)?))
+}
+
+#[utoipa::path(get, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), responses((status = 200, description = "Who may open the port's preview", body = PortSharing), (status = 400, description = "Bad port", body = crate::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::api::ErrorBody)))]
+pub async fn get_sharing(
+    State(hub): State<AppState>,
+    caller: crate::auth::Caller,
+    Path((id, port)): Path<(String, String)>,
+) -> Result<axum::Json<PortSharing>, ApiError> {
+    let (ws, port) = owned_port(&hub, &caller, &id, &port).await?;
+    Ok(axum::Json(sharing_view(&hub, &ws, port)))
+}
+
+#[utoipa::path(put, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), request_body = SetSharing, responses((status = 200, description = "Updated", body = PortSharing), (status = 400, description = "Bad port or body", body = crate::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::api::ErrorBody)))]
+pub async fn set_sharing(
+    State(hub): State<AppState>,
+    caller: crate::auth::Caller,
+    Path((id, port)): Path<(String, String)>,
+    crate::api::ValidJson(req): crate::api::ValidJson<SetSharing>,
+) -> Result<axum::Json<PortSharing>, ApiError> {
+    let (ws, port) = owned_port(&hub, &caller, &id, &port).await?;
+    let ws = hub
+        .store
+        .update_sharing(
+            ws.id,
+            SharingChange::Visibility(port, req.visibility),
+            now_ms(),
+        )
+        .await?;
+    tracing::info!(workspace = %ws.id, port, visibility = ?req.visibility, "port sharing changed");
+    Ok(axum::Json(sharing_view(&hub, &ws, port)))
+}
+
+/// The body of `POST /workspaces/:id/ports/:port/links`.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateLink {
+    /// 60 s to 30 days; default 24 h.
+    pub expires_in_secs: Option<u64>,
+}
+
+#[utoipa::path(post, path = "/workspaces/{id}/ports/{port}/links", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), request_body = CreateLink, responses((status = 201, description = "A share link (its URL is shown only now)", body = ShareLinkView), (status = 400, description = "Bad port or body", body = crate::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::api::ErrorBody)))]
+pub async fn create_link(
+    State(hub): State<AppState>,
+    caller: crate::auth::Caller,
+    Path((id, port)): Path<(String, String)>,
+    crate::api::ValidJson(req): crate::api::ValidJson<CreateLink>,
+) -> Result<(StatusCode, axum::Json<ShareLinkView>), ApiError> {
+    let (ws, port) = owned_port(&hub, &caller, &id, &port).await?;
+    let secs = req.expires_in_secs.unwrap_or(24 * 3600);
+    if !(60..=30 * 24 * 3600).contains(&secs) {
+        return Err(ApiError::invalid(
+            "expires_in_secs must be between 60 and 2592000",
+        ));
+    }
+    let secret = format!("wsl_{}", crate::ca::hex(&crate::ca::random_bytes::<24>()));
+    let link = ShareLink {
+        id: crate::ca::hex(&crate::ca::random_bytes::<8>()),
+        port,
+        secret_hash: crate::agents::token_hash(&secret),
+        expires_at: now_ms() + secs as i64 * 1000,
+    };
+    hub.store
+        .update_sharing(ws.id, SharingChange::AddLink(link.clone()), now_ms())
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(ShareLinkView {
+            id: link.id,
+            expires_at: crate::api::rfc3339(link.expires_at),
+            url: Some(format!(
+                "{}/preview/{}/{port}/?share={secret}",
+                hub.public_url, ws.id
+            )),
+        }),
+    ))
+}
+
+#[utoipa::path(delete, path = "/workspaces/{id}/ports/{port}/links/{link}", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port"), ("link" = String, Path, description = "Share link id")), responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such workspace or link", body = crate::api::ErrorBody)))]
+pub async fn revoke_link(
+    State(hub): State<AppState>,
+    caller: crate::auth::Caller,
+    Path((id, port, link)): Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (ws, port) = owned_port(&hub, &caller, &id, &port).await?;
+    if !ws
+        .sharing
+        .links
+        .iter()
+        .any(|l| l.id == link && l.port == port)
+    {
+        return Err(ApiError::not_found("share link"));
+    }
+    hub.store
+        .update_sharing(ws.id, SharingChange::RemoveLink(link), now_ms())
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound => ApiError::not_found("share link"),
+            e => e.into(),
+        })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_hub_cookies_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            "keep-alive, x-private, Upgrade".parse().unwrap(),
+        );
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("accept", "text/html".parse().unwrap());
+        let upgrade = strip_hop_by_hop(&mut h);
+        assert_eq!(upgrade.unwrap(), "websocket");
+        assert!(h.get("x-private").is_none() && h.get("te").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h["accept"], "text/html");
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            "cookie",
+            "wsh_session=s; app=1; wsh_preview=p; theme=dark"
+                .parse()
+                .unwrap(),
+        );
+        strip_hub_cookies(&mut h);
+        assert_eq!(h["cookie"], "app=1; theme=dark");
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "wsh_session=s".parse().unwrap());
+        strip_hub_cookies(&mut h);
+        assert!(h.get("cookie").is_none());
+    }
+}
