@@ -79,3 +79,30 @@ test('a network blip (the hub restarts) reconnects by itself and loses no output
   assert.deepEqual(ticks, Array.from({ length: 12 }, (_, i) => `tick${i + 1}`), 'every line once, in order');
   assert.deepEqual(errors, []);
 });
+
+test('a server started in the terminal shows up as a port with a working preview, and goes away', async () => {
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', e => errors.push(e.message));
+  await page.goto(`http://${listening.http}/`);
+  await page.locator('tbody#list tr button.open-terminal').first().click();
+  await waitFor('connected', async () => (await page.locator('#terminal-status').innerText()) === 'connected');
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  await runInTerminal(page, `${bin('test-server')} ${port} & echo started-$((1+1))`, 'started-2');
+
+  const row = page.locator(`#ports tr[data-port="${port}"]`);
+  await row.waitFor({ timeout: 20000 });
+  assert.match(await row.innerText(), /test-server/);
+  const link = row.locator('a.preview');
+  await link.waitFor({ timeout: 20000 });
+  const [preview] = await Promise.all([context.waitForEvent('page'), link.click()]);
+  await preview.waitForLoadState();
+  await waitFor('preview content', async () => (await preview.content()).includes('hello from test-server'));
+  const host = new URL(preview.url()).host;
+  assert.ok(host.startsWith(`${port}-`) && host.includes('.localhost:'), `preview on its own origin: ${host}`);
+  await preview.close();
+
+  await runInTerminal(page, 'kill %1; echo stopped-$((2+2))', 'stopped-4');
+  await waitFor('port gone', async () => (await row.count()) === 0);
+  assert.deepEqual(errors, []);
+});
