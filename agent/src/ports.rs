@@ -49,12 +49,22 @@ pub struct Listener {
 }
 
 /// Where listening sockets come from.
-enum Dumper {
+pub enum Dumper {
     Netlink(netlink_sys::Socket, Vec<u8>),
     ProcNet,
 }
 
 impl Dumper {
+    /// Netlink `sock_diag`, if this process may use it.
+    pub fn netlink() -> std::io::Result<Self> {
+        Ok(Dumper::Netlink(netlink_socket()?, vec![0; 64 * 1024]))
+    }
+
+    /// `/proc/net/tcp` and `tcp6`.
+    pub fn proc_net() -> Self {
+        Dumper::ProcNet
+    }
+
     fn open() -> Self {
         match netlink_socket() {
             Ok(socket) => Dumper::Netlink(socket, vec![0; 64 * 1024]),
@@ -72,7 +82,8 @@ impl Dumper {
         }
     }
 
-    fn dump(&mut self) -> std::io::Result<Vec<Listener>> {
+    /// Every listening TCP socket on the machine (IPv4 and IPv6).
+    pub fn dump(&mut self) -> std::io::Result<Vec<Listener>> {
         match self {
             Dumper::Netlink(socket, buf) => {
                 let mut all = dump_family(socket, buf, AF_INET)?;
@@ -532,6 +543,25 @@ mod tests {
         PortTable {
             source: PortSource::SockDiag,
             ports: ports.iter().map(|p| (p.port, p.clone())).collect(),
+        }
+    }
+
+    #[test]
+    fn both_sources_see_the_same_listeners() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let mut netlink = Dumper::netlink().unwrap();
+        let mut proc_net = Dumper::proc_net();
+        for l in [&a, &b] {
+            let addr = l.local_addr().unwrap();
+            let want = |d: &mut Dumper| {
+                d.dump()
+                    .unwrap()
+                    .into_iter()
+                    .any(|x| x.port == addr.port() && x.addr == addr.ip() && x.inode > 0)
+            };
+            assert!(want(&mut netlink), "sock_diag misses {addr}");
+            assert!(want(&mut proc_net), "/proc/net misses {addr}");
         }
     }
 

@@ -26,8 +26,11 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     }
     let path = dir.join(name);
     if !path.exists() {
-        // Each binary is named after its package.
-        let package = name;
+        // Each binary is named after its package, but for the harness's own.
+        let package = match name {
+            "test-server" | "test-issuer" => "workspace-harness",
+            other => other,
+        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", package, "--bin", name]);

@@ -2,6 +2,10 @@
 //! `test-server <port> [bind-address]`. Routes: `/` (hello), `/echo` (the request as
 //! JSON), `POST /count` (streams the body, answers its length), `/stream` (five chunks,
 //! 50 ms apart), `/ws` (WebSocket echo), `/hang` (never answers).
+//!
+//! Benchmark modes: `test-server churn <count> <interval-ms>` listens on a fresh port
+//! `count` times, printing `listen <port> <unix-ns>` right after each `listen()`;
+//! `test-server blast <port> <mib>` sends `mib` MiB to every connection, then closes it.
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, Uri};
@@ -13,7 +17,18 @@ use serde_json::json;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let port: u16 = args.next().unwrap_or_default().parse()?;
+    let first = args.next().unwrap_or_default();
+    let mut num = |what: &str| -> anyhow::Result<u64> {
+        args.next()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("missing {what}"))
+    };
+    match first.as_str() {
+        "churn" => return churn(num("count")?, num("interval-ms")?).await,
+        "blast" => return blast(num("port")? as u16, num("mib")?).await,
+        _ => {}
+    }
+    let port: u16 = first.parse()?;
     let bind = args.next().unwrap_or_else(|| "127.0.0.1".into());
     let app = axum::Router::new()
         .route("/", get(|| async { "hello from test-server\n" }))
@@ -79,4 +94,39 @@ async fn ws(upgrade: WebSocketUpgrade) -> Response {
             }
         }
     })
+}
+
+async fn churn(count: u64, interval_ms: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    for _ in 0..count {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "listen {} {}",
+            listener.local_addr()?.port(),
+            now.as_nanos()
+        )?;
+        out.flush()?;
+        tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
+    }
+    Ok(())
+}
+
+async fn blast(port: u16, mib: u64) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..mib {
+                if conn.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = conn.shutdown().await;
+        });
+    }
 }
