@@ -439,7 +439,21 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
     enter(&client, first).await;
 
     // Bad input and broken backends: clear errors.
+    let closer = free_port();
+    let _closer = run_in_workspace(&hub, &id, &{
+        let mut c = test_server(0);
+        c.truncate(1);
+        c.extend(["blast".into(), closer.to_string(), "0".into()]);
+        c
+    });
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", closer)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     for (path, want, code) in [
+        (format!("/preview/{id}/{closer}/"), 502, "bad_response"),
         (format!("/preview/{id}/0/"), 400, "invalid_request"),
         (format!("/preview/{id}/70000/"), 400, "invalid_request"),
         (
@@ -471,12 +485,12 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
             .await
             .unwrap();
         attached = ws["agent"]["attached_clients"].clone();
-        if attached == 1 {
-            break; // the `wsh attach` session running the server
+        if attached == 2 {
+            break; // the `wsh attach` sessions running the two servers
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(attached, 1, "forward streams left open");
+    assert_eq!(attached, 2, "forward streams left open");
 }
 
 /// A browser session cookie for `owner` (a token is a session: same store, same checks).
