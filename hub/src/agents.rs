@@ -625,6 +625,7 @@ async fn control_session(
     let result = heartbeat_loop(hub, conn, &mut touches, &mut send, recv).await;
     touches.record(hub, Instant::now(), true).await;
     if hub.agents.remove(workspace_id, session) {
+        hub.previews.forget(workspace_id);
         // Its ports are out of reach until it is back (and reports them again).
         hub.publish_event(crate::lifecycle::WorkspaceEvent {
             workspace_id,

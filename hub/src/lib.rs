@@ -66,6 +66,8 @@ pub struct Hub {
     pub login_links: session::LoginLinks,
     /// The hub's origin as browsers reach it (no trailing slash).
     pub public_url: String,
+    /// Idle connections to previewed ports.
+    pub previews: Arc<preview::Pool>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -147,6 +149,7 @@ pub async fn open_state(
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{http_addr}")),
+        previews: Arc::default(),
     })
 }
 
@@ -262,6 +265,17 @@ pub async fn run(
     });
 
     tasks.spawn(housekeeping(hub.clone()));
+    // Idle preview connections are closed so they stop counting as use of a workspace.
+    let pool_hub = hub.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(preview::POOL_IDLE / 2);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => pool_hub.previews.prune(),
+                _ = pool_hub.shutdown.cancelled() => return,
+            }
+        }
+    });
 
     let http_shutdown = shutdown.clone();
     axum::serve(

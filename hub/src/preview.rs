@@ -46,6 +46,67 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// Idle pooled connections are closed after this long (they count as use of the workspace
+/// while open).
+pub const POOL_IDLE: Duration = Duration::from_secs(10);
+/// At most this many idle connections are kept per port.
+const POOL_MAX_PER_PORT: usize = 16;
+
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+/// Idle connections by workspace and port, with when each became idle.
+type Idle = std::collections::HashMap<(Uuid, u16), Vec<(Sender, std::time::Instant)>>;
+
+/// Idle HTTP/1.1 connections to previewed ports (each a forward stream to the agent),
+/// reused by later requests: a request on a pooled connection skips opening a stream and
+/// the agent's connect.
+#[derive(Default)]
+pub struct Pool(std::sync::Mutex<Idle>);
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pool")
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self, key: (Uuid, u16)) -> Option<Sender> {
+        let mut pool = self.lock();
+        let idle = pool.get_mut(&key)?;
+        while let Some((sender, since)) = idle.pop() {
+            if since.elapsed() < POOL_IDLE && sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: (Uuid, u16), sender: Sender) {
+        let mut pool = self.lock();
+        let idle = pool.entry(key).or_default();
+        if idle.len() < POOL_MAX_PER_PORT {
+            idle.push((sender, std::time::Instant::now()));
+        }
+    }
+
+    /// Closes connections idle for [`POOL_IDLE`].
+    pub fn prune(&self) {
+        let mut pool = self.lock();
+        for idle in pool.values_mut() {
+            idle.retain(|(s, since)| since.elapsed() < POOL_IDLE && !s.is_closed());
+        }
+        pool.retain(|_, idle| !idle.is_empty());
+    }
+
+    /// Closes every pooled connection of a workspace (its agent went away).
+    pub fn forget(&self, id: Uuid) {
+        self.lock().retain(|(ws, _), _| *ws != id);
+    }
+}
+
 fn scope(id: Uuid, port: u16) -> String {
     format!("{id}:{port}")
 }
@@ -381,58 +442,20 @@ async fn proxy(
     path_and_query: String,
     prefix: Option<String>,
 ) -> Result<Response, ApiError> {
-    let agent = hub.agents.connection(ws.id).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "agent_offline",
-            "the workspace's agent is not connected",
-        )
-    })?;
+    let agent = agent_again(hub, ws.id)?;
     if hub.config.preview_is_activity {
         hub.agents.note_use(ws.id, now_ms());
     }
-    // Ask the agent for the port.
-    let (mut send, recv) = agent
-        .open_bi()
-        .await
-        .map_err(|e| bad_gateway("agent_unreachable", e.to_string()))?;
-    send_msg(
-        &mut send,
-        &StreamHeader::TcpForward(TcpForwardOpen { port }),
-    )
-    .await
-    .map_err(|e| bad_gateway("agent_unreachable", e.to_string()))?;
-    let mut recv = FramedRecv::with_limit(recv, crate::agents::CONTROL_FRAME_LIMIT);
-    match tokio::time::timeout(REPLY_TIMEOUT, recv.expect::<StreamReply>()).await {
-        Ok(Ok(StreamReply::Accepted(_))) => {}
-        Ok(Ok(StreamReply::Refused(r))) => {
-            return Err(bad_gateway(
-                "port_unreachable",
-                format!("nothing answers on port {port}: {}", r.message),
-            ));
-        }
-        Ok(Err(e)) => return Err(bad_gateway("agent_unreachable", e.to_string())),
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "preview_timeout",
-                "the agent did not reach the port in time",
-            ));
-        }
-    }
-    let (recv, mut decoder) = recv.into_parts();
-    let early = std::io::Cursor::new(decoder.take_buffered());
-    let io = tokio::io::join(tokio::io::AsyncReadExt::chain(early, recv), send);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-            .await
-            .map_err(|e| bad_gateway("port_unreachable", e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "preview connection ended");
-        }
-    });
-
+    let key = (ws.id, port);
+    let pooled = if req.headers().contains_key(header::UPGRADE) {
+        None // an upgraded connection is never reused
+    } else {
+        hub.previews.take(key)
+    };
+    let (mut sender, reused) = match pooled {
+        Some(sender) => (sender, true),
+        None => (connect(agent, port).await?, false),
+    };
     // The request as the workspace's server should see it.
     let client_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
     let original_host = req.headers().get(header::HOST).cloned();
@@ -479,18 +502,40 @@ async fn proxy(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade.clone());
     }
+    // A pooled connection the server closed meanwhile fails before any byte of the
+    // request is taken: a bodiless request is then sent again on a fresh connection.
+    let retry = (reused && matches!(parts.method, Method::GET | Method::HEAD)).then(|| {
+        let mut again = hyper::Request::new(Body::empty());
+        *again.method_mut() = parts.method.clone();
+        *again.uri_mut() = parts.uri.clone();
+        *again.version_mut() = parts.version;
+        *again.headers_mut() = parts.headers.clone();
+        again
+    });
     let request = hyper::Request::from_parts(parts, body);
-    let mut response =
-        tokio::time::timeout(hub.config.preview_timeout, sender.send_request(request))
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "preview_timeout",
-                    format!("port {port} sent no response in time"),
-                )
-            })?
-            .map_err(|e| bad_gateway("bad_response", format!("port {port}: {e}")))?;
+    let timeout = hub.config.preview_timeout;
+    let timed_out = || {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "preview_timeout",
+            format!("port {port} sent no response in time"),
+        )
+    };
+    let bad = |e: hyper::Error| bad_gateway("bad_response", format!("port {port}: {e}"));
+    let mut response = match tokio::time::timeout(timeout, sender.send_request(request)).await {
+        Err(_) => return Err(timed_out()),
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => match retry {
+            Some(again) if e.is_canceled() || e.is_closed() || e.is_incomplete_message() => {
+                sender = connect(agent_again(hub, ws.id)?, port).await?;
+                tokio::time::timeout(timeout, sender.send_request(again))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(bad)?
+            }
+            _ => return Err(bad(e)),
+        },
+    };
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         // WebSocket (or another upgrade): splice the two upgraded connections.
@@ -511,9 +556,72 @@ async fn proxy(
         let (parts, _) = response.into_parts();
         return Ok(Response::from_parts(parts, Body::empty()));
     }
+    // Once this response is read to its end, the connection can serve another request.
+    let pool = hub.previews.clone();
+    tokio::spawn(async move {
+        if sender.ready().await.is_ok() {
+            pool.put(key, sender);
+        }
+    });
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The live connection to the workspace's agent.
+fn agent_again(hub: &Hub, id: Uuid) -> Result<quinn::Connection, ApiError> {
+    hub.agents.connection(id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "agent_offline",
+            "the workspace's agent is not connected",
+        )
+    })
+}
+
+/// Opens a forward stream to `port` and an HTTP/1.1 connection over it.
+async fn connect(agent: quinn::Connection, port: u16) -> Result<Sender, ApiError> {
+    // Ask the agent for the port.
+    let (mut send, recv) = agent
+        .open_bi()
+        .await
+        .map_err(|e| bad_gateway("agent_unreachable", e.to_string()))?;
+    send_msg(
+        &mut send,
+        &StreamHeader::TcpForward(TcpForwardOpen { port }),
+    )
+    .await
+    .map_err(|e| bad_gateway("agent_unreachable", e.to_string()))?;
+    let mut recv = FramedRecv::with_limit(recv, crate::agents::CONTROL_FRAME_LIMIT);
+    match tokio::time::timeout(REPLY_TIMEOUT, recv.expect::<StreamReply>()).await {
+        Ok(Ok(StreamReply::Accepted(_))) => {}
+        Ok(Ok(StreamReply::Refused(r))) => {
+            return Err(bad_gateway(
+                "port_unreachable",
+                format!("nothing answers on port {port}: {}", r.message),
+            ));
+        }
+        Ok(Err(e)) => return Err(bad_gateway("agent_unreachable", e.to_string())),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "preview_timeout",
+                "the agent did not reach the port in time",
+            ));
+        }
+    }
+    let (recv, mut decoder) = recv.into_parts();
+    let early = std::io::Cursor::new(decoder.take_buffered());
+    let io = tokio::io::join(tokio::io::AsyncReadExt::chain(early, recv), send);
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| bad_gateway("port_unreachable", e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "preview connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// The body of `PUT /workspaces/:id/ports/:port/sharing`.

@@ -447,7 +447,10 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
         c
     });
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", closer)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", closer))
+            .await
+            .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -476,10 +479,11 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
         assert_eq!(body["error"]["code"], code, "{path}: {body}");
     }
 
-    // Nothing leaks: every forward stream the agent opened is closed again (the agent counts
-    // open forwards as attached clients in its activity reports).
+    // Nothing leaks: every forward stream the agent opened is closed again once the hub's
+    // pool of idle preview connections lets go of them (the agent counts open forwards as
+    // attached clients in its activity reports).
     let mut attached = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..400 {
         let (_, ws) = hub
             .api("GET", &format!("/workspaces/{id}"), None)
             .await
