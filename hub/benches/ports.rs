@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 struct Args {
+    /// Run only these parts (`detect`, `cpu`, `http`, `bulk`); all when empty.
+    only: Vec<String>,
     samples: usize,
     conns: usize,
     requests: usize,
@@ -27,6 +29,7 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut args = Args {
+        only: Vec::new(),
         samples: 100,
         conns: 10_000,
         requests: 2_000,
@@ -42,6 +45,7 @@ fn parse_args() -> Args {
             "--requests" => args.requests = num() as usize,
             "--clients" => args.clients = num() as usize,
             "--mib" => args.mib = num(),
+            "--only" => args.only.push(it.next().expect("a part")),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -368,42 +372,46 @@ async fn run(args: Args) {
     let id = hub.ready_workspace().await.unwrap();
     println!("# Ports benchmark\n");
 
+    let part = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     // Detection latency.
-    let lat = detection(&hub, &id, args.samples).await;
-    println!(
-        "| port detection, listen() -> SSE `opened` at a client ({} samples, poll {} ms) | p50 {} ms | p99 {} ms |",
-        lat.len(),
-        agent::ports::POLL_INTERVAL.as_millis(),
-        ms(pct(&lat, 0.5)),
-        ms(pct(&lat, 0.99))
-    );
-
+    if part("detect") {
+        let lat = detection(&hub, &id, args.samples).await;
+        println!(
+            "| port detection, listen() -> SSE `opened` at a client ({} samples, poll {} ms) | p50 {} ms | p99 {} ms |",
+            lat.len(),
+            agent::ports::POLL_INTERVAL.as_millis(),
+            ms(pct(&lat, 0.5)),
+            ms(pct(&lat, 0.99))
+        );
+    }
     // Agent CPU with many connections on the machine, and the cost of one dump.
-    let held = hold_connections(args.conns).await;
-    let agent_pid: u32 = std::fs::read_to_string(hub.workspace_dir(&id).join("agent.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let (t0, c0) = (Instant::now(), cpu_ticks(agent_pid));
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let cpu = (cpu_ticks(agent_pid) - c0) as f64 / ticks_per_sec / t0.elapsed().as_secs_f64();
-    let (netlink, n1) = dump_time(&mut agent::ports::Dumper::netlink().unwrap());
-    let (procfs, n2) = dump_time(&mut agent::ports::Dumper::proc_net());
-    println!(
-        "| agent CPU while {} sockets are open ({} connections), polling | {:.2} % of a core | |",
-        held.len(),
-        held.len() / 2,
-        cpu * 100.0
-    );
-    println!(
-        "| one dump of listening sockets: sock_diag ({n1} found) vs /proc/net/tcp* ({n2} found) | {} ms | {} ms ({:.0}x) |",
-        ms(netlink),
-        ms(procfs),
-        procfs.as_secs_f64() / netlink.as_secs_f64().max(1e-9)
-    );
-    drop(held);
+    if part("cpu") {
+        let held = hold_connections(args.conns).await;
+        let agent_pid: u32 = std::fs::read_to_string(hub.workspace_dir(&id).join("agent.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let ticks_per_sec = 100.0; // USER_HZ on Linux
+        let (t0, c0) = (Instant::now(), cpu_ticks(agent_pid));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let cpu = (cpu_ticks(agent_pid) - c0) as f64 / ticks_per_sec / t0.elapsed().as_secs_f64();
+        let (netlink, n1) = dump_time(&mut agent::ports::Dumper::netlink().unwrap());
+        let (procfs, n2) = dump_time(&mut agent::ports::Dumper::proc_net());
+        println!(
+            "| agent CPU while {} sockets are open ({} connections), polling | {:.2} % of a core | |",
+            held.len(),
+            held.len() / 2,
+            cpu * 100.0
+        );
+        println!(
+            "| one dump of listening sockets: sock_diag ({n1} found) vs /proc/net/tcp* ({n2} found) | {} ms | {} ms ({:.0}x) |",
+            ms(netlink),
+            ms(procfs),
+            procfs.as_secs_f64() / netlink.as_secs_f64().max(1e-9)
+        );
+        drop(held);
+    }
 
     // Preview proxy against direct and OpenSSH -L.
     let port = free_port();
@@ -411,59 +419,64 @@ async fn run(args: Args) {
     wait_listening(port).await;
     let ssh = harness::sshd::Ssh::prepare().ok();
     let sshd = ssh.as_ref().and_then(|s| s.start_local().ok()).map(Proc);
-    let direct = http_load(
-        &format!("http://127.0.0.1:{port}/"),
-        None,
-        args.requests,
-        args.clients,
-    )
-    .await;
-    let preview = http_load(
-        &hub.url(&format!("/preview/{id}/{port}/")),
-        Some(&hub.token),
-        args.requests,
-        args.clients,
-    )
-    .await;
-    println!(
-        "\n| HTTP GET / | p50 ms | p99 ms | added p50 | req/s ({} clients) |",
-        args.clients
-    );
-    println!("|---|---|---|---|---|");
-    println!(
-        "| direct | {} | {} | | {:.0} |",
-        ms(direct.p50),
-        ms(direct.p99),
-        direct.rps
-    );
-    println!(
-        "| preview via hub | {} | {} | +{} | {:.0} |",
-        ms(preview.p50),
-        ms(preview.p99),
-        ms(preview.p50.saturating_sub(direct.p50)),
-        preview.rps
-    );
     let mut tunnels = Vec::new();
-    if let (Some(ssh), Some(_)) = (&ssh, &sshd) {
-        let local = free_port();
-        tunnels.push(ssh_tunnel(ssh, local, port));
-        wait_listening(local).await;
-        let via_ssh = http_load(
-            &format!("http://127.0.0.1:{local}/"),
+    if part("http") {
+        let direct = http_load(
+            &format!("http://127.0.0.1:{port}/"),
             None,
             args.requests,
             args.clients,
         )
         .await;
+        let preview = http_load(
+            &hub.url(&format!("/preview/{id}/{port}/")),
+            Some(&hub.token),
+            args.requests,
+            args.clients,
+        )
+        .await;
         println!(
-            "| OpenSSH -L | {} | {} | +{} | {:.0} |",
-            ms(via_ssh.p50),
-            ms(via_ssh.p99),
-            ms(via_ssh.p50.saturating_sub(direct.p50)),
-            via_ssh.rps
+            "\n| HTTP GET / | p50 ms | p99 ms | added p50 | req/s ({} clients) |",
+            args.clients
         );
-    } else {
-        println!("| OpenSSH -L | not measured: sshd not installed | | | |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| direct | {} | {} | | {:.0} |",
+            ms(direct.p50),
+            ms(direct.p99),
+            direct.rps
+        );
+        println!(
+            "| preview via hub | {} | {} | +{} | {:.0} |",
+            ms(preview.p50),
+            ms(preview.p99),
+            ms(preview.p50.saturating_sub(direct.p50)),
+            preview.rps
+        );
+        if let (Some(ssh), Some(_)) = (&ssh, &sshd) {
+            let local = free_port();
+            tunnels.push(ssh_tunnel(ssh, local, port));
+            wait_listening(local).await;
+            let via_ssh = http_load(
+                &format!("http://127.0.0.1:{local}/"),
+                None,
+                args.requests,
+                args.clients,
+            )
+            .await;
+            println!(
+                "| OpenSSH -L | {} | {} | +{} | {:.0} |",
+                ms(via_ssh.p50),
+                ms(via_ssh.p99),
+                ms(via_ssh.p50.saturating_sub(direct.p50)),
+                via_ssh.rps
+            );
+        } else {
+            println!("| OpenSSH -L | not measured: sshd not installed | | | |");
+        }
+    }
+    if !part("bulk") {
+        return;
     }
 
     // Bulk TCP: wsh forward against direct and OpenSSH -L.

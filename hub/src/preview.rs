@@ -176,10 +176,12 @@ fn grounds_hold(hub: &Hub, ws: &Workspace, port: u16, grounds: &str) -> bool {
 
 /// Middleware: requests for a preview host go to the preview, everything else on.
 pub async fn by_host(State(hub): State<AppState>, req: Request, next: Next) -> Response {
+    // HTTP/1.1 names the host in `Host`, HTTP/2 in the `:authority` of the URI.
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .and_then(|h| target(&hub, h));
     match host {
         Some((id, port)) => subdomain(hub, id, port, req)
@@ -458,7 +460,11 @@ async fn proxy(
     };
     // The request as the workspace's server should see it.
     let client_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
-    let original_host = req.headers().get(header::HOST).cloned();
+    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<SocketAddr>>()

@@ -344,6 +344,33 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
     assert_eq!(reply.into_text().unwrap().as_str(), "echo: hi");
     drop(ws);
 
+    // HTTP/2 from the client's side (h2c, as a TLS-terminating load balancer sends it).
+    let tcp = tokio::net::TcpStream::connect(hub.listening.http)
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(format!(
+        "http://{}/preview/{id}/{port}/echo?h2=1",
+        hub.listening.http
+    ))
+    .header("authorization", format!("Bearer {}", hub.token))
+    .body(axum::body::Body::empty())
+    .unwrap();
+    let res = h2.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = axum::body::to_bytes(axum::body::Body::new(res.into_body()), 1 << 20)
+        .await
+        .unwrap();
+    let echo: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["uri"], "/echo?h2=1");
+    assert_eq!(echo["headers"]["host"], format!("localhost:{port}"));
+
     // Browsers: the hub sends them to the preview's own origin with a ticket.
     let session = sign_in_cookie(&hub, "dev").await;
     let client = browser(&hub, &id, port);
