@@ -608,8 +608,9 @@ async fn control_session(
     );
     tracing::info!(%remote, workspace = %workspace_id, agent_version = %hello.agent_version, "agent connected");
     let mut touches = Touches::new(workspace, session);
-    mark_ready(hub, workspace).await;
+    // Connection time first, so a workspace that reads READY also says when it connected.
     touches.record(hub, Instant::now(), false).await;
+    mark_ready(hub, workspace).await;
     // The repository, on every connect: the agent does nothing if it is there already.
     if let Some(repo) = &workspace.metadata.repo
         && protocol_version >= protocol::ACTIVITY_SINCE_VERSION

@@ -178,10 +178,18 @@ async fn bridge(
     loop {
         tokio::select! {
             msg = recv.next::<PtyMsg>() => {
-                // Whatever else the agent has already sent goes out in the same write.
-                let mut msg = msg?;
+                // Whatever else the agent has already sent goes out in the same write (up to
+                // a batch; a message read is always sent, never dropped at the batch's end).
+                let mut msg = Some(msg?);
                 for _ in 0..32 {
-                    let Some(m) = msg else {
+                    let m = match msg.take() {
+                        Some(m) => m,
+                        None => match recv.next::<PtyMsg>().now_or_never() {
+                            Some(next) => next?,
+                            None => break,
+                        },
+                    };
+                    let Some(m) = m else {
                         let _ = socket.send(Message::Close(None)).await;
                         return Ok(());
                     };
@@ -194,10 +202,6 @@ async fn bridge(
                     if last {
                         let _ = socket.send(Message::Close(None)).await;
                         return Ok(());
-                    }
-                    match recv.next::<PtyMsg>().now_or_never() {
-                        Some(next) => msg = next?,
-                        None => break,
                     }
                 }
                 if socket.flush().await.is_err() {
