@@ -115,7 +115,9 @@ pub struct OidcConfig {
     #[serde(default = "google")]
     pub issuer: String,
     pub client_id: String,
-    pub client_secret: Secret,
+    /// Or `WORKSPACE_HUB_OIDC_CLIENT_SECRET` in the environment.
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
 }
 
 /// Cloud Scheduler's OIDC tokens for `POST /cleanup` (`[cleanup_oidc]`): the token must
@@ -167,6 +169,10 @@ pub struct FileConfig {
     /// (an instance being created has no agent yet; a record being written has no VM yet).
     #[serde(with = "humantime_serde")]
     pub reconcile_grace: Duration,
+    /// A workspace whose agent has not connected this long after its create goes to
+    /// `ERROR` with the reason (and the machine's last boot log lines).
+    #[serde(with = "humantime_serde")]
+    pub provision_timeout: Duration,
     /// A shared secret Cloud Scheduler (or cron) sends as a bearer token to `POST /cleanup`.
     pub cleanup_token: Option<Secret>,
     /// Cloud Scheduler's OIDC tokens, accepted on `POST /cleanup` instead of a secret.
@@ -217,6 +223,7 @@ impl Default for FileConfig {
             quotas: Quotas::default(),
             reconcile_interval: Duration::from_secs(60),
             reconcile_grace: Duration::from_secs(10 * 60),
+            provision_timeout: Duration::from_secs(10 * 60),
             cleanup_token: None,
             cleanup_oidc: None,
             oidc: None,
@@ -262,6 +269,7 @@ pub struct Config {
     pub quotas: Quotas,
     pub reconcile_interval: Duration,
     pub reconcile_grace: Duration,
+    pub provision_timeout: Duration,
     pub cleanup_token: Option<Secret>,
     pub cleanup_oidc: Option<SchedulerConfig>,
     pub oidc: Option<OidcConfig>,
@@ -317,9 +325,19 @@ impl Config {
             file.reconcile_interval >= Duration::from_millis(100),
             "reconcile_interval must be at least 100ms"
         );
-        if let Some(oidc) = &file.oidc {
+        let mut oidc = file.oidc;
+        if let Some(oidc) = &mut oidc {
             crate::oidc::check_issuer_url(&oidc.issuer)?;
             ensure!(!oidc.client_id.is_empty(), "oidc.client_id must be set");
+            if oidc.client_secret.is_none() {
+                oidc.client_secret = std::env::var("WORKSPACE_HUB_OIDC_CLIENT_SECRET")
+                    .ok()
+                    .map(Secret::new);
+            }
+            ensure!(
+                oidc.client_secret.is_some(),
+                "oidc.client_secret (or WORKSPACE_HUB_OIDC_CLIENT_SECRET) must be set"
+            );
         }
         if let Some(s) = &file.cleanup_oidc {
             crate::oidc::check_issuer_url(&s.issuer)?;
@@ -346,6 +364,10 @@ impl Config {
                 "preview_domain must be a host name with an optional :port, like preview.example.com"
             );
         }
+        ensure!(
+            file.provision_timeout >= Duration::from_secs(1),
+            "provision_timeout must be at least 1s"
+        );
         ensure!(
             file.preview_timeout >= Duration::from_millis(100),
             "preview_timeout must be at least 100ms"
@@ -391,9 +413,10 @@ impl Config {
             quotas: file.quotas,
             reconcile_interval: file.reconcile_interval,
             reconcile_grace: file.reconcile_grace,
+            provision_timeout: file.provision_timeout,
             cleanup_token: file.cleanup_token,
             cleanup_oidc: file.cleanup_oidc,
-            oidc: file.oidc,
+            oidc,
             public_url: file.public_url.map(|u| u.trim_end_matches('/').to_owned()),
             preview_domain: file.preview_domain,
             preview_timeout: file.preview_timeout,

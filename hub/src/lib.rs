@@ -14,6 +14,7 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod clients;
+pub mod cloudinit;
 pub mod config;
 pub mod device;
 pub mod fsutil;
@@ -167,7 +168,8 @@ async fn housekeeping(hub: AppState) {
             Ok(report)
                 if !report.orphans_seen.is_empty()
                     || !report.vanished.is_empty()
-                    || !report.resumed.is_empty() =>
+                    || !report.resumed.is_empty()
+                    || !report.timed_out.is_empty() =>
             {
                 tracing::info!(?report, "reconciled");
             }

@@ -357,7 +357,7 @@ struct PendingLogin {
 pub struct Oidc {
     pub issuer: Issuer,
     client_id: String,
-    client_secret: crate::config::Secret,
+    client_secret: Option<crate::config::Secret>,
     pending: std::sync::Mutex<HashMap<String, PendingLogin>>,
 }
 
@@ -463,7 +463,13 @@ impl Oidc {
             .append_pair("code", code)
             .append_pair("redirect_uri", redirect_uri)
             .append_pair("client_id", &self.client_id)
-            .append_pair("client_secret", self.client_secret.expose())
+            .append_pair(
+                "client_secret",
+                self.client_secret
+                    .as_ref()
+                    .map(|s| s.expose())
+                    .unwrap_or_default(),
+            )
             .append_pair("code_verifier", &pending.verifier)
             .finish();
         let mut response = self

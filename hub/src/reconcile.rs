@@ -29,6 +29,8 @@ pub struct ReconcileReport {
     pub orphans_deleted: Vec<String>,
     pub vanished: Vec<Uuid>,
     pub resumed: Vec<Uuid>,
+    /// Creates whose agent never connected within `provision_timeout`: now ERROR.
+    pub timed_out: Vec<Uuid>,
     pub finished: Vec<Uuid>,
 }
 
@@ -94,6 +96,32 @@ async fn repair(
         // A delete is always safe to repeat.
         lifecycle::finish_delete(hub, &ws.into()).await;
         report.finished.push(ws.id);
+        return Ok(());
+    }
+    let timeout = hub.config.provision_timeout;
+    if ws.status == Status::Provisioning
+        && now.saturating_sub(ws.updated_at)
+            >= i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)
+        && hub.agents.get(ws.id).is_none()
+    {
+        // Bad user-data, a wrong hub address, an expired token, a boot that failed: say so
+        // instead of provisioning forever.
+        let mut reason = format!(
+            "the agent did not connect within {}",
+            humantime::format_duration(timeout)
+        );
+        if let Some(log) = hub
+            .provider
+            .boot_log(&ws.into())
+            .await
+            .filter(|l| !l.is_empty())
+        {
+            reason.push_str(&format!("; last boot log: {log}"));
+        }
+        tracing::warn!(workspace = %ws.id, %reason, "provisioning timed out");
+        hub.transition(ws.id, &[Status::Provisioning], Status::Error, Some(&reason))
+            .await?;
+        report.timed_out.push(ws.id);
         return Ok(());
     }
     let observed = hub.provider.observe(&ws.into()).await?;

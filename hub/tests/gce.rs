@@ -317,7 +317,7 @@ async fn create_sends_the_instance_and_waits_for_its_operation() {
         assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
         assert!(user_data.contains("wse_secret_enrollment_token"));
         assert!(user_data.contains("hub.example.com:7443"));
-        assert!(user_data.contains("permissions: '0600'"));
+        assert!(user_data.contains(hub::cloudinit::CONFIG_PATH));
         // The operation was waited on until DONE: three wait calls.
         let waits = f
             .requests

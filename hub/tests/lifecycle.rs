@@ -691,3 +691,26 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn an_agent_that_never_connects_ends_in_error_with_a_reason() {
+    // The agent is told a hub address where nothing answers (a broken user-data).
+    let hub = TestHub::start_with(HubOptions {
+        config: "agent_hub_addr = \"127.0.0.1:9\"\nprovision_timeout = \"1s\"\nreconcile_interval = \"200ms\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap();
+    let ws = hub
+        .wait_for(id, Duration::from_secs(20), |w| w["status"] == "ERROR")
+        .await
+        .unwrap();
+    let reason = ws["status_reason"].as_str().unwrap();
+    assert!(reason.contains("did not connect within 1s"), "{reason}");
+    assert!(
+        !reason.contains("wse_"),
+        "an enrollment token in the reason: {reason}"
+    );
+}

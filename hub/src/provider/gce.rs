@@ -38,9 +38,6 @@ macro_rules! act {
     };
 }
 
-/// GCE's limit on one metadata value.
-const MAX_USER_DATA: usize = 256 * 1024;
-
 /// `[gce]` in the hub config.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -149,26 +146,6 @@ pub fn label_value(s: &str) -> String {
         .collect()
 }
 
-/// The cloud-init user-data that writes the agent's config and starts it.
-pub fn user_data(agent_config: &str) -> Result<String, ProviderError> {
-    let mut out = String::from(
-        "#cloud-config\nwrite_files:\n  - path: /etc/workspace-agent/agent.toml\n    permissions: '0600'\n    content: |\n",
-    );
-    for line in agent_config.lines() {
-        out.push_str("      ");
-        out.push_str(line);
-        out.push('\n');
-    }
-    out.push_str("runcmd:\n  - [systemctl, enable, --now, workspace-agent.service]\n");
-    if out.len() > MAX_USER_DATA {
-        return Err(failed(
-            "render user-data",
-            format!("{} bytes exceeds GCE's {MAX_USER_DATA}", out.len()),
-        ));
-    }
-    Ok(out)
-}
-
 impl GceProvider {
     pub async fn new(config: GceConfig) -> Result<Self, ProviderError> {
         if config.project.is_empty() {
@@ -260,9 +237,9 @@ impl GceProvider {
                 ("owner".to_owned(), label_value(&spec.owner_id)),
             ])
             .set_metadata(
-                Metadata::new().set_items([Items::new()
-                    .set_key("user-data")
-                    .set_value(user_data(&config)?)]),
+                Metadata::new().set_items([Items::new().set_key("user-data").set_value(
+                    crate::cloudinit::render(&config).map_err(|e| failed("render user-data", e))?,
+                )]),
             )
             .set_disks([AttachedDisk::new()
                 .set_boot(true)

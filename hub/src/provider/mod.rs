@@ -121,6 +121,11 @@ pub trait Provider: Send + Sync + 'static {
     async fn stop(&self, target: &Target) -> Result<(), ProviderError>;
     async fn delete(&self, target: &Target) -> Result<(), ProviderError>;
     async fn observe(&self, target: &Target) -> Result<Observed, ProviderError>;
+    /// The last lines the machine logged while booting (the agent's log, a serial
+    /// console), to say why an agent never connected. `None` when there is nothing to read.
+    async fn boot_log(&self, _target: &Target) -> Option<String> {
+        None
+    }
     /// Every instance labelled as a workspace of this hub (for the reconciler).
     async fn list(&self) -> Result<Vec<Instance>, ProviderError>;
 }

@@ -177,6 +177,16 @@ impl Provider for ProcessProvider {
         Ok(out)
     }
 
+    async fn boot_log(&self, target: &Target) -> Option<String> {
+        let log = tokio::fs::read(self.dir(target.workspace_id).join("agent.log"))
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&log);
+        let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = tail[tail.len().saturating_sub(2)..].join(" / ");
+        Some(strip_escapes(&tail).chars().take(500).collect())
+    }
+
     async fn observe(&self, target: &Target) -> Result<Observed, ProviderError> {
         let id = target.workspace_id;
         Ok(match self.live_pid(id) {
@@ -186,4 +196,25 @@ impl Provider for ProcessProvider {
             None => Observed::Missing,
         })
     }
+}
+
+/// Drops terminal escape sequences (colour codes in log lines).
+fn strip_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -1,0 +1,89 @@
+//! cloud-init user-data for workspace VMs, one renderer for every provider that boots
+//! images (GCE, qemu).
+//!
+//! The document is JSON after the `#cloud-config` line (JSON is YAML's flow style, and
+//! cloud-init reads it as such), built with `serde_json` and with every non-ASCII character
+//! escaped, so no value can end a string early, open a new key, start a YAML construct or
+//! be folded, whatever it holds. The agent's config (the hub
+//! address, the pinned CA, the single-use enrollment token) is written on every boot, by
+//! `bootcmd`, into a memory-only tmpfs at [`CONFIG_DIR`]: it reaches the shell only as a
+//! positional argument (`"$1"`), never as script text. Then the agent's unit is started.
+
+use serde_json::json;
+
+/// The memory-only folder the agent's config lives in (mode 0700, root only).
+pub const CONFIG_DIR: &str = "/run/workspace-agent";
+/// The agent's config file inside it.
+pub const CONFIG_PATH: &str = "/run/workspace-agent/agent.toml";
+/// The systemd unit baked into the image.
+pub const AGENT_UNIT: &str = "workspace-agent.service";
+/// GCE's limit for one metadata value; qemu's NoCloud seed has none, but we keep to it.
+pub const MAX_USER_DATA: usize = 256 * 1024;
+
+/// Why user-data could not be rendered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("user-data of {0} bytes exceeds the {MAX_USER_DATA}-byte limit")]
+    TooLarge(usize),
+    #[error("the agent config contains a NUL byte")]
+    Nul,
+}
+
+/// The user-data that writes `agent_config` (TOML) to [`CONFIG_PATH`] and starts the agent.
+pub fn render(agent_config: &str) -> Result<String, RenderError> {
+    if agent_config.contains('\0') {
+        return Err(RenderError::Nul);
+    }
+    let script = format!(
+        "umask 077 && mkdir -p {CONFIG_DIR} && \
+         {{ mountpoint -q {CONFIG_DIR} || mount -t tmpfs -o mode=0700,size=1m tmpfs {CONFIG_DIR}; }} && \
+         printf '%s' \"$1\" > {CONFIG_PATH}.tmp && mv {CONFIG_PATH}.tmp {CONFIG_PATH}"
+    );
+    let doc = json!({
+        // Every boot: /run is empty after a reboot, and the config never touches a disk.
+        "bootcmd": [["/bin/sh", "-c", script, "workspace-agent-config", agent_config]],
+        // First boot: the unit is enabled in the image; start it without waiting for it.
+        "runcmd": [["systemctl", "start", "--no-block", AGENT_UNIT]],
+    });
+    let out = format!("#cloud-config\n{}\n", ascii_only(&doc.to_string()));
+    if out.len() > MAX_USER_DATA {
+        return Err(RenderError::TooLarge(out.len()));
+    }
+    Ok(out)
+}
+
+/// Escapes every character outside printable ASCII. YAML reads NEL, LS and PS as line breaks
+/// (and folds them inside quoted strings) and refuses C1 controls outright, while JSON
+/// leaves them raw; escaped, they reach the agent exactly. `\\U` is YAML's 32-bit escape.
+fn ascii_only(json: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        match c as u32 {
+            0x20..=0x7e => out.push(c),
+            n @ 0..=0xffff => write!(out, "\\u{n:04x}").unwrap(),
+            n => write!(out, "\\U{n:08x}").unwrap(),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_survives_rendering_exactly() {
+        let config = "hub_addr = \"hub:7443\"\nenrollment_token = \"wse_x\"\n";
+        let out = render(config).unwrap();
+        assert!(out.starts_with("#cloud-config\n{"));
+        let doc: serde_json::Value = serde_json::from_str(out.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(doc["bootcmd"][0][4], config);
+        assert_eq!(doc["runcmd"][0][3], AGENT_UNIT);
+        assert_eq!(render("a\0b"), Err(RenderError::Nul));
+        assert!(matches!(
+            render(&"x".repeat(MAX_USER_DATA)),
+            Err(RenderError::TooLarge(_))
+        ));
+    }
+}

@@ -1,0 +1,287 @@
+# Workspace Hub on Google Cloud: Firestore, Artifact Registry for workspace images, the hub's
+# service account, the hub as a managed instance group behind a passthrough network load
+# balancer (TCP for HTTP, UDP for QUIC), optionally the HTTP API on Cloud Run, and a Cloud
+# Scheduler job that calls POST /cleanup with an OIDC token.
+
+locals {
+  labels = { "workspace-hub" = "hub" }
+  hub_config = templatefile("${path.module}/hub.toml.tftpl", {
+    project        = var.project
+    zones          = var.zones
+    public_url     = var.public_url
+    preview_domain = var.preview_domain
+    http_port      = var.http_port
+    quic_port      = var.quic_port
+    agent_hub_addr = "${google_compute_address.hub.address}:${var.quic_port}"
+    server_name    = trimprefix(trimprefix(var.public_url, "https://"), "http://")
+    admins         = jsonencode(var.admins)
+    client_id      = var.oidc_client_id
+    image          = "projects/${var.project}/global/images/family/workspace-{tag}"
+    network        = "global/networks/${var.workspace_network}"
+    scheduler_sa   = google_service_account.scheduler.email
+  })
+}
+
+resource "google_project_service" "apis" {
+  for_each = toset([
+    "compute.googleapis.com",
+    "firestore.googleapis.com",
+    "artifactregistry.googleapis.com",
+    "cloudscheduler.googleapis.com",
+    "secretmanager.googleapis.com",
+    "run.googleapis.com",
+  ])
+  project            = var.project
+  service            = each.value
+  disable_on_destroy = false
+}
+
+resource "google_firestore_database" "hub" {
+  project     = var.project
+  name        = "(default)"
+  location_id = var.region
+  type        = "FIRESTORE_NATIVE"
+  depends_on  = [google_project_service.apis]
+}
+
+resource "google_artifact_registry_repository" "images" {
+  project       = var.project
+  location      = var.region
+  repository_id = "workspace-hub"
+  format        = "DOCKER"
+  description   = "The hub's container image and workspace image artifacts."
+  depends_on    = [google_project_service.apis]
+}
+
+# The hub: creates, suspends and deletes workspace VMs, reads and writes Firestore, pulls
+# its image, reads its OAuth client secret. Nothing else.
+resource "google_service_account" "hub" {
+  project      = var.project
+  account_id   = "workspace-hub"
+  display_name = "Workspace Hub"
+}
+
+resource "google_project_iam_member" "hub" {
+  for_each = toset([
+    "roles/compute.instanceAdmin.v1", # insert, suspend, resume, delete instances
+    "roles/datastore.user",           # Firestore documents
+    "roles/logging.logWriter",
+    "roles/monitoring.metricWriter",
+  ])
+  project = var.project
+  role    = each.value
+  member  = "serviceAccount:${google_service_account.hub.email}"
+}
+
+resource "google_artifact_registry_repository_iam_member" "hub_pull" {
+  project    = var.project
+  location   = var.region
+  repository = google_artifact_registry_repository.images.name
+  role       = "roles/artifactregistry.reader"
+  member     = "serviceAccount:${google_service_account.hub.email}"
+}
+
+data "google_secret_manager_secret_version" "oidc" {
+  project = var.project
+  secret  = var.oidc_client_secret_id
+}
+
+# Workspace VMs run with no service account: they reach the hub only over QUIC.
+
+resource "google_compute_address" "hub" {
+  project = var.project
+  name    = "workspace-hub"
+  region  = var.region
+}
+
+resource "google_compute_firewall" "hub" {
+  project = var.project
+  name    = "workspace-hub"
+  network = var.workspace_network
+  allow {
+    protocol = "tcp"
+    ports    = [tostring(var.http_port)]
+  }
+  allow {
+    protocol = "udp"
+    ports    = [tostring(var.quic_port)]
+  }
+  source_ranges = ["0.0.0.0/0"]
+  target_tags   = ["workspace-hub"]
+}
+
+resource "google_compute_firewall" "health" {
+  project       = var.project
+  name          = "workspace-hub-health"
+  network       = var.workspace_network
+  source_ranges = ["35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"]
+  target_tags   = ["workspace-hub"]
+  allow {
+    protocol = "tcp"
+    ports    = [tostring(var.http_port)]
+  }
+}
+
+# Container-Optimized OS runs the hub's container; the config arrives as metadata.
+data "google_compute_image" "cos" {
+  family  = "cos-stable"
+  project = "cos-cloud"
+}
+
+resource "google_compute_instance_template" "hub" {
+  project      = var.project
+  name_prefix  = "workspace-hub-"
+  machine_type = var.hub_machine_type
+  region       = var.region
+  tags         = ["workspace-hub"]
+  labels       = local.labels
+
+  disk {
+    source_image = data.google_compute_image.cos.self_link
+    auto_delete  = true
+    boot         = true
+    disk_size_gb = 20
+  }
+
+  network_interface {
+    network = var.workspace_network
+    access_config {}
+  }
+
+  service_account {
+    email  = google_service_account.hub.email
+    scopes = ["cloud-platform"]
+  }
+
+  metadata = {
+    "hub-config" = local.hub_config
+    "gce-container-declaration" = yamlencode({
+      spec = {
+        containers = [{
+          image   = var.hub_image
+          command = ["/bin/sh", "-c", "curl -fsS -H 'Metadata-Flavor: Google' 'http://metadata.google.internal/computeMetadata/v1/instance/attributes/hub-config' > /tmp/hub.toml && exec workspace-hub serve --config /tmp/hub.toml"]
+          env = [{
+            name  = "WORKSPACE_HUB_OIDC_CLIENT_SECRET"
+            value = data.google_secret_manager_secret_version.oidc.secret_data
+          }]
+        }]
+        restartPolicy = "Always"
+      }
+    })
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "google_compute_health_check" "hub" {
+  project = var.project
+  name    = "workspace-hub"
+  http_health_check {
+    port         = var.http_port
+    request_path = "/healthz"
+  }
+}
+
+resource "google_compute_region_instance_group_manager" "hub" {
+  project            = var.project
+  name               = "workspace-hub"
+  region             = var.region
+  base_instance_name = "workspace-hub"
+  target_size        = var.hub_replicas
+
+  version {
+    instance_template = google_compute_instance_template.hub.id
+  }
+
+  auto_healing_policies {
+    health_check      = google_compute_health_check.hub.id
+    initial_delay_sec = 120
+  }
+}
+
+# A passthrough network load balancer: TCP and UDP reach the instances unchanged (QUIC
+# needs UDP; Cloud Run and the HTTP(S) load balancers carry TCP only).
+resource "google_compute_region_health_check" "hub" {
+  project = var.project
+  name    = "workspace-hub-lb"
+  region  = var.region
+  http_health_check {
+    port         = var.http_port
+    request_path = "/healthz"
+  }
+}
+
+resource "google_compute_region_backend_service" "hub" {
+  project               = var.project
+  name                  = "workspace-hub"
+  region                = var.region
+  protocol              = "UNSPECIFIED"
+  load_balancing_scheme = "EXTERNAL"
+  health_checks         = [google_compute_region_health_check.hub.id]
+  # Keep a client on one replica for the life of its QUIC connection.
+  session_affinity = "CLIENT_IP"
+
+  backend {
+    group          = google_compute_region_instance_group_manager.hub.instance_group
+    balancing_mode = "CONNECTION"
+  }
+}
+
+resource "google_compute_forwarding_rule" "hub" {
+  project               = var.project
+  name                  = "workspace-hub"
+  region                = var.region
+  ip_address            = google_compute_address.hub.address
+  ip_protocol           = "L3_DEFAULT"
+  all_ports             = true
+  load_balancing_scheme = "EXTERNAL"
+  backend_service       = google_compute_region_backend_service.hub.id
+}
+
+# Optional: the HTTP API on Cloud Run beside the instance group (QUIC stays there).
+resource "google_cloud_run_v2_service" "api" {
+  count    = var.api_on_cloud_run ? 1 : 0
+  project  = var.project
+  name     = "workspace-hub-api"
+  location = var.region
+
+  template {
+    service_account = google_service_account.hub.email
+    containers {
+      image   = var.hub_image
+      command = ["workspace-hub", "serve", "--config", "/etc/workspace-hub/hub.toml"]
+      ports {
+        container_port = var.http_port
+      }
+    }
+  }
+  depends_on = [google_project_service.apis]
+}
+
+# Cloud Scheduler calls POST /cleanup with an OIDC token of its own service account; the
+# hub accepts exactly that account and audience ([cleanup_oidc] in hub.toml).
+resource "google_service_account" "scheduler" {
+  project      = var.project
+  account_id   = "workspace-hub-scheduler"
+  display_name = "Workspace Hub clean-up scheduler"
+}
+
+resource "google_cloud_scheduler_job" "cleanup" {
+  project   = var.project
+  name      = "workspace-hub-cleanup"
+  region    = var.region
+  schedule  = var.cleanup_schedule
+  time_zone = "Etc/UTC"
+
+  http_target {
+    http_method = "POST"
+    uri         = "${var.public_url}/cleanup"
+    oidc_token {
+      service_account_email = google_service_account.scheduler.email
+      audience              = "${var.public_url}/cleanup"
+    }
+  }
+  depends_on = [google_project_service.apis]
+}
