@@ -19,6 +19,8 @@ pub enum ProviderKind {
     Manual,
     /// Google Compute Engine instances (`[gce]` in the config).
     Gce,
+    /// Local VMs booted from the workspace image (`[qemu]` in the config).
+    Qemu,
 }
 
 /// Idle clean-up defaults; a create request may choose shorter (never longer) times.
@@ -194,6 +196,7 @@ pub struct FileConfig {
     pub preview_is_activity: bool,
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
+    pub qemu: crate::provider::qemu::QemuConfig,
     /// Team mode: who may see and act on every workspace: subjects (`sub`), or
     /// `@example.com` for everyone whose verified e-mail is in that domain.
     pub admins: Vec<String>,
@@ -233,6 +236,7 @@ impl Default for FileConfig {
             preview_is_activity: true,
             store: StoreConfig::Sqlite,
             gce: Default::default(),
+            qemu: Default::default(),
             admins: Vec::new(),
             auth_failures_per_minute: 20,
         }
@@ -279,6 +283,7 @@ pub struct Config {
     pub preview_is_activity: bool,
     pub store: StoreConfig,
     pub gce: crate::provider::gce::GceConfig,
+    pub qemu: crate::provider::qemu::QemuConfig,
     pub admins: Vec<String>,
     pub auth_failures_per_minute: u32,
 }
@@ -385,6 +390,17 @@ impl Config {
             );
             ensure!(!file.gce.zones.is_empty(), "provider gce needs gce.zones");
         }
+        if file.provider == ProviderKind::Qemu {
+            ensure!(
+                !file.qemu.image_dir.as_os_str().is_empty(),
+                "provider qemu needs qemu.image_dir (the folder images/build prints)"
+            );
+            ensure!(
+                (256..=262_144).contains(&file.qemu.memory_mib)
+                    && (1..=64).contains(&file.qemu.cpus),
+                "qemu.memory_mib must be 256..262144 and qemu.cpus 1..64"
+            );
+        }
         let agent_binary = match file.agent_binary {
             Some(path) => path,
             None => std::env::current_exe()
@@ -423,6 +439,7 @@ impl Config {
             preview_is_activity: file.preview_is_activity,
             store: file.store,
             gce: file.gce,
+            qemu: file.qemu,
             admins: file.admins,
             auth_failures_per_minute: file.auth_failures_per_minute,
         })

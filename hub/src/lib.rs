@@ -111,6 +111,13 @@ pub async fn open_state(
             config.agent_binary.clone(),
         )),
         ProviderKind::Manual => Arc::new(provider::manual::ManualProvider),
+        ProviderKind::Qemu => Arc::new(
+            provider::qemu::QemuProvider::new(
+                config.state_dir.join("workspaces"),
+                config.qemu.clone(),
+            )
+            .context("qemu provider")?,
+        ),
         ProviderKind::Gce => Arc::new(
             provider::gce::GceProvider::new(config.gce.clone())
                 .await

@@ -265,9 +265,8 @@ pub async fn provision(hub: &Hub, ws: &Workspace) -> Result<Option<String>, ApiE
             ca_pem: hub.ca.cert_pem().to_owned(),
             enrollment_token: Some(token),
             state_dir: "/var/lib/workspace-agent".into(),
-            // The process provider runs agents as the hub's own user; VM images set the
-            // workspace user here (cloud-init).
-            user: None,
+            // The process provider runs agents as the hub's own user; VM images have one.
+            user: hub.provider.workspace_user().map(str::to_owned),
             detached_session_ttl_secs: Some(cfg.detached_session_ttl.as_secs()),
             terminal_ring_bytes: Some(cfg.terminal_ring_bytes),
             // An agent beside other programs reports only its own process tree's ports.

@@ -287,6 +287,10 @@ impl Provider for GceProvider {
         true
     }
 
+    fn workspace_user(&self) -> Option<&'static str> {
+        Some("dev")
+    }
+
     async fn create(&self, spec: &InstanceSpec) -> Result<Created, ProviderError> {
         let body = self.instance_body(spec)?;
         let op = self

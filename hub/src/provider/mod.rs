@@ -5,11 +5,14 @@
 //! - [`manual::ManualProvider`]: nothing is started; the caller receives the agent's config
 //!   and runs the agent wherever they like (their own VM, a benchmark).
 //!
-//! The GCE and qemu providers come behind the same trait.
+//! - [`gce::GceProvider`]: Compute Engine instances booted from the workspace image;
+//! - [`qemu::QemuProvider`]: local VMs booted from the same image (cloud-init, the agent
+//!   baked in), the cloud path on one machine.
 
 pub mod gce;
 pub mod manual;
 pub mod process;
+pub mod qemu;
 
 use async_trait::async_trait;
 use protocol::bootstrap::AgentBootstrap;
@@ -109,6 +112,10 @@ pub trait Provider: Send + Sync + 'static {
     fn shares_host(&self) -> bool {
         false
     }
+    /// The user terminals run as, where the provider's image defines one.
+    fn workspace_user(&self) -> Option<&'static str> {
+        None
+    }
     async fn create(&self, spec: &InstanceSpec) -> Result<Created, ProviderError>;
     /// Whether a create takes long enough (a cloud operation) that the API should answer
     /// before it finishes; the create then runs in the background.
@@ -134,4 +141,55 @@ pub trait Provider: Send + Sync + 'static {
 pub fn render_agent_config(bootstrap: &AgentBootstrap) -> Result<String, ProviderError> {
     toml::to_string(bootstrap)
         .map_err(|e| ProviderError::Failed(format!("render agent config: {e}")))
+}
+
+/// The workspaces kept as folders named by their id under `root` (process and qemu).
+fn workspace_folders(root: &std::path::Path) -> Result<Vec<Target>, ProviderError> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(ProviderError::Failed(format!(
+                "list workspace folders: {e}"
+            )));
+        }
+    };
+    Ok(entries
+        .flatten()
+        .filter_map(|entry| Uuid::parse_str(entry.file_name().to_str()?).ok())
+        .map(|id| Target {
+            workspace_id: id,
+            instance_name: crate::lifecycle::instance_name(id),
+            zone: "local".into(),
+        })
+        .collect())
+}
+
+/// The last `lines` non-empty lines of a log, joined, without escape sequences, at most
+/// 500 characters: why a machine's agent never connected, in a workspace's reason.
+fn log_tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = all[all.len().saturating_sub(lines)..].join(" / ");
+    strip_escapes(&tail).chars().take(500).collect()
+}
+
+/// Drops terminal escape sequences (colour codes in log lines).
+fn strip_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -152,25 +152,8 @@ impl Provider for ProcessProvider {
     }
 
     async fn list(&self) -> Result<Vec<Instance>, ProviderError> {
-        let entries = match std::fs::read_dir(&self.root) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(failed("list workspace folders", e)),
-        };
         let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| Uuid::parse_str(n).ok())
-            else {
-                continue;
-            };
-            let target = Target {
-                workspace_id: id,
-                instance_name: crate::lifecycle::instance_name(id),
-                zone: "local".into(),
-            };
+        for target in super::workspace_folders(&self.root)? {
             let observed = self.observe(&target).await?;
             out.push(Instance { target, observed });
         }
@@ -181,10 +164,7 @@ impl Provider for ProcessProvider {
         let log = tokio::fs::read(self.dir(target.workspace_id).join("agent.log"))
             .await
             .ok()?;
-        let text = String::from_utf8_lossy(&log);
-        let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        let tail = tail[tail.len().saturating_sub(2)..].join(" / ");
-        Some(strip_escapes(&tail).chars().take(500).collect())
+        Some(super::log_tail(&String::from_utf8_lossy(&log), 2))
     }
 
     async fn observe(&self, target: &Target) -> Result<Observed, ProviderError> {
@@ -196,25 +176,4 @@ impl Provider for ProcessProvider {
             None => Observed::Missing,
         })
     }
-}
-
-/// Drops terminal escape sequences (colour codes in log lines).
-fn strip_escapes(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else if !c.is_control() {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -1,0 +1,363 @@
+//! The real VM path on one machine: the workspace image (`images/build`: Debian, cloud-init,
+//! the static agent) boots under qemu, cloud-init writes the agent's config and starts it,
+//! the agent enrolls and dials the hub, and terminals run inside the guest.
+//!
+//! The image comes from `WSH_TEST_IMAGE_DIR` (the test command builds it) or is built (or
+//! taken from its cache) here, with the GCE disk (`--gce`).
+
+use futures_util::{SinkExt, StreamExt};
+use harness::{HubOptions, TestHub};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Under TCG on two busy cores a boot can take a while; the figure is in the bench/README.
+const BOOT: Duration = Duration::from_secs(300);
+
+fn image_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("WSH_TEST_IMAGE_DIR") {
+        return dir.into();
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(root.join("images/build"))
+        .arg("--gce")
+        .current_dir(&root)
+        .output()
+        .expect("run images/build");
+    assert!(
+        out.status.success(),
+        "images/build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}
+
+fn build_info(dir: &std::path::Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("build.json")).unwrap()).unwrap()
+}
+
+async fn vm_hub(extra: &str, enrollment_ttl: Option<Duration>) -> (TestHub, PathBuf) {
+    let image = image_dir();
+    let hub = TestHub::start_with(HubOptions {
+        provider: "qemu".into(),
+        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_timeout: Duration::from_secs(5),
+        enrollment_ttl,
+        config: format!(
+            "reconcile_interval = \"1s\"\n{extra}\n[qemu]\nimage_dir = {:?}\n",
+            image.display().to_string()
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (hub, image)
+}
+
+/// The guest's serial console, for failure messages.
+fn console(hub: &TestHub, id: &str) -> String {
+    let path = hub
+        .state_dir
+        .join("workspaces")
+        .join(id)
+        .join("console.log");
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Every qemu process of this workspace (there must be none after a delete).
+fn qemu_processes(id: &str) -> Vec<u32> {
+    let needle = format!("ws-{id}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
+        })
+        .collect()
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A terminal over the browser's WebSocket: the session id, then output until `marker`.
+struct Term {
+    ws: Ws,
+    session: String,
+    next: u64,
+    text: String,
+}
+
+impl Term {
+    async fn open(hub: &TestHub, id: &str, query: &str) -> Self {
+        let url = hub.terminal_url(id, query).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut term = Self {
+            ws,
+            session: String::new(),
+            next: 0,
+            text: String::new(),
+        };
+        while term.session.is_empty() {
+            match term.ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let e: Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(e["type"], "opened", "{e}");
+                    term.session = e["session"].as_str().unwrap().to_owned();
+                }
+                other => panic!("expected opened, got {other:?}"),
+            }
+        }
+        term
+    }
+
+    async fn run(&mut self, command: &str, marker: &str) -> String {
+        self.text.clear();
+        self.ws
+            .send(Message::Binary(format!("{command}\n").into_bytes().into()))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.text.contains(marker) {
+            assert!(
+                Instant::now() < deadline,
+                "no {marker:?} in {:?}",
+                self.text
+            );
+            match tokio::time::timeout(Duration::from_secs(60), self.ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) if b[0] == 0 => {
+                    let offset = u64::from_be_bytes(b[1..9].try_into().unwrap());
+                    self.next = offset + (b.len() - 9) as u64;
+                    self.text.push_str(&String::from_utf8_lossy(&b[9..]));
+                }
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    self.next = u64::from_be_bytes(b[1..9].try_into().unwrap());
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("terminal ended: {other:?}"),
+            }
+        }
+        self.text.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop_and_start() {
+    let (hub, image) = vm_hub("", None).await;
+    let info = build_info(&image);
+    let posted = Instant::now();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    hub.wait_for(&id, BOOT, |w| w["status"] == "READY")
+        .await
+        .unwrap_or_else(|e| panic!("{e}; console: {}", console(&hub, &id)));
+    eprintln!("POST /workspaces to READY: {:.1?}", posted.elapsed());
+
+    // The terminal runs in the guest, as its user, on its kernel.
+    let mut term = Term::open(&hub, &id, "cols=120&rows=40").await;
+    let out = term
+        .run(
+            "uname -r; id -un; grep ^VERSION_CODENAME= /etc/os-release; hostname; echo done-$((2+3))",
+            "done-5\r\n",
+        )
+        .await;
+    let kernel = info["kernel"].as_str().unwrap();
+    assert!(out.contains(&format!("{kernel}\r\n")), "{out}");
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(
+        kernel,
+        host_kernel.trim(),
+        "the guest's kernel, not the host's"
+    );
+    assert!(out.contains("\r\ndev\r\n"), "{out}");
+    assert!(out.contains("VERSION_CODENAME=bookworm"), "{out}");
+    let rss = term
+        .run(
+            "echo rss=$(awk '/VmRSS/{print $2}' /proc/$(systemctl show -p MainPID --value workspace-agent)/status)kib",
+            "kib\r\n",
+        )
+        .await;
+    eprintln!(
+        "agent RSS in the guest: {}",
+        rss.lines()
+            .filter_map(|l| l.split("rss=").nth(1))
+            .rfind(|v| !v.starts_with('$'))
+            .unwrap_or("?")
+    );
+    let log = hub.log();
+    eprintln!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains("qemu acceleration"))
+            .unwrap_or("accel: fixed by config")
+    );
+
+    // Stop pauses the VM; start resumes it and the same session is still there.
+    let (status, _) = hub
+        .api("POST", &format!("/workspaces/{id}/stop"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    hub.wait_for(&id, BOOT, |w| w["status"] == "SUSPENDED")
+        .await
+        .unwrap();
+    let (_, st) = hub
+        .api("GET", &format!("/workspaces/{id}/status"), None)
+        .await
+        .unwrap();
+    assert_eq!(st["observed"], "SUSPENDED", "{st}");
+    let session = term.session.clone();
+    let offset = term.next;
+    drop(term);
+    let (status, _) = hub
+        .api("POST", &format!("/workspaces/{id}/start"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    hub.wait_for(&id, BOOT, |w| {
+        w["status"] == "READY" && !w["agent"].is_null()
+    })
+    .await
+    .unwrap();
+    let mut again = Term::open(&hub, &id, &format!("session={session}&offset={offset}")).await;
+    assert_eq!(again.session, session, "the same terminal session");
+    again.run("echo again-$((3+4))", "again-7\r\n").await;
+
+    // Delete leaves no VM and no overlay behind.
+    let (status, _) = hub
+        .api("DELETE", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, _) = hub
+            .api("GET", &format!("/workspaces/{id}"), None)
+            .await
+            .unwrap();
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workspace still there");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(qemu_processes(&id), Vec::<u32>::new());
+    assert!(!hub.state_dir.join("workspaces").join(&id).exists());
+}
+
+/// An enrollment token that has expired by the time the guest's agent uses it: the
+/// workspace ends in ERROR with the agent's own complaint (read off the serial console),
+/// not in PROVISIONING for ever.
+#[tokio::test]
+async fn a_vm_whose_agent_cannot_enroll_ends_in_error_with_the_reason() {
+    let (hub, _) = vm_hub("provision_timeout = \"60s\"", Some(Duration::from_secs(1))).await;
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    let failed = hub
+        .wait_for(&id, BOOT, |w| w["status"] != "PROVISIONING")
+        .await
+        .unwrap();
+    assert_eq!(failed["status"], "ERROR", "{failed}");
+    let reason = failed["status_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("did not connect") && reason.to_lowercase().contains("expired"),
+        "{reason}"
+    );
+    let (status, _) = hub
+        .api("DELETE", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !qemu_processes(&id).is_empty() {
+        assert!(Instant::now() < deadline, "qemu still running");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The GCE disk (`images/build --gce`) boots on its own: BIOS, GRUB from the MBR, the
+/// kernel and initrd from the ext4 partition, the root found by its label, systemd, and
+/// cloud-init looking for its data source.
+#[tokio::test]
+async fn the_gce_disk_boots_through_its_own_boot_loader() {
+    let image = image_dir();
+    let archive = image.join("disk.raw.tar.gz");
+    assert!(
+        archive.exists(),
+        "the test command builds the image with --gce"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let untar = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(untar.success());
+    let disk = dir.path().join("disk.raw");
+    assert_eq!(
+        std::fs::metadata(&disk).unwrap().len() % (1 << 30),
+        0,
+        "GCE imports whole GiB"
+    );
+    // A NoCloud seed, so that cloud-init finds a data source and says so on the console.
+    let seed = dir.path().join("seed.img");
+    std::fs::write(dir.path().join("user-data"), "#cloud-config\n{}\n").unwrap();
+    std::fs::write(dir.path().join("meta-data"), "instance-id: gce-disk-test\n").unwrap();
+    let mkfs = std::process::Command::new("mkfs.vfat")
+        .args(["-n", "CIDATA", "-C"])
+        .arg(&seed)
+        .arg("1024")
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success());
+    let mcopy = std::process::Command::new("mcopy")
+        .arg("-i")
+        .arg(&seed)
+        .arg(dir.path().join("user-data"))
+        .arg(dir.path().join("meta-data"))
+        .arg("::")
+        .status()
+        .unwrap();
+    assert!(mcopy.success());
+    let console = dir.path().join("console.log");
+    let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35,accel=tcg", "-cpu", "max", "-m", "1024"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            disk.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            seed.display()
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(!text.contains("FAILED"), "a unit failed: {text}");
+        if text.contains("Cloud-init v.") {
+            break;
+        }
+        assert!(
+            qemu.try_wait().unwrap().is_none(),
+            "qemu exited; console: {text}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no cloud-init on the console: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    qemu.kill().await.unwrap();
+}
