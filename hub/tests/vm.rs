@@ -175,8 +175,8 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
     assert!(out.contains("VERSION_CODENAME=bookworm"), "{out}");
     let rss = term
         .run(
-            "echo rss=$(awk '/VmRSS/{print $2}' /proc/$(systemctl show -p MainPID --value workspace-agent)/status)kib",
-            "kib\r\n",
+            "echo rss=$(awk '/VmRSS/{print $2}' /proc/$(systemctl show -p MainPID --value workspace-agent)/status)kib-$((1+1))",
+            "kib-2\r\n",
         )
         .await;
     eprintln!(
