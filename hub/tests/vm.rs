@@ -173,6 +173,11 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
     );
     assert!(out.contains("\r\ndev\r\n"), "{out}");
     assert!(out.contains("VERSION_CODENAME=bookworm"), "{out}");
+    let instance = ws["instance_name"].as_str().unwrap();
+    assert!(
+        out.contains(&format!("\r\n{instance}\r\n")),
+        "the guest's host name: {out}"
+    );
     let rss = term
         .run(
             "echo rss=$(awk '/VmRSS/{print $2}' /proc/$(systemctl show -p MainPID --value workspace-agent)/status)kib-$((1+1))",
@@ -247,12 +252,31 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
     assert!(!hub.state_dir.join("workspaces").join(&id).exists());
 }
 
-/// An enrollment token that has expired by the time the guest's agent uses it: the
-/// workspace ends in ERROR with the agent's own complaint (read off the serial console),
-/// not in PROVISIONING for ever.
+/// Broken user-data ends in ERROR with a readable reason, not in PROVISIONING for ever:
+/// an enrollment token that has expired by the time the guest's agent uses it (the reason
+/// carries the agent's own complaint, read off the serial console), and a hub address
+/// nothing answers on. Both VMs boot at once.
 #[tokio::test]
-async fn a_vm_whose_agent_cannot_enroll_ends_in_error_with_the_reason() {
-    let (hub, _) = vm_hub("provision_timeout = \"60s\"", Some(Duration::from_secs(1))).await;
+async fn vms_with_broken_user_data_end_in_error_with_the_reason() {
+    let expired = async {
+        let (hub, _) = vm_hub("provision_timeout = \"60s\"", Some(Duration::from_secs(1))).await;
+        let reason = error_reason(&hub).await;
+        assert!(reason.to_lowercase().contains("expired"), "{reason}");
+    };
+    let unreachable = async {
+        let (hub, _) = vm_hub(
+            "provision_timeout = \"60s\"\nagent_hub_addr = \"127.0.0.1:9\"",
+            None,
+        )
+        .await;
+        error_reason(&hub).await;
+    };
+    tokio::join!(expired, unreachable);
+}
+
+/// Creates a workspace, waits for it to leave PROVISIONING, checks it is in ERROR with the
+/// console's last lines, deletes it (no qemu left) and returns the reason.
+async fn error_reason(hub: &TestHub) -> String {
     let ws = hub.create_workspace().await.unwrap();
     let id = ws["id"].as_str().unwrap().to_owned();
     let failed = hub
@@ -260,11 +284,15 @@ async fn a_vm_whose_agent_cannot_enroll_ends_in_error_with_the_reason() {
         .await
         .unwrap();
     assert_eq!(failed["status"], "ERROR", "{failed}");
-    let reason = failed["status_reason"].as_str().unwrap_or_default();
+    let reason = failed["status_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     assert!(
-        reason.contains("did not connect") && reason.to_lowercase().contains("expired"),
+        reason.contains("did not connect within 1m") && reason.contains("last boot log"),
         "{reason}"
     );
+    eprintln!("ERROR reason: {reason}");
     let (status, _) = hub
         .api("DELETE", &format!("/workspaces/{id}"), None)
         .await
@@ -275,6 +303,7 @@ async fn a_vm_whose_agent_cannot_enroll_ends_in_error_with_the_reason() {
         assert!(Instant::now() < deadline, "qemu still running");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    reason
 }
 
 /// The GCE disk (`images/build --gce`) boots on its own: BIOS, GRUB from the MBR, the
