@@ -56,13 +56,12 @@ pub fn render(agent_config: &str) -> Result<String, RenderError> {
 /// (and folds them inside quoted strings) and refuses C1 controls outright, while JSON
 /// leaves them raw; escaped, they reach the agent exactly. `\\U` is YAML's 32-bit escape.
 fn ascii_only(json: &str) -> String {
-    use std::fmt::Write;
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
         match c as u32 {
             0x20..=0x7e => out.push(c),
-            n @ 0..=0xffff => write!(out, "\\u{n:04x}").unwrap(),
-            n => write!(out, "\\U{n:08x}").unwrap(),
+            n @ 0..=0xffff => out.push_str(&format!("\\u{n:04x}")),
+            n => out.push_str(&format!("\\U{n:08x}")),
         }
     }
     out

@@ -321,6 +321,8 @@ async fn write_seed(dir: &Path, user_data: &str, meta_data: &str) -> Result<(), 
         c.args(["-n", "CIDATA", "-C"]).arg(&img).arg("1024")
     })
     .await?;
+    // Private before the token goes in.
+    set_private(&img)?;
     run("mcopy", |c| {
         c.arg("-i")
             .arg(&img)
@@ -331,8 +333,7 @@ async fn write_seed(dir: &Path, user_data: &str, meta_data: &str) -> Result<(), 
     .await?;
     // The enrollment token lives on in the seed (cloud-init reads it on every boot); the
     // plain copies go.
-    std::fs::remove_dir_all(&seed_dir).map_err(|e| failed("remove seed folder", e))?;
-    set_private(&img)
+    std::fs::remove_dir_all(&seed_dir).map_err(|e| failed("remove seed folder", e))
 }
 
 fn set_private(path: &Path) -> Result<(), ProviderError> {
