@@ -60,8 +60,7 @@ pub async fn serve(
     };
     let _ = tcp.set_nodelay(true);
     send_msg(&mut send, &StreamReply::Accepted(Accepted {})).await?;
-    open_forwards.fetch_add(1, Ordering::Relaxed);
-    let _count = Decrement(open_forwards);
+    let _busy = Busy::new(open_forwards);
     let (recv, mut decoder) = recv.into_parts();
     let (tcp_read, tcp_write) = tcp.into_split();
     // Bytes that arrived with the header belong to the connection.
@@ -72,9 +71,17 @@ pub async fn serve(
     Ok(())
 }
 
-struct Decrement(Arc<AtomicUsize>);
+/// Counts an open forward or sync session for as long as it lives.
+pub struct Busy(Arc<AtomicUsize>);
 
-impl Drop for Decrement {
+impl Busy {
+    pub fn new(count: Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::Relaxed);
+        Busy(count)
+    }
+}
+
+impl Drop for Busy {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }

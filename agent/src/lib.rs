@@ -65,8 +65,10 @@ pub struct Agent {
     checkout: tokio::sync::watch::Sender<Option<protocol::control::CheckoutStatus>>,
     /// Listening ports, from the watcher thread (started by [`Agent::run`]).
     ports: Option<tokio::sync::watch::Receiver<ports::PortTable>>,
-    /// TCP forwards open right now (they count as use of the workspace).
+    /// TCP forwards and sync sessions open right now (they count as use of the workspace).
     forwards: Arc<std::sync::atomic::AtomicUsize>,
+    /// Where sync roots live and who owns what sync writes.
+    sync: filesync::serve::Options,
 }
 
 impl std::fmt::Debug for Agent {
@@ -75,6 +77,31 @@ impl std::fmt::Debug for Agent {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// Sync roots are relative to the checkout folder (the workspace user's home when the agent
+/// is root); as root, what sync writes belongs to that user.
+fn sync_options(run_as: Option<&str>) -> filesync::serve::Options {
+    let owner = run_as
+        .filter(|_| rustix::process::geteuid().is_root())
+        .and_then(user_ids);
+    filesync::serve::Options {
+        home: checkout::workdir(run_as),
+        owner,
+        rescan: std::time::Duration::from_secs(10),
+        debounce: std::time::Duration::from_millis(10),
+    }
+}
+
+/// A user's uid and gid from `/etc/passwd`.
+fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == user).then_some(())?;
+        let _password = fields.next()?;
+        Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+    })
 }
 
 impl Agent {
@@ -99,6 +126,7 @@ impl Agent {
             checkout: tokio::sync::watch::Sender::new(None),
             ports: None,
             forwards: Arc::default(),
+            sync: sync_options(config.run_as.as_deref()),
             config,
         }
     }

@@ -196,7 +196,7 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
             }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(serve_stream(agent.sessions.clone(), agent.forwards.clone(), send, recv));
+                    tokio::spawn(serve_stream(agent.sessions.clone(), agent.forwards.clone(), agent.sync.clone(), send, recv));
                 }
                 Err(e) => return closed(&e, true),
             },
@@ -271,6 +271,7 @@ async fn hello(
 async fn serve_stream(
     sessions: std::sync::Arc<crate::pty::Sessions>,
     forwards: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    sync: filesync::serve::Options,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -296,6 +297,11 @@ async fn serve_stream(
             }
         }
         StreamHeader::TcpForward(open) => crate::forward::serve(open, send, recv, forwards).await,
+        StreamHeader::Sync(open) => {
+            // A running sync is use of the workspace, like an open forward.
+            let _busy = crate::forward::Busy::new(forwards);
+            filesync::serve::serve(open.root, sync, send, recv).await
+        }
         other => {
             let refused = StreamRefused {
                 reason: StreamRefusal::Unsupported,

@@ -122,6 +122,25 @@ impl Link {
         }
     }
 
+    /// Opens a sync stream on `root` of `workspace`.
+    pub async fn sync(
+        &self,
+        workspace: &str,
+        root: &str,
+    ) -> Result<(quinn::SendStream, FramedRecv)> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let mut recv = FramedRecv::new(recv);
+        let open = protocol::stream::ClientSyncOpen {
+            workspace_id: workspace.to_owned(),
+            root: root.to_owned(),
+        };
+        send_msg(&mut send, &StreamHeader::ClientSync(open)).await?;
+        match recv.expect::<StreamReply>().await? {
+            StreamReply::Accepted(_) => Ok((send, recv)),
+            StreamReply::Refused(r) => Err(crate::sync::Fatal(r.message).into()),
+        }
+    }
+
     /// Whether the connection to the hub is gone.
     pub fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()

@@ -7,6 +7,7 @@
 
 mod attach;
 mod forward;
+mod sync;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -104,6 +105,38 @@ enum Command {
         /// `PORT`, `LOCAL:REMOTE` or `BIND_ADDR:LOCAL:REMOTE`.
         #[arg(required = true)]
         specs: Vec<forward::Spec>,
+        #[arg(long, env = "WSH_CA")]
+        ca_file: Option<std::path::PathBuf>,
+    },
+    /// Keep a local folder and a workspace folder the same, both ways, until interrupted:
+    /// `wsh sync <ws> ./app` (the workspace folder defaults to the local folder's name,
+    /// relative to the workspace folder). `--status` shows the running syncs.
+    Sync {
+        #[arg(required_unless_present = "status")]
+        workspace: Option<String>,
+        #[arg(required_unless_present = "status")]
+        local: Option<std::path::PathBuf>,
+        /// The workspace folder, relative to the workspace's home folder.
+        remote: Option<String>,
+        /// One reconciliation, then exit (status 1 if a change failed).
+        #[arg(long)]
+        once: bool,
+        /// Show what running syncs are doing.
+        #[arg(long)]
+        status: bool,
+        /// Also ignore these paths (gitignore syntax); `.gitignore` files apply anyway.
+        #[arg(long)]
+        ignore: Vec<String>,
+        /// Sync `.git/` and `node_modules/` too.
+        #[arg(long)]
+        no_default_ignores: bool,
+        /// Ask before a pass deletes more than this fraction of either side (and more
+        /// than 10 entries).
+        #[arg(long, default_value_t = 0.5)]
+        max_delete: f64,
+        /// Go ahead with large deletions without asking.
+        #[arg(long)]
+        yes: bool,
         #[arg(long, env = "WSH_CA")]
         ca_file: Option<std::path::PathBuf>,
     },
@@ -311,6 +344,36 @@ async fn main() -> Result<()> {
             ca_file,
         } => {
             return forward::forward(quic_hub(ca_file), &workspace, &specs).await;
+        }
+        Command::Sync { status: true, .. } => return sync::status(cli.json),
+        Command::Sync {
+            workspace,
+            local,
+            remote,
+            once,
+            ignore,
+            no_default_ignores,
+            max_delete,
+            yes,
+            ca_file,
+            status: false,
+        } => {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&max_delete),
+                "--max-delete is a fraction from 0 to 1"
+            );
+            let args = sync::Args {
+                workspace: workspace.unwrap_or_default(),
+                local: local.unwrap_or_default(),
+                remote,
+                once,
+                ignore,
+                no_default_ignores,
+                max_delete,
+                yes,
+            };
+            let code = sync::sync(quic_hub(ca_file), args, cli.json).await?;
+            std::process::exit(code);
         }
         Command::Proxy {
             workspace,

@@ -11,7 +11,7 @@ use crate::{Hub, auth};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::client::{ClientMsg, ClientRefusal, ClientRefused, ClientWelcome};
 use protocol::close::CloseCode;
-use protocol::stream::{PtyOpen, StreamHeader, StreamRefusal, TcpForwardOpen};
+use protocol::stream::{PtyOpen, StreamHeader, StreamRefusal, SyncOpen, TcpForwardOpen};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::timeout;
@@ -101,6 +101,10 @@ async fn client_stream(
         StreamHeader::ClientTcpForward(_) => {
             return refuse_stream(&mut send, StreamRefusal::BadHeader, "port 0").await;
         }
+        StreamHeader::ClientSync(open) => (
+            open.workspace_id,
+            StreamHeader::Sync(SyncOpen { root: open.root }),
+        ),
         _ => {
             return refuse_stream(
                 &mut send,

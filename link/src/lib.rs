@@ -228,6 +228,7 @@ pub struct FramedRecv {
     recv: RecvStream,
     decoder: FrameDecoder,
     finished: bool,
+    bytes_read: u64,
 }
 
 impl FramedRecv {
@@ -241,6 +242,7 @@ impl FramedRecv {
             recv,
             decoder: FrameDecoder::new(max),
             finished: false,
+            bytes_read: 0,
         }
     }
 
@@ -255,10 +257,18 @@ impl FramedRecv {
                 return Ok(None);
             }
             match self.recv.read_chunk(64 * 1024, true).await? {
-                Some(chunk) => self.decoder.push(&chunk.bytes),
+                Some(chunk) => {
+                    self.bytes_read += chunk.bytes.len() as u64;
+                    self.decoder.push(&chunk.bytes)
+                }
                 None => self.finished = true,
             }
         }
+    }
+
+    /// Bytes read off the stream so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     /// The next message, which must exist.

@@ -23,6 +23,7 @@ pub mod liveness;
 pub mod message;
 pub mod pty;
 pub mod stream;
+pub mod sync;
 
 pub use error::ProtocolError;
 pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};

@@ -23,6 +23,9 @@ crate::tagged_messages! {
         /// a [`StreamHeader::TcpForward`] stream to the agent and splices the two; after
         /// the agent's [`StreamReply`], the stream carries the connection's raw bytes.
         7 => ClientTcpForward(ClientTcpForwardOpen),
+        /// CLI -> hub: a sync session on a folder of a workspace. The hub opens a
+        /// [`StreamHeader::Sync`] stream to the agent and splices the two.
+        8 => ClientSync(ClientSyncOpen),
     }
 }
 
@@ -31,6 +34,14 @@ crate::tagged_messages! {
 pub struct ClientTcpForwardOpen {
     pub workspace_id: String,
     pub port: u16,
+}
+
+/// Opens a sync session from the CLI through the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientSyncOpen {
+    pub workspace_id: String,
+    /// As [`SyncOpen::root`].
+    pub root: String,
 }
 
 /// Opens a PTY stream from the CLI through the hub.
@@ -60,10 +71,12 @@ pub struct TcpForwardOpen {
     pub port: u16,
 }
 
-/// Opens a sync session.
+/// Opens a sync session (`protocol::sync`): the agent answers `Accepted` (or
+/// `Refused {BadHeader}` for a root that breaks the path rules), then [`SyncMsg`](crate::sync::SyncMsg)s flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncOpen {
-    /// The folder inside the workspace, relative to the workspace user's home.
+    /// The folder inside the workspace, relative to the workspace folder (the workspace
+    /// user's home on VMs); created if missing. Checked like every sync path.
     pub root: String,
 }
 

@@ -342,7 +342,11 @@ fn encoding_refuses_frames_over_the_limit() {
 fn tags_are_stable() {
     assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
-    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(
+        protocol::sync::SyncMsg::TAGS,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    );
     assert_eq!(protocol::client::ClientMsg::TAGS, &[1, 2, 3]);
     assert_eq!(StreamReply::TAGS, &[1, 2]);
     assert_eq!(PtyMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);

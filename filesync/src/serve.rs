@@ -1,0 +1,374 @@
+//! The serving side of a sync stream (the agent): scans and watches its folder, sends
+//! manifest batches when something changed, and carries out the driver's requests one at
+//! a time, each checked by [`Root`]. A bad request fails alone (`Done` with an error); a
+//! frame that does not decode ends the stream.
+
+use crate::transfer::Tx;
+use crate::tree::{Incoming, Root};
+use crate::watch::Watcher;
+use link::{FramedRecv, LinkError};
+use protocol::ProtocolError;
+use protocol::stream::{Accepted, StreamRefusal, StreamRefused, StreamReply};
+use protocol::sync::delta::BlockSig;
+use protocol::sync::plan::Tree;
+use protocol::sync::{
+    Entry, FileHeader, MANIFEST_CHUNK_BYTES, ManifestChunk, Node, OpDone, OpError, OpErrorCode,
+    SYNC_VERSION, SyncMsg, SyncReady, check_path,
+};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where sync roots live and who owns what is written.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Sync roots are relative to this folder (the workspace user's home).
+    pub home: PathBuf,
+    /// Created entries are chowned to this user and group (when the agent is root).
+    pub owner: Option<(u32, u32)>,
+    /// Full rescans as a safety net for lost events.
+    pub rescan: Duration,
+    /// Quiet time after a file event before rescanning (events come in bursts).
+    pub debounce: Duration,
+}
+
+/// The most signature blocks a driver may keep pending (about 20 MiB).
+const MAX_PENDING_BLOCKS: usize = 1 << 20;
+
+/// Splits a manifest change into frames that stay well under the frame limit.
+pub fn manifest_chunks(
+    scan: Option<u64>,
+    entries: Vec<Entry>,
+    removed: Vec<String>,
+) -> Vec<ManifestChunk> {
+    let mut out = Vec::new();
+    let mut size = 0;
+    let full = |size: usize| size >= MANIFEST_CHUNK_BYTES;
+    let empty = || ManifestChunk {
+        scan,
+        entries: Vec::new(),
+        removed: Vec::new(),
+        last: false,
+    };
+    let mut chunk = empty();
+    for e in entries {
+        size += e.path.len()
+            + 64
+            + match &e.node {
+                Node::Symlink(t) => t.len(),
+                _ => 0,
+            };
+        chunk.entries.push(e);
+        if full(size) {
+            out.push(std::mem::replace(&mut chunk, empty()));
+            size = 0;
+        }
+    }
+    for p in removed {
+        size += p.len() + 8;
+        chunk.removed.push(p);
+        if full(size) {
+            out.push(std::mem::replace(&mut chunk, empty()));
+            size = 0;
+        }
+    }
+    out.push(chunk);
+    if let Some(last) = out.last_mut() {
+        last.last = true;
+    }
+    out
+}
+
+/// What changed from `old` to `new`: entries with other content, and removed paths.
+pub fn diff(old: &Tree, new: &Tree) -> (Vec<Entry>, Vec<String>) {
+    let changed = new
+        .iter()
+        .filter(|(p, n)| !old.get(*p).is_some_and(|o| o.same(n)))
+        .map(|(p, n)| Entry {
+            path: p.clone(),
+            node: n.clone(),
+        })
+        .collect();
+    let removed = old
+        .keys()
+        .filter(|p| !new.contains_key(*p))
+        .cloned()
+        .collect();
+    (changed, removed)
+}
+
+struct Session {
+    root: Option<Root>,
+    tx: Tx,
+    /// The manifest as the driver knows it.
+    sent: Tree,
+    incoming: Option<(FileHeader, Result<Incoming, OpError>)>,
+    signatures: HashMap<u64, (u32, Vec<BlockSig>)>,
+    pending_blocks: usize,
+}
+
+fn unexpected(what: &'static str) -> LinkError {
+    ProtocolError::Unexpected(what).into()
+}
+
+impl Session {
+    fn root(&mut self) -> &mut Root {
+        self.root
+            .as_mut()
+            .expect("root is only taken during a scan")
+    }
+
+    /// Scans on a blocking thread and sends what changed (always a batch when asked).
+    async fn rescan(&mut self, scan: Option<u64>) -> Result<(), LinkError> {
+        let mut root = self.root.take().expect("root present");
+        let (root, tree) = tokio::task::spawn_blocking(move || {
+            let tree = root.scan();
+            (root, tree)
+        })
+        .await
+        .map_err(|_| unexpected("scan panicked"))?;
+        self.root = Some(root);
+        let (entries, removed) = diff(&self.sent, &tree);
+        self.sent = tree;
+        if scan.is_none() && entries.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        for chunk in manifest_chunks(scan, entries, removed) {
+            self.tx.msg(&SyncMsg::Manifest(chunk)).await?;
+        }
+        Ok(())
+    }
+
+    async fn done(
+        &mut self,
+        id: u64,
+        path: &str,
+        result: Result<Option<Node>, OpError>,
+    ) -> Result<(), LinkError> {
+        if let Ok(node) = &result {
+            // The driver learns the new state from this answer: no echo in the next batch.
+            match node {
+                Some(n) => self.sent.insert(path.to_owned(), n.clone()),
+                None => self.sent.remove(path),
+            };
+        }
+        self.tx.msg(&SyncMsg::Done(OpDone { id, result })).await
+    }
+
+    async fn handle(&mut self, msg: SyncMsg) -> Result<(), LinkError> {
+        match msg {
+            SyncMsg::Scan(req) => self.rescan(Some(req.id)).await,
+            SyncMsg::Put(header) => {
+                if self.incoming.is_some() {
+                    return Err(unexpected("a Put before the previous End"));
+                }
+                let created = check_path(&header.path).and_then(|_| {
+                    self.root()
+                        .create(&header.path, header.mode, header.mtime_ns, header.delta)
+                });
+                self.incoming = Some((header, created));
+                Ok(())
+            }
+            SyncMsg::Data(chunk) => {
+                let Some((header, file)) = self.incoming.as_mut().filter(|(h, _)| h.id == chunk.id)
+                else {
+                    return Err(unexpected("Data outside a Put"));
+                };
+                if let Ok(f) = file {
+                    if header.delta {
+                        *file = Err(OpError::new(OpErrorCode::BadRequest, "Data in a delta Put"));
+                    } else if let Err(e) = f.write(&chunk.bytes) {
+                        *file = Err(e);
+                    }
+                }
+                Ok(())
+            }
+            SyncMsg::Delta(chunk) => {
+                let Some((header, file)) = self.incoming.as_mut().filter(|(h, _)| h.id == chunk.id)
+                else {
+                    return Err(unexpected("Delta outside a Put"));
+                };
+                if let Ok(f) = file {
+                    if !header.delta {
+                        *file = Err(OpError::new(
+                            OpErrorCode::BadRequest,
+                            "Delta in a whole Put",
+                        ));
+                    } else if let Err(e) = f.apply(&chunk.ops) {
+                        *file = Err(e);
+                    }
+                }
+                Ok(())
+            }
+            SyncMsg::End(end) => {
+                let Some((header, file)) = self.incoming.take().filter(|(h, _)| h.id == end.id)
+                else {
+                    return Err(unexpected("End outside a Put"));
+                };
+                let result = file.and_then(|f| {
+                    self.root()
+                        .commit(f, end.hash, header.expect.as_ref())
+                        .map(Some)
+                });
+                self.done(header.id, &header.path, result).await
+            }
+            SyncMsg::SignatureRequest(req) => match self.root().signature(&req.path) {
+                Ok((block, blocks)) => self.tx.signature(req.id, block, &blocks).await,
+                Err(e) => self.done(req.id, &req.path, Err(e)).await,
+            },
+            SyncMsg::Signature(chunk) => {
+                self.pending_blocks += chunk.blocks.len();
+                if self.pending_blocks > MAX_PENDING_BLOCKS || chunk.block_len == 0 {
+                    return Err(unexpected("too many signature blocks"));
+                }
+                let entry = self
+                    .signatures
+                    .entry(chunk.id)
+                    .or_insert_with(|| (chunk.block_len, Vec::new()));
+                entry.1.extend(chunk.blocks);
+                Ok(())
+            }
+            SyncMsg::Get(req) => {
+                let signature = self.signatures.remove(&req.id);
+                if let Some((_, blocks)) = &signature {
+                    self.pending_blocks -= blocks.len();
+                }
+                if req.delta && signature.is_none() {
+                    let e = OpError::new(OpErrorCode::BadRequest, "delta Get without a signature");
+                    return self.done(req.id, &req.path, Err(e)).await;
+                }
+                let signature = signature.filter(|_| req.delta);
+                let mut root = self.root.take().expect("root present");
+                let sent = self
+                    .tx
+                    .file(&mut root, req.id, &req.path, None, signature)
+                    .await;
+                self.root = Some(root);
+                match sent? {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        self.tx
+                            .msg(&SyncMsg::Done(OpDone {
+                                id: req.id,
+                                result: Err(e),
+                            }))
+                            .await
+                    }
+                }
+            }
+            SyncMsg::Apply(req) => {
+                let result = self
+                    .root()
+                    .apply(&req.path, req.expect.as_ref(), &req.action);
+                let path = match (&req.action, &result) {
+                    (protocol::sync::Action::Rename(to), Ok(_)) => {
+                        self.sent.remove(&req.path);
+                        to.clone()
+                    }
+                    _ => req.path.clone(),
+                };
+                self.done(req.id, &path, result).await
+            }
+            SyncMsg::Hello(_)
+            | SyncMsg::Ready(_)
+            | SyncMsg::Manifest(_)
+            | SyncMsg::Done(_)
+            | SyncMsg::Notice(_) => Err(unexpected("a message the server never receives")),
+        }
+    }
+}
+
+/// Serves one sync stream whose header named `root` (relative to `options.home`).
+pub async fn serve(
+    root: String,
+    options: Options,
+    send: quinn::SendStream,
+    mut recv: FramedRecv,
+) -> Result<(), LinkError> {
+    let mut tx = Tx::new(send);
+    let refuse = |message: String| {
+        StreamReply::Refused(StreamRefused {
+            reason: StreamRefusal::BadHeader,
+            message,
+        })
+    };
+    if let Err(e) = check_path(&root) {
+        link::send_msg(&mut tx.send, &refuse(format!("sync root: {}", e.message))).await?;
+        let _ = tx.send.finish();
+        return Ok(());
+    }
+    link::send_msg(&mut tx.send, &StreamReply::Accepted(Accepted {})).await?;
+    let SyncMsg::Hello(hello) = recv.expect::<SyncMsg>().await? else {
+        return Err(unexpected("expected a sync Hello"));
+    };
+    if hello.version != SYNC_VERSION {
+        return Err(unexpected("unsupported sync version"));
+    }
+    let dir = options.home.join(&root);
+    let opened = Root::open(&dir, &hello.ignore, options.owner);
+    let root = match opened {
+        Ok(r) => r,
+        Err(e) => {
+            tx.msg(&SyncMsg::Done(OpDone {
+                id: 0,
+                result: Err(e),
+            }))
+            .await?;
+            let _ = tx.send.finish();
+            return Ok(());
+        }
+    };
+    let watcher = Watcher::new(&dir);
+    tx.msg(&SyncMsg::Ready(SyncReady {
+        version: SYNC_VERSION,
+        root: dir.display().to_string(),
+        watching: watcher.watching(),
+    }))
+    .await?;
+    let mut s = Session {
+        root: Some(root),
+        tx,
+        sent: Tree::new(),
+        incoming: None,
+        signatures: HashMap::new(),
+        pending_blocks: 0,
+    };
+    s.rescan(Some(0)).await?;
+    let mut skipped_reported = 0;
+    let mut rescan = tokio::time::interval(options.rescan);
+    rescan.reset();
+    loop {
+        if let Some(notice) = watcher.take_problem() {
+            s.tx.msg(&SyncMsg::Notice(notice)).await?;
+        }
+        let skipped = &s.root().skipped;
+        if skipped.len() != skipped_reported {
+            skipped_reported = skipped.len();
+            let message = skipped
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ");
+            let notice = protocol::sync::Notice {
+                kind: protocol::sync::NoticeKind::Skipped,
+                message: format!("{} entries not synced: {message}", skipped_reported),
+            };
+            s.tx.msg(&SyncMsg::Notice(notice)).await?;
+        }
+        tokio::select! {
+            msg = recv.next::<SyncMsg>() => match msg? {
+                Some(msg) => s.handle(msg).await?,
+                None => {
+                    let _ = s.tx.send.finish();
+                    return Ok(());
+                }
+            },
+            _ = watcher.changed() => {
+                tokio::time::sleep(options.debounce).await;
+                s.rescan(None).await?;
+            }
+            _ = rescan.tick() => s.rescan(None).await?,
+        }
+    }
+}

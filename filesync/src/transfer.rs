@@ -1,0 +1,149 @@
+//! Moving files over a sync stream: a counted sender, and sending one file whole or as a
+//! delta against the receiver's signature.
+
+use crate::tree::Root;
+use link::LinkError;
+use protocol::sync::delta::{BlockSig, Encoder, Op};
+use protocol::sync::{
+    CHUNK_LEN, DataChunk, DeltaChunk, FileEnd, FileHeader, FileMeta, Hash, Node, OpError, SyncMsg,
+};
+use std::io::Read;
+
+/// The sending half of a sync stream, counting what goes on the wire.
+pub struct Tx {
+    pub send: quinn::SendStream,
+    pub bytes: u64,
+}
+
+impl Tx {
+    pub fn new(send: quinn::SendStream) -> Tx {
+        Tx { send, bytes: 0 }
+    }
+
+    pub async fn msg(&mut self, msg: &SyncMsg) -> Result<(), LinkError> {
+        let frame = protocol::encode_frame(msg)?;
+        self.send.write_all(&frame).await?;
+        self.bytes += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Sends a signature in frames of at most 32,768 blocks.
+    pub async fn signature(
+        &mut self,
+        id: u64,
+        block_len: u32,
+        blocks: &[BlockSig],
+    ) -> Result<(), LinkError> {
+        let mut chunks = blocks.chunks(32 * 1024).peekable();
+        if chunks.peek().is_none() {
+            return self
+                .msg(&SyncMsg::Signature(protocol::sync::SignatureChunk {
+                    id,
+                    block_len,
+                    blocks: Vec::new(),
+                    last: true,
+                }))
+                .await;
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            self.msg(&SyncMsg::Signature(protocol::sync::SignatureChunk {
+                id,
+                block_len,
+                blocks: chunk.to_vec(),
+                last,
+            }))
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the file at `path` as `Put` + `Data`/`Delta` + `End`. The outer error is the
+    /// stream's; the inner one means nothing was sent (the file could not be opened).
+    /// Returns what was sent, hashed as it was read (a read error midway ends the file
+    /// with the zero hash, which the receiver refuses).
+    pub async fn file(
+        &mut self,
+        root: &mut Root,
+        id: u64,
+        path: &str,
+        expect: Option<Node>,
+        signature: Option<(u32, Vec<BlockSig>)>,
+    ) -> Result<Result<FileMeta, OpError>, LinkError> {
+        let (mut file, meta) = match root.open_file(path) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        let delta = signature.is_some();
+        self.msg(&SyncMsg::Put(FileHeader {
+            id,
+            path: path.to_owned(),
+            mode: meta.mode,
+            mtime_ns: meta.mtime_ns,
+            size: meta.size,
+            expect,
+            delta,
+        }))
+        .await?;
+        let mut encoder = signature.map(|(block, blocks)| Encoder::new(block, blocks));
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0; CHUNK_LEN];
+        let mut ops: Vec<Op> = Vec::new();
+        let mut size = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    // The zero hash never matches: the receiver discards what it got and
+                    // answers with an error, as for any failed transfer.
+                    tracing::debug!(path, error = %e, "read failed mid-file");
+                    let hash = Hash([0; 32]);
+                    self.msg(&SyncMsg::End(FileEnd { id, hash })).await?;
+                    return Ok(Ok(meta));
+                }
+            };
+            size += n as u64;
+            hasher.update(&buf[..n]);
+            match &mut encoder {
+                None => {
+                    self.msg(&SyncMsg::Data(DataChunk {
+                        id,
+                        bytes: buf[..n].to_vec(),
+                    }))
+                    .await?
+                }
+                Some(enc) => {
+                    enc.feed(&buf[..n], |op| ops.push(op));
+                    if ops.len() > 1024 || literal_len(&ops) >= CHUNK_LEN {
+                        self.delta(id, &mut ops).await?;
+                    }
+                }
+            }
+        }
+        if let Some(enc) = encoder {
+            enc.finish(|op| ops.push(op));
+            self.delta(id, &mut ops).await?;
+        }
+        let hash = Hash(*hasher.finalize().as_bytes());
+        self.msg(&SyncMsg::End(FileEnd { id, hash })).await?;
+        Ok(Ok(FileMeta { size, hash, ..meta }))
+    }
+
+    async fn delta(&mut self, id: u64, ops: &mut Vec<Op>) -> Result<(), LinkError> {
+        if !ops.is_empty() {
+            let ops = std::mem::take(ops);
+            self.msg(&SyncMsg::Delta(DeltaChunk { id, ops })).await?;
+        }
+        Ok(())
+    }
+}
+
+fn literal_len(ops: &[Op]) -> usize {
+    ops.iter()
+        .map(|op| match op {
+            Op::Literal(b) => b.len(),
+            Op::Copy { .. } => 0,
+        })
+        .sum()
+}

@@ -1,0 +1,621 @@
+//! A sync root: scanning into a manifest, and every change made to it.
+//!
+//! Safety rules, applied to every path from a peer or a plan:
+//! - the path passes [`check_path`] (relative, no `.`/`..`, no empty parts);
+//! - every folder on the way is a real folder, never a symbolic link ([`OpErrorCode::Escape`]);
+//! - the last component is never followed: links are read, replaced or removed as links;
+//! - devices, sockets and FIFOs are neither read nor replaced ([`OpErrorCode::Unsupported`]);
+//! - file content goes to a temporary file beside the target (`.wsh-sync-*.tmp`, never
+//!   scanned), is checked against the sender's hash, and is renamed into place only if the
+//!   target still holds what the sender expected.
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use protocol::sync::delta::{self, BlockSig, Op};
+use protocol::sync::plan::Tree;
+use protocol::sync::{
+    FileMeta, Hash, Node, OpError, OpErrorCode, check_link_target, check_path, same,
+};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const TEMP_PREFIX: &str = ".wsh-sync-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+fn io(context: &str, e: std::io::Error) -> OpError {
+    let code = match e.kind() {
+        std::io::ErrorKind::NotFound => OpErrorCode::NotFound,
+        std::io::ErrorKind::DirectoryNotEmpty => OpErrorCode::NotEmpty,
+        _ => OpErrorCode::Io,
+    };
+    OpError::new(code, format!("{context}: {e}"))
+}
+
+/// What the scanner remembers of a hashed file, to hash it again only when it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stat {
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: u64,
+    mode: u32,
+}
+
+impl Stat {
+    fn of(m: &fs::Metadata) -> Stat {
+        Stat {
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            ino: m.ino(),
+            mode: m.mode() & 0o777,
+        }
+    }
+
+    fn node(&self, hash: Hash) -> Node {
+        Node::File(FileMeta {
+            size: self.size,
+            mode: self.mode,
+            mtime_ns: self.mtime_ns,
+            hash,
+        })
+    }
+}
+
+fn hash_file(path: &Path) -> std::io::Result<Hash> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(open_nofollow(path)?)?;
+    Ok(Hash(*hasher.finalize().as_bytes()))
+}
+
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}
+
+/// A folder being synced.
+pub struct Root {
+    dir: PathBuf,
+    /// Created entries are given to this user and group (an agent running as root).
+    owner: Option<(u32, u32)>,
+    ignore: Arc<Gitignore>,
+    cache: HashMap<String, (Stat, Hash)>,
+    /// What the last scan left out, and why (special files, bad names, escaping links).
+    pub skipped: Vec<String>,
+}
+
+impl std::fmt::Debug for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Root").field("dir", &self.dir).finish()
+    }
+}
+
+/// An incoming file: a temporary file beside its target, hashed as it is written.
+pub struct Incoming {
+    pub path: String,
+    tmp: tempfile::NamedTempFile,
+    hasher: blake3::Hasher,
+    /// The file a delta refers to, with its block length.
+    base: Option<(File, u64)>,
+    mode: u32,
+    mtime_ns: i64,
+    pub written: u64,
+}
+
+impl Incoming {
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), OpError> {
+        self.tmp.write_all(bytes).map_err(|e| io(&self.path, e))?;
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Applies delta operations against the base file.
+    pub fn apply(&mut self, ops: &[Op]) -> Result<(), OpError> {
+        let mut buf = Vec::new();
+        for op in ops {
+            match op {
+                Op::Literal(bytes) => self.write(bytes)?,
+                Op::Copy { first, count } => {
+                    let Some((base, block)) = self.base.as_mut() else {
+                        return Err(OpError::new(
+                            OpErrorCode::BadRequest,
+                            "delta without a base",
+                        ));
+                    };
+                    let block = *block;
+                    let want = u64::from(*count) * block;
+                    base.seek(SeekFrom::Start(u64::from(*first) * block))
+                        .map_err(|e| io("base", e))?;
+                    buf.clear();
+                    base.take(want)
+                        .read_to_end(&mut buf)
+                        .map_err(|e| io("base", e))?;
+                    if buf.is_empty() {
+                        return Err(OpError::new(OpErrorCode::Changed, "the base file shrank"));
+                    }
+                    let bytes = std::mem::take(&mut buf);
+                    self.write(&bytes)?;
+                    buf = bytes;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Root {
+    /// Opens (and creates, if missing) the folder. `extra_ignores` are gitignore patterns on
+    /// top of the tree's own `.gitignore` and `.ignore` files.
+    pub fn open(
+        dir: &Path,
+        extra_ignores: &[String],
+        owner: Option<(u32, u32)>,
+    ) -> Result<Root, OpError> {
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(|e| io("chown", e))?;
+            }
+        }
+        let meta = fs::symlink_metadata(dir).map_err(|e| io(&dir.display().to_string(), e))?;
+        if !meta.is_dir() {
+            return Err(OpError::new(
+                OpErrorCode::BadPath,
+                format!("{} is not a folder", dir.display()),
+            ));
+        }
+        let mut builder = GitignoreBuilder::new(dir);
+        for pattern in extra_ignores {
+            builder.add_line(None, pattern).map_err(|e| {
+                OpError::new(OpErrorCode::BadRequest, format!("ignore {pattern:?}: {e}"))
+            })?;
+        }
+        let ignore = builder
+            .build()
+            .map_err(|e| OpError::new(OpErrorCode::BadRequest, format!("ignore rules: {e}")))?;
+        Ok(Root {
+            dir: dir.to_owned(),
+            owner,
+            ignore: Arc::new(ignore),
+            cache: HashMap::new(),
+            skipped: Vec::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Scans the whole tree. Files whose size, times, inode and mode are unchanged since
+    /// the last scan keep their hash; the others are hashed again (on a few threads).
+    pub fn scan(&mut self) -> Tree {
+        let mut tree = Tree::new();
+        self.skipped.clear();
+        let ignore = self.ignore.clone();
+        let walk = ignore::WalkBuilder::new(&self.dir)
+            .hidden(false)
+            .parents(false)
+            .ignore(true)
+            .git_ignore(true)
+            .git_global(false)
+            .git_exclude(false)
+            .require_git(false)
+            .follow_links(false)
+            .filter_entry(move |e| {
+                let temp = e
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(TEMP_PREFIX) && n.ends_with(TEMP_SUFFIX));
+                let is_dir = e.file_type().is_some_and(|t| t.is_dir());
+                !temp && !ignore.matched(e.path(), is_dir).is_ignore()
+            })
+            .build();
+        let mut to_hash: Vec<(String, Stat)> = Vec::new();
+        let mut seen = HashMap::with_capacity(self.cache.len());
+        for entry in walk {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    self.skipped.push(e.to_string());
+                    continue;
+                }
+            };
+            if entry.depth() == 0 {
+                continue;
+            }
+            let Ok(rel) = entry.path().strip_prefix(&self.dir) else {
+                continue;
+            };
+            let Some(rel) = rel.to_str().map(str::to_owned) else {
+                self.skipped
+                    .push(format!("{}: name is not UTF-8", entry.path().display()));
+                continue;
+            };
+            if let Err(e) = check_path(&rel) {
+                self.skipped.push(e.message);
+                continue;
+            }
+            let Some(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                tree.insert(rel, Node::Dir);
+            } else if kind.is_symlink() {
+                match fs::read_link(entry.path()) {
+                    Ok(target) => match target.to_str() {
+                        Some(t) if check_link_target(&rel, t).is_ok() => {
+                            tree.insert(rel, Node::Symlink(t.to_owned()));
+                        }
+                        _ => self.skipped.push(format!(
+                            "{rel}: link to {} leaves the folder (not synced)",
+                            target.display()
+                        )),
+                    },
+                    Err(e) => self.skipped.push(format!("{rel}: {e}")),
+                }
+            } else if kind.is_file() {
+                let Ok(meta) = entry.metadata() else { continue };
+                let stat = Stat::of(&meta);
+                match self.cache.get(&rel) {
+                    Some((s, hash)) if *s == stat => {
+                        seen.insert(rel.clone(), (stat, *hash));
+                        tree.insert(rel, stat.node(*hash));
+                    }
+                    _ => to_hash.push((rel, stat)),
+                }
+            } else {
+                self.skipped
+                    .push(format!("{rel}: not a file, folder or link (not synced)"));
+            }
+        }
+        for (rel, stat, hash) in self.hash_all(to_hash) {
+            seen.insert(rel.clone(), (stat, hash));
+            tree.insert(rel, stat.node(hash));
+        }
+        self.cache = seen;
+        tree
+    }
+
+    fn hash_all(&self, files: Vec<(String, Stat)>) -> Vec<(String, Stat, Hash)> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let per = files.len().div_ceil(threads).max(1);
+        let dir = &self.dir;
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = files
+                .chunks(per)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .filter_map(|(rel, stat)| {
+                                let path = dir.join(rel);
+                                let hash = hash_file(&path).ok()?;
+                                // Changed while hashed: take the newer stat (hashed again next time).
+                                let now = fs::symlink_metadata(&path).ok().map(|m| Stat::of(&m))?;
+                                Some((rel.clone(), now, hash, now == *stat))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .flat_map(|j| j.join().unwrap_or_default())
+                .map(|(rel, stat, hash, stable)| {
+                    // A file that changed under us gets a stat that never matches the cache.
+                    let stat = if stable {
+                        stat
+                    } else {
+                        Stat {
+                            ino: u64::MAX,
+                            ..stat
+                        }
+                    };
+                    (rel, stat, hash)
+                })
+                .collect()
+        })
+    }
+
+    /// The full path of a checked relative path whose folders are all real folders.
+    /// Missing folders are fine (the path does not exist); a link or file on the way is not.
+    fn resolve(&self, path: &str) -> Result<PathBuf, OpError> {
+        check_path(path)?;
+        let mut full = self.dir.clone();
+        let mut parts = path.split('/').peekable();
+        while let Some(part) = parts.next() {
+            full.push(part);
+            if parts.peek().is_none() {
+                break;
+            }
+            match fs::symlink_metadata(&full) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(OpError::new(
+                        OpErrorCode::Escape,
+                        format!("{path:?}: runs through a symbolic link"),
+                    ));
+                }
+                Ok(_) => {
+                    return Err(OpError::new(
+                        OpErrorCode::NotFound,
+                        format!("{path:?}: a part of it is not a folder"),
+                    ));
+                }
+                Err(_) => {
+                    // Nothing below a missing folder exists.
+                    for rest in parts {
+                        full.push(rest);
+                    }
+                    return Ok(full);
+                }
+            }
+        }
+        Ok(full)
+    }
+
+    /// What is at `path` now.
+    pub fn current(&mut self, path: &str) -> Result<Option<Node>, OpError> {
+        let full = self.resolve(path)?;
+        let meta = match fs::symlink_metadata(&full) {
+            Ok(m) => m,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(io(path, e)),
+        };
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            Ok(Some(Node::Dir))
+        } else if kind.is_symlink() {
+            let target = fs::read_link(&full).map_err(|e| io(path, e))?;
+            Ok(Some(Node::Symlink(target.to_string_lossy().into_owned())))
+        } else if kind.is_file() {
+            let stat = Stat::of(&meta);
+            if let Some((s, hash)) = self.cache.get(path)
+                && *s == stat
+            {
+                return Ok(Some(stat.node(*hash)));
+            }
+            let hash = hash_file(&full).map_err(|e| io(path, e))?;
+            self.cache.insert(path.to_owned(), (stat, hash));
+            Ok(Some(stat.node(hash)))
+        } else {
+            Err(OpError::new(
+                OpErrorCode::Unsupported,
+                format!("{path:?} is a special file"),
+            ))
+        }
+    }
+
+    fn expect(&mut self, path: &str, expect: Option<&Node>) -> Result<Option<Node>, OpError> {
+        let now = self.current(path)?;
+        if same(now.as_ref(), expect) {
+            Ok(now)
+        } else {
+            Err(OpError::new(
+                OpErrorCode::Changed,
+                format!("{path:?} changed since it was scanned"),
+            ))
+        }
+    }
+
+    fn parent_exists(&self, path: &str, full: &Path) -> Result<(), OpError> {
+        match full.parent().map(fs::symlink_metadata) {
+            Some(Ok(m)) if m.is_dir() => Ok(()),
+            _ => Err(OpError::new(
+                OpErrorCode::NotFound,
+                format!("the folder of {path:?} does not exist"),
+            )),
+        }
+    }
+
+    fn chown(&self, full: &Path) -> Result<(), OpError> {
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::lchown(full, Some(uid), Some(gid)).map_err(|e| io("chown", e))?;
+        }
+        Ok(())
+    }
+
+    /// Clears the way for a new entry: removes a file, link or empty folder in its place.
+    fn clear(&mut self, path: &str, full: &Path, now: Option<&Node>) -> Result<(), OpError> {
+        match now {
+            None => Ok(()),
+            Some(Node::Dir) => fs::remove_dir(full).map_err(|e| io(path, e)),
+            Some(_) => fs::remove_file(full).map_err(|e| io(path, e)),
+        }?;
+        self.cache.remove(path);
+        Ok(())
+    }
+
+    /// Starts receiving a file. With `delta`, the current file is the base of the delta.
+    pub fn create(
+        &mut self,
+        path: &str,
+        mode: u32,
+        mtime_ns: i64,
+        delta: bool,
+    ) -> Result<Incoming, OpError> {
+        let full = self.resolve(path)?;
+        self.parent_exists(path, &full)?;
+        let folder = full.parent().unwrap_or(&self.dir);
+        let tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .suffix(TEMP_SUFFIX)
+            .tempfile_in(folder)
+            .map_err(|e| io(path, e))?;
+        let base = if delta {
+            match self.current(path)? {
+                Some(Node::File(f)) => {
+                    let file = open_nofollow(&full).map_err(|e| io(path, e))?;
+                    Some((file, u64::from(delta::block_len(f.size))))
+                }
+                _ => {
+                    return Err(OpError::new(
+                        OpErrorCode::Changed,
+                        format!("{path:?}: no file to apply a delta to"),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Incoming {
+            path: path.to_owned(),
+            tmp,
+            hasher: blake3::Hasher::new(),
+            base,
+            mode: mode & 0o777,
+            mtime_ns,
+            written: 0,
+        })
+    }
+
+    /// Moves a received file into place if its content hashes to `hash` and the target
+    /// still holds `expect`.
+    pub fn commit(
+        &mut self,
+        incoming: Incoming,
+        hash: Hash,
+        expect: Option<&Node>,
+    ) -> Result<Node, OpError> {
+        let path = incoming.path.clone();
+        if Hash(*incoming.hasher.finalize().as_bytes()) != hash {
+            return Err(OpError::new(
+                OpErrorCode::HashMismatch,
+                format!("{path:?}: content does not match its hash"),
+            ));
+        }
+        let full = self.resolve(&path)?;
+        let file = incoming.tmp.as_file();
+        file.set_permissions(fs::Permissions::from_mode(incoming.mode))
+            .map_err(|e| io(&path, e))?;
+        let mtime = if incoming.mtime_ns >= 0 {
+            UNIX_EPOCH + Duration::from_nanos(incoming.mtime_ns as u64)
+        } else {
+            SystemTime::now()
+        };
+        file.set_modified(mtime).map_err(|e| io(&path, e))?;
+        self.chown(incoming.tmp.path())?;
+        let now = self.expect(&path, expect)?;
+        if matches!(now, Some(Node::Dir)) {
+            self.clear(&path, &full, now.as_ref())?;
+        }
+        incoming
+            .tmp
+            .persist(&full)
+            .map_err(|e| io(&path, e.error))?;
+        let meta = fs::symlink_metadata(&full).map_err(|e| io(&path, e))?;
+        let stat = Stat::of(&meta);
+        self.cache.insert(path, (stat, hash));
+        Ok(stat.node(hash))
+    }
+
+    /// Applies a change that carries no content.
+    pub fn apply(
+        &mut self,
+        path: &str,
+        expect: Option<&Node>,
+        action: &protocol::sync::Action,
+    ) -> Result<Option<Node>, OpError> {
+        use protocol::sync::Action;
+        let full = self.resolve(path)?;
+        let now = self.expect(path, expect)?;
+        match action {
+            Action::Mkdir => {
+                if now == Some(Node::Dir) {
+                    return Ok(now);
+                }
+                self.parent_exists(path, &full)?;
+                self.clear(path, &full, now.as_ref())?;
+                fs::create_dir(&full).map_err(|e| io(path, e))?;
+                self.chown(&full)?;
+                Ok(Some(Node::Dir))
+            }
+            Action::Symlink(target) => {
+                check_link_target(path, target)?;
+                self.parent_exists(path, &full)?;
+                self.clear(path, &full, now.as_ref())?;
+                std::os::unix::fs::symlink(target, &full).map_err(|e| io(path, e))?;
+                self.chown(&full)?;
+                Ok(Some(Node::Symlink(target.clone())))
+            }
+            Action::Remove => {
+                self.clear(path, &full, now.as_ref())?;
+                Ok(None)
+            }
+            Action::Chmod(mode) => {
+                if !matches!(now, Some(Node::File(_))) {
+                    return Err(OpError::new(
+                        OpErrorCode::Changed,
+                        format!("{path:?} is not a file"),
+                    ));
+                }
+                fs::set_permissions(&full, fs::Permissions::from_mode(mode & 0o777))
+                    .map_err(|e| io(path, e))?;
+                self.current(path)
+            }
+            Action::Rename(to) => {
+                let to_full = self.resolve(to)?;
+                if now.is_none() {
+                    return Err(OpError::new(
+                        OpErrorCode::NotFound,
+                        format!("{path:?} does not exist"),
+                    ));
+                }
+                if self.current(to)?.is_some() {
+                    return Err(OpError::new(OpErrorCode::Changed, format!("{to:?} exists")));
+                }
+                self.parent_exists(to, &to_full)?;
+                fs::rename(&full, &to_full).map_err(|e| io(path, e))?;
+                if let Some(entry) = self.cache.remove(path) {
+                    self.cache.insert(to.clone(), entry);
+                }
+                self.current(to)
+            }
+        }
+    }
+
+    /// Opens a regular file of the tree for reading, with what it is.
+    pub fn open_file(&mut self, path: &str) -> Result<(File, FileMeta), OpError> {
+        let full = self.resolve(path)?;
+        match self.current(path)? {
+            Some(Node::File(meta)) => Ok((open_nofollow(&full).map_err(|e| io(path, e))?, meta)),
+            Some(_) => Err(OpError::new(
+                OpErrorCode::Changed,
+                format!("{path:?} is not a file"),
+            )),
+            None => Err(OpError::new(
+                OpErrorCode::NotFound,
+                format!("{path:?} does not exist"),
+            )),
+        }
+    }
+
+    /// The block signature of a file (empty if it is missing or not a file).
+    pub fn signature(&mut self, path: &str) -> Result<(u32, Vec<BlockSig>), OpError> {
+        let (mut file, meta) = self.open_file(path)?;
+        let block = delta::block_len(meta.size);
+        let mut sig = delta::SignatureBuilder::new(block);
+        let mut buf = vec![0; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(|e| io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            sig.feed(&buf[..n]);
+        }
+        Ok((block, sig.finish()))
+    }
+}

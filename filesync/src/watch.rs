@@ -1,0 +1,92 @@
+//! File events as "something changed, rescan" signals, with the inotify watch limit
+//! detected and reported rather than silently missing changes.
+
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use protocol::sync::{Notice, NoticeKind};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// Watches a folder recursively. [`Watcher::changed`] fires after file events (reads do
+/// not count); [`Watcher::take_problem`] says when watching stopped working.
+pub struct Watcher {
+    _inner: Option<notify::RecommendedWatcher>,
+    changed: Arc<Notify>,
+    problem: Arc<Mutex<Option<Notice>>>,
+    reported: std::sync::atomic::AtomicBool,
+}
+
+fn describe(e: &notify::Error) -> Notice {
+    if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+        let limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "?".into());
+        Notice {
+            kind: NoticeKind::WatchLimit,
+            message: format!(
+                "the inotify watch limit (fs.inotify.max_user_watches = {limit}) is reached: \
+                 changes are found by periodic rescans only; raise it with \
+                 `sysctl fs.inotify.max_user_watches=524288`"
+            ),
+        }
+    } else {
+        Notice {
+            kind: NoticeKind::WatchFailed,
+            message: format!("watching failed ({e}): changes are found by periodic rescans only"),
+        }
+    }
+}
+
+impl Watcher {
+    pub fn new(dir: &Path) -> Watcher {
+        let changed = Arc::new(Notify::new());
+        let problem = Arc::new(Mutex::new(None));
+        let (c, p) = (changed.clone(), problem.clone());
+        let handler = move |event: notify::Result<notify::Event>| match event {
+            Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
+            Ok(_) => c.notify_one(),
+            Err(e) => {
+                if let Ok(mut slot) = p.lock() {
+                    slot.get_or_insert_with(|| describe(&e));
+                }
+                c.notify_one();
+            }
+        };
+        let inner = notify::recommended_watcher(handler).and_then(|mut w| {
+            w.watch(dir, RecursiveMode::Recursive)?;
+            Ok(w)
+        });
+        let inner = match inner {
+            Ok(w) => Some(w),
+            Err(e) => {
+                if let Ok(mut slot) = problem.lock() {
+                    *slot = Some(describe(&e));
+                }
+                None
+            }
+        };
+        Watcher {
+            _inner: inner,
+            changed,
+            problem,
+            reported: Default::default(),
+        }
+    }
+
+    /// Whether events are coming at all (false: rescans only).
+    pub fn watching(&self) -> bool {
+        self._inner.is_some() && self.problem.lock().is_ok_and(|p| p.is_none())
+    }
+
+    /// Waits for the next change signal.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// A problem to report, once.
+    pub fn take_problem(&self) -> Option<Notice> {
+        use std::sync::atomic::Ordering;
+        let problem = self.problem.lock().ok().and_then(|p| p.clone())?;
+        (!self.reported.swap(true, Ordering::Relaxed)).then_some(problem)
+    }
+}
