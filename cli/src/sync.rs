@@ -107,6 +107,8 @@ struct Driver {
     root_name: String,
     local: Root,
     ancestor: Tree,
+    /// The local tree as last scanned and changed since (None: scan it in full).
+    local_tree: Option<Tree>,
     remote: Tree,
     totals: Totals,
     state_file: PathBuf,
@@ -203,10 +205,21 @@ impl Driver {
         Ok(())
     }
 
-    fn scan_local(&mut self) -> Tree {
+    /// The local tree: rescanned in full, or only where file events say it changed.
+    fn scan_local(&mut self, full: bool, watcher: &Watcher) -> Tree {
         // The CLI runs on one thread; QUIC buffers what arrives meanwhile.
-        let tree = self.local.scan();
-        let skipped = self.local.skipped.clone();
+        let changed = watcher.take();
+        let tree = match (self.local_tree.take(), changed) {
+            (Some(mut tree), Some(paths)) if !full => {
+                if self.local.rescan_paths(&mut tree, &paths) {
+                    tree
+                } else {
+                    self.local.scan()
+                }
+            }
+            _ => self.local.scan(),
+        };
+        let skipped = std::mem::take(&mut self.local.skipped);
         for s in skipped.into_iter().take(5) {
             self.notice(format!("local: {s}"));
         }
@@ -289,7 +302,7 @@ impl Driver {
             }
         };
         let here = match step.side {
-            Side::Local => None,
+            Side::Local => self.local_tree.as_mut(),
             Side::Workspace => Some(&mut self.remote),
         };
         match &step.action {
@@ -592,9 +605,15 @@ impl Driver {
     }
 
     /// One pass: scan, plan, check, execute. Returns the number of steps.
-    async fn pass(&mut self, tx: &mut Tx, inbox: &mut Inbox) -> Result<usize> {
+    async fn pass(
+        &mut self,
+        tx: &mut Tx,
+        inbox: &mut Inbox,
+        full: bool,
+        watcher: &Watcher,
+    ) -> Result<usize> {
         self.phase = "scanning";
-        let local = self.scan_local();
+        let local = self.scan_local(full, watcher);
         let plan = plan::plan(&self.ancestor, &local, &self.remote, &stamp());
         for (path, node) in &plan.agreed {
             match node {
@@ -602,11 +621,14 @@ impl Driver {
                 None => self.ancestor.remove(path),
             };
         }
+        let guard = self.guard_deletions(&plan, &local);
+        // Changes to the local side are recorded in this tree as they succeed.
+        self.local_tree = Some(local);
+        guard?;
         if plan.steps.is_empty() {
             self.save();
             return Ok(0);
         }
-        self.guard_deletions(&plan, &local)?;
         self.totals.passes += 1;
         self.phase = "syncing";
         self.progress = Progress {
@@ -772,14 +794,17 @@ async fn run_link(
     wait_batch(d, &mut inbox, Some(0)).await?;
     let mut rescan = tokio::time::interval(Duration::from_secs(10));
     rescan.reset();
+    // A new link starts from a full scan; later passes rescan what events named.
+    let mut full = true;
     loop {
-        let mut steps = d.pass(&mut tx, &mut inbox).await?;
+        let mut steps = d.pass(&mut tx, &mut inbox, full, watcher).await?;
+        full = false;
         if d.args.once {
             // Passes until nothing is left (conflict copies travel in the second one).
             let mut passes = 1;
             while steps > 0 && passes < 5 {
                 d.refresh_remote(&mut tx, &mut inbox).await?;
-                steps = d.pass(&mut tx, &mut inbox).await?;
+                steps = d.pass(&mut tx, &mut inbox, true, watcher).await?;
                 passes += 1;
             }
             let _ = tx.send.finish();
@@ -807,7 +832,10 @@ async fn run_link(
                         _ => bail!("unexpected message from the workspace"),
                     }
                 }
-                _ = rescan.tick() => break,
+                _ = rescan.tick() => {
+                    full = true;
+                    break;
+                }
                 _ = tokio::signal::ctrl_c() => {
                     let _ = tx.send.finish();
                     return Ok(Outcome::Interrupted);
@@ -904,6 +932,7 @@ pub async fn sync(hub: Hub, args: Args, json: bool) -> Result<i32> {
         root_name,
         local,
         ancestor,
+        local_tree: None,
         remote: Tree::new(),
         totals: Totals::default(),
         state_file,

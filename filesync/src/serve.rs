@@ -32,6 +32,9 @@ pub struct Options {
     pub debounce: Duration,
 }
 
+/// How long after a request file events wait before they start a rescan.
+const QUIET_AFTER_REQUEST: Duration = Duration::from_millis(100);
+
 /// The most signature blocks a driver may keep pending (about 20 MiB).
 const MAX_PENDING_BLOCKS: usize = 1 << 20;
 
@@ -100,6 +103,8 @@ pub fn diff(old: &Tree, new: &Tree) -> (Vec<Entry>, Vec<String>) {
 struct Session {
     root: Option<Root>,
     tx: Tx,
+    /// The tree as last scanned (and changed by requests since).
+    current: Tree,
     /// The manifest as the driver knows it.
     sent: Tree,
     incoming: Option<(FileHeader, Result<Incoming, OpError>)>,
@@ -118,18 +123,27 @@ impl Session {
             .expect("root is only taken during a scan")
     }
 
-    /// Scans on a blocking thread and sends what changed (always a batch when asked).
-    async fn rescan(&mut self, scan: Option<u64>) -> Result<(), LinkError> {
+    /// Scans on a blocking thread (only the paths events named, when that will do) and
+    /// sends what changed (always a batch when asked).
+    async fn rescan(
+        &mut self,
+        scan: Option<u64>,
+        paths: Option<Vec<PathBuf>>,
+    ) -> Result<(), LinkError> {
         let mut root = self.root.take().expect("root present");
+        let mut tree = std::mem::take(&mut self.current);
         let (root, tree) = tokio::task::spawn_blocking(move || {
-            let tree = root.scan();
+            if !paths.is_some_and(|p| root.rescan_paths(&mut tree, &p)) {
+                tree = root.scan();
+            }
             (root, tree)
         })
         .await
         .map_err(|_| unexpected("scan panicked"))?;
         self.root = Some(root);
-        let (entries, removed) = diff(&self.sent, &tree);
-        self.sent = tree;
+        self.current = tree;
+        let (entries, removed) = diff(&self.sent, &self.current);
+        self.sent.clone_from(&self.current);
         if scan.is_none() && entries.is_empty() && removed.is_empty() {
             return Ok(());
         }
@@ -147,17 +161,19 @@ impl Session {
     ) -> Result<(), LinkError> {
         if let Ok(node) = &result {
             // The driver learns the new state from this answer: no echo in the next batch.
-            match node {
-                Some(n) => self.sent.insert(path.to_owned(), n.clone()),
-                None => self.sent.remove(path),
-            };
+            for tree in [&mut self.sent, &mut self.current] {
+                match node {
+                    Some(n) => tree.insert(path.to_owned(), n.clone()),
+                    None => tree.remove(path),
+                };
+            }
         }
         self.tx.msg(&SyncMsg::Done(OpDone { id, result })).await
     }
 
     async fn handle(&mut self, msg: SyncMsg) -> Result<(), LinkError> {
         match msg {
-            SyncMsg::Scan(req) => self.rescan(Some(req.id)).await,
+            SyncMsg::Scan(req) => self.rescan(Some(req.id), None).await,
             SyncMsg::Put(header) => {
                 if self.incoming.is_some() {
                     return Err(unexpected("a Put before the previous End"));
@@ -263,6 +279,7 @@ impl Session {
                 let path = match (&req.action, &result) {
                     (protocol::sync::Action::Rename(to), Ok(_)) => {
                         self.sent.remove(&req.path);
+                        self.current.remove(&req.path);
                         to.clone()
                     }
                     _ => req.path.clone(),
@@ -328,12 +345,18 @@ pub async fn serve(
     let mut s = Session {
         root: Some(root),
         tx,
+        current: Tree::new(),
         sent: Tree::new(),
         incoming: None,
         signatures: HashMap::new(),
         pending_blocks: 0,
     };
-    s.rescan(Some(0)).await?;
+    s.rescan(Some(0), None).await?;
+    // File events start a rescan once they pause (`debounce`) and no request came for a
+    // while: during a transfer our own writes would otherwise start one after another.
+    let mut dirty = false;
+    let mut last_event = tokio::time::Instant::now();
+    let mut last_request = last_event;
     let mut skipped_reported = 0;
     let mut rescan = tokio::time::interval(options.rescan);
     rescan.reset();
@@ -356,19 +379,31 @@ pub async fn serve(
             };
             s.tx.msg(&SyncMsg::Notice(notice)).await?;
         }
+        let due = (last_event + options.debounce).max(last_request + QUIET_AFTER_REQUEST);
         tokio::select! {
+            biased;
             msg = recv.next::<SyncMsg>() => match msg? {
-                Some(msg) => s.handle(msg).await?,
+                Some(msg) => {
+                    s.handle(msg).await?;
+                    last_request = tokio::time::Instant::now();
+                }
                 None => {
                     let _ = s.tx.send.finish();
                     return Ok(());
                 }
             },
             _ = watcher.changed() => {
-                tokio::time::sleep(options.debounce).await;
-                s.rescan(None).await?;
+                dirty = true;
+                last_event = tokio::time::Instant::now();
             }
-            _ = rescan.tick() => s.rescan(None).await?,
+            _ = tokio::time::sleep_until(due), if dirty => {
+                dirty = false;
+                s.rescan(None, watcher.take()).await?;
+            }
+            _ = rescan.tick() => {
+                watcher.take();
+                s.rescan(None, None).await?
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use protocol::sync::delta::{self, BlockSig, Op};
 use protocol::sync::plan::Tree;
 use protocol::sync::{
-    FileMeta, Hash, Node, OpError, OpErrorCode, check_link_target, check_path, same,
+    FileMeta, Hash, Node, OpError, OpErrorCode, check_link_target, check_path, parent, same,
 };
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -25,6 +25,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const TEMP_PREFIX: &str = ".wsh-sync-";
 const TEMP_SUFFIX: &str = ".tmp";
+
+fn is_temp(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
+}
 
 fn io(context: &str, e: std::io::Error) -> OpError {
     let code = match e.kind() {
@@ -86,6 +90,8 @@ pub struct Root {
     owner: Option<(u32, u32)>,
     ignore: Arc<Gitignore>,
     cache: HashMap<String, (Stat, Hash)>,
+    /// Each folder's own ignore rules, for rescans of single paths.
+    folder_rules: HashMap<String, Arc<Gitignore>>,
     /// What the last scan left out, and why (special files, bad names, escaping links).
     pub skipped: Vec<String>,
 }
@@ -185,6 +191,7 @@ impl Root {
             owner,
             ignore: Arc::new(ignore),
             cache: HashMap::new(),
+            folder_rules: HashMap::new(),
             skipped: Vec::new(),
         })
     }
@@ -198,8 +205,181 @@ impl Root {
     pub fn scan(&mut self) -> Tree {
         let mut tree = Tree::new();
         self.skipped.clear();
+        self.folder_rules.clear();
+        let dir = self.dir.clone();
+        let fresh = self.walk(&dir, &mut tree, false);
+        // Forget files that are gone.
+        self.cache
+            .retain(|p, _| fresh.contains(p) || tree.contains_key(p));
+        tree
+    }
+
+    /// Updates `tree` for paths that file events named (absolute, under the root).
+    /// Returns false when only a full scan will do (an ignore file changed, too many
+    /// paths, or a name that is not UTF-8).
+    pub fn rescan_paths(&mut self, tree: &mut Tree, paths: &[PathBuf]) -> bool {
+        if paths.len() > 4096 {
+            return false;
+        }
+        let mut rels = std::collections::BTreeSet::new();
+        for p in paths {
+            let Ok(rel) = p.strip_prefix(&self.dir) else {
+                continue;
+            };
+            let Some(rel) = rel.to_str() else {
+                return false;
+            };
+            if rel.is_empty() {
+                return false;
+            }
+            let name = rel.rsplit('/').next().unwrap_or(rel);
+            if name == ".gitignore" || name == ".ignore" {
+                return false;
+            }
+            if check_path(rel).is_ok() {
+                rels.insert(rel.to_owned());
+            }
+        }
+        for rel in rels {
+            self.rescan_one(tree, &rel);
+        }
+        true
+    }
+
+    fn rescan_one(&mut self, tree: &mut Tree, rel: &str) {
+        // What was at and below the path goes; what is there now comes back.
+        tree.remove(rel);
+        let below: Vec<String> = tree
+            .range(format!("{rel}/")..format!("{rel}0"))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in below {
+            tree.remove(&p);
+        }
+        let Ok(full) = self.resolve(rel) else { return };
+        let Ok(meta) = fs::symlink_metadata(&full) else {
+            return;
+        };
+        if self.ignored(rel, meta.is_dir()) {
+            return;
+        }
+        // Folders on the way (their own events may have been merged away).
+        let mut up = parent(rel);
+        while let Some(p) = up {
+            if tree.contains_key(p) {
+                break;
+            }
+            tree.insert(p.to_owned(), Node::Dir);
+            up = parent(p);
+        }
+        if meta.is_dir() {
+            tree.insert(rel.to_owned(), Node::Dir);
+            self.walk(&full, tree, true);
+        } else if let Some(node) = self.node_of(rel, &full, &meta) {
+            tree.insert(rel.to_owned(), node);
+        }
+    }
+
+    /// The node for a non-folder entry (hashing a file unless the cache knows it).
+    fn node_of(&mut self, rel: &str, full: &Path, meta: &fs::Metadata) -> Option<Node> {
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            let target = fs::read_link(full).ok()?;
+            match target.to_str() {
+                Some(t) if check_link_target(rel, t).is_ok() => Some(Node::Symlink(t.to_owned())),
+                _ => {
+                    self.skipped.push(format!(
+                        "{rel}: link to {} leaves the folder (not synced)",
+                        target.display()
+                    ));
+                    None
+                }
+            }
+        } else if kind.is_file() {
+            let stat = Stat::of(meta);
+            if let Some((s, hash)) = self.cache.get(rel)
+                && *s == stat
+            {
+                return Some(stat.node(*hash));
+            }
+            let (_, stat, hash) = self.hash_all(vec![(rel.to_owned(), stat)]).pop()?;
+            self.cache.insert(rel.to_owned(), (stat, hash));
+            Some(stat.node(hash))
+        } else {
+            self.skipped
+                .push(format!("{rel}: not a file, folder or link (not synced)"));
+            None
+        }
+    }
+
+    /// The ignore rules of one folder (its `.gitignore`, then `.ignore`), cached until the
+    /// next full scan.
+    fn folder_rules(&mut self, rel_dir: &str) -> Arc<Gitignore> {
+        if let Some(rules) = self.folder_rules.get(rel_dir) {
+            return rules.clone();
+        }
+        let dir = if rel_dir.is_empty() {
+            self.dir.clone()
+        } else {
+            self.dir.join(rel_dir)
+        };
+        let mut builder = GitignoreBuilder::new(&dir);
+        for name in [".gitignore", ".ignore"] {
+            let file = dir.join(name);
+            if file.is_file() {
+                builder.add(file);
+            }
+        }
+        let rules = Arc::new(builder.build().unwrap_or_else(|_| Gitignore::empty()));
+        self.folder_rules.insert(rel_dir.to_owned(), rules.clone());
+        rules
+    }
+
+    /// Whether a path is ignored: by the extra patterns or an ignore file of any folder
+    /// above it (the deepest decides), or because a folder above it is ignored.
+    fn ignored(&mut self, rel: &str, is_dir: bool) -> bool {
+        let mut up = parent(rel);
+        while let Some(p) = up {
+            if self.ignored_here(p, true) {
+                return true;
+            }
+            up = parent(p);
+        }
+        self.ignored_here(rel, is_dir)
+    }
+
+    fn ignored_here(&mut self, rel: &str, is_dir: bool) -> bool {
+        let full = self.dir.join(rel);
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        if is_temp(name) || self.ignore.matched(&full, is_dir).is_ignore() {
+            return true;
+        }
+        let mut folder = parent(rel);
+        loop {
+            let rules = self.folder_rules(folder.unwrap_or(""));
+            match rules.matched(&full, is_dir) {
+                ignore::Match::Ignore(_) => return true,
+                ignore::Match::Whitelist(_) => return false,
+                ignore::Match::None => {}
+            }
+            match folder {
+                Some(f) => folder = parent(f),
+                None => return false,
+            }
+        }
+    }
+
+    /// Walks `start` (the root, or a folder in it) into `tree`, with the tree's ignore
+    /// files; `recheck` also applies the rules of the folders above `start`. Returns the
+    /// files it saw.
+    fn walk(
+        &mut self,
+        start: &Path,
+        tree: &mut Tree,
+        recheck: bool,
+    ) -> std::collections::HashSet<String> {
         let ignore = self.ignore.clone();
-        let walk = ignore::WalkBuilder::new(&self.dir)
+        let walk = ignore::WalkBuilder::new(start)
             .hidden(false)
             .parents(false)
             .ignore(true)
@@ -209,16 +389,13 @@ impl Root {
             .require_git(false)
             .follow_links(false)
             .filter_entry(move |e| {
-                let temp = e
-                    .file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(TEMP_PREFIX) && n.ends_with(TEMP_SUFFIX));
+                let temp = e.file_name().to_str().is_some_and(is_temp);
                 let is_dir = e.file_type().is_some_and(|t| t.is_dir());
                 !temp && !ignore.matched(e.path(), is_dir).is_ignore()
             })
             .build();
         let mut to_hash: Vec<(String, Stat)> = Vec::new();
-        let mut seen = HashMap::with_capacity(self.cache.len());
+        let mut seen = std::collections::HashSet::new();
         for entry in walk {
             let entry = match entry {
                 Ok(e) => e,
@@ -245,42 +422,33 @@ impl Root {
             let Some(kind) = entry.file_type() else {
                 continue;
             };
+            if recheck && self.ignored(&rel, kind.is_dir()) {
+                continue;
+            }
             if kind.is_dir() {
                 tree.insert(rel, Node::Dir);
-            } else if kind.is_symlink() {
-                match fs::read_link(entry.path()) {
-                    Ok(target) => match target.to_str() {
-                        Some(t) if check_link_target(&rel, t).is_ok() => {
-                            tree.insert(rel, Node::Symlink(t.to_owned()));
-                        }
-                        _ => self.skipped.push(format!(
-                            "{rel}: link to {} leaves the folder (not synced)",
-                            target.display()
-                        )),
-                    },
-                    Err(e) => self.skipped.push(format!("{rel}: {e}")),
-                }
             } else if kind.is_file() {
                 let Ok(meta) = entry.metadata() else { continue };
                 let stat = Stat::of(&meta);
                 match self.cache.get(&rel) {
                     Some((s, hash)) if *s == stat => {
-                        seen.insert(rel.clone(), (stat, *hash));
+                        seen.insert(rel.clone());
                         tree.insert(rel, stat.node(*hash));
                     }
                     _ => to_hash.push((rel, stat)),
                 }
-            } else {
-                self.skipped
-                    .push(format!("{rel}: not a file, folder or link (not synced)"));
+            } else if let Ok(meta) = entry.metadata()
+                && let Some(node) = self.node_of(&rel, entry.path(), &meta)
+            {
+                tree.insert(rel, node);
             }
         }
         for (rel, stat, hash) in self.hash_all(to_hash) {
-            seen.insert(rel.clone(), (stat, hash));
+            seen.insert(rel.clone());
+            self.cache.insert(rel.clone(), (stat, hash));
             tree.insert(rel, stat.node(hash));
         }
-        self.cache = seen;
-        tree
+        seen
     }
 
     fn hash_all(&self, files: Vec<(String, Stat)>) -> Vec<(String, Stat, Hash)> {

@@ -3,7 +3,10 @@
 
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use protocol::sync::{Notice, NoticeKind};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// More paths than this between two rescans: rescan everything instead.
+const MAX_PATHS: usize = 4096;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -12,6 +15,9 @@ use tokio::sync::Notify;
 pub struct Watcher {
     _inner: Option<notify::RecommendedWatcher>,
     changed: Arc<Notify>,
+    /// Paths named by events since the last [`Watcher::take`]; `None` after an overflow
+    /// (rescan everything).
+    paths: Arc<Mutex<Option<Vec<PathBuf>>>>,
     problem: Arc<Mutex<Option<Notice>>>,
     reported: std::sync::atomic::AtomicBool,
 }
@@ -41,13 +47,30 @@ impl Watcher {
     pub fn new(dir: &Path) -> Watcher {
         let changed = Arc::new(Notify::new());
         let problem = Arc::new(Mutex::new(None));
-        let (c, p) = (changed.clone(), problem.clone());
+        let paths = Arc::new(Mutex::new(Some(Vec::new())));
+        let (c, p, seen) = (changed.clone(), problem.clone(), paths.clone());
         let handler = move |event: notify::Result<notify::Event>| match event {
             Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
-            Ok(_) => c.notify_one(),
+            Ok(event) => {
+                if let Ok(mut seen) = seen.lock() {
+                    let overflow = event.need_rescan()
+                        || seen
+                            .as_ref()
+                            .is_some_and(|v| v.len() + event.paths.len() > MAX_PATHS);
+                    match seen.as_mut() {
+                        Some(_) if overflow => *seen = None,
+                        Some(v) => v.extend(event.paths),
+                        None => {}
+                    }
+                }
+                c.notify_one()
+            }
             Err(e) => {
                 if let Ok(mut slot) = p.lock() {
                     slot.get_or_insert_with(|| describe(&e));
+                }
+                if let Ok(mut seen) = seen.lock() {
+                    *seen = None;
                 }
                 c.notify_one();
             }
@@ -68,6 +91,7 @@ impl Watcher {
         Watcher {
             _inner: inner,
             changed,
+            paths,
             problem,
             reported: Default::default(),
         }
@@ -81,6 +105,15 @@ impl Watcher {
     /// Waits for the next change signal.
     pub async fn changed(&self) {
         self.changed.notified().await
+    }
+
+    /// The paths events named since the last call; `None` means "rescan everything".
+    pub fn take(&self) -> Option<Vec<PathBuf>> {
+        let mut seen = self.paths.lock().ok()?;
+        let mut out = seen.replace(Vec::new())?;
+        out.sort();
+        out.dedup();
+        Some(out)
     }
 
     /// A problem to report, once.
