@@ -9,7 +9,7 @@
 use crate::attach::Hub;
 use anyhow::{Context, Result, bail};
 use filesync::transfer::Tx;
-use filesync::tree::{Incoming, Root};
+use filesync::tree::{HashCache, Incoming, Root};
 use filesync::watch::Watcher;
 use link::FramedRecv;
 use protocol::sync::delta::{BlockSig, DELTA_MIN_SIZE};
@@ -132,6 +132,22 @@ struct Progress {
     shown: bool,
 }
 
+/// What a sync keeps between runs: the last agreed state, the workspace's manifest as last
+/// seen (so the workspace sends only what changed since) and the local file hashes.
+#[derive(serde::Deserialize, Default)]
+struct Saved {
+    ancestor: Tree,
+    remote: Tree,
+    cache: HashCache,
+}
+
+#[derive(serde::Serialize)]
+struct SavedRef<'a> {
+    ancestor: &'a Tree,
+    remote: &'a Tree,
+    cache: &'a HashCache,
+}
+
 /// What an answer from the workspace settles.
 enum Pending {
     /// A change to the workspace: `Done` says how it went.
@@ -160,8 +176,12 @@ impl Driver {
     }
 
     fn save(&self) {
-        let entries: Vec<(&String, &Node)> = self.ancestor.iter().collect();
-        if let Ok(bytes) = postcard::to_stdvec(&entries) {
+        let saved = SavedRef {
+            ancestor: &self.ancestor,
+            remote: &self.remote,
+            cache: self.local.cache(),
+        };
+        if let Ok(bytes) = postcard::to_stdvec(&saved) {
             let _ = write_atomic(&self.state_file, &bytes);
         }
         self.write_status();
@@ -767,9 +787,11 @@ async fn run_link(
     let link = hub.connect().await?;
     let (send, recv) = link.sync(&d.args.workspace, &d.root_name).await?;
     let mut tx = Tx::new(send);
+    let known = (!d.remote.is_empty()).then(|| protocol::sync::digest(&d.remote));
     tx.msg(&SyncMsg::Hello(SyncHello {
         version: SYNC_VERSION,
         ignore: patterns.to_vec(),
+        known,
     }))
     .await?;
     let (inbox_tx, mut inbox) = mpsc::unbounded_channel();
@@ -777,6 +799,9 @@ async fn run_link(
     let _abort = AbortOnDrop(reader);
     match next(&mut inbox).await?.0 {
         SyncMsg::Ready(ready) => {
+            if !ready.resumed {
+                d.remote.clear();
+            }
             if !ready.watching {
                 d.notice(
                     "the workspace is not watching files: changes there are found by rescans"
@@ -790,7 +815,6 @@ async fn run_link(
         }
         _ => bail!("unexpected first message from the workspace"),
     }
-    d.remote.clear();
     wait_batch(d, &mut inbox, Some(0)).await?;
     let mut rescan = tokio::time::interval(Duration::from_secs(10));
     rescan.reset();
@@ -921,19 +945,20 @@ pub async fn sync(hub: Hub, args: Args, json: bool) -> Result<i32> {
     );
     let key = &key.to_hex()[..16];
     let state_file = dir.join(format!("{key}.tree"));
-    let ancestor: Tree = std::fs::read(&state_file)
+    let saved: Saved = std::fs::read(&state_file)
         .ok()
-        .and_then(|b| postcard::from_bytes::<Vec<(String, Node)>>(&b).ok())
-        .map(|v| v.into_iter().collect())
+        .and_then(|b| postcard::from_bytes(&b).ok())
         .unwrap_or_default();
+    let mut local = local;
+    local.set_cache(saved.cache);
     let watcher = Watcher::new(&local_dir);
     let mut d = Driver {
         args,
         root_name,
         local,
-        ancestor,
+        ancestor: saved.ancestor,
         local_tree: None,
-        remote: Tree::new(),
+        remote: saved.remote,
         totals: Totals::default(),
         state_file,
         status_file: dir.join(format!("{key}.status.json")),

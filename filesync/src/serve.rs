@@ -4,7 +4,7 @@
 //! frame that does not decode ends the stream.
 
 use crate::transfer::Tx;
-use crate::tree::{Incoming, Root};
+use crate::tree::{HashCache, Incoming, Root};
 use crate::watch::Watcher;
 use link::{FramedRecv, LinkError};
 use protocol::ProtocolError;
@@ -17,6 +17,7 @@ use protocol::sync::{
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where sync roots live and who owns what is written.
@@ -30,10 +31,23 @@ pub struct Options {
     pub rescan: Duration,
     /// Quiet time after a file event before rescanning (events come in bursts).
     pub debounce: Duration,
+    /// What ended sessions leave for the next one on the same folder.
+    pub memory: Arc<Mutex<HashMap<PathBuf, Memory>>>,
 }
 
+/// What a session on a folder leaves behind: file hashes (so the next session does not
+/// read every file again) and the manifest the driver held (so it gets only what changed).
+#[derive(Debug, Default)]
+pub struct Memory {
+    cache: HashCache,
+    sent: Tree,
+}
+
+/// Folders remembered at most.
+const MEMORY_ROOTS: usize = 16;
+
 /// How long after a request file events wait before they start a rescan.
-const QUIET_AFTER_REQUEST: Duration = Duration::from_millis(100);
+const QUIET_AFTER_REQUEST: Duration = Duration::from_millis(25);
 
 /// The most signature blocks a driver may keep pending (about 20 MiB).
 const MAX_PENDING_BLOCKS: usize = 1 << 20;
@@ -323,7 +337,7 @@ pub async fn serve(
     }
     let dir = options.home.join(&root);
     let opened = Root::open(&dir, &hello.ignore, options.owner);
-    let root = match opened {
+    let mut root = match opened {
         Ok(r) => r,
         Err(e) => {
             tx.msg(&SyncMsg::Done(OpDone {
@@ -335,22 +349,57 @@ pub async fn serve(
             return Ok(());
         }
     };
+    let remembered = options.memory.lock().ok().and_then(|mut m| m.remove(&dir));
+    let mut sent = Tree::new();
+    if let Some(memory) = remembered {
+        root.set_cache(memory.cache);
+        if hello.known.is_some() && hello.known == Some(protocol::sync::digest(&memory.sent)) {
+            sent = memory.sent;
+        }
+    }
     let watcher = Watcher::new(&dir);
     tx.msg(&SyncMsg::Ready(SyncReady {
         version: SYNC_VERSION,
         root: dir.display().to_string(),
         watching: watcher.watching(),
+        resumed: !sent.is_empty(),
     }))
     .await?;
     let mut s = Session {
         root: Some(root),
         tx,
         current: Tree::new(),
-        sent: Tree::new(),
+        sent,
         incoming: None,
         signatures: HashMap::new(),
         pending_blocks: 0,
     };
+    let result = run(&mut s, &options, &watcher, &mut recv).await;
+    // Whatever ended the session, the next one on this folder starts from here.
+    if let (Ok(mut memory), Some(root)) = (options.memory.lock(), s.root.as_mut()) {
+        if memory.len() >= MEMORY_ROOTS
+            && let Some(key) = memory.keys().next().cloned()
+        {
+            memory.remove(&key);
+        }
+        let cache = root.take_cache();
+        memory.insert(
+            dir,
+            Memory {
+                cache,
+                sent: std::mem::take(&mut s.sent),
+            },
+        );
+    }
+    result
+}
+
+async fn run(
+    s: &mut Session,
+    options: &Options,
+    watcher: &Watcher,
+    recv: &mut FramedRecv,
+) -> Result<(), LinkError> {
     s.rescan(Some(0), None).await?;
     // File events start a rescan once they pause (`debounce`) and no request came for a
     // while: during a transfer our own writes would otherwise start one after another.

@@ -40,7 +40,7 @@ fn io(context: &str, e: std::io::Error) -> OpError {
 }
 
 /// What the scanner remembers of a hashed file, to hash it again only when it changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Stat {
     size: u64,
     mtime_ns: i64,
@@ -83,13 +83,18 @@ fn open_nofollow(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Hashes of files by path, valid while size, times, inode and mode stay the same; kept
+/// between sessions so a new session does not read every file again.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct HashCache(HashMap<String, (Stat, Hash)>);
+
 /// A folder being synced.
 pub struct Root {
     dir: PathBuf,
     /// Created entries are given to this user and group (an agent running as root).
     owner: Option<(u32, u32)>,
     ignore: Arc<Gitignore>,
-    cache: HashMap<String, (Stat, Hash)>,
+    cache: HashCache,
     /// Each folder's own ignore rules, for rescans of single paths.
     folder_rules: HashMap<String, Arc<Gitignore>>,
     /// What the last scan left out, and why (special files, bad names, escaping links).
@@ -190,7 +195,7 @@ impl Root {
             dir: dir.to_owned(),
             owner,
             ignore: Arc::new(ignore),
-            cache: HashMap::new(),
+            cache: HashCache::default(),
             folder_rules: HashMap::new(),
             skipped: Vec::new(),
         })
@@ -198,6 +203,21 @@ impl Root {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Hands over the hash cache (to keep it for the next session).
+    pub fn take_cache(&mut self) -> HashCache {
+        std::mem::take(&mut self.cache)
+    }
+
+    /// The hash cache as it stands.
+    pub fn cache(&self) -> &HashCache {
+        &self.cache
+    }
+
+    /// Starts from a cache an earlier session kept.
+    pub fn set_cache(&mut self, cache: HashCache) {
+        self.cache = cache;
     }
 
     /// Scans the whole tree. Files whose size, times, inode and mode are unchanged since
@@ -210,6 +230,7 @@ impl Root {
         let fresh = self.walk(&dir, &mut tree, false);
         // Forget files that are gone.
         self.cache
+            .0
             .retain(|p, _| fresh.contains(p) || tree.contains_key(p));
         tree
     }
@@ -297,13 +318,13 @@ impl Root {
             }
         } else if kind.is_file() {
             let stat = Stat::of(meta);
-            if let Some((s, hash)) = self.cache.get(rel)
+            if let Some((s, hash)) = self.cache.0.get(rel)
                 && *s == stat
             {
                 return Some(stat.node(*hash));
             }
             let (_, stat, hash) = self.hash_all(vec![(rel.to_owned(), stat)]).pop()?;
-            self.cache.insert(rel.to_owned(), (stat, hash));
+            self.cache.0.insert(rel.to_owned(), (stat, hash));
             Some(stat.node(hash))
         } else {
             self.skipped
@@ -430,7 +451,7 @@ impl Root {
             } else if kind.is_file() {
                 let Ok(meta) = entry.metadata() else { continue };
                 let stat = Stat::of(&meta);
-                match self.cache.get(&rel) {
+                match self.cache.0.get(&rel) {
                     Some((s, hash)) if *s == stat => {
                         seen.insert(rel.clone());
                         tree.insert(rel, stat.node(*hash));
@@ -445,7 +466,7 @@ impl Root {
         }
         for (rel, stat, hash) in self.hash_all(to_hash) {
             seen.insert(rel.clone());
-            self.cache.insert(rel.clone(), (stat, hash));
+            self.cache.0.insert(rel.clone(), (stat, hash));
             tree.insert(rel, stat.node(hash));
         }
         seen
@@ -551,13 +572,13 @@ impl Root {
             Ok(Some(Node::Symlink(target.to_string_lossy().into_owned())))
         } else if kind.is_file() {
             let stat = Stat::of(&meta);
-            if let Some((s, hash)) = self.cache.get(path)
+            if let Some((s, hash)) = self.cache.0.get(path)
                 && *s == stat
             {
                 return Ok(Some(stat.node(*hash)));
             }
             let hash = hash_file(&full).map_err(|e| io(path, e))?;
-            self.cache.insert(path.to_owned(), (stat, hash));
+            self.cache.0.insert(path.to_owned(), (stat, hash));
             Ok(Some(stat.node(hash)))
         } else {
             Err(OpError::new(
@@ -603,7 +624,7 @@ impl Root {
             Some(Node::Dir) => fs::remove_dir(full).map_err(|e| io(path, e)),
             Some(_) => fs::remove_file(full).map_err(|e| io(path, e)),
         }?;
-        self.cache.remove(path);
+        self.cache.0.remove(path);
         Ok(())
     }
 
@@ -686,7 +707,7 @@ impl Root {
             .map_err(|e| io(&path, e.error))?;
         let meta = fs::symlink_metadata(&full).map_err(|e| io(&path, e))?;
         let stat = Stat::of(&meta);
-        self.cache.insert(path, (stat, hash));
+        self.cache.0.insert(path, (stat, hash));
         Ok(stat.node(hash))
     }
 
@@ -747,8 +768,8 @@ impl Root {
                 }
                 self.parent_exists(to, &to_full)?;
                 fs::rename(&full, &to_full).map_err(|e| io(path, e))?;
-                if let Some(entry) = self.cache.remove(path) {
-                    self.cache.insert(to.clone(), entry);
+                if let Some(entry) = self.cache.0.remove(path) {
+                    self.cache.0.insert(to.clone(), entry);
                 }
                 self.current(to)
             }

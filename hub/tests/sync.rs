@@ -151,11 +151,13 @@ async fn first_sync_edits_deletions_and_a_one_byte_change_in_a_big_file() {
     assert!(totals["files_up"].as_u64().unwrap() >= 4, "{totals}");
     assert_eq!(totals["conflicts"].as_array().unwrap().len(), 0);
 
-    // A second run with nothing changed sends nothing.
+    // A second run with nothing changed sends nothing, and the workspace sends only what
+    // changed since the last run (nothing), not its whole manifest again.
     let (ok, totals, err) = e.once(&[]);
     assert!(ok, "{err}");
     assert_eq!(totals["files_up"], 0);
     assert_eq!(totals["files_down"], 0);
+    assert!(totals["wire_down"].as_u64().unwrap() < 1024, "{totals}");
 
     // An edit on each side, a new file in the workspace.
     write(
@@ -488,14 +490,16 @@ impl Raw {
             recv.expect::<StreamReply>().await.unwrap(),
             StreamReply::Accepted(_)
         ));
+        // A made-up digest of "what I knew" buys nothing: the whole manifest comes.
         let hello = SyncHello {
             version: SYNC_VERSION,
             ignore: vec![],
+            known: Some(Hash([9; 32])),
         };
         send_msg(&mut send, &SyncMsg::Hello(hello)).await.unwrap();
         assert!(matches!(
             recv.expect::<SyncMsg>().await.unwrap(),
-            SyncMsg::Ready(_)
+            SyncMsg::Ready(r) if !r.resumed
         ));
         Raw {
             send,

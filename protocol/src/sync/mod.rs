@@ -61,6 +61,22 @@ pub struct SyncHello {
     pub version: u16,
     /// Extra ignore patterns (gitignore syntax) on top of the tree's own `.gitignore` files.
     pub ignore: Vec<String>,
+    /// The [`digest`] of the server's manifest as the driver last held it (an earlier
+    /// session). If the server still holds the same tree, its first batch is only what
+    /// changed since; otherwise it is the whole tree.
+    pub known: Option<Hash>,
+}
+
+/// A digest of a whole manifest (BLAKE3 over its entries in order).
+pub fn digest(tree: &plan::Tree) -> Hash {
+    let mut hasher = blake3::Hasher::new();
+    for (path, node) in tree {
+        hasher.update(&(path.len() as u64).to_le_bytes());
+        hasher.update(path.as_bytes());
+        // Nodes are small; their postcard form always encodes.
+        hasher.update(&postcard::to_stdvec(node).unwrap_or_default());
+    }
+    Hash(*hasher.finalize().as_bytes())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +86,9 @@ pub struct SyncReady {
     pub root: String,
     /// Whether file events are watched (false: periodic rescans only).
     pub watching: bool,
+    /// The server still held the tree [`SyncHello::known`] names: the first batch is what
+    /// changed since. Otherwise it is the whole tree.
+    pub resumed: bool,
 }
 
 /// A content hash (BLAKE3).
