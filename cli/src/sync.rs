@@ -831,7 +831,7 @@ async fn run_link(
                 steps = d.pass(&mut tx, &mut inbox, true, watcher).await?;
                 passes += 1;
             }
-            let _ = tx.send.finish();
+            close(&mut tx, &mut inbox).await;
             return Ok(Outcome::Finished);
         }
         // Wait for something to change on either side.
@@ -861,7 +861,7 @@ async fn run_link(
                     break;
                 }
                 _ = tokio::signal::ctrl_c() => {
-                    let _ = tx.send.finish();
+                    close(&mut tx, &mut inbox).await;
                     return Ok(Outcome::Interrupted);
                 }
             }
@@ -870,6 +870,16 @@ async fn run_link(
             d.notice(format!("local: {}", problem.message));
         }
     }
+}
+
+/// Ends the stream and waits (briefly) for the workspace to end its side, so it has
+/// recorded where this session left off before the process exits.
+async fn close(tx: &mut Tx, inbox: &mut Inbox) {
+    let _ = tx.send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(Ok(_)) = inbox.recv().await {}
+    })
+    .await;
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -1073,4 +1083,26 @@ pub fn status(json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "x").unwrap();
+        let mut root = Root::open(dir.path(), &[], None).unwrap();
+        let tree = root.scan();
+        let saved = SavedRef {
+            ancestor: &tree,
+            remote: &tree,
+            cache: root.cache(),
+        };
+        let bytes = postcard::to_stdvec(&saved).unwrap();
+        let back: Saved = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.remote, tree);
+        assert_eq!(back.ancestor, tree);
+    }
 }

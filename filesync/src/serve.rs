@@ -435,6 +435,9 @@ async fn run(
                 Some(msg) => {
                     s.handle(msg).await?;
                     last_request = tokio::time::Instant::now();
+                    // Requests can arrive faster than they are served: let the agent's
+                    // other tasks (heartbeats, terminals) run between them.
+                    tokio::task::yield_now().await;
                 }
                 None => {
                     let _ = s.tx.send.finish();

@@ -157,7 +157,7 @@ async fn first_sync_edits_deletions_and_a_one_byte_change_in_a_big_file() {
     assert!(ok, "{err}");
     assert_eq!(totals["files_up"], 0);
     assert_eq!(totals["files_down"], 0);
-    assert!(totals["wire_down"].as_u64().unwrap() < 1024, "{totals}");
+    assert!(totals["wire_down"].as_u64().unwrap() < 256, "{totals}");
 
     // An edit on each side, a new file in the workspace.
     write(
