@@ -116,6 +116,8 @@ struct Driver {
     phase: &'static str,
     started: std::time::SystemTime,
     notices: Vec<String>,
+    /// Changes that failed in the last pass (a `--once` sync that ends with some fails).
+    failed_last_pass: u64,
     /// Deletions the user already confirmed (count per side), so a pass is not asked twice.
     confirmed: bool,
     next_id: u64,
@@ -624,14 +626,15 @@ impl Driver {
         wait_batch(self, inbox, Some(id)).await
     }
 
-    /// One pass: scan, plan, check, execute. Returns the number of steps.
+    /// One pass: scan, plan, check, execute. Returns whether another pass is needed
+    /// (conflict copies to carry across, or changes that failed and may succeed now).
     async fn pass(
         &mut self,
         tx: &mut Tx,
         inbox: &mut Inbox,
         full: bool,
         watcher: &Watcher,
-    ) -> Result<usize> {
+    ) -> Result<bool> {
         self.phase = "scanning";
         let local = self.scan_local(full, watcher);
         let plan = plan::plan(&self.ancestor, &local, &self.remote, &stamp());
@@ -645,9 +648,10 @@ impl Driver {
         // Changes to the local side are recorded in this tree as they succeed.
         self.local_tree = Some(local);
         guard?;
+        self.failed_last_pass = 0;
         if plan.steps.is_empty() {
             self.save();
-            return Ok(0);
+            return Ok(false);
         }
         self.totals.passes += 1;
         self.phase = "syncing";
@@ -684,15 +688,17 @@ impl Driver {
             eprintln!("sync: conflict: {message}");
             self.totals.conflicts.push(message);
         }
-        let n = plan.steps.len();
+        let copies = plan.conflicts.iter().any(|c| c.copy.is_some());
+        let errors = self.totals.errors;
         self.execute(plan.steps, tx, inbox).await?;
+        self.failed_last_pass = self.totals.errors - errors;
         if self.progress.shown {
             self.show_progress(true);
             eprintln!();
         }
         self.phase = "watching";
         self.save();
-        Ok(n)
+        Ok(copies || self.failed_last_pass > 0)
     }
 }
 
@@ -821,14 +827,14 @@ async fn run_link(
     // A new link starts from a full scan; later passes rescan what events named.
     let mut full = true;
     loop {
-        let mut steps = d.pass(&mut tx, &mut inbox, full, watcher).await?;
+        let mut again = d.pass(&mut tx, &mut inbox, full, watcher).await?;
         full = false;
         if d.args.once {
-            // Passes until nothing is left (conflict copies travel in the second one).
+            // Conflict copies travel in a second pass; failed changes get another chance.
             let mut passes = 1;
-            while steps > 0 && passes < 5 {
+            while again && passes < 5 {
                 d.refresh_remote(&mut tx, &mut inbox).await?;
-                steps = d.pass(&mut tx, &mut inbox, true, watcher).await?;
+                again = d.pass(&mut tx, &mut inbox, true, watcher).await?;
                 passes += 1;
             }
             close(&mut tx, &mut inbox).await;
@@ -976,6 +982,7 @@ pub async fn sync(hub: Hub, args: Args, json: bool) -> Result<i32> {
         started: std::time::SystemTime::now(),
         notices: Vec::new(),
         confirmed: false,
+        failed_last_pass: 0,
         next_id: 0,
         progress: Progress::default(),
     };
@@ -1015,7 +1022,7 @@ pub async fn sync(hub: Hub, args: Args, json: bool) -> Result<i32> {
     let _ = std::fs::remove_file(&d.status_file);
     print_summary(&d.totals, json);
     match outcome {
-        Ok(Outcome::Finished) if d.totals.errors > 0 && d.args.once => Ok(1),
+        Ok(Outcome::Finished) if d.failed_last_pass > 0 && d.args.once => Ok(1),
         Ok(Outcome::Finished | Outcome::Interrupted) => Ok(0),
         Err(e) => Err(e),
     }

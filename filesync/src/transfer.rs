@@ -87,7 +87,8 @@ impl Tx {
         .await?;
         let mut encoder = signature.map(|(block, blocks)| Encoder::new(block, blocks));
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0; CHUNK_LEN];
+        // Small files get small buffers: most files are far smaller than a chunk.
+        let mut buf = vec![0; (meta.size as usize).clamp(4096, CHUNK_LEN)];
         let mut ops: Vec<Op> = Vec::new();
         let mut size = 0u64;
         loop {
