@@ -967,7 +967,11 @@ pub async fn sync(hub: Hub, args: Args, json: bool) -> Result<i32> {
         .unwrap_or_default();
     let mut local = local;
     local.set_cache(saved.cache);
-    let watcher = Watcher::new(&local_dir);
+    let watcher = if args.once {
+        Watcher::idle()
+    } else {
+        Watcher::new(&local_dir)
+    };
     let mut d = Driver {
         args,
         root_name,

@@ -439,7 +439,7 @@ async fn run(
                     // Requests can arrive faster than they are served: let the agent's
                     // other tasks (heartbeats, terminals) run now and then.
                     handled += 1;
-                    if handled % 16 == 0 {
+                    if handled.is_multiple_of(16) {
                         tokio::task::yield_now().await;
                     }
                 }

@@ -120,6 +120,38 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// Copies blocks of the base file into the new file.
+    fn copy_blocks(
+        &mut self,
+        base: &mut File,
+        block: u64,
+        first: u32,
+        count: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), OpError> {
+        let mut left = u64::from(count) * block;
+        base.seek(SeekFrom::Start(u64::from(first) * block))
+            .map_err(|e| io("base", e))?;
+        if buf.is_empty() {
+            *buf = vec![0; 256 * 1024];
+        }
+        let mut copied = 0;
+        while left > 0 {
+            let want = (left as usize).min(buf.len());
+            let n = base.read(&mut buf[..want]).map_err(|e| io("base", e))?;
+            if n == 0 {
+                break;
+            }
+            self.write(&buf[..n])?;
+            left -= n as u64;
+            copied += n;
+        }
+        if copied == 0 {
+            return Err(OpError::new(OpErrorCode::Changed, "the base file shrank"));
+        }
+        Ok(())
+    }
+
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), OpError> {
         self.tmp.write_all(bytes).map_err(|e| io(&self.path, e))?;
         self.hasher.update(bytes);
@@ -134,26 +166,15 @@ impl Incoming {
             match op {
                 Op::Literal(bytes) => self.write(bytes)?,
                 Op::Copy { first, count } => {
-                    let Some((base, block)) = self.base.as_mut() else {
+                    let Some((mut base, block)) = self.base.take() else {
                         return Err(OpError::new(
                             OpErrorCode::BadRequest,
                             "delta without a base",
                         ));
                     };
-                    let block = *block;
-                    let want = u64::from(*count) * block;
-                    base.seek(SeekFrom::Start(u64::from(*first) * block))
-                        .map_err(|e| io("base", e))?;
-                    buf.clear();
-                    base.take(want)
-                        .read_to_end(&mut buf)
-                        .map_err(|e| io("base", e))?;
-                    if buf.is_empty() {
-                        return Err(OpError::new(OpErrorCode::Changed, "the base file shrank"));
-                    }
-                    let bytes = std::mem::take(&mut buf);
-                    self.write(&bytes)?;
-                    buf = bytes;
+                    let copied = self.copy_blocks(&mut base, block, *first, *count, &mut buf);
+                    self.base = Some((base, block));
+                    copied?;
                 }
             }
         }

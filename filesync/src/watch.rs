@@ -97,6 +97,18 @@ impl Watcher {
         }
     }
 
+    /// A watcher that watches nothing (one-off syncs): never signals, always asks for a
+    /// full scan.
+    pub fn idle() -> Watcher {
+        Watcher {
+            _inner: None,
+            changed: Arc::new(Notify::new()),
+            paths: Arc::new(Mutex::new(None)),
+            problem: Arc::new(Mutex::new(None)),
+            reported: Default::default(),
+        }
+    }
+
     /// Whether events are coming at all (false: rescans only).
     pub fn watching(&self) -> bool {
         self._inner.is_some() && self.problem.lock().is_ok_and(|p| p.is_none())
