@@ -118,7 +118,7 @@ struct Driver {
     notices: Vec<String>,
     /// Changes that failed in the last pass (a `--once` sync that ends with some fails).
     failed_last_pass: u64,
-    /// Deletions the user already confirmed (count per side), so a pass is not asked twice.
+    /// The user confirmed this pass's deletions (asked once per pass, not per side).
     confirmed: bool,
     next_id: u64,
     progress: Progress,
@@ -645,6 +645,8 @@ impl Driver {
             };
         }
         let guard = self.guard_deletions(&plan, &local);
+        // A confirmation covers the pass it was given for.
+        self.confirmed = false;
         // Changes to the local side are recorded in this tree as they succeed.
         self.local_tree = Some(local);
         guard?;

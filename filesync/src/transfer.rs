@@ -60,8 +60,10 @@ impl Tx {
 
     /// Sends the file at `path` as `Put` + `Data`/`Delta` + `End`. The outer error is the
     /// stream's; the inner one means nothing was sent (the file could not be opened).
-    /// Returns what was sent, hashed as it was read (a read error midway ends the file
-    /// with the zero hash, which the receiver refuses).
+    /// The hash sent is the one the scan found for this very file version; if the file
+    /// changes while it is read (its size or times move), the file ends with the zero
+    /// hash instead, which the receiver refuses; so does any read error. The receiver
+    /// hashes what it got either way, so a mismatch never lands.
     pub async fn file(
         &mut self,
         root: &mut Root,
@@ -86,11 +88,9 @@ impl Tx {
         }))
         .await?;
         let mut encoder = signature.map(|(block, blocks)| Encoder::new(block, blocks));
-        let mut hasher = blake3::Hasher::new();
         // Small files get small buffers: most files are far smaller than a chunk.
         let mut buf = vec![0; (meta.size as usize).clamp(4096, CHUNK_LEN)];
         let mut ops: Vec<Op> = Vec::new();
-        let mut size = 0u64;
         loop {
             let n = match file.read(&mut buf) {
                 Ok(0) => break,
@@ -104,8 +104,6 @@ impl Tx {
                     return Ok(Ok(meta));
                 }
             };
-            size += n as u64;
-            hasher.update(&buf[..n]);
             match &mut encoder {
                 None => {
                     self.msg(&SyncMsg::Data(DataChunk {
@@ -126,9 +124,13 @@ impl Tx {
             enc.finish(|op| ops.push(op));
             self.delta(id, &mut ops).await?;
         }
-        let hash = Hash(*hasher.finalize().as_bytes());
+        let unchanged = file.metadata().is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.size() == meta.size && m.mtime() * 1_000_000_000 + m.mtime_nsec() == meta.mtime_ns
+        });
+        let hash = if unchanged { meta.hash } else { Hash([0; 32]) };
         self.msg(&SyncMsg::End(FileEnd { id, hash })).await?;
-        Ok(Ok(FileMeta { size, hash, ..meta }))
+        Ok(Ok(meta))
     }
 
     async fn delta(&mut self, id: u64, ops: &mut Vec<Op>) -> Result<(), LinkError> {
