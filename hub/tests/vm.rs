@@ -191,6 +191,40 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
             .rfind(|v| !v.starts_with('$'))
             .unwrap_or("?")
     );
+    // `wsh sync` into the guest: files land in the user's home, owned by the user, with
+    // their executable bit.
+    let local = tempfile::tempdir().unwrap();
+    std::fs::write(local.path().join("hello.txt"), "from the host\n").unwrap();
+    std::fs::write(local.path().join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(
+        local.path().join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(harness::binary("wsh").unwrap())
+        .args(["sync", "--once", &id])
+        .arg(local.path())
+        .arg("proj")
+        .env("WSH_HUB", hub.url(""))
+        .env("WSH_TOKEN", &hub.token)
+        .env("XDG_STATE_HOME", state.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let synced = term
+        .run(
+            "stat -c '%U:%a' ~/proj/run.sh; ~/proj/run.sh; cat ~/proj/hello.txt; echo sync-$((4+4))",
+            "sync-8\r\n",
+        )
+        .await;
+    assert!(synced.contains("dev:755\r\n"), "{synced}");
+    assert!(synced.contains("ran\r\nfrom the host\r\n"), "{synced}");
+
     let log = hub.log();
     eprintln!(
         "{}",
