@@ -407,7 +407,6 @@ async fn run(
     let mut last_event = tokio::time::Instant::now();
     let mut last_request = last_event;
     let mut skipped_reported = 0;
-    let mut handled = 0u64;
     let mut rescan = tokio::time::interval(options.rescan);
     rescan.reset();
     loop {
@@ -436,12 +435,6 @@ async fn run(
                 Some(msg) => {
                     s.handle(msg).await?;
                     last_request = tokio::time::Instant::now();
-                    // Requests can arrive faster than they are served: let the agent's
-                    // other tasks (heartbeats, terminals) run now and then.
-                    handled += 1;
-                    if handled.is_multiple_of(16) {
-                        tokio::task::yield_now().await;
-                    }
                 }
                 None => {
                     let _ = s.tx.send.finish();

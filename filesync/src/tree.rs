@@ -190,10 +190,12 @@ impl Root {
         extra_ignores: &[String],
         owner: Option<(u32, u32)>,
     ) -> Result<Root, OpError> {
-        if !dir.exists() {
-            fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
+        // Create what is missing, each new folder owned like the rest of the tree.
+        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+        for d in missing.into_iter().rev() {
+            fs::create_dir(d).map_err(|e| io(&d.display().to_string(), e))?;
             if let Some((uid, gid)) = owner {
-                std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(|e| io("chown", e))?;
+                std::os::unix::fs::lchown(d, Some(uid), Some(gid)).map_err(|e| io("chown", e))?;
             }
         }
         let meta = fs::symlink_metadata(dir).map_err(|e| io(&dir.display().to_string(), e))?;

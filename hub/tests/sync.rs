@@ -136,6 +136,13 @@ async fn first_sync_edits_deletions_and_a_one_byte_change_in_a_big_file() {
     std::os::unix::fs::symlink("../README.md", l.join("src/readme")).unwrap();
     // Links that leave the folder are not synced (and said so).
     std::os::unix::fs::symlink("/etc/passwd", l.join("escape")).unwrap();
+    // Many small files too: the agent serves thousands of requests in a row.
+    for i in 0..2000 {
+        write(
+            &l.join(format!("many/d{}/f{i}.txt", i % 20)),
+            format!("{i}\n").as_bytes(),
+        );
+    }
     let big = pseudo(64 << 20);
     write(&l.join("data/big.bin"), &big);
 
@@ -232,6 +239,9 @@ async fn first_sync_edits_deletions_and_a_one_byte_change_in_a_big_file() {
     assert!(totals["deleted_remote"].as_u64().unwrap() >= 4, "{totals}");
     // The link into the deleted folder is dangling now, on both sides alike.
     e.assert_same();
+    // Hashing and writing never kept the agent from its heartbeats.
+    let log = e.hub.agent_log(&e.id);
+    assert!(!log.contains("link to hub lost"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
