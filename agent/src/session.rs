@@ -298,35 +298,9 @@ async fn serve_stream(
         }
         StreamHeader::TcpForward(open) => crate::forward::serve(open, send, recv, forwards).await,
         StreamHeader::Sync(open) => {
-            // A running sync is use of the workspace, like an open forward. It runs on a
-            // thread of its own: hashing and writing files never stall heartbeats or
-            // terminals on the agent's single-threaded runtime.
-            let busy = crate::forward::Busy::new(forwards);
-            let (done, finished) = tokio::sync::oneshot::channel();
-            let thread = std::thread::Builder::new()
-                .name("sync".into())
-                .spawn(move || {
-                    let _busy = busy;
-                    let result = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map(|rt| rt.block_on(filesync::serve::serve(open.root, sync, send, recv)));
-                    let _ = done.send(result);
-                });
-            match thread {
-                Ok(_) => match finished.await {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "sync runtime");
-                        Ok(())
-                    }
-                    Err(_) => Ok(()),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "sync thread");
-                    Ok(())
-                }
-            }
+            // A running sync is use of the workspace, like an open forward.
+            let _busy = crate::forward::Busy::new(forwards);
+            filesync::serve::serve(open.root, sync, send, recv).await
         }
         other => {
             let refused = StreamRefused {

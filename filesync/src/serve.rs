@@ -242,10 +242,21 @@ impl Session {
                 });
                 self.done(header.id, &header.path, result).await
             }
-            SyncMsg::SignatureRequest(req) => match self.root().signature(&req.path) {
-                Ok((block, blocks)) => self.tx.signature(req.id, block, &blocks).await,
-                Err(e) => self.done(req.id, &req.path, Err(e)).await,
-            },
+            SyncMsg::SignatureRequest(req) => {
+                // Reading a large file takes a while: not on the agent's runtime.
+                let signature = match self.root().open_file(&req.path) {
+                    Ok((file, meta)) => tokio::task::spawn_blocking(move || {
+                        crate::tree::signature_of(file, meta.size)
+                    })
+                    .await
+                    .map_err(|_| unexpected("signature panicked"))?,
+                    Err(e) => Err(e),
+                };
+                match signature {
+                    Ok((block, blocks)) => self.tx.signature(req.id, block, &blocks).await,
+                    Err(e) => self.done(req.id, &req.path, Err(e)).await,
+                }
+            }
             SyncMsg::Signature(chunk) => {
                 self.pending_blocks += chunk.blocks.len();
                 if self.pending_blocks > MAX_PENDING_BLOCKS || chunk.block_len == 0 {
@@ -407,6 +418,7 @@ async fn run(
     let mut last_event = tokio::time::Instant::now();
     let mut last_request = last_event;
     let mut skipped_reported = 0;
+    let mut handled = 0u64;
     let mut rescan = tokio::time::interval(options.rescan);
     rescan.reset();
     loop {
@@ -435,6 +447,12 @@ async fn run(
                 Some(msg) => {
                     s.handle(msg).await?;
                     last_request = tokio::time::Instant::now();
+                    // Requests can arrive faster than they are served: let the agent's
+                    // other tasks (heartbeats, terminals) run now and then.
+                    handled += 1;
+                    if handled.is_multiple_of(16) {
+                        tokio::task::yield_now().await;
+                    }
                 }
                 None => {
                     let _ = s.tx.send.finish();

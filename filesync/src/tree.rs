@@ -815,19 +815,24 @@ impl Root {
         }
     }
 
-    /// The block signature of a file (empty if it is missing or not a file).
+    /// The block signature of a file of the tree.
     pub fn signature(&mut self, path: &str) -> Result<(u32, Vec<BlockSig>), OpError> {
-        let (mut file, meta) = self.open_file(path)?;
-        let block = delta::block_len(meta.size);
-        let mut sig = delta::SignatureBuilder::new(block);
-        let mut buf = vec![0; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).map_err(|e| io(path, e))?;
-            if n == 0 {
-                break;
-            }
-            sig.feed(&buf[..n]);
-        }
-        Ok((block, sig.finish()))
+        let (file, meta) = self.open_file(path)?;
+        signature_of(file, meta.size)
     }
+}
+
+/// The block signature of an open file whose size was `size` when it was scanned.
+pub fn signature_of(mut file: File, size: u64) -> Result<(u32, Vec<BlockSig>), OpError> {
+    let block = delta::block_len(size);
+    let mut sig = delta::SignatureBuilder::new(block);
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| io("signature", e))?;
+        if n == 0 {
+            break;
+        }
+        sig.feed(&buf[..n]);
+    }
+    Ok((block, sig.finish()))
 }
