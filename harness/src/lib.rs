@@ -45,6 +45,20 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Deterministic bytes that do not compress or repeat in blocks (xorshift), for file
+/// contents in tests and benchmarks.
+pub fn pseudo_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// How to start a hub.
 #[derive(Debug, Clone)]
 pub struct HubOptions {

@@ -38,18 +38,6 @@ fn parse_args() -> Args {
     args
 }
 
-fn pseudo(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// `files` files of 2-18 KiB in 100 folders of 10 subfolders' worth of nesting.
 fn make_tree(dir: &Path, files: usize) -> u64 {
     let mut total = 0;
@@ -57,7 +45,11 @@ fn make_tree(dir: &Path, files: usize) -> u64 {
         let sub = dir.join(format!("d{:02}/e{}", i % 100, (i / 100) % 10));
         std::fs::create_dir_all(&sub).unwrap();
         let len = 2048 + (i * 7919) % 16384;
-        std::fs::write(sub.join(format!("f{i}.txt")), pseudo(len, i as u64 + 1)).unwrap();
+        std::fs::write(
+            sub.join(format!("f{i}.txt")),
+            harness::pseudo_bytes(len, i as u64 + 1),
+        )
+        .unwrap();
         total += len as u64;
     }
     total
@@ -286,7 +278,7 @@ async fn main() {
 
     // A 64 MiB file, synced by both, then one byte changed.
     let big = local.join("big.bin");
-    let mut content = pseudo(64 << 20, 99);
+    let mut content = harness::pseudo_bytes(64 << 20, 99);
     std::fs::write(&big, &content).unwrap();
     wsh.once(&local, "tree");
     if let Some(p) = &peer {

@@ -111,18 +111,6 @@ fn write(path: &Path, content: &[u8]) {
     std::fs::write(path, content).unwrap();
 }
 
-fn pseudo(len: usize) -> Vec<u8> {
-    let mut x = 0x2545f4914f6cdd1du64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn first_sync_edits_deletions_and_a_one_byte_change_in_a_big_file() {
     let e = env().await;
@@ -143,7 +131,7 @@ async fn first_sync_edits_deletions_and_a_one_byte_change_in_a_big_file() {
             format!("{i}\n").as_bytes(),
         );
     }
-    let big = pseudo(64 << 20);
+    let big = harness::pseudo_bytes(64 << 20, 1);
     write(&l.join("data/big.bin"), &big);
 
     let (ok, totals, err) = e.once(&[]);
