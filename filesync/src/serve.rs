@@ -214,20 +214,27 @@ impl Session {
                 Ok(())
             }
             SyncMsg::Delta(chunk) => {
-                let Some((header, file)) = self.incoming.as_mut().filter(|(h, _)| h.id == chunk.id)
-                else {
+                if !matches!(&self.incoming, Some((h, _)) if h.id == chunk.id) {
+                    return Err(unexpected("Delta outside a Put"));
+                }
+                let Some((header, file)) = self.incoming.take() else {
                     return Err(unexpected("Delta outside a Put"));
                 };
-                if let Ok(f) = file {
-                    if !header.delta {
-                        *file = Err(OpError::new(
-                            OpErrorCode::BadRequest,
-                            "Delta in a whole Put",
-                        ));
-                    } else if let Err(e) = f.apply(&chunk.ops) {
-                        *file = Err(e);
+                let file = match file {
+                    // Copying blocks of a large base file takes a while: not on the
+                    // agent's runtime.
+                    Ok(mut f) if header.delta => {
+                        tokio::task::spawn_blocking(move || f.apply(&chunk.ops).map(|_| f))
+                            .await
+                            .map_err(|_| unexpected("delta panicked"))?
                     }
-                }
+                    Ok(_) => Err(OpError::new(
+                        OpErrorCode::BadRequest,
+                        "Delta in a whole Put",
+                    )),
+                    Err(e) => Err(e),
+                };
+                self.incoming = Some((header, file));
                 Ok(())
             }
             SyncMsg::End(end) => {
