@@ -76,6 +76,23 @@ fn hash_file(path: &Path) -> std::io::Result<Hash> {
     Ok(Hash(*hasher.finalize().as_bytes()))
 }
 
+/// Hashes one file of the tree. A file that changed while it was hashed gets a stat that
+/// never matches the cache, so the next scan hashes it again.
+fn hash_one(dir: &Path, rel: &str, stat: &Stat) -> Option<(String, Stat, Hash)> {
+    let path = dir.join(rel);
+    let hash = hash_file(&path).ok()?;
+    let now = Stat::of(&fs::symlink_metadata(&path).ok()?);
+    let stat = if now == *stat {
+        now
+    } else {
+        Stat {
+            ino: u64::MAX,
+            ..now
+        }
+    };
+    Some((rel.to_owned(), stat, hash))
+}
+
 fn open_nofollow(path: &Path) -> std::io::Result<File> {
     fs::OpenOptions::new()
         .read(true)
@@ -495,10 +512,17 @@ impl Root {
         seen
     }
 
+    /// Hashes files, on a few threads when there are several.
     fn hash_all(&self, files: Vec<(String, Stat)>) -> Vec<(String, Stat, Hash)> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        let per = files.len().div_ceil(threads).max(1);
         let dir = &self.dir;
+        if files.len() <= 1 {
+            return files
+                .iter()
+                .filter_map(|(rel, stat)| hash_one(dir, rel, stat))
+                .collect();
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let per = files.len().div_ceil(threads);
         std::thread::scope(|s| {
             let jobs: Vec<_> = files
                 .chunks(per)
@@ -506,31 +530,13 @@ impl Root {
                     s.spawn(move || {
                         chunk
                             .iter()
-                            .filter_map(|(rel, stat)| {
-                                let path = dir.join(rel);
-                                let hash = hash_file(&path).ok()?;
-                                // Changed while hashed: take the newer stat (hashed again next time).
-                                let now = fs::symlink_metadata(&path).ok().map(|m| Stat::of(&m))?;
-                                Some((rel.clone(), now, hash, now == *stat))
-                            })
+                            .filter_map(|(rel, stat)| hash_one(dir, rel, stat))
                             .collect::<Vec<_>>()
                     })
                 })
                 .collect();
             jobs.into_iter()
                 .flat_map(|j| j.join().unwrap_or_default())
-                .map(|(rel, stat, hash, stable)| {
-                    // A file that changed under us gets a stat that never matches the cache.
-                    let stat = if stable {
-                        stat
-                    } else {
-                        Stat {
-                            ino: u64::MAX,
-                            ..stat
-                        }
-                    };
-                    (rel, stat, hash)
-                })
                 .collect()
         })
     }

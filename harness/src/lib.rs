@@ -156,6 +156,14 @@ impl TestHub {
         format!("http://{}{path}", self.listening.http)
     }
 
+    /// A `wsh` command pointed at this hub with its token.
+    pub fn wsh(&self) -> Result<Command> {
+        let mut cmd = Command::new(binary("wsh")?);
+        cmd.env("WSH_HUB", self.url(""))
+            .env("WSH_TOKEN", &self.token);
+        Ok(cmd)
+    }
+
     /// The hub's stderr log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("hub.log")).unwrap_or_default()

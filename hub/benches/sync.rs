@@ -122,10 +122,8 @@ struct Wsh<'a> {
 
 impl Wsh<'_> {
     fn cmd(&self) -> Command {
-        let mut cmd = Command::new(harness::binary("wsh").unwrap());
-        cmd.env("WSH_HUB", self.hub.url(""))
-            .env("WSH_TOKEN", &self.hub.token)
-            .env("XDG_STATE_HOME", self.state.path())
+        let mut cmd = self.hub.wsh().unwrap();
+        cmd.env("XDG_STATE_HOME", self.state.path())
             .stdin(Stdio::null());
         cmd
     }

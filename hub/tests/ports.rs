@@ -19,9 +19,7 @@ fn free_port() -> u16 {
 }
 
 fn wsh(hub: &TestHub) -> Command {
-    let mut cmd = Command::new(harness::binary("wsh").unwrap());
-    cmd.env("WSH_HUB", hub.url("")).env("WSH_TOKEN", &hub.token);
-    cmd
+    hub.wsh().unwrap()
 }
 
 /// A `wsh attach` running a command in the workspace; detaches when dropped (the command

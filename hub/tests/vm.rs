@@ -202,12 +202,12 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
     )
     .unwrap();
     let state = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(harness::binary("wsh").unwrap())
+    let out = hub
+        .wsh()
+        .unwrap()
         .args(["sync", "--once", &id])
         .arg(local.path())
         .arg("proj")
-        .env("WSH_HUB", hub.url(""))
-        .env("WSH_TOKEN", &hub.token)
         .env("XDG_STATE_HOME", state.path())
         .output()
         .unwrap();
