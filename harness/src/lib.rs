@@ -5,8 +5,11 @@
 //! Entry point: [`TestHub::start`]. Binaries are taken from the cargo target folder of the
 //! running test; if one is missing it is built first.
 
+pub mod bench;
 pub mod firestore;
 pub mod oidc;
+pub mod raw_agent;
+pub mod sse;
 pub mod sshd;
 
 use anyhow::{Context, Result, bail};

@@ -20,22 +20,12 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        clients: 100,
-        per_client: 20,
-        ready: 20,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut num = || it.next().and_then(|v| v.parse().ok()).expect("a number");
-        match a.as_str() {
-            "--clients" => args.clients = num(),
-            "--per-client" => args.per_client = num(),
-            "--ready" => args.ready = num(),
-            _ => {} // cargo bench passes --bench
-        }
+    let a = harness::bench::BenchArgs::parse(&["--clients", "--per-client", "--ready"]);
+    Args {
+        clients: a.num("--clients", 100, 4),
+        per_client: a.num("--per-client", 20, 3),
+        ready: a.num("--ready", 20, 2),
     }
-    args
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -28,29 +28,22 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        only: Vec::new(),
-        samples: 100,
-        conns: 10_000,
-        requests: 2_000,
-        clients: 16,
-        mib: 512,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut num = || it.next().and_then(|v| v.parse().ok()).expect("a number");
-        match a.as_str() {
-            "--samples" => args.samples = num() as usize,
-            "--conns" => args.conns = num() as usize,
-            "--requests" => args.requests = num() as usize,
-            "--clients" => args.clients = num() as usize,
-            "--mib" => args.mib = num(),
-            "--only" => args.only.push(it.next().expect("a part")),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
-        }
+    let a = harness::bench::BenchArgs::parse(&[
+        "--samples",
+        "--conns",
+        "--requests",
+        "--clients",
+        "--mib",
+        "--only",
+    ]);
+    Args {
+        only: a.all("--only"),
+        samples: a.num("--samples", 100, 3),
+        conns: a.num("--conns", 10_000, 100),
+        requests: a.num("--requests", 2_000, 50),
+        clients: a.num("--clients", 16, 2),
+        mib: a.num("--mib", 512, 4),
     }
-    args
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {

@@ -21,21 +21,11 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        files: 10_000,
-        samples: 100,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut num = || it.next().and_then(|v| v.parse().ok()).expect("a number");
-        match a.as_str() {
-            "--files" => args.files = num(),
-            "--samples" => args.samples = num(),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
-        }
+    let a = harness::bench::BenchArgs::parse(&["--files", "--samples"]);
+    Args {
+        files: a.num("--files", 10_000, 50),
+        samples: a.num("--samples", 100, 3),
     }
-    args
 }
 
 /// `files` files of 2-18 KiB in 100 folders of 10 subfolders' worth of nesting.

@@ -24,20 +24,11 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        samples: 1000,
-        bulk_mib: 256,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut num = || it.next().and_then(|v| v.parse().ok()).expect("a number");
-        match a.as_str() {
-            "--samples" => args.samples = num(),
-            "--bulk-mib" => args.bulk_mib = num(),
-            _ => {}
-        }
+    let a = harness::bench::BenchArgs::parse(&["--samples", "--bulk-mib"]);
+    Args {
+        samples: a.num("--samples", 1000, 20),
+        bulk_mib: a.num("--bulk-mib", 256, 2),
     }
-    args
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -275,10 +266,11 @@ type Ws =
 
 async fn ws_attach(hub: &TestHub, workspace: &str, session: &str, offset: u64) -> Ws {
     use futures_util::StreamExt;
-    let url = format!(
-        "ws://{}/workspaces/{workspace}/terminal?access_token={}&session={session}&offset={offset}",
-        hub.listening.http, hub.token
-    );
+    // A fresh session ticket, the way the web UI opens a terminal.
+    let url = hub
+        .terminal_url(workspace, &format!("session={session}&offset={offset}"))
+        .await
+        .unwrap();
     let mut ws = tokio_tungstenite::connect_async(url).await.unwrap().0;
     match ws.next().await {
         Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {

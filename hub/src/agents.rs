@@ -8,6 +8,7 @@
 //! The hub never interprets bytes on any other stream.
 
 use crate::ca;
+use crate::events::{Detail, WorkspaceEvent};
 use crate::store::{StoreError, TokenRejection};
 use crate::workspace::{Status, Workspace, now_ms};
 use crate::{AppState, Hub};
@@ -90,6 +91,8 @@ struct Connected {
     conn: quinn::Connection,
     session: u64,
     ports: Ports,
+    /// What `ports` holds, in [`PortView::weight`] bytes (at most [`MAX_PORT_BYTES`]).
+    port_bytes: usize,
 }
 
 /// A workspace's listening ports, as its agent reported them.
@@ -117,6 +120,9 @@ pub struct PortView {
 
 /// At most this many ports per workspace are kept; more are ignored.
 const MAX_PORTS: usize = 4096;
+/// And at most this much of their data (what the agent sends, trimmed, ~1 MiB): ports past
+/// it are ignored the same way.
+const MAX_PORT_BYTES: usize = 1024 * 1024;
 
 impl PortView {
     /// Checks and trims what an agent sent: port 0 is refused, strings are cut short.
@@ -136,6 +142,14 @@ impl PortView {
             command: cut(p.command, 512),
             http: p.http,
         })
+    }
+
+    /// Roughly what the hub holds for this port, in bytes.
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.addresses.iter().map(|a| a.len() + 24).sum::<usize>()
+            + self.process.len()
+            + self.command.len()
     }
 }
 
@@ -192,42 +206,51 @@ impl Registry {
     }
 
     /// Applies a port report from the agent's live session; returns the event to publish.
-    fn apply_ports(&self, id: Uuid, session: u64, msg: ControlMsg) -> Option<serde_json::Value> {
+    fn apply_ports(&self, id: Uuid, session: u64, msg: ControlMsg) -> Option<Detail> {
         let mut agents = self.lock();
-        let ports = &mut agents.get_mut(&id).filter(|c| c.session == session)?.ports;
+        let c = agents.get_mut(&id).filter(|c| c.session == session)?;
         match msg {
             ControlMsg::Ports(all) => {
-                ports.source = Some(match all.source {
+                c.ports.source = Some(match all.source {
                     protocol::control::PortSource::SockDiag => "sock_diag",
                     protocol::control::PortSource::ProcNet => "proc_net",
                 });
-                ports.ports = all
-                    .ports
-                    .into_iter()
-                    .filter_map(PortView::from_agent)
-                    .take(MAX_PORTS)
-                    .map(|p| (p.port, p))
-                    .collect();
-                Some(
-                    serde_json::json!({ "state": "all", "ports": ports.ports.values().collect::<Vec<_>>() }),
-                )
+                c.ports.ports.clear();
+                c.port_bytes = 0;
+                for view in all.ports.into_iter().filter_map(PortView::from_agent) {
+                    if c.ports.ports.len() >= MAX_PORTS {
+                        break;
+                    }
+                    if c.port_bytes + view.weight() <= MAX_PORT_BYTES {
+                        c.port_bytes += view.weight();
+                        if let Some(old) = c.ports.ports.insert(view.port, view) {
+                            c.port_bytes -= old.weight();
+                        }
+                    }
+                }
+                // Subscribers read the list when the event reaches them.
+                Some(Detail::Ports)
             }
             ControlMsg::PortOpened(info) => {
                 let view = PortView::from_agent(info)?;
-                if !ports.ports.contains_key(&view.port) && ports.ports.len() >= MAX_PORTS {
+                let old = c.ports.ports.get(&view.port).map_or(0, PortView::weight);
+                if (old == 0 && c.ports.ports.len() >= MAX_PORTS)
+                    || c.port_bytes - old + view.weight() > MAX_PORT_BYTES
+                {
                     return None;
                 }
-                let state = if ports.ports.contains_key(&view.port) {
-                    "updated"
-                } else {
-                    "opened"
-                };
-                ports.ports.insert(view.port, view.clone());
-                Some(serde_json::json!({ "state": state, "port": view }))
+                let state = if old > 0 { "updated" } else { "opened" };
+                c.port_bytes = c.port_bytes - old + view.weight();
+                let event = serde_json::json!({ "state": state, "port": view });
+                c.ports.ports.insert(view.port, view);
+                Some(Detail::Json(event))
             }
             ControlMsg::PortClosed(closed) => {
-                ports.ports.remove(&closed.port)?;
-                Some(serde_json::json!({ "state": "closed", "port": { "port": closed.port } }))
+                let old = c.ports.ports.remove(&closed.port)?;
+                c.port_bytes -= old.weight();
+                Some(Detail::Json(
+                    serde_json::json!({ "state": "closed", "port": { "port": closed.port } }),
+                ))
             }
             _ => None,
         }
@@ -251,6 +274,7 @@ impl Registry {
                 conn,
                 session,
                 ports: Ports::default(),
+                port_bytes: 0,
             },
         );
         if let Some(old) = old {
@@ -628,13 +652,13 @@ async fn control_session(
     if hub.agents.remove(workspace_id, session) {
         hub.previews.forget(workspace_id);
         // Its ports are out of reach until it is back (and reports them again).
-        hub.publish_event(crate::lifecycle::WorkspaceEvent {
+        hub.events.publish(WorkspaceEvent {
             workspace_id,
             kind: "port",
             status: None,
             reason: None,
             at: now_ms(),
-            detail: Some(serde_json::json!({ "state": "all", "ports": [] })),
+            detail: Detail::Ports,
         });
     }
     tracing::info!(%remote, workspace = %workspace_id, "agent disconnected");
@@ -699,6 +723,68 @@ impl Touches {
     }
 }
 
+/// Reports (of any kind) an agent may send per second, sustained; and the burst it may send
+/// at once (a connect: the port list, activity, the checkout). A report is one message, or
+/// 64 entries of a port list. Far above what a real agent sends, far below a flood.
+const REPORT_RATE: f64 = 200.0;
+const REPORT_BURST: f64 = 1000.0;
+/// The hub says in its log at most this often that a workspace's reports were slowed.
+const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What one control message costs an agent's report budget.
+fn report_cost(msg: &ControlMsg) -> u32 {
+    match msg {
+        ControlMsg::Ports(all) => 1 + (all.ports.len().min(MAX_PORTS) / 64) as u32,
+        _ => 1,
+    }
+}
+
+/// A token bucket of report units. Taking more than there is leaves a debt; the caller
+/// waits it off before doing the work, so a flood is slowed to the rate, never dropped.
+#[derive(Debug)]
+struct ReportBudget {
+    tokens: f64,
+    at: Instant,
+    /// Reports slowed since the last log line, and when that was.
+    delayed: u64,
+    logged: Option<Instant>,
+}
+
+impl ReportBudget {
+    fn new(now: Instant) -> Self {
+        Self {
+            tokens: REPORT_BURST,
+            at: now,
+            delayed: 0,
+            logged: None,
+        }
+    }
+
+    /// Takes `cost` units; returns how long to wait before the report is handled.
+    fn take(&mut self, now: Instant, cost: u32) -> Duration {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * REPORT_RATE;
+        self.tokens = (self.tokens + refill).min(REPORT_BURST) - f64::from(cost);
+        self.at = now;
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        self.delayed += 1;
+        Duration::from_secs_f64(-self.tokens / REPORT_RATE)
+    }
+
+    /// The number of reports slowed, when it is time to say so in the log.
+    fn should_log(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .logged
+            .is_some_and(|at| now.duration_since(at) < LIMIT_LOG_INTERVAL)
+        {
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.delayed))
+    }
+}
+
 async fn heartbeat_loop(
     hub: &Hub,
     conn: &quinn::Connection,
@@ -715,12 +801,30 @@ async fn heartbeat_loop(
         cfg.heartbeat_interval * 3 / 2,
         cfg.heartbeat_timeout,
     );
+    let mut budget = ReportBudget::new(Instant::now());
+    // The checkout states this connection has logged (each once, however often reported).
+    let mut checkout_logged: Vec<&'static str> = Vec::new();
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
             msg = recv.next::<ControlMsg>() => {
+                let msg = msg?;
+                // Over its budget, the agent waits: the hub reads nothing more from it
+                // meanwhile, and QUIC flow control holds the rest on the agent's side.
+                let wait = budget.take(Instant::now(), msg.as_ref().map_or(0, report_cost));
+                if !wait.is_zero() {
+                    if let Some(delayed) = budget.should_log(Instant::now()) {
+                        tracing::warn!(
+                            workspace = %workspace_id,
+                            delayed,
+                            per_second = REPORT_RATE,
+                            "agent reports over budget: slowed down"
+                        );
+                    }
+                    tokio::time::sleep(wait).await;
+                }
                 let now = Instant::now();
-                match msg? {
+                match msg {
                     Some(ControlMsg::Ping(ping)) => {
                         let pong = live.on_ping(now, ping);
                         send_msg(send, &ControlMsg::Pong(pong)).await?;
@@ -734,27 +838,30 @@ async fn heartbeat_loop(
                     Some(ControlMsg::CheckoutStatus(status)) => {
                         live.on_heard(now);
                         let view = CheckoutView::from(&status);
-                        tracing::info!(workspace = %workspace_id, state = view.state, "checkout");
-                        hub.publish_event(crate::lifecycle::WorkspaceEvent {
+                        if !checkout_logged.contains(&view.state) {
+                            checkout_logged.push(view.state);
+                            tracing::info!(workspace = %workspace_id, state = view.state, "checkout");
+                        }
+                        hub.events.publish(WorkspaceEvent {
                             workspace_id,
                             kind: "checkout",
                             status: None,
                             reason: None,
                             at: now_ms(),
-                            detail: serde_json::to_value(&view).ok(),
+                            detail: serde_json::to_value(&view).map_or(Detail::None, Detail::Json),
                         });
                         hub.agents.set_checkout(workspace_id, touches.session, view);
                     }
                     Some(report @ (ControlMsg::Ports(_) | ControlMsg::PortOpened(_) | ControlMsg::PortClosed(_))) => {
                         live.on_heard(now);
                         if let Some(detail) = hub.agents.apply_ports(workspace_id, touches.session, report) {
-                            hub.publish_event(crate::lifecycle::WorkspaceEvent {
+                            hub.events.publish(WorkspaceEvent {
                                 workspace_id,
                                 kind: "port",
                                 status: None,
                                 reason: None,
                                 at: now_ms(),
-                                detail: Some(detail),
+                                detail,
                             });
                         }
                     }
@@ -780,5 +887,62 @@ async fn heartbeat_loop(
             }
             _ = conn.closed() => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_budget_lets_bursts_through_and_slows_a_flood_to_its_rate() {
+        let t0 = Instant::now();
+        let mut b = ReportBudget::new(t0);
+        // A connect's burst goes through at once.
+        for _ in 0..REPORT_BURST as usize {
+            assert_eq!(b.take(t0, 1), Duration::ZERO);
+        }
+        // Past it, each report waits its share of a second.
+        let wait = b.take(t0, 1);
+        assert!(
+            (wait.as_secs_f64() - 1.0 / REPORT_RATE).abs() < 1e-9,
+            "{wait:?}"
+        );
+        let wait = b.take(t0, 1);
+        assert!(
+            (wait.as_secs_f64() - 2.0 / REPORT_RATE).abs() < 1e-9,
+            "{wait:?}"
+        );
+        // Said once, then not again within the interval; the count starts over.
+        assert_eq!(b.should_log(t0), Some(2));
+        b.take(t0, 1);
+        assert_eq!(b.should_log(t0 + Duration::from_secs(1)), None);
+        assert_eq!(b.should_log(t0 + LIMIT_LOG_INTERVAL), Some(1));
+        // Time refills it, up to the burst.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(b.take(later, 1), Duration::ZERO);
+        assert!(b.tokens <= REPORT_BURST);
+    }
+
+    #[test]
+    fn a_full_port_list_costs_more_than_one_message_and_less_than_the_burst() {
+        let port = protocol::control::PortInfo {
+            port: 1,
+            addresses: Vec::new(),
+            loopback_only: false,
+            pid: None,
+            process: String::new(),
+            command: String::new(),
+            http: None,
+        };
+        let list = |n| {
+            ControlMsg::Ports(protocol::control::Ports {
+                source: protocol::control::PortSource::SockDiag,
+                ports: vec![port.clone(); n],
+            })
+        };
+        assert_eq!(report_cost(&list(0)), 1);
+        assert_eq!(report_cost(&list(6500)), 1 + 4096 / 64);
+        assert!(f64::from(report_cost(&list(6500))) < REPORT_BURST);
     }
 }

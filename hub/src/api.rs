@@ -3,10 +3,11 @@
 
 use crate::agents::{AgentInfo, token_hash};
 use crate::auth::Caller;
+use crate::events::{self, Detail, WorkspaceEvent};
 use crate::lifecycle::{self, CreateRequest};
 use crate::store::StoreError;
 use crate::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
-use crate::{AppState, idle, reconcile};
+use crate::{AppState, Hub, idle, reconcile};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::HeaderMap;
@@ -690,7 +691,7 @@ async fn keep_awake(
 }
 
 /// `GET /workspaces/:id/events`: the current status, then every change, as SSE.
-#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `checkout`, `port` (detail: state `all` with ports, or `opened`/`updated`/`closed` with one port), `deleted`, `lagged`; also at `/preview/{id}`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `checkout`, `port` (detail: state `all` with ports, or `opened`/`updated`/`closed` with one port), `deleted`; `lagged` (data: events missed) when the client fell behind, followed by a fresh `status` and `port` `all` snapshot; also at `/preview/{id}`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_events(
     State(hub): State<AppState>,
     caller: Caller,
@@ -699,71 +700,98 @@ async fn workspace_events(
 {
     let ws = owned(&hub, &caller, &id).await?;
     // Subscribe before reading the status so no change falls between the two.
-    let rx = hub.events.subscribe();
-    let ws = hub.store.get_workspace(ws.id).await?;
-    let first = sse_event(&lifecycle::WorkspaceEvent {
-        workspace_id: ws.id,
-        kind: "status",
-        status: Some(ws.status),
-        reason: ws.status_reason.clone(),
-        at: ws.updated_at,
-        detail: None,
-    });
     let id = ws.id;
-    // Then the ports as they are now; `port` events follow as they open and close.
-    let ports = sse_event(&lifecycle::WorkspaceEvent {
-        workspace_id: ws.id,
-        kind: "port",
-        status: None,
-        reason: None,
-        at: now_ms(),
-        detail: Some(
-            json!({ "state": "all", "ports": hub.agents.ports(id).ports.values().collect::<Vec<_>>() }),
-        ),
-    });
+    let sub = hub.events.subscribe(id);
+    let (first, last) = snapshot(&hub, id).await?;
     // A change that lands between the subscription and the read arrives twice: once in
-    // the first event and once from the channel. Repeats of the last sent state are dropped.
-    let last = (Some(ws.status), ws.status_reason.clone());
+    // the snapshot and once from the feed. Repeats of the last sent state are dropped.
     let stream = futures_util::stream::unfold(
-        (rx, last, false),
-        move |(mut rx, mut last, done)| async move {
+        (hub, sub, last, false),
+        move |(hub, mut sub, mut last, done)| async move {
             if done {
                 return None;
             }
             loop {
-                match rx.recv().await {
-                    Ok(ev) if ev.workspace_id == id => {
+                let events: Vec<Result<Event, std::convert::Infallible>> = match sub.next().await {
+                    events::Next::Event(ev) => {
                         let state = (ev.status, ev.reason.clone());
                         if ev.kind == "status" && state == last {
                             continue;
                         }
                         last = state;
                         let end = ev.kind == "deleted";
-                        return Some((Ok(sse_event(&ev)), (rx, last, end)));
+                        return Some((
+                            futures_util::stream::iter(vec![Ok(sse_event(&hub, &ev))]),
+                            (hub, sub, last, end),
+                        ));
                     }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    // Fallen behind: no backlog, the state as it is now instead.
+                    events::Next::Lagged(n) => {
                         let lagged = Event::default().event("lagged").data(n.to_string());
-                        return Some((Ok(lagged), (rx, last, false)));
+                        match snapshot(&hub, id).await {
+                            Ok((now, state)) => {
+                                last = state;
+                                std::iter::once(lagged).chain(now).map(Ok).collect()
+                            }
+                            // Gone (deleted) or the store failed: end the stream.
+                            Err(_) => return None,
+                        }
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                }
+                    events::Next::Closed => return None,
+                };
+                return Some((futures_util::stream::iter(events), (hub, sub, last, false)));
             }
         },
-    );
-    let stream = futures_util::stream::iter([Ok(first), Ok(ports)]).chain(stream);
+    )
+    .flatten();
+    let stream = futures_util::stream::iter(first.into_iter().map(Ok)).chain(stream);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-fn sse_event(ev: &lifecycle::WorkspaceEvent) -> Event {
+/// A workspace as it is now, as SSE events (its status, then all its ports), and the
+/// status and reason they carry.
+async fn snapshot(
+    hub: &Hub,
+    id: Uuid,
+) -> Result<(Vec<Event>, (Option<Status>, Option<String>)), ApiError> {
+    let ws = hub.store.get_workspace(id).await?;
+    let status = WorkspaceEvent {
+        workspace_id: ws.id,
+        kind: "status",
+        status: Some(ws.status),
+        reason: ws.status_reason.clone(),
+        at: ws.updated_at,
+        detail: Detail::None,
+    };
+    let ports = WorkspaceEvent {
+        workspace_id: ws.id,
+        kind: "port",
+        status: None,
+        reason: None,
+        at: now_ms(),
+        detail: Detail::Ports,
+    };
+    Ok((
+        vec![sse_event(hub, &status), sse_event(hub, &ports)],
+        (Some(ws.status), ws.status_reason),
+    ))
+}
+
+fn sse_event(hub: &Hub, ev: &WorkspaceEvent) -> Event {
     let mut data = json!({
         "workspace_id": ev.workspace_id,
         "status": ev.status,
         "reason": ev.reason,
         "at": rfc3339(ev.at),
     });
-    if let Some(detail) = &ev.detail {
-        data["detail"] = detail.clone();
+    match &ev.detail {
+        Detail::None => {}
+        Detail::Json(detail) => data["detail"] = detail.clone(),
+        Detail::Ports => {
+            let ports = hub.agents.ports(ev.workspace_id);
+            data["detail"] =
+                json!({ "state": "all", "ports": ports.ports.values().collect::<Vec<_>>() });
+        }
     }
     Event::default().event(ev.kind).data(data.to_string())
 }

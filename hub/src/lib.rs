@@ -17,6 +17,7 @@ pub mod clients;
 pub mod cloudinit;
 pub mod config;
 pub mod device;
+pub mod events;
 pub mod fsutil;
 pub mod idle;
 pub mod lifecycle;
@@ -49,8 +50,8 @@ pub struct Hub {
     /// The address agents are told to dial.
     pub agent_hub_addr: String,
     pub shutdown: CancellationToken,
-    /// Workspace events (status changes) for SSE subscribers.
-    pub events: tokio::sync::broadcast::Sender<lifecycle::WorkspaceEvent>,
+    /// Workspace events (status, checkout, ports) for SSE subscribers.
+    pub events: events::Events,
     /// Instances without a record, and when the reconciler first saw each.
     pub orphans: reconcile::Orphans,
     /// Failed authentications per client address.
@@ -135,7 +136,7 @@ pub async fn open_state(
         ca: Arc::new(ca),
         agents: agents::Registry::default(),
         shutdown,
-        events: tokio::sync::broadcast::channel(1024).0,
+        events: events::Events::default(),
         orphans: reconcile::Orphans::default(),
         auth_failures: auth::Failures::default(),
         tickets: auth::Tickets::load_or_create(&config.state_dir).context("ticket key")?,

@@ -6,6 +6,7 @@
 
 use crate::agents::token_hash;
 use crate::api::ApiError;
+use crate::events::{Detail, WorkspaceEvent};
 use crate::provider::{InstanceSpec, ProviderError, Target};
 use crate::store::StoreError;
 use crate::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
@@ -13,7 +14,6 @@ use crate::{Hub, ca};
 use axum::http::StatusCode;
 use protocol::bootstrap::AgentBootstrap;
 use protocol::close::CloseCode;
-use serde::Serialize;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -22,20 +22,6 @@ const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x8f1c_5a4e_2b7d_4e11_9c3a_6
 
 /// The longest keep-awake lease one request may take.
 pub const MAX_KEEP_AWAKE_SECS: u64 = 24 * 3600;
-
-/// Something that happened to a workspace, for SSE subscribers.
-#[derive(Debug, Clone, Serialize)]
-pub struct WorkspaceEvent {
-    pub workspace_id: Uuid,
-    /// The SSE event name: `status`, `deleted`, `error`.
-    pub kind: &'static str,
-    pub status: Option<Status>,
-    pub reason: Option<String>,
-    /// Unix milliseconds.
-    pub at: i64,
-    /// More about the event (the checkout's state for `checkout` events).
-    pub detail: Option<serde_json::Value>,
-}
 
 impl Hub {
     /// A conditional status change that, when it succeeds, is published to subscribers.
@@ -58,19 +44,14 @@ impl Hub {
         status: Option<Status>,
         reason: Option<String>,
     ) {
-        self.publish_event(WorkspaceEvent {
+        self.events.publish(WorkspaceEvent {
             workspace_id: id,
             kind,
             status,
             reason,
             at: now_ms(),
-            detail: None,
+            detail: Detail::None,
         });
-    }
-
-    pub fn publish_event(&self, event: WorkspaceEvent) {
-        // Nobody listening is fine.
-        let _ = self.events.send(event);
     }
 
     /// Ends the agent's connection (after a stop or a delete), so the registry drops it now

@@ -3,14 +3,12 @@
 
 use agent::AgentError;
 use agent::config::AgentConfig;
-use harness::{HubOptions, InProcessAgent, TestHub};
+use harness::{HubOptions, InProcessAgent, TestHub, raw_agent};
 use link::{FramedRecv, send_msg};
 use protocol::close::CloseCode;
-use protocol::control::{ControlMsg, Hello, HelloRefusal};
+use protocol::control::{ControlMsg, HelloRefusal};
 use protocol::enroll::EnrollRefusal;
 use protocol::stream::{ControlOpen, StreamHeader, StreamRefusal, StreamReply};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -22,11 +20,6 @@ async fn manual_hub(options: HubOptions) -> TestHub {
     })
     .await
     .unwrap()
-}
-
-fn hub_ca_der(hub: &TestHub) -> Vec<u8> {
-    let pem = std::fs::read(hub.state_dir.join("ca.pem")).unwrap();
-    CertificateDer::from_pem_slice(&pem).unwrap().to_vec()
 }
 
 /// A certificate authority that is not the hub's, and a client cert from it.
@@ -47,65 +40,6 @@ fn foreign_identity(cn: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         ca_cert.der().to_vec(),
         cert.der().to_vec(),
         key.serialize_der(),
-    )
-}
-
-fn client_endpoint() -> quinn::Endpoint {
-    link::install_crypto_provider();
-    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
-}
-
-async fn raw_connect(
-    hub: &TestHub,
-    identity: Option<(Vec<u8>, Vec<u8>)>,
-) -> Result<quinn::Connection, quinn::ConnectionError> {
-    let cfg = link::client_config(
-        &hub_ca_der(hub),
-        identity,
-        protocol::ALPN_AGENT,
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    client_endpoint()
-        .connect_with(cfg, hub.listening.quic, "localhost")
-        .unwrap()
-        .await
-}
-
-/// Opens the control stream on a raw connection and says hello with `protocol_version`.
-async fn raw_hello(
-    conn: &quinn::Connection,
-    protocol_version: u16,
-) -> (quinn::SendStream, FramedRecv) {
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    send_msg(&mut send, &StreamHeader::Control(ControlOpen {}))
-        .await
-        .unwrap();
-    send_msg(
-        &mut send,
-        &ControlMsg::Hello(Hello {
-            protocol_version,
-            agent_version: "raw".into(),
-            hostname: "raw".into(),
-        }),
-    )
-    .await
-    .unwrap();
-    (send, FramedRecv::new(recv))
-}
-
-/// Enrolls through the real agent code and returns the stored (cert, key).
-async fn enrolled_identity(hub: &TestHub) -> (String, Vec<u8>, Vec<u8>) {
-    let ws = hub.create_workspace().await.unwrap();
-    let (config, dir) = harness::agent_config(&ws).unwrap();
-    let identity = agent::identity::enroll(&config, &client_endpoint())
-        .await
-        .unwrap();
-    let key = std::fs::read(dir.path().join("agent.key.der")).unwrap();
-    (
-        ws["id"].as_str().unwrap().to_owned(),
-        identity.cert_der,
-        key,
     )
 }
 
@@ -161,7 +95,7 @@ async fn a_lost_enrollment_reply_can_be_retried_with_the_same_key_only() {
     let hub = manual_hub(HubOptions::default()).await;
     let ws = hub.create_workspace().await.unwrap();
     let (config, dir) = harness::agent_config(&ws).unwrap();
-    let endpoint = client_endpoint();
+    let endpoint = raw_agent::client_endpoint();
     let first = agent::identity::enroll(&config, &endpoint).await.unwrap();
     // As if the reply never arrived: the key survives, the certificate does not.
     std::fs::remove_file(dir.path().join("agent.crt.der")).unwrap();
@@ -191,7 +125,7 @@ async fn expired_and_unknown_tokens_are_refused() {
     })
     .await;
     let ws = hub.create_workspace().await.unwrap();
-    let endpoint = client_endpoint();
+    let endpoint = raw_agent::client_endpoint();
 
     let (mut unknown, _d1) = harness::agent_config(&ws).unwrap();
     unknown.enrollment_token =
@@ -234,7 +168,7 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     let id = ws["id"].as_str().unwrap();
     // Same subject as the real workspace, but signed by a CA the hub never made.
     let (_, cert, key) = foreign_identity(id);
-    let outcome = match raw_connect(&hub, Some((cert, key))).await {
+    let outcome = match raw_agent::connect(&hub, Some((cert, key))).await {
         Err(e) => e.to_string(),
         Ok(conn) => {
             let opened = async {
@@ -268,8 +202,8 @@ async fn a_client_certificate_from_another_ca_is_refused() {
 async fn without_a_client_certificate_only_enrollment_is_allowed() {
     let hub = manual_hub(HubOptions::default()).await;
     hub.create_workspace().await.unwrap();
-    let conn = raw_connect(&hub, None).await.unwrap();
-    let (_send, mut recv) = raw_hello(&conn, protocol::PROTOCOL_VERSION).await;
+    let conn = raw_agent::connect(&hub, None).await.unwrap();
+    let (_send, mut recv) = raw_agent::hello(&conn, protocol::PROTOCOL_VERSION).await;
     match recv.expect::<StreamReply>().await.unwrap() {
         StreamReply::Refused(r) => assert_eq!(r.reason, StreamRefusal::Unauthorized),
         other => panic!("expected a refusal, got {other:?}"),
@@ -315,10 +249,10 @@ async fn malformed_and_oversized_frames_close_only_the_offending_connection() {
         .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
         .await
         .unwrap();
-    let (_bad_id, cert, key) = enrolled_identity(&hub).await;
+    let (_bad_id, cert, key) = raw_agent::enrolled_identity(&hub).await;
 
     // 1. A length prefix claiming 4 GiB on the first stream.
-    let conn = raw_connect(&hub, Some((cert.clone(), key.clone())))
+    let conn = raw_agent::connect(&hub, Some((cert.clone(), key.clone())))
         .await
         .unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
@@ -328,10 +262,10 @@ async fn malformed_and_oversized_frames_close_only_the_offending_connection() {
     assert!(reason.contains("exceeds the limit"), "{reason}");
 
     // 2. A well-framed message with a tag nobody knows, after a good hello.
-    let conn = raw_connect(&hub, Some((cert.clone(), key.clone())))
+    let conn = raw_agent::connect(&hub, Some((cert.clone(), key.clone())))
         .await
         .unwrap();
-    let (mut send, mut recv) = raw_hello(&conn, protocol::PROTOCOL_VERSION).await;
+    let (mut send, mut recv) = raw_agent::hello(&conn, protocol::PROTOCOL_VERSION).await;
     assert!(matches!(
         recv.expect::<StreamReply>().await.unwrap(),
         StreamReply::Accepted(_)
@@ -348,7 +282,7 @@ async fn malformed_and_oversized_frames_close_only_the_offending_connection() {
     assert!(reason.contains("unknown message tag 999"), "{reason}");
 
     // 3. Garbage from a peer with no certificate at all.
-    let conn = raw_connect(&hub, None).await.unwrap();
+    let conn = raw_agent::connect(&hub, None).await.unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
         .await
@@ -357,8 +291,8 @@ async fn malformed_and_oversized_frames_close_only_the_offending_connection() {
     assert_eq!(code, Some(CloseCode::ProtocolError), "{reason}");
 
     // 4. A hello with a protocol version from the future gets a typed refusal.
-    let conn = raw_connect(&hub, Some((cert, key))).await.unwrap();
-    let (_send, mut recv) = raw_hello(&conn, protocol::PROTOCOL_VERSION + 7).await;
+    let conn = raw_agent::connect(&hub, Some((cert, key))).await.unwrap();
+    let (_send, mut recv) = raw_agent::hello(&conn, protocol::PROTOCOL_VERSION + 7).await;
     assert!(matches!(
         recv.expect::<StreamReply>().await.unwrap(),
         StreamReply::Accepted(_)

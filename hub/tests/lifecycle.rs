@@ -3,6 +3,7 @@
 //! reconciler repairing a crash mid-create, an orphan and a vanished instance.
 
 use futures_util::StreamExt;
+use harness::sse::Events;
 use harness::{HubOptions, TestHub};
 use hub::store::Store;
 use hub::workspace::Status;
@@ -15,80 +16,6 @@ const CLEANUP_TOKEN: &str = "cleanup-secret-for-tests";
 
 fn status_of(v: &Value) -> &str {
     v["status"].as_str().unwrap_or_default()
-}
-
-/// Reads SSE events (`event:` name and JSON `data:`) from `/workspaces/:id/events`.
-struct Events {
-    res: reqwest::Response,
-    buf: String,
-}
-
-impl Events {
-    async fn open(hub: &TestHub, id: &str) -> Self {
-        let res = hub
-            .http
-            .get(hub.url(&format!("/workspaces/{id}/events")))
-            .bearer_auth(&hub.token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
-        assert_eq!(
-            res.headers()["content-type"].to_str().unwrap(),
-            "text/event-stream"
-        );
-        Self {
-            res,
-            buf: String::new(),
-        }
-    }
-
-    async fn next(&mut self) -> (String, Value) {
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let mut name = String::new();
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim());
-                    }
-                }
-                if name.is_empty() {
-                    continue; // keep-alive comment
-                }
-                return (name, serde_json::from_str(&data).unwrap_or(Value::Null));
-            }
-            let chunk = tokio::time::timeout(WAIT, self.res.chunk())
-                .await
-                .expect("an event in time")
-                .unwrap()
-                .expect("stream still open");
-            self.buf.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    }
-
-    /// Statuses until (and including) `last`, or the `deleted` event.
-    async fn statuses_until(&mut self, last: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            let (name, data) = self.next().await;
-            if name != "status" && name != "deleted" {
-                continue; // port and checkout events
-            }
-            let s = if name == "deleted" {
-                "deleted".to_owned()
-            } else {
-                status_of(&data).to_owned()
-            };
-            seen.push(s.clone());
-            if s == last {
-                return seen;
-            }
-        }
-    }
 }
 
 async fn wait_gone(hub: &TestHub, id: &str) {
