@@ -93,6 +93,8 @@ struct Connected {
     ports: Ports,
     /// What `ports` holds, in [`PortView::weight`] bytes (at most [`MAX_PORT_BYTES`]).
     port_bytes: usize,
+    /// `ports.ports` as a JSON array, rendered once per change for every subscriber.
+    ports_json: Option<std::sync::Arc<str>>,
 }
 
 /// A workspace's listening ports, as its agent reported them.
@@ -205,10 +207,28 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// The workspace's listening ports as a JSON array (`[]` while its agent is not
+    /// connected), rendered once per change of the table however many subscribers read it.
+    pub fn ports_json(&self, id: Uuid) -> std::sync::Arc<str> {
+        let mut agents = self.lock();
+        let Some(c) = agents.get_mut(&id) else {
+            return "[]".into();
+        };
+        c.ports_json
+            .get_or_insert_with(|| {
+                let list: Vec<&PortView> = c.ports.ports.values().collect();
+                serde_json::to_string(&list)
+                    .unwrap_or_else(|_| "[]".into())
+                    .into()
+            })
+            .clone()
+    }
+
     /// Applies a port report from the agent's live session; returns the event to publish.
     fn apply_ports(&self, id: Uuid, session: u64, msg: ControlMsg) -> Option<Detail> {
         let mut agents = self.lock();
         let c = agents.get_mut(&id).filter(|c| c.session == session)?;
+        c.ports_json = None;
         match msg {
             ControlMsg::Ports(all) => {
                 c.ports.source = Some(match all.source {
@@ -275,6 +295,7 @@ impl Registry {
                 session,
                 ports: Ports::default(),
                 port_bytes: 0,
+                ports_json: None,
             },
         );
         if let Some(old) = old {
@@ -725,7 +746,7 @@ impl Touches {
 
 /// Reports (of any kind) an agent may send per second, sustained; and the burst it may send
 /// at once (a connect: the port list, activity, the checkout). A report is one message, or
-/// 64 entries of a port list. Far above what a real agent sends, far below a flood.
+/// 16 entries of a port list. Far above what a real agent sends, far below a flood.
 const REPORT_RATE: f64 = 200.0;
 const REPORT_BURST: f64 = 1000.0;
 /// The hub says in its log at most this often that a workspace's reports were slowed.
@@ -734,7 +755,7 @@ const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// What one control message costs an agent's report budget.
 fn report_cost(msg: &ControlMsg) -> u32 {
     match msg {
-        ControlMsg::Ports(all) => 1 + (all.ports.len().min(MAX_PORTS) / 64) as u32,
+        ControlMsg::Ports(all) => 1 + (all.ports.len().min(MAX_PORTS) / 16) as u32,
         _ => 1,
     }
 }
@@ -942,7 +963,7 @@ mod tests {
             })
         };
         assert_eq!(report_cost(&list(0)), 1);
-        assert_eq!(report_cost(&list(6500)), 1 + 4096 / 64);
+        assert_eq!(report_cost(&list(6500)), 1 + 4096 / 16);
         assert!(f64::from(report_cost(&list(6500))) < REPORT_BURST);
     }
 }

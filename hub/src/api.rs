@@ -784,16 +784,21 @@ fn sse_event(hub: &Hub, ev: &WorkspaceEvent) -> Event {
         "reason": ev.reason,
         "at": rfc3339(ev.at),
     });
-    match &ev.detail {
-        Detail::None => {}
-        Detail::Json(detail) => data["detail"] = detail.clone(),
-        Detail::Ports => {
-            let ports = hub.agents.ports(ev.workspace_id);
-            data["detail"] =
-                json!({ "state": "all", "ports": ports.ports.values().collect::<Vec<_>>() });
+    let data = match &ev.detail {
+        Detail::None => data.to_string(),
+        Detail::Json(detail) => {
+            data["detail"] = detail.clone();
+            data.to_string()
         }
-    }
-    Event::default().event(ev.kind).data(data.to_string())
+        // The list as the registry rendered it (once per change, for every subscriber).
+        Detail::Ports => {
+            let head = data.to_string();
+            let head = head.strip_suffix('}').unwrap_or(&head);
+            let ports = hub.agents.ports_json(ev.workspace_id);
+            format!(r#"{head},"detail":{{"state":"all","ports":{ports}}}}}"#)
+        }
+    };
+    Event::default().event(ev.kind).data(data)
 }
 
 #[utoipa::path(get, path = "/workspaces/{id}/ports", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Listening ports, as the agent reports them (empty while it is not connected)", body = crate::agents::Ports), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
