@@ -36,8 +36,8 @@ impl Events {
         }
     }
 
-    /// The next event, waiting at most `wait` for it (panics after that, or at the end).
-    pub async fn next_within(&mut self, wait: Duration) -> (String, Value) {
+    /// The next event, or `None` when the stream ends.
+    pub async fn recv(&mut self) -> Option<(String, Value)> {
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
@@ -53,15 +53,19 @@ impl Events {
                 if name.is_empty() {
                     continue; // keep-alive comment
                 }
-                return (name, serde_json::from_str(&data).unwrap_or(Value::Null));
+                return Some((name, serde_json::from_str(&data).unwrap_or(Value::Null)));
             }
-            let chunk = tokio::time::timeout(wait, self.res.chunk())
-                .await
-                .expect("an event in time")
-                .unwrap()
-                .expect("stream still open");
+            let chunk = self.res.chunk().await.ok()??;
             self.buf.push_str(&String::from_utf8_lossy(&chunk));
         }
+    }
+
+    /// The next event, waiting at most `wait` for it (panics after that, or at the end).
+    pub async fn next_within(&mut self, wait: Duration) -> (String, Value) {
+        tokio::time::timeout(wait, self.recv())
+            .await
+            .expect("an event in time")
+            .expect("stream still open")
     }
 
     /// The next event, within 15 s.

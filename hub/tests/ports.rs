@@ -59,34 +59,12 @@ fn test_server(port: u16) -> Vec<String> {
 
 /// The workspace's SSE events as (event, data).
 async fn events(hub: &TestHub, id: &str) -> mpsc::UnboundedReceiver<(String, Value)> {
-    let res = hub
-        .http
-        .get(hub.url(&format!("/workspaces/{id}/events")))
-        .bearer_auth(&hub.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    let mut events = harness::sse::Events::open(hub, id).await;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut body = res.bytes_stream();
-        let mut buf = String::new();
-        while let Some(Ok(chunk)) = body.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let mut event = String::new();
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(e) = line.strip_prefix("event:") {
-                        event = e.trim().to_owned();
-                    } else if let Some(d) = line.strip_prefix("data:") {
-                        data.push_str(d.trim());
-                    }
-                }
-                if !event.is_empty() {
-                    let _ = tx.send((event, serde_json::from_str(&data).unwrap_or(Value::Null)));
-                }
+        while let Some(event) = events.recv().await {
+            if tx.send(event).is_err() {
+                break;
             }
         }
     });
