@@ -298,13 +298,14 @@ async fn delete(hub: &TestHub, id: &str) {
 #[tokio::test]
 async fn vms_with_broken_user_data_end_in_error_with_the_reason() {
     let expired = async {
-        let (hub, _) = vm_hub("provision_timeout = \"60s\"", Some(Duration::from_secs(1))).await;
+        // Two guests boot at once under TCG: give the agent time to run and complain.
+        let (hub, _) = vm_hub("provision_timeout = \"150s\"", Some(Duration::from_secs(1))).await;
         let reason = error_reason(&hub).await;
         assert!(reason.to_lowercase().contains("expired"), "{reason}");
     };
     let unreachable = async {
         let (hub, _) = vm_hub(
-            "provision_timeout = \"60s\"\nagent_hub_addr = \"127.0.0.1:9\"",
+            "provision_timeout = \"150s\"\nagent_hub_addr = \"127.0.0.1:9\"",
             None,
         )
         .await;
@@ -328,7 +329,7 @@ async fn error_reason(hub: &TestHub) -> String {
         .unwrap_or_default()
         .to_owned();
     assert!(
-        reason.contains("did not connect within 1m") && reason.contains("last boot log"),
+        reason.contains("did not connect within 2m 30s") && reason.contains("last boot log"),
         "{reason}"
     );
     eprintln!("ERROR reason: {reason}");
