@@ -2,8 +2,6 @@
 
 use crate::AgentError;
 use protocol::bootstrap::AgentBootstrap;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,8 +10,8 @@ use std::time::Duration;
 pub struct AgentConfig {
     pub hub_addr: String,
     pub server_name: String,
-    /// The pinned hub CA (DER).
-    pub ca_der: Vec<u8>,
+    /// The pinned hub CAs (DER): one, or two during a CA rotation.
+    pub hub_cas: Vec<Vec<u8>>,
     pub enrollment_token: Option<String>,
     pub state_dir: PathBuf,
     pub backoff_base: Duration,
@@ -55,9 +53,8 @@ impl AgentConfig {
         if b.server_name.is_empty() {
             return Err(bad("server_name must not be empty"));
         }
-        let ca_der = CertificateDer::from_pem_slice(b.ca_pem.as_bytes())
-            .map_err(|e| AgentError::Config(format!("ca_pem: {e}")))?
-            .to_vec();
+        let hub_cas = link::parse_ca_bundle(&b.ca_pem)
+            .map_err(|e| AgentError::Config(format!("ca_pem: {e}")))?;
         if b.state_dir.is_empty() {
             return Err(bad("state_dir must not be empty"));
         }
@@ -81,7 +78,7 @@ impl AgentConfig {
         Ok(Self {
             hub_addr: b.hub_addr,
             server_name: b.server_name,
-            ca_der,
+            hub_cas,
             enrollment_token: b.enrollment_token.filter(|t| !t.is_empty()),
             state_dir: PathBuf::from(b.state_dir),
             backoff_base: Duration::from_millis(100),

@@ -76,7 +76,7 @@ impl Identity {
         config: &AgentConfig,
     ) -> Result<quinn::ClientConfig, rustls::Error> {
         link::client_config(
-            &config.ca_der,
+            &config.hub_cas,
             Some((self.cert_der.clone(), self.key_pkcs8.clone())),
             protocol::ALPN_AGENT,
             config.idle_timeout,
@@ -133,7 +133,7 @@ pub async fn enroll(
         .serialize_request(&key)
         .map_err(|e| EnrollError::Fatal(AgentError::Config(format!("make CSR: {e}"))))?;
     let client = link::client_config(
-        &config.ca_der,
+        &config.hub_cas,
         None,
         protocol::ALPN_AGENT,
         config.idle_timeout,

@@ -54,7 +54,7 @@ impl Hub {
             }
             None => self.get_text("/ca.pem").await?,
         };
-        let ca_der = pem_to_der(&ca_pem)?;
+        let hub_cas = link::parse_ca_bundle(&ca_pem).context("the hub's CA")?;
         let addr = tokio::net::lookup_host(quic_addr)
             .await?
             .next()
@@ -66,7 +66,7 @@ impl Hub {
         }
         .parse()?;
         let endpoint = quinn::Endpoint::client(bind)?;
-        let config = link::cli_client_config(&ca_der)?;
+        let config = link::cli_client_config(&hub_cas)?;
         let conn = endpoint.connect_with(config, addr, server_name)?.await?;
         let (mut send, recv) = conn.open_bi().await?;
         let mut recv = FramedRecv::new(recv);
@@ -84,15 +84,6 @@ impl Hub {
             ClientMsg::Hello(_) => bail!("unexpected reply from hub"),
         }
     }
-}
-
-fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
-    use rustls_pki_types::pem::PemObject;
-    Ok(
-        rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| anyhow!("parse CA: {e}"))?
-            .to_vec(),
-    )
 }
 
 impl Link {

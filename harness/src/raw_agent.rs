@@ -6,14 +6,22 @@ use crate::TestHub;
 use link::{FramedRecv, send_msg};
 use protocol::control::{ControlMsg, Hello};
 use protocol::stream::{ControlOpen, StreamHeader};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use std::time::Duration;
 
-/// The hub's CA certificate (DER), from its state folder.
-pub fn hub_ca_der(hub: &TestHub) -> Vec<u8> {
-    let pem = std::fs::read(hub.state_dir.join("ca.pem")).unwrap();
-    CertificateDer::from_pem_slice(&pem).unwrap().to_vec()
+/// The CA certificates (DER) a client of the hub pins: its `GET /ca.pem` bundle.
+pub async fn hub_cas(hub: &TestHub) -> Vec<Vec<u8>> {
+    let pem = hub
+        .http
+        .get(hub.url("/ca.pem"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    link::parse_ca_bundle(&pem).unwrap()
 }
 
 pub fn client_endpoint() -> quinn::Endpoint {
@@ -37,7 +45,7 @@ pub async fn connect_with_idle(
     idle_timeout: Duration,
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
     let cfg = link::client_config(
-        &hub_ca_der(hub),
+        &hub_cas(hub).await,
         identity,
         protocol::ALPN_AGENT,
         idle_timeout,

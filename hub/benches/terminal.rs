@@ -142,14 +142,7 @@ fn raw_bulk(command: &[&str]) -> Throughput {
 // Direct QUIC through the hub (what `wsh attach` does)
 
 async fn quic_connect(hub: &TestHub) -> quinn::Connection {
-    let pem = std::fs::read(hub.state_dir.join("ca.pem")).unwrap();
-    let ca = {
-        use rustls_pki_types::pem::PemObject;
-        rustls_pki_types::CertificateDer::from_pem_slice(&pem)
-            .unwrap()
-            .to_vec()
-    };
-    let cfg = link::cli_client_config(&ca).unwrap();
+    let cfg = link::cli_client_config(&harness::raw_agent::hub_cas(hub).await).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = endpoint
         .connect_with(cfg, hub.listening.quic, "localhost")

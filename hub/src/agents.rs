@@ -529,7 +529,11 @@ async fn enroll(hub: &Hub, req: &EnrollRequest) -> EnrollMsg {
             );
         }
     }
-    let cert_der = match hub.ca.sign_agent(&req.csr_der, &workspace_id.to_string()) {
+    let cert_der = match hub
+        .identity
+        .ca
+        .sign_agent(&req.csr_der, &workspace_id.to_string())
+    {
         Ok(der) => der,
         Err(e) => return refusal(EnrollRefusal::BadRequest, &e.to_string()),
     };
@@ -575,6 +579,16 @@ async fn agent_connection(hub: &Hub, conn: quinn::Connection, remote: SocketAddr
             return close(&conn, CloseCode::Unauthorized, why);
         }
     };
+    // During a CA rotation: which agents still hold a certificate of the CA being retired
+    // (the rotation ends when none connects any more).
+    if hub
+        .identity
+        .previous_ca
+        .as_ref()
+        .is_some_and(|previous| previous.issued(cert))
+    {
+        tracing::info!(workspace = %workspace.id, "agent on the previous CA connected");
+    }
     let (mut send, mut recv, header) =
         match timeout(FIRST_MESSAGE_TIMEOUT, first_stream(&conn)).await {
             Ok(Ok(first)) => first,

@@ -148,6 +148,9 @@ impl From<StoreError> for ApiError {
                 "conflict",
                 format!("workspace is {}", current.as_str()),
             ),
+            StoreError::OverQuota { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", e.to_string())
+            }
             StoreError::AlreadyExists => {
                 ApiError::new(StatusCode::CONFLICT, "already_exists", "already exists")
             }
@@ -265,11 +268,12 @@ async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// The hub CA certificate (public): clients pin it for the hub's QUIC endpoint.
+/// The hub CA certificates (public): clients pin them for the hub's QUIC endpoint (two
+/// during a CA rotation).
 async fn ca_pem(State(hub): State<AppState>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
-        hub.ca.cert_pem().to_owned(),
+        hub.identity.trust_bundle_pem(),
     )
         .into_response()
 }

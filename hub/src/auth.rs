@@ -270,21 +270,11 @@ impl std::fmt::Debug for Tickets {
 }
 
 impl Tickets {
-    /// Loads the key from `ticket.key` in the state folder, creating it (0600) on first use.
-    /// Replicas that share tickets share this file's contents.
-    pub fn load_or_create(state_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let path = state_dir.join("ticket.key");
-        let secret = match std::fs::read(&path) {
-            Ok(secret) if secret.len() == 32 => secret,
-            _ => {
-                let secret = ca::random_bytes::<32>().to_vec();
-                crate::fsutil::write_private(&path, &secret)?;
-                secret
-            }
-        };
-        Ok(Self {
-            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
-        })
+    /// Tickets signed with the hub identity's ticket key (shared by every replica).
+    pub fn new(secret: &[u8]) -> Self {
+        Self {
+            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret),
+        }
     }
 
     /// A ticket for `owner` to open `purpose` on `workspace` until `now + TICKET_TTL_MS`.
@@ -385,8 +375,7 @@ mod tests {
 
     #[test]
     fn tickets_are_bound_to_workspace_purpose_and_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let tickets = Tickets::load_or_create(dir.path()).unwrap();
+        let tickets = Tickets::new(&[1; 32]);
         let ws = Uuid::new_v4();
         let (t, exp) = tickets.issue(ws, "alice@example.com", Purpose::Terminal, 1_000);
         assert_eq!(exp, 1_000 + TICKET_TTL_MS);
@@ -414,21 +403,21 @@ mod tests {
                 .is_err()
         );
         // Another hub's key does not verify it; the same key (reloaded) does.
-        let other = Tickets::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let other = Tickets::new(&[2; 32]);
         assert!(other.verify(&t, ws, Purpose::Terminal, 2_000).is_err());
-        let again = Tickets::load_or_create(dir.path()).unwrap();
+        let again = Tickets::new(&[1; 32]);
         assert!(again.verify(&t, ws, Purpose::Terminal, 2_000).is_ok());
     }
 
     #[test]
     fn csrf_tokens_belong_to_one_session_and_key() {
-        let tickets = Tickets::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let tickets = Tickets::new(&[1; 32]);
         let csrf = tickets.csrf("wsh_session_a");
         assert!(tickets.check_csrf("wsh_session_a", &csrf));
         assert!(!tickets.check_csrf("wsh_session_b", &csrf));
         assert!(!tickets.check_csrf("wsh_session_a", ""));
         assert!(!tickets.check_csrf("wsh_session_a", "not base64!"));
-        let other = Tickets::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let other = Tickets::new(&[2; 32]);
         assert!(!other.check_csrf("wsh_session_a", &csrf));
     }
 

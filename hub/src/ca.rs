@@ -1,12 +1,13 @@
 //! The hub's own certificate authority.
 //!
-//! Created with rcgen on first start and kept in the state folder (`ca.key`, mode 0600;
-//! `ca.pem`). It issues the hub's QUIC server certificate on every start and a client
+//! `workspace-hub dev` creates it with rcgen on first start and keeps it in the state folder
+//! (`ca.key`, mode 0600; `ca.pem`); `serve` takes it from the configured identity
+//! ([`crate::identity`]). It issues the hub's QUIC server certificate on every start and a client
 //! certificate for each agent at enrollment. The certificate's subject CN is the workspace
 //! id, which is how a reconnecting agent is recognised.
 
 use crate::fsutil::{write_private, write_public};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -44,7 +45,7 @@ pub struct ServerIdentity {
 pub struct CsrError(String);
 
 impl HubCa {
-    /// Loads the CA from `dir`, creating it on first start.
+    /// Loads the CA from `dir`, creating it on first start (`workspace-hub dev`).
     pub fn load_or_create(dir: &Path) -> Result<Self> {
         let key_path = dir.join("ca.key");
         let cert_path = dir.join("ca.pem");
@@ -52,48 +53,94 @@ impl HubCa {
             (true, true) => {
                 let key_pem = std::fs::read_to_string(&key_path).context("read ca.key")?;
                 let cert_pem = std::fs::read_to_string(&cert_path).context("read ca.pem")?;
-                let key = KeyPair::from_pem(&key_pem).context("parse ca.key")?;
-                let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).context("parse ca.pem")?;
-                let cert_der = pem_to_der(&cert_pem)?;
-                Ok(Self {
-                    issuer,
-                    cert_pem,
-                    cert_der,
-                })
+                Self::from_pem(&cert_pem, &key_pem)
             }
             (false, false) => {
-                let key = KeyPair::generate().context("generate ca key")?;
-                let mut params = CertificateParams::default();
-                let mut dn = DistinguishedName::new();
-                dn.push(DnType::OrganizationName, "Workspace Hub");
-                dn.push(
-                    DnType::CommonName,
-                    format!("Workspace Hub CA {}", &hex(&random_bytes::<6>())),
-                );
-                params.distinguished_name = dn;
-                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-                params.key_usages = vec![
-                    KeyUsagePurpose::KeyCertSign,
-                    KeyUsagePurpose::CrlSign,
-                    KeyUsagePurpose::DigitalSignature,
-                ];
-                let now = OffsetDateTime::now_utc();
-                params.not_before = now - Duration::hours(1);
-                params.not_after = now + Duration::days(3650);
-                let cert = params.self_signed(&key).context("self-sign ca")?;
-                write_private(&key_path, key.serialize_pem().as_bytes())?;
-                write_public(&cert_path, cert.pem().as_bytes())?;
-                Ok(Self {
-                    cert_pem: cert.pem(),
-                    cert_der: cert.der().to_vec(),
-                    issuer: Issuer::new(params, key),
-                })
+                let (ca, key_pem) = Self::generate()?;
+                write_private(&key_path, key_pem.as_bytes())?;
+                write_public(&cert_path, ca.cert_pem.as_bytes())?;
+                Ok(ca)
             }
             _ => bail!(
                 "state folder {} holds only half of the CA (ca.key and ca.pem go together)",
                 dir.display()
             ),
         }
+    }
+
+    /// A new CA, valid for ten years; returns it with its key (PEM) to store.
+    pub fn generate() -> Result<(Self, String)> {
+        let key = KeyPair::generate().context("generate ca key")?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Workspace Hub");
+        dn.push(
+            DnType::CommonName,
+            format!("Workspace Hub CA {}", &hex(&random_bytes::<6>())),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(3650);
+        let cert = params.self_signed(&key).context("self-sign ca")?;
+        let key_pem = key.serialize_pem();
+        Ok((
+            Self {
+                cert_pem: cert.pem(),
+                cert_der: cert.der().to_vec(),
+                issuer: Issuer::new(params, key),
+            },
+            key_pem,
+        ))
+    }
+
+    /// A CA from its certificate and key (PEM), checked: one certificate, a CA, valid now,
+    /// and the key is the certificate's.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pem(key_pem).context("CA key: not a PEM private key")?;
+        let cert_der = pem_to_der(cert_pem)?;
+        let (rest, cert) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| anyhow::anyhow!("CA certificate: {e}"))?;
+        ensure!(rest.is_empty(), "CA certificate: trailing bytes");
+        ensure!(
+            cert.is_ca(),
+            "CA certificate: not a CA (no basicConstraints cA)"
+        );
+        ensure!(
+            cert.validity().is_valid(),
+            "CA certificate: not valid now (valid {} to {})",
+            cert.validity().not_before,
+            cert.validity().not_after
+        );
+        ensure!(
+            cert.public_key().subject_public_key.data.as_ref()
+                == rcgen::PublicKeyData::der_bytes(&key),
+            "CA key does not belong to the CA certificate"
+        );
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).context("CA certificate")?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.trim().to_owned() + "\n",
+            cert_der,
+        })
+    }
+
+    /// Whether `cert_der`, a certificate the TLS layer already verified against the hub's
+    /// CAs, names this CA as its issuer (CA names carry a random suffix, so they differ).
+    pub fn issued(&self, cert_der: &[u8]) -> bool {
+        let (Ok((_, cert)), Ok((_, ca))) = (
+            x509_parser::parse_x509_certificate(cert_der),
+            x509_parser::parse_x509_certificate(&self.cert_der),
+        ) else {
+            return false;
+        };
+        cert.issuer() == ca.subject()
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -179,10 +226,15 @@ pub fn agent_workspace_id(cert_der: &[u8]) -> Option<String> {
     cn.as_str().ok().map(str::to_owned)
 }
 
+/// The one certificate of a PEM text.
 fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| anyhow::anyhow!("parse ca.pem: {e}"))?;
-    Ok(pem.contents)
+    let certs = link::parse_ca_bundle(pem).map_err(|e| anyhow::anyhow!("CA certificate: {e}"))?;
+    ensure!(
+        certs.len() == 1,
+        "CA certificate: expected one certificate, found {}",
+        certs.len()
+    );
+    Ok(certs.into_iter().next().unwrap_or_default())
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -202,6 +202,15 @@ pub struct FileConfig {
     pub admins: Vec<String>,
     /// Failed authentications a client address may make per minute before it gets 429.
     pub auth_failures_per_minute: u32,
+    /// How long the replica running the reconciler and idle clean-up holds that job without
+    /// renewing it: another replica takes over this long after the holder dies.
+    #[serde(with = "humantime_serde")]
+    pub leader_lease: Duration,
+    /// This replica's name in leases and logs; the host name and a random suffix by default.
+    pub replica_id: Option<String>,
+    /// Where the hub's CA, ticket and reset keys come from; `dev` generates them in the
+    /// state folder when this is absent, `serve` refuses to start without it.
+    pub identity: Option<crate::identity::IdentityConfig>,
 }
 
 impl Default for FileConfig {
@@ -239,6 +248,9 @@ impl Default for FileConfig {
             qemu: Default::default(),
             admins: Vec::new(),
             auth_failures_per_minute: 20,
+            leader_lease: Duration::from_secs(10),
+            replica_id: None,
+            identity: None,
         }
     }
 }
@@ -286,6 +298,9 @@ pub struct Config {
     pub qemu: crate::provider::qemu::QemuConfig,
     pub admins: Vec<String>,
     pub auth_failures_per_minute: u32,
+    pub leader_lease: Duration,
+    pub replica_id: Option<String>,
+    pub identity: Option<crate::identity::IdentityConfig>,
 }
 
 impl Config {
@@ -401,6 +416,23 @@ impl Config {
                 "qemu.memory_mib must be 256..262144 and qemu.cpus 1..64"
             );
         }
+        if let Some(identity) = &file.identity {
+            identity.validate()?;
+        }
+        ensure!(
+            file.leader_lease >= Duration::from_secs(1),
+            "leader_lease must be at least 1s"
+        );
+        if let Some(id) = &file.replica_id {
+            ensure!(
+                !id.is_empty()
+                    && id.len() <= 64
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'),
+                "replica_id must be 1 to 64 letters, digits, '-' or '.'"
+            );
+        }
         let agent_binary = match file.agent_binary {
             Some(path) => path,
             None => std::env::current_exe()
@@ -442,6 +474,9 @@ impl Config {
             qemu: file.qemu,
             admins: file.admins,
             auth_failures_per_minute: file.auth_failures_per_minute,
+            leader_lease: file.leader_lease,
+            replica_id: file.replica_id,
+            identity: file.identity,
         })
     }
 

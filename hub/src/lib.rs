@@ -19,6 +19,7 @@ pub mod config;
 pub mod device;
 pub mod events;
 pub mod fsutil;
+pub mod identity;
 pub mod idle;
 pub mod lifecycle;
 pub mod oidc;
@@ -45,7 +46,11 @@ pub struct Hub {
     pub config: Config,
     pub store: Arc<dyn store::Store>,
     pub provider: Arc<dyn provider::Provider>,
-    pub ca: Arc<ca::HubCa>,
+    /// The CA(s), ticket and reset keys every replica shares.
+    pub identity: Arc<identity::Identity>,
+    /// This process among the hub's replicas (leases, logs): the configured `replica_id`,
+    /// or the host name and a random suffix.
+    pub replica_id: String,
     pub agents: agents::Registry,
     /// The address agents are told to dial.
     pub agent_hub_addr: String,
@@ -102,7 +107,9 @@ pub async fn open_state(
 ) -> Result<Hub> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
-    let ca = ca::HubCa::load_or_create(&config.state_dir).context("load CA")?;
+    let identity = identity::Identity::load(config.identity.as_ref(), &config.state_dir)
+        .await
+        .context("hub identity")?;
     let store = store::open(&config.store, &config.state_dir)
         .await
         .context("open store")?;
@@ -133,13 +140,21 @@ pub async fn open_state(
         config: config.clone(),
         store,
         provider,
-        ca: Arc::new(ca),
+        tickets: auth::Tickets::new(&identity.ticket_key),
+        replica_id: config.replica_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "hub".into());
+            format!("{host}-{}", ca::hex(&ca::random_bytes::<3>()))
+        }),
+        identity: Arc::new(identity),
         agents: agents::Registry::default(),
         shutdown,
         events: events::Events::default(),
         orphans: reconcile::Orphans::default(),
         auth_failures: auth::Failures::default(),
-        tickets: auth::Tickets::load_or_create(&config.state_dir).context("ticket key")?,
         device_logins: device::DeviceLogins::default(),
         oidc: config
             .oidc
@@ -162,43 +177,86 @@ pub async fn open_state(
     })
 }
 
-/// The reconciler and idle clean-up: once at start-up, then every `reconcile_interval`.
+/// The lease whose holder runs the reconciler and the idle clean-up.
+const HOUSEKEEPING_LEASE: &str = "housekeeping";
+
+/// The reconciler and idle clean-up, on one replica at a time: the holder of the
+/// housekeeping lease in the store, which it renews every third of `leader_lease`. Another
+/// replica takes over within `leader_lease` of the holder's death, at once after its
+/// shutdown. A pass runs once on taking the lease, then every `reconcile_interval`.
 async fn housekeeping(hub: AppState) {
-    let mut tick = tokio::time::interval(hub.config.reconcile_interval);
+    let lease = hub.config.leader_lease;
+    let mut tick = tokio::time::interval((lease / 3).min(hub.config.reconcile_interval));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leader = false;
+    let mut next_pass = tokio::time::Instant::now();
+    let mut pass: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = hub.shutdown.cancelled() => return,
+            _ = hub.shutdown.cancelled() => break,
         }
         let now = workspace::now_ms();
-        match reconcile::reconcile(&hub, now).await {
-            Ok(report)
-                if !report.orphans_seen.is_empty()
-                    || !report.vanished.is_empty()
-                    || !report.resumed.is_empty()
-                    || !report.timed_out.is_empty() =>
-            {
-                tracing::info!(?report, "reconciled");
+        let held = match hub
+            .store
+            .acquire_lease(
+                HOUSEKEEPING_LEASE,
+                &hub.replica_id,
+                now,
+                now + lease.as_millis() as i64,
+            )
+            .await
+        {
+            Ok(held) => held,
+            Err(e) => {
+                // Unconfirmed is not leading: another replica may have it by now.
+                tracing::warn!(error = %e, "renew the housekeeping lease");
+                false
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "reconcile"),
+        };
+        if held != leader {
+            leader = held;
+            tracing::info!(replica = %hub.replica_id, leader, "housekeeping leader changed");
+            next_pass = tokio::time::Instant::now();
         }
-        if let Err(e) = idle::sweep(&hub, now).await {
-            tracing::warn!(error = %e, "idle clean-up");
+        let idle = pass.as_ref().is_none_or(|p| p.is_finished());
+        if leader && idle && tokio::time::Instant::now() >= next_pass {
+            next_pass = tokio::time::Instant::now() + hub.config.reconcile_interval;
+            pass = Some(tokio::spawn(housekeeping_pass(hub.clone())));
+        }
+    }
+    if let Some(pass) = pass {
+        pass.abort();
+    }
+    if leader {
+        match hub
+            .store
+            .release_lease(HOUSEKEEPING_LEASE, &hub.replica_id)
+            .await
+        {
+            Ok(()) => tracing::info!(replica = %hub.replica_id, "housekeeping lease released"),
+            Err(e) => tracing::warn!(error = %e, "release the housekeeping lease"),
         }
     }
 }
 
-fn reset_secret(config: &Config) -> Result<Vec<u8>> {
-    let path = config.state_dir.join("reset.key");
-    match std::fs::read(&path) {
-        Ok(secret) if secret.len() == 32 => Ok(secret),
-        _ => {
-            let secret = ca::random_bytes::<32>().to_vec();
-            fsutil::write_private(&path, &secret)?;
-            Ok(secret)
+/// One reconciler and idle clean-up pass.
+async fn housekeeping_pass(hub: AppState) {
+    let now = workspace::now_ms();
+    match reconcile::reconcile(&hub, now).await {
+        Ok(report)
+            if !report.orphans_seen.is_empty()
+                || !report.vanished.is_empty()
+                || !report.resumed.is_empty()
+                || !report.timed_out.is_empty() =>
+        {
+            tracing::info!(?report, "reconciled");
         }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "reconcile"),
+    }
+    if let Err(e) = idle::sweep(&hub, now).await {
+        tracing::warn!(error = %e, "idle clean-up");
     }
 }
 
@@ -227,19 +285,20 @@ pub async fn run(
     );
 
     let server = hub
-        .ca
+        .identity
+        .server_ca()
         .issue_server(&config.server_names)
         .context("issue server certificate")?;
     let server_config = link::server_config(
         vec![server.cert_der],
         server.key_pkcs8,
-        hub.ca.cert_der(),
+        &hub.identity.client_cas(),
         &[protocol::ALPN_AGENT, protocol::ALPN_CLIENT],
         config.idle_timeout(),
     )
     .context("QUIC server config")?;
     let endpoint = quinn::Endpoint::new(
-        link::endpoint_config(&reset_secret(&config)?),
+        link::endpoint_config(&hub.identity.reset_key),
         Some(server_config),
         socket,
         Arc::new(quinn::TokioRuntime),

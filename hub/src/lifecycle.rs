@@ -8,7 +8,7 @@ use crate::agents::token_hash;
 use crate::api::ApiError;
 use crate::events::{Detail, WorkspaceEvent};
 use crate::provider::{InstanceSpec, ProviderError, Target};
-use crate::store::StoreError;
+use crate::store::{Limits, StoreError};
 use crate::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
 use crate::{Hub, ca};
 use axum::http::StatusCode;
@@ -96,13 +96,10 @@ fn quota_exceeded(message: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
 }
 
-/// Checks the owner's quota before a create (`creating`) or a start.
-async fn check_quota(hub: &Hub, owner: &str, creating: Option<&str>) -> Result<(), ApiError> {
+/// The owner's limits for a create; the store counts them atomically with the insert.
+fn create_limits(hub: &Hub, owner: &str, machine_type: &str) -> Result<Limits, ApiError> {
     let quota = hub.config.quotas.for_owner(owner);
-    if let Some(machine_type) = creating
-        && !quota.machine_types.is_empty()
-        && !quota.machine_types.iter().any(|m| m == machine_type)
-    {
+    if !quota.machine_types.is_empty() && !quota.machine_types.iter().any(|m| m == machine_type) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "machine_type_not_allowed",
@@ -112,13 +109,16 @@ async fn check_quota(hub: &Hub, owner: &str, creating: Option<&str>) -> Result<(
             ),
         ));
     }
-    let (total, running) = hub.store.count_workspaces(owner).await?;
-    if creating.is_some() && total >= quota.max_workspaces as usize {
-        return Err(quota_exceeded(format!(
-            "you have {total} workspaces; the limit is {}",
-            quota.max_workspaces
-        )));
-    }
+    Ok(Limits {
+        workspaces: quota.max_workspaces as usize,
+        running: quota.max_running as usize,
+    })
+}
+
+/// Checks the owner's running quota before a start.
+async fn check_running_quota(hub: &Hub, owner: &str) -> Result<(), ApiError> {
+    let quota = hub.config.quotas.for_owner(owner);
+    let (_, running) = hub.store.count_workspaces(owner).await?;
     if running >= quota.max_running as usize {
         return Err(quota_exceeded(format!(
             "you have {running} running workspaces; the limit is {}",
@@ -145,7 +145,7 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
     let machine_type = req
         .machine_type
         .unwrap_or_else(|| cfg.default_machine_type.clone());
-    check_quota(hub, owner, Some(&machine_type)).await?;
+    let limits = create_limits(hub, owner, &machine_type)?;
     let defaults = cfg.idle;
     let idle = req.idle.map_or(defaults, |asked| IdlePolicy {
         stop_after: asked.stop_after.min(defaults.stop_after),
@@ -173,7 +173,7 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
         metadata: req.metadata,
         sharing: Default::default(),
     };
-    match hub.store.insert_workspace(&ws).await {
+    match hub.store.insert_workspace(&ws, limits).await {
         Ok(()) => {}
         // The same idempotency key, raced: the other request created it.
         Err(StoreError::AlreadyExists) if req.idempotency_key.is_some() => {
@@ -243,7 +243,7 @@ pub async fn provision(hub: &Hub, ws: &Workspace) -> Result<Option<String>, ApiE
         bootstrap: AgentBootstrap {
             hub_addr: hub.agent_hub_addr.clone(),
             server_name: cfg.server_names[0].clone(),
-            ca_pem: hub.ca.cert_pem().to_owned(),
+            ca_pem: hub.identity.trust_bundle_pem(),
             enrollment_token: Some(token),
             state_dir: "/var/lib/workspace-agent".into(),
             // The process provider runs agents as the hub's own user; VM images have one.
@@ -320,7 +320,7 @@ pub async fn finish_stop(hub: &Hub, target: &Target) {
 /// Resumes a SUSPENDED (or failed) workspace: `STARTING` now, `READY` when its agent says
 /// hello again.
 pub async fn start(hub: &Arc<Hub>, id: Uuid, owner: &str) -> Result<Workspace, ApiError> {
-    check_quota(hub, owner, None).await?;
+    check_running_quota(hub, owner).await?;
     let ws = hub
         .transition(
             id,

@@ -2,7 +2,9 @@
 //!
 //! - `workspace-hub dev`: everything on localhost with no set-up (state folder, CA, SQLite,
 //!   process provider), printing what to open and a token to use;
-//! - `workspace-hub serve --config hub.toml`: the same from a config file;
+//! - `workspace-hub serve --config hub.toml`: the same from a config file, with the hub's
+//!   identity from the secret sources in `[identity]`;
+//! - `workspace-hub identity init --out DIR`: makes a new identity to store as secrets;
 //! - `workspace-hub token create --owner NAME`: mints an API token.
 
 use anyhow::{Context, Result};
@@ -43,15 +45,30 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run from a config file.
+    /// Run from a config file (its `[identity]` is required).
     Serve {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// The hub's identity (CA, ticket and reset keys).
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
     },
     /// Manage API tokens.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Write a new identity into a folder (ca.pem, ca.key, ticket.key, reset.key; keys
+    /// 0600), to store as secrets or files that `[identity]` names. Never overwrites.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -139,8 +156,15 @@ async fn async_main(cli: Cli) -> Result<()> {
             })
             .await
         }
-        Command::Serve { config } => {
-            let config = Config::from_file(FileConfig::load(&config)?)?;
+        Command::Serve { config: path } => {
+            let config = Config::from_file(FileConfig::load(&path)?)?;
+            anyhow::ensure!(
+                config.identity.is_some(),
+                "{} has no [identity]: serve needs the hub's CA, ticket and reset keys from \
+                 secret sources shared by every replica (make one with `workspace-hub identity \
+                 init --out DIR`; `workspace-hub dev` generates its own)",
+                path.display()
+            );
             serve(config, |_, listening| {
                 println!(
                     "workspace-hub listening: http://{} quic://{}",
@@ -148,6 +172,16 @@ async fn async_main(cli: Cli) -> Result<()> {
                 );
             })
             .await
+        }
+        Command::Identity {
+            command: IdentityCommand::Init { out },
+        } => {
+            hub::identity::Identity::generate_files(&out)?;
+            println!(
+                "new hub identity in {}: ca.pem, ca.key, ticket.key, reset.key",
+                out.display()
+            );
+            Ok(())
         }
         Command::Token {
             command:

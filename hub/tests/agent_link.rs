@@ -217,7 +217,7 @@ async fn an_agent_with_the_wrong_pinned_ca_refuses_the_hub_and_keeps_its_token_s
     let hub = manual_hub(HubOptions::default()).await;
     let ws = hub.create_workspace().await.unwrap();
     let (mut config, dir): (AgentConfig, _) = harness::agent_config(&ws).unwrap();
-    config.ca_der = foreign_identity("someone-else").0;
+    config.hub_cas = vec![foreign_identity("someone-else").0];
     let mut wrong = InProcessAgent::start_with(config, dir);
     let waited = wrong.wait_event(Duration::from_secs(2), |_| true).await;
     assert!(

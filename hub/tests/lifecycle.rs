@@ -194,6 +194,43 @@ async fn a_retried_create_with_the_same_key_makes_one_workspace() {
 }
 
 #[tokio::test]
+async fn fifty_concurrent_creates_against_a_quota_of_ten_make_ten_workspaces() {
+    let hub = std::sync::Arc::new(
+        TestHub::start_with(HubOptions {
+            provider: "manual".into(),
+            config: "[quotas]\nmax_workspaces = 10\nmax_running = 10\n".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let hub = hub.clone();
+        tasks.spawn(async move {
+            hub.api("POST", "/workspaces", Some(json!({})))
+                .await
+                .unwrap()
+        });
+    }
+    let mut codes = std::collections::BTreeMap::new();
+    while let Some(done) = tasks.join_next().await {
+        let (code, body) = done.unwrap();
+        if code != 201 {
+            assert_eq!(
+                (code, body["error"]["code"].as_str()),
+                (403, Some("quota_exceeded")),
+                "{body}"
+            );
+        }
+        *codes.entry(code).or_insert(0) += 1;
+    }
+    assert_eq!(codes, [(201, 10), (403, 40)].into_iter().collect());
+    let (_, list) = hub.api("GET", "/workspaces", None).await.unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 10);
+}
+
+#[tokio::test]
 async fn quotas_are_checked_at_create_and_start() {
     let hub = TestHub::start_with(HubOptions {
         provider: "manual".into(),

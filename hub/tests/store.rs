@@ -3,7 +3,7 @@
 
 use hub::store::firestore::{FirestoreConfig, FirestoreStore};
 use hub::store::sqlite::SqliteStore;
-use hub::store::{ApiToken, Store, StoreError, TokenRejection};
+use hub::store::{ApiToken, Limits, Store, StoreError, TokenRejection};
 use hub::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -40,10 +40,10 @@ async fn conformance(store: Arc<dyn Store>) {
     let a2 = workspace("alice", 2_000);
     let b1 = workspace("bob", 1_500);
     for ws in [&a1, &a2, &b1] {
-        store.insert_workspace(ws).await.unwrap();
+        store.insert_workspace(ws, Limits::NONE).await.unwrap();
     }
     assert!(matches!(
-        store.insert_workspace(&a1).await,
+        store.insert_workspace(&a1, Limits::NONE).await,
         Err(StoreError::AlreadyExists)
     ));
     assert_eq!(store.get_workspace(a1.id).await.unwrap(), a1);
@@ -97,7 +97,7 @@ async fn conformance(store: Arc<dyn Store>) {
 
     // Racing writers: exactly one of many concurrent transitions wins.
     let race = workspace("carol", 3_000);
-    store.insert_workspace(&race).await.unwrap();
+    store.insert_workspace(&race, Limits::NONE).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..16 {
         let store = store.clone();
@@ -218,7 +218,7 @@ async fn conformance(store: Arc<dyn Store>) {
 
     // Deleting: only from DELETING, and the record is gone afterwards.
     let doomed = workspace("erin", 4_000);
-    store.insert_workspace(&doomed).await.unwrap();
+    store.insert_workspace(&doomed, Limits::NONE).await.unwrap();
     assert!(matches!(
         store.delete_workspace(doomed.id).await,
         Err(StoreError::Conflict {
@@ -243,7 +243,7 @@ async fn conformance(store: Arc<dyn Store>) {
     // write the way the lifecycle makes them: the history they leave is a legal one, and
     // the final state is the one the last winner wrote (no lost update).
     let busy = workspace("frank", 5_000);
-    store.insert_workspace(&busy).await.unwrap();
+    store.insert_workspace(&busy, Limits::NONE).await.unwrap();
     store
         .transition(busy.id, &[Status::Provisioning], Status::Ready, None)
         .await
@@ -408,6 +408,156 @@ async fn conformance(store: Arc<dyn Store>) {
     ));
     assert_eq!(store.find_api_token("th2").await.unwrap(), None);
     assert_eq!(store.list_api_tokens("alice").await.unwrap().len(), 1);
+
+    // Leases: one holder at a time; renewals; expiry; release by the holder only.
+    assert!(
+        store
+            .acquire_lease("housekeeping", "r1", 1_000, 2_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acquire_lease("housekeeping", "r2", 1_500, 2_500)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .acquire_lease("housekeeping", "r1", 1_900, 2_900)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .acquire_lease("housekeeping", "r2", 2_800, 3_800)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .acquire_lease("other-lease", "r2", 2_800, 3_800)
+            .await
+            .unwrap()
+    );
+    store.release_lease("housekeeping", "r2").await.unwrap();
+    assert!(
+        !store
+            .acquire_lease("housekeeping", "r2", 2_850, 3_850)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .acquire_lease("housekeeping", "r2", 2_900, 3_900)
+            .await
+            .unwrap(),
+        "expired"
+    );
+    store.release_lease("housekeeping", "r2").await.unwrap();
+    assert!(
+        store
+            .acquire_lease("housekeeping", "r3", 2_950, 3_950)
+            .await
+            .unwrap(),
+        "released"
+    );
+    // Many replicas at once: exactly one wins.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            store
+                .acquire_lease("contended", &format!("r{i}"), 5_000, 6_000)
+                .await
+                .unwrap()
+        });
+    }
+    let mut winners = 0;
+    while let Some(won) = tasks.join_next().await {
+        winners += usize::from(won.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
+/// 50 creates of one owner at once, spread over `stores` (replicas sharing one database),
+/// against a limit of 10 workspaces: exactly 10 pass, the rest are refused with the count.
+async fn concurrent_creates_respect_the_quota(stores: Vec<Arc<dyn Store>>) {
+    let owner = format!("quota-{}", Uuid::new_v4().simple());
+    let limits = Limits {
+        workspaces: 10,
+        running: 50,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let store = stores[i % stores.len()].clone();
+        let ws = workspace(&owner, 10_000 + i as i64);
+        tasks.spawn(async move { store.insert_workspace(&ws, limits).await });
+    }
+    let (mut created, mut refused) = (0, 0);
+    while let Some(result) = tasks.join_next().await {
+        match result.unwrap() {
+            Ok(()) => created += 1,
+            Err(StoreError::OverQuota {
+                what: "workspaces",
+                count: 10,
+                limit: 10,
+            }) => refused += 1,
+            Err(e) => panic!("unexpected: {e:?}"),
+        }
+    }
+    assert_eq!((created, refused), (10, 40));
+    assert_eq!(stores[0].count_workspaces(&owner).await.unwrap(), (10, 10));
+
+    // The running limit counts running workspaces only; the id check comes first.
+    let limits = Limits {
+        workspaces: 100,
+        running: 10,
+    };
+    let extra = workspace(&owner, 20_000);
+    assert!(matches!(
+        stores[0].insert_workspace(&extra, limits).await,
+        Err(StoreError::OverQuota {
+            what: "running workspaces",
+            ..
+        })
+    ));
+    let first = stores[0].list_workspaces(Some(&owner)).await.unwrap()[0].clone();
+    assert!(matches!(
+        stores[0].insert_workspace(&first, limits).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    stores[0]
+        .transition(first.id, &[Status::Provisioning], Status::Suspended, None)
+        .await
+        .unwrap();
+    stores[0].insert_workspace(&extra, limits).await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_creates_respect_the_quota_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.sqlite3");
+    // Two connections to one file behave as two hub processes do.
+    concurrent_creates_respect_the_quota(vec![
+        Arc::new(SqliteStore::open(&path).unwrap()),
+        Arc::new(SqliteStore::open(&path).unwrap()),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn firestore_creates_respect_the_quota_across_replicas() {
+    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
+    let config = FirestoreConfig {
+        project: format!("quota-{}", Uuid::new_v4().simple()),
+        emulator_host: Some(emulator.host.clone()),
+    };
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..3 {
+        stores.push(Arc::new(FirestoreStore::connect(&config).await.unwrap()));
+    }
+    concurrent_creates_respect_the_quota(stores).await;
 }
 
 #[tokio::test]
@@ -438,7 +588,7 @@ async fn sqlite_store_keeps_state_across_reopen() {
     let ws = workspace("dana", 7);
     {
         let store = SqliteStore::open(&path).unwrap();
-        store.insert_workspace(&ws).await.unwrap();
+        store.insert_workspace(&ws, Limits::NONE).await.unwrap();
         store
             .transition(ws.id, &[Status::Provisioning], Status::Ready, None)
             .await

@@ -449,9 +449,7 @@ struct Raw {
 impl Raw {
     async fn open(hub: &TestHub, id: &str, root: &str) -> Raw {
         link::install_crypto_provider();
-        let pem = std::fs::read(hub.state_dir.join("ca.pem")).unwrap();
-        use rustls_pki_types::pem::PemObject;
-        let ca = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        let ca = harness::raw_agent::hub_cas(hub).await;
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = endpoint
             .connect_with(

@@ -79,28 +79,64 @@ fn transport(idle_timeout: Duration, peer_streams: u32) -> quinn::TransportConfi
     t
 }
 
-fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, rustls::Error> {
+/// How many CA certificates a trust bundle may hold: the current one and, during a CA
+/// rotation, the one before it (room to spare, no more).
+pub const MAX_TRUSTED_CAS: usize = 4;
+
+fn roots(cas: &[Vec<u8>]) -> Result<Arc<RootCertStore>, rustls::Error> {
+    if cas.is_empty() || cas.len() > MAX_TRUSTED_CAS {
+        return Err(rustls::Error::General(format!(
+            "a trust bundle holds 1 to {MAX_TRUSTED_CAS} CA certificates, not {}",
+            cas.len()
+        )));
+    }
     let mut roots = RootCertStore::empty();
-    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    for ca in cas {
+        roots.add(CertificateDer::from(ca.clone()))?;
+    }
     Ok(Arc::new(roots))
+}
+
+/// The CA certificates (DER) of a PEM trust bundle: one `CERTIFICATE` block, or several
+/// during a CA rotation. Anything else in the text is refused.
+pub fn parse_ca_bundle(pem: &str) -> Result<Vec<Vec<u8>>, rustls::Error> {
+    use rustls_pki_types::pem::{PemObject, SectionKind};
+    let mut cas = Vec::new();
+    for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(pem.as_bytes()) {
+        match item.map_err(|e| rustls::Error::General(format!("CA bundle: {e}")))? {
+            (SectionKind::Certificate, der) => cas.push(der),
+            (kind, _) => {
+                return Err(rustls::Error::General(format!(
+                    "CA bundle: unexpected {kind:?} section"
+                )));
+            }
+        }
+    }
+    if cas.is_empty() || cas.len() > MAX_TRUSTED_CAS {
+        return Err(rustls::Error::General(format!(
+            "CA bundle: expected 1 to {MAX_TRUSTED_CAS} certificates, found {}",
+            cas.len()
+        )));
+    }
+    Ok(cas)
 }
 
 fn quic_tls_error(e: impl std::fmt::Display) -> rustls::Error {
     rustls::Error::General(format!("quic tls config: {e}"))
 }
 
-/// A server: presents `cert_chain`/`key_pkcs8`; accepts client certificates issued by
-/// `client_ca_der`, and clients with none (the application decides what those may do).
+/// A server: presents `cert_chain`/`key_pkcs8`; accepts client certificates issued by any
+/// of `client_cas` (DER), and clients with none (the application decides what those may do).
 pub fn server_config(
     cert_chain: Vec<Vec<u8>>,
     key_pkcs8: Vec<u8>,
-    client_ca_der: &[u8],
+    client_cas: &[Vec<u8>],
     alpn: &[&[u8]],
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, rustls::Error> {
     let provider = crypto_provider();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots(client_ca_der)?,
+        roots(client_cas)?,
         provider.clone(),
     )
     .allow_unauthenticated()
@@ -124,34 +160,34 @@ pub fn server_config(
 /// connection time out (agents have application heartbeats instead).
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-/// A CLI client config: trusts only `ca_der`, ALPN `wsh-client/1`, keep-alives on.
-pub fn cli_client_config(ca_der: &[u8]) -> Result<quinn::ClientConfig, rustls::Error> {
+/// A CLI client config: trusts only `cas` (DER), ALPN `wsh-client/1`, keep-alives on.
+pub fn cli_client_config(cas: &[Vec<u8>]) -> Result<quinn::ClientConfig, rustls::Error> {
     // The hub never opens streams towards the CLI.
     let mut t = transport(Duration::from_secs(30), 0);
     t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
-    client_with_transport(ca_der, None, protocol::ALPN_CLIENT, Arc::new(t))
+    client_with_transport(cas, None, protocol::ALPN_CLIENT, Arc::new(t))
 }
 
-/// A client that trusts only `ca_der`, optionally presenting a client certificate.
+/// A client that trusts only `cas` (DER), optionally presenting a client certificate.
 pub fn client_config(
-    ca_der: &[u8],
+    cas: &[Vec<u8>],
     identity: Option<(Vec<u8>, Vec<u8>)>,
     alpn: &[u8],
     idle_timeout: Duration,
 ) -> Result<quinn::ClientConfig, rustls::Error> {
     let transport = transport_config(idle_timeout, AGENT_ACCEPTS_STREAMS);
-    client_with_transport(ca_der, identity, alpn, transport)
+    client_with_transport(cas, identity, alpn, transport)
 }
 
 fn client_with_transport(
-    ca_der: &[u8],
+    cas: &[Vec<u8>],
     identity: Option<(Vec<u8>, Vec<u8>)>,
     alpn: &[u8],
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ClientConfig, rustls::Error> {
     let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca_der)?);
+        .with_root_certificates(roots(cas)?);
     let mut tls = match identity {
         Some((cert_der, key_pkcs8)) => builder.with_client_auth_cert(
             vec![CertificateDer::from(cert_der)],

@@ -54,7 +54,7 @@ resource "google_artifact_registry_repository" "images" {
 }
 
 # The hub: creates, suspends and deletes workspace VMs, reads and writes Firestore, pulls
-# its image, reads its OAuth client secret. Nothing else.
+# its image, reads its OAuth client secret and its identity. Nothing else.
 resource "google_service_account" "hub" {
   project      = var.project
   account_id   = "workspace-hub"
@@ -79,6 +79,92 @@ resource "google_artifact_registry_repository_iam_member" "hub_pull" {
   repository = google_artifact_registry_repository.images.name
   role       = "roles/artifactregistry.reader"
   member     = "serviceAccount:${google_service_account.hub.email}"
+}
+
+# The hub's identity: one CA, ticket key and reset key for every replica and every instance
+# that replaces one, in Secret Manager, readable by the hub's service account only. With
+# generate_identity (the default) terraform makes them (the tls and random providers: the
+# keys are then in the terraform state as well, so keep the state private); without it,
+# add the versions by hand (README, "The hub's identity"). Rotating the CA: README,
+# "Rotating the hub CA".
+locals {
+  identity_secrets = ["hub-ca-cert", "hub-ca-key", "hub-ticket-key", "hub-reset-key"]
+}
+
+resource "google_secret_manager_secret" "identity" {
+  for_each  = toset(local.identity_secrets)
+  project   = var.project
+  secret_id = each.value
+  labels    = local.labels
+  replication {
+    auto {}
+  }
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_secret_manager_secret_iam_member" "identity" {
+  for_each  = google_secret_manager_secret.identity
+  project   = var.project
+  secret_id = each.value.secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.hub.email}"
+}
+
+resource "random_id" "ca" {
+  count       = var.generate_identity ? 1 : 0
+  byte_length = 6
+}
+
+resource "tls_private_key" "ca" {
+  count       = var.generate_identity ? 1 : 0
+  algorithm   = "ECDSA"
+  ecdsa_curve = "P256"
+}
+
+resource "tls_self_signed_cert" "ca" {
+  count                 = var.generate_identity ? 1 : 0
+  private_key_pem       = tls_private_key.ca[0].private_key_pem
+  is_ca_certificate     = true
+  validity_period_hours = 87600
+  allowed_uses          = ["cert_signing", "crl_signing", "digital_signature"]
+  subject {
+    organization = "Workspace Hub"
+    common_name  = "Workspace Hub CA ${random_id.ca[0].hex}"
+  }
+}
+
+resource "random_bytes" "ticket_key" {
+  count  = var.generate_identity ? 1 : 0
+  length = 32
+}
+
+resource "random_bytes" "reset_key" {
+  count  = var.generate_identity ? 1 : 0
+  length = 32
+}
+
+resource "google_secret_manager_secret_version" "ca_cert" {
+  count       = var.generate_identity ? 1 : 0
+  secret      = google_secret_manager_secret.identity["hub-ca-cert"].id
+  secret_data = tls_self_signed_cert.ca[0].cert_pem
+}
+
+resource "google_secret_manager_secret_version" "ca_key" {
+  count       = var.generate_identity ? 1 : 0
+  secret      = google_secret_manager_secret.identity["hub-ca-key"].id
+  secret_data = tls_private_key.ca[0].private_key_pem_pkcs8
+}
+
+resource "google_secret_manager_secret_version" "ticket_key" {
+  count       = var.generate_identity ? 1 : 0
+  secret      = google_secret_manager_secret.identity["hub-ticket-key"].id
+  secret_data = random_bytes.ticket_key[0].base64
+}
+
+resource "google_secret_manager_secret_version" "reset_key" {
+  count       = var.generate_identity ? 1 : 0
+  secret      = google_secret_manager_secret.identity["hub-reset-key"].id
+  secret_data = random_bytes.reset_key[0].base64
 }
 
 data "google_secret_manager_secret_version" "oidc" {

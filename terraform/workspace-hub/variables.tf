@@ -87,3 +87,9 @@ variable "workspace_network" {
   type        = string
   default     = "default"
 }
+
+variable "generate_identity" {
+  description = "Generate the hub's identity (CA, ticket and reset keys) into Secret Manager. The keys then sit in the terraform state too; set false to add the secret versions by hand (README, \"The hub's identity\")."
+  type        = bool
+  default     = true
+}

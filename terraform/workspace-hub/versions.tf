@@ -5,5 +5,13 @@ terraform {
       source  = "hashicorp/google"
       version = ">= 5.30"
     }
+    tls = {
+      source  = "hashicorp/tls"
+      version = ">= 4.0.5"
+    }
+    random = {
+      source  = "hashicorp/random"
+      version = ">= 3.6"
+    }
   }
 }

@@ -2,14 +2,17 @@
 //! aws-lc-rs). Tests run it against the real Firestore emulator.
 //!
 //! Collections: `workspaces/{id}` (the [`Workspace`] fields as the design names them),
-//! `enrollment_tokens/{sha256}`, `agent_certs/{workspace_id}`, `api_tokens/{sha256}`.
+//! `enrollment_tokens/{sha256}`, `agent_certs/{workspace_id}`, `api_tokens/{sha256}`,
+//! `leases/{name}`, `owners/{sha256 of the owner id}` (a create counter: every create of an owner commits
+//! it together with the new workspace, under an update-time precondition, which makes the
+//! quota count and the insert one atomic step).
 //! Every read-modify-write (status transitions, touches, token redemption, deletes) is a
 //! conditional write with an update-time precondition: a write that loses to a concurrent
 //! one fails on the server and is retried here with a fresh read, so no update is ever lost
 //! and no lock is held (Firestore's transactions lock pessimistically and time out under
 //! the contention the conformance suite creates).
 
-use super::{ApiToken, Store, StoreError, TokenRejection};
+use super::{ApiToken, Limits, Store, StoreError, TokenRejection};
 use crate::workspace::{Status, Workspace};
 use async_trait::async_trait;
 use firestore::errors::FirestoreError;
@@ -22,9 +25,15 @@ const WORKSPACES: &str = "workspaces";
 const ENROLLMENT_TOKENS: &str = "enrollment_tokens";
 const AGENT_CERTS: &str = "agent_certs";
 const API_TOKENS: &str = "api_tokens";
+const OWNERS: &str = "owners";
+const LEASES: &str = "leases";
 
 /// How often a conditional write that lost to a concurrent writer is tried again.
 const MAX_ATTEMPTS: u32 = 30;
+
+/// The same for an owner's create counter: each round lets one of the owner's concurrent
+/// creates through, so this bounds how many may race (the rest see the quota full).
+const MAX_CREATE_ATTEMPTS: u32 = 100;
 
 /// Where the Firestore store lives.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -61,6 +70,20 @@ struct EnrollmentTokenDoc {
 struct AgentCertDoc {
     fingerprint: String,
     issued_at: i64,
+}
+
+/// A lease: who holds it, until when (ms since the epoch).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LeaseDoc {
+    holder: String,
+    until: i64,
+}
+
+/// Per owner: how many workspaces were ever created. Its update time orders creates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OwnerDoc {
+    owner_id: String,
+    creates: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,28 +167,7 @@ impl FirestoreStore {
                 let jitter = rand::random::<u64>() % 10;
                 tokio::time::sleep(Duration::from_millis(u64::from(round.min(10)) + jitter)).await;
             }
-            let doc: Option<firestore::FirestoreDocument> = self
-                .db
-                .fluent()
-                .select()
-                .by_id_in(collection)
-                .one(id)
-                .await
-                .map_err(backend)?;
-            let (current, precondition) = match &doc {
-                Some(doc) => {
-                    let updated = doc
-                        .update_time
-                        .ok_or_else(|| backend("document without an update time"))?;
-                    let updated =
-                        firestore::timestamp_utils::from_timestamp(updated).map_err(backend)?;
-                    (
-                        Some(FirestoreDb::deserialize_doc_to::<D>(doc).map_err(backend)?),
-                        FirestoreWritePrecondition::UpdateTime(updated),
-                    )
-                }
-                None => (None, FirestoreWritePrecondition::Exists(false)),
-            };
+            let (current, precondition) = self.read_versioned::<D>(collection, id).await?;
             let result = match decide(current)? {
                 Change::Keep(value) => return Ok(value),
                 Change::Write(new, value) => self
@@ -199,6 +201,37 @@ impl FirestoreStore {
         Err(backend(format!(
             "{collection}/{id} kept changing under {MAX_ATTEMPTS} attempts to update it"
         )))
+    }
+
+    /// A document with the precondition that it is still the same when written (its update
+    /// time), or, if there is none, that there still is none.
+    async fn read_versioned<D>(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<(Option<D>, FirestoreWritePrecondition), StoreError>
+    where
+        D: for<'de> Deserialize<'de>,
+    {
+        let doc: Option<firestore::FirestoreDocument> = self
+            .db
+            .fluent()
+            .select()
+            .by_id_in(collection)
+            .one(id)
+            .await
+            .map_err(backend)?;
+        let Some(doc) = doc else {
+            return Ok((None, FirestoreWritePrecondition::Exists(false)));
+        };
+        let updated = doc
+            .update_time
+            .ok_or_else(|| backend("document without an update time"))?;
+        let updated = firestore::timestamp_utils::from_timestamp(updated).map_err(backend)?;
+        Ok((
+            Some(FirestoreDb::deserialize_doc_to::<D>(&doc).map_err(backend)?),
+            FirestoreWritePrecondition::UpdateTime(updated),
+        ))
     }
 
     /// Creates a document; `AlreadyExists` if the id is taken.
@@ -251,8 +284,64 @@ impl FirestoreStore {
 
 #[async_trait]
 impl Store for FirestoreStore {
-    async fn insert_workspace(&self, ws: &Workspace) -> Result<(), StoreError> {
-        self.insert(WORKSPACES, &ws.id.to_string(), ws).await
+    async fn insert_workspace(&self, ws: &Workspace, limits: Limits) -> Result<(), StoreError> {
+        let id = ws.id.to_string();
+        if limits == Limits::NONE {
+            return self.insert(WORKSPACES, &id, ws).await;
+        }
+        let owner_key = crate::ca::fingerprint(ws.owner_id.as_bytes());
+        for round in 0..MAX_CREATE_ATTEMPTS {
+            if round > 0 {
+                let jitter = rand::random::<u64>() % 10;
+                tokio::time::sleep(Duration::from_millis(u64::from(round.min(10)) + jitter)).await;
+            }
+            // The owner's counter first: a create that commits after this read changes its
+            // update time and fails our commit; one that committed before is in the count.
+            let (owner, precondition) = self.read_versioned::<OwnerDoc>(OWNERS, &owner_key).await?;
+            let creates = owner.map_or(0, |o| o.creates);
+            let (total, running) = self.count_workspaces(&ws.owner_id).await?;
+            if let Err(over) = limits.admit(total, running) {
+                return match self.get::<Workspace>(WORKSPACES, &id).await? {
+                    Some(_) => Err(StoreError::AlreadyExists),
+                    None => Err(over),
+                };
+            }
+            let mut tx = self.db.begin_transaction().await.map_err(backend)?;
+            self.db
+                .fluent()
+                .update()
+                .in_col(OWNERS)
+                .precondition(precondition)
+                .document_id(&owner_key)
+                .object(&OwnerDoc {
+                    owner_id: ws.owner_id.clone(),
+                    creates: creates + 1,
+                })
+                .add_to_transaction(&mut tx)
+                .map_err(backend)?;
+            self.db
+                .fluent()
+                .update()
+                .in_col(WORKSPACES)
+                .precondition(FirestoreWritePrecondition::Exists(false))
+                .document_id(&id)
+                .object(ws)
+                .add_to_transaction(&mut tx)
+                .map_err(backend)?;
+            match tx.commit().await {
+                Ok(_) => return Ok(()),
+                Err(e) if lost_race(&e) => {
+                    if self.get::<Workspace>(WORKSPACES, &id).await?.is_some() {
+                        return Err(StoreError::AlreadyExists);
+                    }
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        }
+        Err(backend(format!(
+            "the create counter of {} kept changing under {MAX_CREATE_ATTEMPTS} attempts",
+            ws.owner_id
+        )))
     }
 
     async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError> {
@@ -516,5 +605,37 @@ impl Store for FirestoreStore {
             Err(FirestoreError::DataNotFoundError(_)) => Err(StoreError::NotFound),
             Err(e) => Err(backend(e)),
         }
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        self.modify(LEASES, name, |current: Option<LeaseDoc>| {
+            Ok(match current {
+                Some(lease) if lease.holder != holder && lease.until > now => Change::Keep(false),
+                _ => Change::Write(
+                    LeaseDoc {
+                        holder: holder.to_owned(),
+                        until,
+                    },
+                    true,
+                ),
+            })
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        self.modify(LEASES, name, |current: Option<LeaseDoc>| {
+            Ok(match current {
+                Some(lease) if lease.holder == holder => Change::Delete(()),
+                _ => Change::Keep(()),
+            })
+        })
+        .await
     }
 }

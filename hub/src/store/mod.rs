@@ -1,5 +1,5 @@
 //! State behind one small trait: workspaces, enrollment tokens, agent certificates, API
-//! tokens. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); production uses
+//! tokens, and per-owner create counters. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); production uses
 //! Firestore ([`firestore::FirestoreStore`]). Both pass one conformance suite
 //! (`hub/tests/store.rs`).
 
@@ -45,6 +45,13 @@ pub enum StoreError {
     Conflict { current: Status },
     #[error("already exists")]
     AlreadyExists,
+    /// A create would take its owner past a limit.
+    #[error("you have {count} {what}; the limit is {limit}")]
+    OverQuota {
+        what: &'static str,
+        count: usize,
+        limit: usize,
+    },
     #[error("store backend: {0}")]
     Backend(String),
 }
@@ -70,9 +77,46 @@ pub struct ApiToken {
     pub email: Option<String>,
 }
 
+/// What an owner may hold when a workspace is created, counted in the same atomic step as
+/// the insert, so concurrent creates (on any replica) cannot pass it together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub workspaces: usize,
+    /// Running ([`Status::is_running`]) workspaces, the new one included.
+    pub running: usize,
+}
+
+impl Limits {
+    pub const NONE: Self = Self {
+        workspaces: usize::MAX,
+        running: usize::MAX,
+    };
+
+    /// Whether one more running workspace fits beside `total` (`running` of them running).
+    pub fn admit(&self, total: usize, running: usize) -> Result<(), StoreError> {
+        if total >= self.workspaces {
+            return Err(StoreError::OverQuota {
+                what: "workspaces",
+                count: total,
+                limit: self.workspaces,
+            });
+        }
+        if running >= self.running {
+            return Err(StoreError::OverQuota {
+                what: "running workspaces",
+                count: running,
+                limit: self.running,
+            });
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    async fn insert_workspace(&self, ws: &Workspace) -> Result<(), StoreError>;
+    /// Inserts a new (running) workspace if its owner stays within `limits`, counted
+    /// atomically with the insert; `OverQuota` if not, `AlreadyExists` if the id is taken.
+    async fn insert_workspace(&self, ws: &Workspace, limits: Limits) -> Result<(), StoreError>;
     async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError>;
     /// The owner's workspaces, or all of them for `None`; newest first.
     async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError>;
@@ -138,4 +182,18 @@ pub trait Store: Send + Sync + 'static {
     async fn list_api_tokens(&self, owner_id: &str) -> Result<Vec<(String, ApiToken)>, StoreError>;
     /// Revokes a token; `NotFound` if there is none with this hash.
     async fn delete_api_token(&self, token_hash: &str) -> Result<(), StoreError>;
+
+    /// Takes the lease `name` (`[a-z0-9-]`) for `holder` until `until` (ms since the
+    /// epoch) if it is free, expired at `now`, or `holder`'s already (a renewal), in one
+    /// atomic step. Returns whether `holder` holds it afterwards.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError>;
+    /// Ends `holder`'s lease now (a replica shutting down), so another takes over at once;
+    /// a lease someone else holds is left alone.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 }

@@ -3,7 +3,7 @@
 //! One connection behind a mutex, used from blocking threads. Every status change is a
 //! transaction that re-reads the current status before writing.
 
-use super::{ApiToken, Store, StoreError, TokenRejection};
+use super::{ApiToken, Limits, Store, StoreError, TokenRejection};
 use crate::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS agent_certs (
     workspace_id TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
     issued_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_tokens (
     token_hash TEXT PRIMARY KEY,
@@ -189,15 +194,36 @@ fn get_ws(conn: &Connection, id: Uuid) -> Result<Workspace, StoreError> {
     .ok_or(StoreError::NotFound)
 }
 
+/// How many workspaces the owner has, and how many of them run.
+fn count_ws(conn: &Connection, owner: &str) -> Result<(usize, usize), StoreError> {
+    conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(status IN ('PROVISIONING', 'READY', 'STARTING')), 0) \
+         FROM workspaces WHERE owner_id = ?1",
+        params![owner],
+        |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, i64>(1)? as usize)),
+    )
+    .map_err(backend)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert_workspace(&self, ws: &Workspace) -> Result<(), StoreError> {
+    async fn insert_workspace(&self, ws: &Workspace, limits: Limits) -> Result<(), StoreError> {
         let ws = ws.clone();
         self.with(move |conn| {
+            // One write transaction for the count and the insert: other processes on the
+            // same file wait for it (BEGIN IMMEDIATE), so no two creates count the same rows.
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            if get_ws(&tx, ws.id).is_ok() {
+                return Err(StoreError::AlreadyExists);
+            }
+            let (total, running) = count_ws(&tx, &ws.owner_id)?;
+            limits.admit(total, running)?;
             let metadata = serde_json::to_string(&ws.metadata).map_err(backend)?;
             let idle = serde_json::to_string(&ws.idle).map_err(backend)?;
             let sharing = serde_json::to_string(&ws.sharing).map_err(backend)?;
-            let res = conn.execute(
+            let res = tx.execute(
                 &format!("INSERT INTO workspaces ({WS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
                 params![
                     ws.id.to_string(),
@@ -219,7 +245,7 @@ impl Store for SqliteStore {
                 ],
             );
             match res {
-                Ok(_) => Ok(()),
+                Ok(_) => tx.commit().map_err(backend),
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
@@ -254,16 +280,7 @@ impl Store for SqliteStore {
 
     async fn count_workspaces(&self, owner_id: &str) -> Result<(usize, usize), StoreError> {
         let owner = owner_id.to_owned();
-        self.with(move |conn| {
-            conn.query_row(
-                "SELECT COUNT(*), COALESCE(SUM(status IN ('PROVISIONING', 'READY', 'STARTING')), 0) \
-                 FROM workspaces WHERE owner_id = ?1",
-                params![owner],
-                |r| Ok((r.get::<_, i64>(0)? as usize, r.get::<_, i64>(1)? as usize)),
-            )
-            .map_err(backend)
-        })
-        .await
+        self.with(move |conn| count_ws(conn, &owner)).await
     }
 
     async fn transition(
@@ -571,6 +588,54 @@ impl Store for SqliteStore {
                 return Err(StoreError::NotFound);
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.with(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let current: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT holder, until FROM leases WHERE name = ?1",
+                    params![name],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            if current.is_some_and(|(h, u)| h != holder && u > now) {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(name) DO UPDATE SET holder = ?2, until = ?3",
+                params![name, holder, until],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                params![name, holder],
+            )
+            .map(|_| ())
+            .map_err(backend)
         })
         .await
     }
