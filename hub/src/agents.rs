@@ -90,6 +90,8 @@ struct Connected {
     info: AgentInfo,
     conn: quinn::Connection,
     session: u64,
+    /// The connection's epoch, as the agent's route in the store records it.
+    epoch: i64,
     ports: Ports,
     /// What `ports` holds, in [`PortView::weight`] bytes (at most [`MAX_PORT_BYTES`]).
     port_bytes: usize,
@@ -281,11 +283,19 @@ impl Registry {
         self.lock().get(&id).map(|c| c.conn.clone())
     }
 
+    /// The agent's connection if it is the one of `epoch` (a peer's route names it).
+    pub fn connection_at(&self, id: Uuid, epoch: i64) -> Option<quinn::Connection> {
+        self.lock()
+            .get(&id)
+            .filter(|c| c.epoch == epoch)
+            .map(|c| c.conn.clone())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Connected>> {
         self.agents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(&self, id: Uuid, info: AgentInfo, conn: quinn::Connection) -> u64 {
+    fn insert(&self, id: Uuid, info: AgentInfo, conn: quinn::Connection, epoch: i64) -> u64 {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let old = self.lock().insert(
             id,
@@ -293,6 +303,7 @@ impl Registry {
                 info,
                 conn,
                 session,
+                epoch,
                 ports: Ports::default(),
                 port_bytes: 0,
                 ports_json: None,
@@ -371,8 +382,12 @@ pub async fn handle_incoming(hub: AppState, incoming: quinn::Incoming) {
             return;
         }
     };
-    if link::alpn(&conn).as_deref() == Some(protocol::ALPN_CLIENT) {
-        return crate::clients::client_connection(&hub, conn, remote).await;
+    match link::alpn(&conn).as_deref() {
+        Some(protocol::ALPN_CLIENT) => {
+            return crate::clients::client_connection(&hub, conn, remote).await;
+        }
+        Some(protocol::ALPN_PEER) => return crate::peers::peer_connection(hub, conn, remote).await,
+        _ => {}
     }
     match link::peer_certificate(&conn) {
         None => enrollment_connection(&hub, conn, remote).await,
@@ -651,6 +666,7 @@ async fn control_session(
     let protocol_version = welcome.protocol_version;
     send_msg(&mut send, &ControlMsg::Welcome(welcome)).await?;
 
+    let epoch = crate::peers::new_epoch();
     let session = hub.agents.insert(
         workspace_id,
         AgentInfo {
@@ -664,7 +680,9 @@ async fn control_session(
             checkout: None,
         },
         conn.clone(),
+        epoch,
     );
+    crate::peers::hold(hub, workspace_id, epoch).await;
     tracing::info!(%remote, workspace = %workspace_id, agent_version = %hello.agent_version, "agent connected");
     let mut touches = Touches::new(workspace, session);
     // Connection time first, so a workspace that reads READY also says when it connected.
@@ -684,6 +702,7 @@ async fn control_session(
 
     let result = heartbeat_loop(hub, conn, &mut touches, &mut send, recv).await;
     touches.record(hub, Instant::now(), true).await;
+    crate::peers::release(hub, workspace_id, epoch).await;
     if hub.agents.remove(workspace_id, session) {
         hub.previews.forget(workspace_id);
         // Its ports are out of reach until it is back (and reports them again).

@@ -33,7 +33,7 @@ impl std::fmt::Debug for HubCa {
     }
 }
 
-/// A freshly issued server identity.
+/// A freshly issued certificate (server or replica) and its key.
 pub struct ServerIdentity {
     pub cert_der: Vec<u8>,
     pub key_pkcs8: Vec<u8>,
@@ -153,20 +153,38 @@ impl HubCa {
 
     /// Issues a server certificate for the given DNS names and IP addresses.
     pub fn issue_server(&self, names: &[String]) -> Result<ServerIdentity> {
-        let key = KeyPair::generate().context("generate server key")?;
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "workspace-hub");
+        let mut sans = Vec::new();
         for name in names {
-            params
-                .subject_alt_names
-                .push(match name.parse::<std::net::IpAddr>() {
-                    Ok(ip) => SanType::IpAddress(ip),
-                    Err(_) => SanType::DnsName(name.clone().try_into().context("server name")?),
-                });
+            sans.push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.clone().try_into().context("server name")?),
+            });
         }
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue("workspace-hub", sans, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// Issues this replica's client certificate for connections to the other replicas
+    /// (subject CN `replica:<id>`, client auth only, as long-lived as the server's).
+    pub fn issue_replica(&self, replica_id: &str) -> Result<ServerIdentity> {
+        self.issue(
+            &format!("{REPLICA_CN_PREFIX}{replica_id}"),
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+
+    /// A new key and a 90-day certificate for it with this subject, names and usage.
+    fn issue(
+        &self,
+        cn: &str,
+        sans: Vec<SanType>,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<ServerIdentity> {
+        let key = KeyPair::generate().context("generate key")?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![usage];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
@@ -174,7 +192,7 @@ impl HubCa {
         params.serial_number = Some(SerialNumber::from_slice(&random_bytes::<16>()));
         let cert = params
             .signed_by(&key, &self.issuer)
-            .context("sign server cert")?;
+            .context("sign certificate")?;
         Ok(ServerIdentity {
             cert_der: cert.der().to_vec(),
             key_pkcs8: key.serialize_der(),
@@ -217,6 +235,17 @@ pub fn csr_key_fingerprint(csr_der: &[u8]) -> Result<String, CsrError> {
     Ok(fingerprint(rcgen::PublicKeyData::der_bytes(
         &csr.public_key,
     )))
+}
+
+/// The subject CN prefix of replica certificates (agent certificates carry a UUID).
+pub const REPLICA_CN_PREFIX: &str = "replica:";
+
+/// The replica id of a replica certificate the TLS layer already verified.
+pub fn replica_id(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    let id = cn.strip_prefix(REPLICA_CN_PREFIX)?;
+    (!id.is_empty()).then(|| id.to_owned())
 }
 
 /// The workspace id (subject CN) of an agent certificate the TLS layer already verified.

@@ -130,7 +130,7 @@ async fn client_stream(
         )
         .await;
     };
-    let Some(agent) = hub.agents.connection(ws.id) else {
+    let Some(agent) = crate::peers::agent_path(&hub, ws.id).await else {
         return refuse_stream(
             &mut send,
             StreamRefusal::Unavailable,
@@ -146,7 +146,7 @@ async fn client_stream(
 /// Opens a stream to the agent with `header` and copies bytes both ways until both sides
 /// finish.
 async fn splice(
-    agent: quinn::Connection,
+    agent: crate::peers::AgentPath,
     header: &StreamHeader,
     client_send: quinn::SendStream,
     client_recv: FramedRecv,

@@ -208,6 +208,11 @@ pub struct FileConfig {
     pub leader_lease: Duration,
     /// This replica's name in leases and logs; the host name and a random suffix by default.
     pub replica_id: Option<String>,
+    /// Where the other replicas reach this one's QUIC endpoint (`host:port`; port 0 for the
+    /// port `quic_addr` binds). Setting it
+    /// makes this hub one of several replicas sharing a store and an identity: it registers
+    /// itself, records the agents it holds, and reaches agents held by others through them.
+    pub peer_addr: Option<String>,
     /// Where the hub's CA, ticket and reset keys come from; `dev` generates them in the
     /// state folder when this is absent, `serve` refuses to start without it.
     pub identity: Option<crate::identity::IdentityConfig>,
@@ -250,6 +255,7 @@ impl Default for FileConfig {
             auth_failures_per_minute: 20,
             leader_lease: Duration::from_secs(10),
             replica_id: None,
+            peer_addr: None,
             identity: None,
         }
     }
@@ -300,6 +306,7 @@ pub struct Config {
     pub auth_failures_per_minute: u32,
     pub leader_lease: Duration,
     pub replica_id: Option<String>,
+    pub peer_addr: Option<String>,
     pub identity: Option<crate::identity::IdentityConfig>,
 }
 
@@ -425,12 +432,27 @@ impl Config {
         );
         if let Some(id) = &file.replica_id {
             ensure!(
-                !id.is_empty()
-                    && id.len() <= 64
+                id.len() <= 64
+                    && id.starts_with(|c: char| c.is_ascii_alphanumeric())
                     && id
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'),
-                "replica_id must be 1 to 64 letters, digits, '-' or '.'"
+                "replica_id must be 1 to 64 letters, digits, '-' or '.', starting with a letter or digit"
+            );
+        }
+        if let Some(addr) = &file.peer_addr {
+            let (host, port) = addr.rsplit_once(':').unwrap_or(("", ""));
+            ensure!(
+                !host.is_empty() && port.parse::<u16>().is_ok(),
+                "peer_addr must be host:port, like 10.0.0.5:7443 (port 0: the port quic_addr binds)"
+            );
+            ensure!(
+                file.identity.is_some(),
+                "peer_addr (replicas) needs [identity]: replicas share one CA and its keys"
+            );
+            ensure!(
+                file.store != crate::store::StoreConfig::Sqlite,
+                "peer_addr (replicas) needs a shared store: [store] kind = \"firestore\""
             );
         }
         let agent_binary = match file.agent_binary {
@@ -476,6 +498,7 @@ impl Config {
             auth_failures_per_minute: file.auth_failures_per_minute,
             leader_lease: file.leader_lease,
             replica_id: file.replica_id,
+            peer_addr: file.peer_addr,
             identity: file.identity,
         })
     }

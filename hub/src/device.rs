@@ -1,36 +1,34 @@
 //! Device-code sign-in for the CLI (`wsh login`), after RFC 8628: the CLI asks for a code
 //! pair, the user approves the short code in a signed-in browser, and the CLI's polling
-//! turns into an API token minted for that user. Pending codes live in memory for ten
-//! minutes; a device code yields at most one token.
+//! turns into an API token minted for that user. Pending sign-ins are store grants (kind
+//! `device`, keyed by the user code, ten minutes), so any replica answers any step; a device
+//! code yields at most one token.
 
 use crate::api::{ApiError, ValidJson};
 use crate::auth::Caller;
+use crate::store::StoreError;
+use crate::workspace::now_ms;
 use crate::{AppState, ca};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CODE_TTL: Duration = Duration::from_secs(600);
-/// At most this many sign-ins may be pending at once (a bound on memory, not on users).
-const MAX_PENDING: usize = 10_000;
+/// The store grant kind of pending device sign-ins.
+const GRANT: &str = "device";
 /// Letters that cannot be misread for one another or spell much.
 const USER_CODE_ALPHABET: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
 
-#[derive(Debug)]
+/// A pending sign-in as the store keeps it (JSON).
+#[derive(Debug, Serialize, Deserialize)]
 struct Pending {
-    user_code: String,
-    created: Instant,
+    /// SHA-256 of the device code's secret part.
+    secret_hash: String,
     /// The approving user: subject and verified e-mail.
     approved_by: Option<(String, Option<String>)>,
 }
-
-/// Sign-ins waiting for approval, by device code.
-#[derive(Debug, Default)]
-pub struct DeviceLogins(Mutex<HashMap<String, Pending>>);
 
 /// What `POST /login/device` answers.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -56,38 +54,62 @@ fn user_code() -> String {
     code
 }
 
-#[utoipa::path(post, path = "/login/device", tag = "auth", responses((status = 200, description = "A code pair for `wsh login`", body = DeviceCode), (status = 503, description = "Too many sign-ins pending", body = crate::api::ErrorBody)))]
-pub async fn start(State(hub): State<AppState>) -> Result<Json<DeviceCode>, ApiError> {
-    let mut pending = hub.device_logins.0.lock().map_err(|_| busy())?;
-    pending.retain(|_, p| p.created.elapsed() < CODE_TTL);
-    if pending.len() >= MAX_PENDING {
-        return Err(busy());
-    }
-    let device_code = ca::hex(&ca::random_bytes::<32>());
-    let code = user_code();
-    pending.insert(
-        device_code.clone(),
-        Pending {
-            user_code: code.clone(),
-            created: Instant::now(),
-            approved_by: None,
-        },
-    );
-    Ok(Json(DeviceCode {
-        device_code,
-        verification_uri: format!("/#device={code}"),
-        user_code: code,
-        expires_in: CODE_TTL.as_secs(),
-        interval: 1,
-    }))
+/// `XXXX-XXXX` in the user-code alphabet (what [`user_code`] makes).
+fn valid_user_code(code: &str) -> bool {
+    code.len() == 9
+        && code.bytes().enumerate().all(|(i, b)| {
+            if i == 4 {
+                b == b'-'
+            } else {
+                USER_CODE_ALPHABET.contains(&b)
+            }
+        })
 }
 
-fn busy() -> ApiError {
-    ApiError::new(
+fn encode(pending: &Pending) -> Result<String, ApiError> {
+    serde_json::to_string(pending).map_err(|e| ApiError::internal("device sign-in", e))
+}
+
+#[utoipa::path(post, path = "/login/device", tag = "auth", responses((status = 200, description = "A code pair for `wsh login`", body = DeviceCode), (status = 503, description = "No free sign-in code; try again", body = crate::api::ErrorBody)))]
+pub async fn start(State(hub): State<AppState>) -> Result<Json<DeviceCode>, ApiError> {
+    let secret = ca::hex(&ca::random_bytes::<32>());
+    let payload = encode(&Pending {
+        secret_hash: crate::agents::token_hash(&secret),
+        approved_by: None,
+    })?;
+    let now = now_ms();
+    // 20^8 user codes: a collision with a pending one is rare; try a few.
+    for _ in 0..4 {
+        let code = user_code();
+        match hub
+            .store
+            .put_grant(
+                GRANT,
+                &code,
+                &payload,
+                now,
+                now + CODE_TTL.as_millis() as i64,
+            )
+            .await
+        {
+            Ok(()) => {
+                return Ok(Json(DeviceCode {
+                    device_code: format!("{code}.{secret}"),
+                    verification_uri: format!("/#device={code}"),
+                    user_code: code,
+                    expires_in: CODE_TTL.as_secs(),
+                    interval: 1,
+                }));
+            }
+            Err(StoreError::AlreadyExists) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "busy",
-        "too many sign-ins pending; try again shortly",
-    )
+        "no free sign-in code; try again shortly",
+    ))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -103,12 +125,31 @@ pub async fn approve(
     ValidJson(req): ValidJson<Approve>,
 ) -> Result<StatusCode, ApiError> {
     let code = req.user_code.trim().to_ascii_uppercase();
-    let mut pending = hub.device_logins.0.lock().map_err(|_| busy())?;
-    let entry = pending
-        .values_mut()
-        .find(|p| p.user_code == code && p.created.elapsed() < CODE_TTL && p.approved_by.is_none())
-        .ok_or_else(|| ApiError::not_found("sign-in code"))?;
-    entry.approved_by = Some((caller.owner_id, caller.email));
+    let not_found = || ApiError::not_found("sign-in code");
+    if !valid_user_code(&code) {
+        return Err(not_found());
+    }
+    let now = now_ms();
+    let current = hub
+        .store
+        .get_grant(GRANT, &code, now)
+        .await?
+        .ok_or_else(not_found)?;
+    let pending: Pending = serde_json::from_str(&current).map_err(|_| not_found())?;
+    if pending.approved_by.is_some() {
+        return Err(not_found());
+    }
+    let approved = encode(&Pending {
+        approved_by: Some((caller.owner_id, caller.email)),
+        ..pending
+    })?;
+    if !hub
+        .store
+        .swap_grant(GRANT, &code, &current, &approved, now)
+        .await?
+    {
+        return Err(not_found());
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -131,30 +172,46 @@ pub async fn poll(
     State(hub): State<AppState>,
     ValidJson(req): ValidJson<Poll>,
 ) -> Result<Json<DeviceToken>, ApiError> {
-    let (owner, email) = {
-        let mut pending = hub.device_logins.0.lock().map_err(|_| busy())?;
-        let entry = pending
-            .get(&req.device_code)
-            .ok_or_else(|| ApiError::invalid("unknown device code"))?;
-        if entry.created.elapsed() >= CODE_TTL {
-            pending.remove(&req.device_code);
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "expired_token",
-                "the sign-in code expired; run `wsh login` again",
-            ));
-        }
-        let Some(owner) = entry.approved_by.clone() else {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "authorization_pending",
-                "waiting for approval in the browser",
-            ));
-        };
-        pending.remove(&req.device_code);
-        owner
+    let unknown = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "expired_token",
+            "the sign-in code is unknown or expired; run `wsh login` again",
+        )
     };
-    let expires_at = crate::workspace::now_ms() + 90 * 24 * 3600 * 1000;
+    let (code, secret) = req
+        .device_code
+        .split_once('.')
+        .filter(|(code, _)| valid_user_code(code))
+        .ok_or_else(unknown)?;
+    let now = now_ms();
+    let current = hub
+        .store
+        .get_grant(GRANT, code, now)
+        .await?
+        .ok_or_else(unknown)?;
+    let pending: Pending = serde_json::from_str(&current).map_err(|_| unknown())?;
+    let given = crate::agents::token_hash(secret);
+    if !subtle_eq(given.as_bytes(), pending.secret_hash.as_bytes()) {
+        return Err(unknown());
+    }
+    let Some((owner, email)) = pending.approved_by else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "authorization_pending",
+            "waiting for approval in the browser",
+        ));
+    };
+    // Of concurrent polls, one takes it.
+    if hub
+        .store
+        .take_grant(GRANT, code, Some(&current), now)
+        .await?
+        .is_none()
+    {
+        return Err(unknown());
+    }
+    let expires_at = now + 90 * 24 * 3600 * 1000;
     let token = crate::auth::mint_api_token(
         &hub,
         &owner,
@@ -170,4 +227,9 @@ pub async fn poll(
         owner_id: owner,
         expires_at: crate::api::rfc3339(expires_at),
     }))
+}
+
+/// Equality of two hashes without an early exit.
+fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod idle;
 pub mod lifecycle;
 pub mod oidc;
+pub mod peers;
 pub mod preview;
 pub mod provider;
 pub mod reconcile;
@@ -48,6 +49,8 @@ pub struct Hub {
     pub provider: Arc<dyn provider::Provider>,
     /// The CA(s), ticket and reset keys every replica shares.
     pub identity: Arc<identity::Identity>,
+    /// The other replicas, when this is one of several.
+    pub peers: peers::Peers,
     /// This process among the hub's replicas (leases, logs): the configured `replica_id`,
     /// or the host name and a random suffix.
     pub replica_id: String,
@@ -63,14 +66,10 @@ pub struct Hub {
     pub auth_failures: auth::Failures,
     /// Signs and checks scoped session tickets.
     pub tickets: auth::Tickets,
-    /// `wsh login` sign-ins waiting for approval.
-    pub device_logins: device::DeviceLogins,
     /// Browser sign-in through the configured identity provider.
     pub oidc: Option<oidc::Oidc>,
     /// Verifies Cloud Scheduler's tokens on `POST /cleanup`.
     pub scheduler: Option<oidc::Issuer>,
-    /// One-time sign-in links (dev mode).
-    pub login_links: session::LoginLinks,
     /// The hub's origin as browsers reach it (no trailing slash).
     pub public_url: String,
     /// Idle connections to previewed ports.
@@ -141,6 +140,7 @@ pub async fn open_state(
         store,
         provider,
         tickets: auth::Tickets::new(&identity.ticket_key),
+        peers: peers::Peers::new(config.peer_addr.clone()),
         replica_id: config.replica_id.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .ok()
@@ -155,7 +155,6 @@ pub async fn open_state(
         events: events::Events::default(),
         orphans: reconcile::Orphans::default(),
         auth_failures: auth::Failures::default(),
-        device_logins: device::DeviceLogins::default(),
         oidc: config
             .oidc
             .as_ref()
@@ -168,7 +167,6 @@ pub async fn open_state(
             .map(|s| oidc::Issuer::new(&s.issuer))
             .transpose()
             .context("cleanup_oidc")?,
-        login_links: session::LoginLinks::default(),
         public_url: config
             .public_url
             .clone()
@@ -258,6 +256,9 @@ async fn housekeeping_pass(hub: AppState) {
     if let Err(e) = idle::sweep(&hub, now).await {
         tracing::warn!(error = %e, "idle clean-up");
     }
+    if let Err(e) = hub.store.purge_grants(now).await {
+        tracing::warn!(error = %e, "purge expired grants");
+    }
 }
 
 /// Runs the hub until `shutdown` is cancelled; `on_ready` learns the bound addresses.
@@ -293,7 +294,15 @@ pub async fn run(
         vec![server.cert_der],
         server.key_pkcs8,
         &hub.identity.client_cas(),
-        &[protocol::ALPN_AGENT, protocol::ALPN_CLIENT],
+        if hub.peers.enabled() {
+            &[
+                protocol::ALPN_AGENT,
+                protocol::ALPN_CLIENT,
+                protocol::ALPN_PEER,
+            ][..]
+        } else {
+            &[protocol::ALPN_AGENT, protocol::ALPN_CLIENT][..]
+        },
         config.idle_timeout(),
     )
     .context("QUIC server config")?;
@@ -304,6 +313,19 @@ pub async fn run(
         Arc::new(quinn::TokioRuntime),
     )
     .context("start QUIC endpoint")?;
+    if hub.peers.enabled() {
+        let replica = hub
+            .identity
+            .ca
+            .issue_replica(&hub.replica_id)
+            .context("issue replica certificate")?;
+        let peer_config = link::peer_client_config(
+            &hub.identity.client_cas(),
+            (replica.cert_der, replica.key_pkcs8),
+        )
+        .context("peer client config")?;
+        hub.peers.start(endpoint.clone(), peer_config);
+    }
     let listening = Listening {
         http: listener.local_addr()?,
         quic: endpoint.local_addr()?,
@@ -334,6 +356,7 @@ pub async fn run(
     });
 
     tasks.spawn(housekeeping(hub.clone()));
+    tasks.spawn(peers::register(hub.clone()));
     // Idle preview connections are closed so they stop counting as use of a workspace.
     let pool_hub = hub.clone();
     tasks.spawn(async move {

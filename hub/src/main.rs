@@ -141,7 +141,7 @@ async fn async_main(cli: Cli) -> Result<()> {
             let token = dev_token(&config).await?;
             serve(config, move |hub, listening| {
                 // The same session path as an identity provider's sign-in, for the local user.
-                let link = hub.login_links.issue("dev");
+                let link = hub::session::login_link(hub, "dev");
                 println!("workspace-hub dev is running");
                 println!(
                     "  web UI   http://{}/login/once?code={link}  (one-time sign-in link, 15 min)",

@@ -34,7 +34,6 @@ const DEFAULT_KEY_AGE: Duration = Duration::from_secs(300);
 const MIN_REFETCH: Duration = Duration::from_secs(1);
 /// A sign-in must come back from the issuer within this time.
 const LOGIN_TTL: Duration = Duration::from_secs(600);
-const MAX_PENDING_LOGINS: usize = 10_000;
 
 /// Why an ID token was refused. The messages never contain the token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -347,18 +346,22 @@ async fn read_limited(response: &mut reqwest::Response) -> Result<Vec<u8>, Strin
     Ok(body)
 }
 
+/// A sign-in between `begin` and `finish`, as a store grant (kind `oidc-login`, keyed by
+/// its state), so the callback may reach any replica.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct PendingLogin {
     verifier: String,
     nonce: String,
-    created: Instant,
 }
+
+/// The store grant kind of sign-ins in progress.
+const LOGIN_GRANT: &str = "oidc-login";
 
 /// Browser sign-in with one configured issuer.
 pub struct Oidc {
     pub issuer: Issuer,
     client_id: String,
     client_secret: Option<crate::config::Secret>,
-    pending: std::sync::Mutex<HashMap<String, PendingLogin>>,
 }
 
 impl std::fmt::Debug for Oidc {
@@ -390,12 +393,16 @@ impl Oidc {
             issuer: Issuer::new(&config.issuer)?,
             client_id: config.client_id.clone(),
             client_secret: config.client_secret.clone(),
-            pending: Default::default(),
         })
     }
 
-    /// Starts a sign-in: a fresh state, nonce and PKCE verifier, remembered for ten minutes.
-    pub async fn begin(&self, redirect_uri: &str) -> Result<Redirect, ApiError> {
+    /// Starts a sign-in: a fresh state, nonce and PKCE verifier, remembered in `store` for
+    /// ten minutes.
+    pub async fn begin(
+        &self,
+        store: &dyn crate::store::Store,
+        redirect_uri: &str,
+    ) -> Result<Redirect, ApiError> {
         let endpoints = self.issuer.endpoints().await?;
         let state = ca::hex(&ca::random_bytes::<16>());
         let nonce = ca::hex(&ca::random_bytes::<16>());
@@ -404,21 +411,21 @@ impl Oidc {
             &aws_lc_rs::digest::SHA256,
             verifier.as_bytes(),
         ));
-        {
-            let mut pending = self.pending.lock().map_err(|_| busy())?;
-            pending.retain(|_, p| p.created.elapsed() < LOGIN_TTL);
-            if pending.len() >= MAX_PENDING_LOGINS {
-                return Err(busy());
-            }
-            pending.insert(
-                state.clone(),
-                PendingLogin {
-                    verifier,
-                    nonce: nonce.clone(),
-                    created: Instant::now(),
-                },
-            );
-        }
+        let pending = serde_json::to_string(&PendingLogin {
+            verifier,
+            nonce: nonce.clone(),
+        })
+        .map_err(|e| ApiError::internal("sign-in", e))?;
+        let now = crate::workspace::now_ms();
+        store
+            .put_grant(
+                LOGIN_GRANT,
+                &state,
+                &pending,
+                now,
+                now + LOGIN_TTL.as_millis() as i64,
+            )
+            .await?;
         let mut url = url::Url::parse(&endpoints.authorization_endpoint)
             .map_err(|e| TokenError::Provider(format!("authorization_endpoint: {e}")))?;
         url.query_pairs_mut()
@@ -440,23 +447,27 @@ impl Oidc {
     /// exchanged with the PKCE verifier, and the ID token must verify and carry our nonce.
     pub async fn finish(
         &self,
+        store: &dyn crate::store::Store,
         state: &str,
         code: &str,
         redirect_uri: &str,
     ) -> Result<Identity, ApiError> {
-        let pending = self
-            .pending
-            .lock()
-            .map_err(|_| busy())?
-            .remove(state)
-            .filter(|p| p.created.elapsed() < LOGIN_TTL)
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "login_expired",
-                    "this sign-in is unknown or expired; start again",
-                )
-            })?;
+        let expired = || {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "login_expired",
+                "this sign-in is unknown or expired; start again",
+            )
+        };
+        // The state is ours (32 hex digits) or nothing we know.
+        if state.len() != 32 || !state.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(expired());
+        }
+        let pending = store
+            .take_grant(LOGIN_GRANT, state, None, crate::workspace::now_ms())
+            .await?
+            .ok_or_else(expired)?;
+        let pending: PendingLogin = serde_json::from_str(&pending).map_err(|_| expired())?;
         let endpoints = self.issuer.endpoints().await?;
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("grant_type", "authorization_code")
@@ -519,14 +530,6 @@ impl Oidc {
             subject: claims.sub,
         })
     }
-}
-
-fn busy() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "busy",
-        "too many sign-ins in progress; try again shortly",
-    )
 }
 
 #[cfg(test)]

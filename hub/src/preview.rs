@@ -444,7 +444,7 @@ async fn proxy(
     path_and_query: String,
     prefix: Option<String>,
 ) -> Result<Response, ApiError> {
-    let agent = agent_again(hub, ws.id)?;
+    let agent = agent_again(hub, ws.id).await?;
     if hub.config.preview_is_activity {
         hub.agents.note_use(ws.id, now_ms());
     }
@@ -533,7 +533,7 @@ async fn proxy(
         Ok(Ok(response)) => response,
         Ok(Err(e)) => match retry {
             Some(again) if e.is_canceled() || e.is_closed() || e.is_incomplete_message() => {
-                sender = connect(agent_again(hub, ws.id)?, port).await?;
+                sender = connect(agent_again(hub, ws.id).await?, port).await?;
                 tokio::time::timeout(timeout, sender.send_request(again))
                     .await
                     .map_err(|_| timed_out())?
@@ -574,9 +574,9 @@ async fn proxy(
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-/// The live connection to the workspace's agent.
-fn agent_again(hub: &Hub, id: Uuid) -> Result<quinn::Connection, ApiError> {
-    hub.agents.connection(id).ok_or_else(|| {
+/// The path to the workspace's agent, on this replica or through another.
+async fn agent_again(hub: &Hub, id: Uuid) -> Result<crate::peers::AgentPath, ApiError> {
+    crate::peers::agent_path(hub, id).await.ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
             "agent_offline",
@@ -586,7 +586,7 @@ fn agent_again(hub: &Hub, id: Uuid) -> Result<quinn::Connection, ApiError> {
 }
 
 /// Opens a forward stream to `port` and an HTTP/1.1 connection over it.
-async fn connect(agent: quinn::Connection, port: u16) -> Result<Sender, ApiError> {
+async fn connect(agent: crate::peers::AgentPath, port: u16) -> Result<Sender, ApiError> {
     // Ask the agent for the port.
     let (mut send, recv) = agent
         .open_bi()

@@ -13,9 +13,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a browser session lasts.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
@@ -24,28 +22,42 @@ const LOGIN_COOKIE: &str = "wsh_login";
 /// How long a one-time sign-in link works.
 const LINK_TTL: Duration = Duration::from_secs(15 * 60);
 
-/// One-time sign-in links (dev mode): code hash -> (subject, issued).
-#[derive(Debug, Default)]
-pub struct LoginLinks(Mutex<HashMap<String, (String, Instant)>>);
+/// The ticket purpose of one-time sign-in links.
+const LINK_PURPOSE: &str = "login-link";
 
-impl LoginLinks {
-    /// A link code that signs `subject` in once, within fifteen minutes.
-    pub fn issue(&self, subject: &str) -> String {
-        let code = ca::hex(&ca::random_bytes::<24>());
-        if let Ok(mut links) = self.0.lock() {
-            links.retain(|_, (_, at)| at.elapsed() < LINK_TTL);
-            links.insert(
-                crate::agents::token_hash(&code),
-                (subject.to_owned(), Instant::now()),
-            );
-        }
-        code
-    }
+/// A one-time sign-in link code for `subject` (dev mode): a ticket signed with the hub's
+/// key, so any replica accepts it; its first use is recorded in the store (a grant), so it
+/// signs in once.
+pub fn login_link(hub: &Hub, subject: &str) -> String {
+    let nonce = ca::hex(&ca::random_bytes::<16>());
+    let expires = crate::workspace::now_ms() + LINK_TTL.as_millis() as i64;
+    hub.tickets
+        .issue_scoped(&format!("login-{nonce}"), subject, LINK_PURPOSE, expires)
+        .0
+}
 
-    fn redeem(&self, code: &str) -> Option<String> {
-        let mut links = self.0.lock().ok()?;
-        let (subject, at) = links.remove(&crate::agents::token_hash(code))?;
-        (at.elapsed() < LINK_TTL).then_some(subject)
+/// The subject of a genuine, unexpired, unused link; marks it used.
+async fn redeem_link(hub: &Hub, code: &str) -> Result<String, ApiError> {
+    let unknown = || ApiError::unauthorized("this sign-in link is unknown, used or expired");
+    let now = crate::workspace::now_ms();
+    let scope = code
+        .strip_prefix("wst_")
+        .and_then(|body| body.split('.').next())
+        .filter(|scope| scope.starts_with("login-"))
+        .ok_or_else(unknown)?;
+    let subject = hub
+        .tickets
+        .verify_scoped(code, scope, LINK_PURPOSE, now)
+        .map_err(|_| unknown())?;
+    let used_until = now + LINK_TTL.as_millis() as i64;
+    match hub
+        .store
+        .put_grant(LINK_PURPOSE, scope, "used", now, used_until)
+        .await
+    {
+        Ok(()) => Ok(subject),
+        Err(crate::store::StoreError::AlreadyExists) => Err(unknown()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -105,7 +117,9 @@ fn redirect_uri(hub: &Hub) -> String {
 /// `GET /login`: off to the identity provider.
 #[utoipa::path(get, path = "/login", tag = "auth", responses((status = 303, description = "Redirect to the identity provider"), (status = 404, description = "No identity provider configured", body = ErrorBody)))]
 pub async fn login(State(hub): State<AppState>) -> Result<Response, ApiError> {
-    let started = oidc(&hub)?.begin(&redirect_uri(&hub)).await?;
+    let started = oidc(&hub)?
+        .begin(hub.store.as_ref(), &redirect_uri(&hub))
+        .await?;
     let bind = cookie_header(
         &hub,
         LOGIN_COOKIE,
@@ -154,7 +168,9 @@ pub async fn callback(
             "this sign-in was not started in this browser; start again",
         ));
     }
-    let who = oidc.finish(&state, &code, &redirect_uri(&hub)).await?;
+    let who = oidc
+        .finish(hub.store.as_ref(), &state, &code, &redirect_uri(&hub))
+        .await?;
     let session = start_session(&hub, &who.subject, who.email.as_deref()).await?;
     let clear = cookie_header(&hub, LOGIN_COOKIE, "", "/login", Duration::ZERO);
     Ok(redirect("/", vec![session, clear]))
@@ -171,10 +187,7 @@ pub async fn once(
     State(hub): State<AppState>,
     Query(q): Query<Once>,
 ) -> Result<Response, ApiError> {
-    let subject = hub
-        .login_links
-        .redeem(&q.code)
-        .ok_or_else(|| ApiError::unauthorized("this sign-in link is unknown, used or expired"))?;
+    let subject = redeem_link(&hub, &q.code).await?;
     let session = start_session(&hub, &subject, None).await?;
     Ok(redirect("/", vec![session]))
 }

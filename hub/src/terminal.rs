@@ -86,7 +86,7 @@ pub async fn terminal(
     {
         return Err(ApiError::invalid("session must be 1 to 64 characters"));
     }
-    let conn = hub.agents.connection(id).ok_or_else(|| {
+    let conn = crate::peers::agent_path(&hub, id).await.ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
             "agent_offline",
@@ -147,7 +147,7 @@ fn to_browser(msg: PtyMsg) -> (Option<Message>, bool) {
 }
 
 async fn bridge(
-    conn: quinn::Connection,
+    conn: crate::peers::AgentPath,
     query: TerminalQuery,
     mut socket: WebSocket,
 ) -> Result<(), LinkError> {

@@ -1,8 +1,11 @@
 //! Several hub processes sharing one store (the Firestore emulator) and one identity: what
-//! must happen once happens on one replica at a time.
+//! must happen once happens on one replica at a time, and any replica reaches any agent.
 
+use futures_util::{SinkExt, StreamExt};
 use harness::{HubOptions, TestHub};
+use protocol::close::CloseCode;
 use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Config lines for a replica: the shared store and identity, a short leader lease and a
 /// fast reconciler.
@@ -127,4 +130,165 @@ async fn one_replica_runs_housekeeping_and_another_takes_over_when_it_dies() {
         "takeover after SIGKILL: {took:?}, after SIGTERM: {:?}",
         termed.elapsed()
     );
+}
+
+/// How a peer-ALPN connection to `hub` presenting `identity` ends.
+async fn peer_refusal(hub: &TestHub, identity: Option<(Vec<u8>, Vec<u8>)>) -> Option<CloseCode> {
+    let config = link::client_config(
+        &harness::raw_agent::hub_cas(hub).await,
+        identity,
+        protocol::ALPN_PEER,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let conn = harness::raw_agent::client_endpoint()
+        .connect_with(config, hub.listening.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("a peer that is no replica was not closed")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            CloseCode::from_code(c.error_code.into_inner())
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_does_not_hold_the_agent_reaches_it_through_the_one_that_does() {
+    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
+    let project = format!("peers-{}", uuid::Uuid::new_v4().simple());
+    let identity = tempfile::tempdir().unwrap();
+    hub::identity::Identity::generate_files(identity.path()).unwrap();
+    let start = |id: &'static str| {
+        TestHub::start_with(HubOptions {
+            config: format!(
+                "peer_addr = \"127.0.0.1:0\"\n{}",
+                replica_config(&emulator.host, &project, identity.path(), id)
+            ),
+            ..Default::default()
+        })
+    };
+    let mut a = start("replica-a").await.unwrap();
+    let b = start("replica-b").await.unwrap();
+    // The agent dials A (the process provider gives it A's address).
+    let id = a.ready_workspace().await.unwrap();
+
+    // A browser terminal through B.
+    let url = b.terminal_url(&id, "").await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::Binary(b"echo via-$((40+2))\n".to_vec().into()))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("via-42") {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) if b.len() > 9 => seen.extend_from_slice(&b[9..]),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("terminal through B ended: {other:?}; saw {seen:?}"),
+        }
+    }
+
+    // `wsh attach` through B, exit status included.
+    let mut child = std::process::Command::new(harness::binary("wsh").unwrap())
+        .args(["attach", &id])
+        .env("WSH_HUB", b.url(""))
+        .env("WSH_TOKEN", &b.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        b"echo cli-$((1+1))\nexit 3\n",
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cli-2"));
+
+    // A `wsh login` device code started on A, approved on B, redeemed on A, once.
+    let (status, code) = a.api("POST", "/login/device", None).await.unwrap();
+    assert_eq!(status, 200, "{code}");
+    let poll = serde_json::json!({"device_code": code["device_code"]});
+    let (status, body) = a
+        .api("POST", "/login/device/token", Some(poll.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("authorization_pending"))
+    );
+    let (status, body) = b
+        .api(
+            "POST",
+            "/login/device/approve",
+            Some(serde_json::json!({"user_code": code["user_code"]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = a
+        .api("POST", "/login/device/token", Some(poll.clone()))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["owner_id"], "dev");
+    let (status, _) = b
+        .api("POST", "/login/device/token", Some(poll))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "a device code yields one token");
+
+    // Only replicas get in: no certificate, or an agent's, is refused.
+    assert_eq!(peer_refusal(&b, None).await, Some(CloseCode::Unauthorized));
+    let agent_dir = a.workspace_dir(&id).join("agent");
+    let agent_identity = (
+        std::fs::read(agent_dir.join("agent.crt.der")).unwrap(),
+        std::fs::read(agent_dir.join("agent.key.der")).unwrap(),
+    );
+    assert_eq!(
+        peer_refusal(&b, Some(agent_identity)).await,
+        Some(CloseCode::Unauthorized)
+    );
+    assert!(
+        b.log()
+            .contains("peer connection without a replica certificate refused")
+    );
+
+    // A dies: B's sessions through it end (no hang), and once B has noticed, it says the
+    // agent is offline instead of reaching anything else.
+    a.kill();
+    let url = b.terminal_url(&id, "").await.unwrap();
+    if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => panic!("output from a dead replica: {b:?}"),
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => break,
+                Ok(Some(Ok(_))) => {}
+                Err(_) => panic!("a terminal through a dead replica hangs"),
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let url = b.terminal_url(&id, "").await.unwrap();
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 409);
+                break;
+            }
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "B never noticed A is gone"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -3,7 +3,7 @@
 
 use hub::store::firestore::{FirestoreConfig, FirestoreStore};
 use hub::store::sqlite::SqliteStore;
-use hub::store::{ApiToken, Limits, Store, StoreError, TokenRejection};
+use hub::store::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
 use hub::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -408,6 +408,156 @@ async fn conformance(store: Arc<dyn Store>) {
     ));
     assert_eq!(store.find_api_token("th2").await.unwrap(), None);
     assert_eq!(store.list_api_tokens("alice").await.unwrap().len(), 1);
+
+    // Grants: one taker, compare and swap, expiry, purge.
+    store
+        .put_grant("link", "h1", "alice", 1_000, 2_000)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.put_grant("link", "h1", "bob", 1_000, 2_000).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(
+        store
+            .get_grant("link", "h1", 1_000)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        store.get_grant("device", "h1", 1_000).await.unwrap(),
+        None,
+        "kinds apart"
+    );
+    assert!(
+        !store
+            .swap_grant("link", "h1", "bob", "carol", 1_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .swap_grant("link", "h1", "alice", "dave", 1_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .take_grant("link", "h1", Some("alice"), 1_000)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .take_grant("link", "h1", None, 1_000)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("dave")
+    );
+    assert_eq!(
+        store.take_grant("link", "h1", None, 1_000).await.unwrap(),
+        None,
+        "once"
+    );
+    store
+        .put_grant("link", "h2", "erin", 1_000, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_grant("link", "h2", None, 2_000).await.unwrap(),
+        None,
+        "expired"
+    );
+    assert_eq!(store.get_grant("link", "h2", 2_000).await.unwrap(), None);
+    store
+        .put_grant("link", "h3", "frank", 1_000, 9_000)
+        .await
+        .unwrap();
+    assert!(store.purge_grants(2_000).await.unwrap() >= 1);
+    assert_eq!(
+        store
+            .get_grant("link", "h3", 2_000)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("frank")
+    );
+    // Concurrent takers: one gets it.
+    store
+        .put_grant("device", "race", "x", 1_000, 9_000)
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            store
+                .take_grant("device", "race", None, 1_000)
+                .await
+                .unwrap()
+        });
+    }
+    let mut takers = 0;
+    while let Some(taken) = tasks.join_next().await {
+        takers += usize::from(taken.unwrap().is_some());
+    }
+    assert_eq!(takers, 1);
+
+    // Replicas: registered, renewed, expired, removed.
+    let r1 = ReplicaRecord {
+        id: "hub-a".into(),
+        peer_addr: "10.0.0.1:7443".into(),
+        expires_at: 5_000,
+    };
+    store.put_replica(&r1).await.unwrap();
+    assert_eq!(
+        store.get_replica("hub-a", 4_000).await.unwrap(),
+        Some(r1.clone())
+    );
+    assert_eq!(
+        store.get_replica("hub-a", 5_000).await.unwrap(),
+        None,
+        "expired"
+    );
+    assert_eq!(store.get_replica("hub-b", 0).await.unwrap(), None);
+    let renewed = ReplicaRecord {
+        expires_at: 9_000,
+        ..r1.clone()
+    };
+    store.put_replica(&renewed).await.unwrap();
+    assert_eq!(
+        store.get_replica("hub-a", 5_000).await.unwrap(),
+        Some(renewed)
+    );
+    store.delete_replica("hub-a").await.unwrap();
+    assert_eq!(store.get_replica("hub-a", 0).await.unwrap(), None);
+
+    // Agent routes: a later epoch wins whatever the order; clearing a stale one is a no-op.
+    let ws = Uuid::new_v4();
+    let old = AgentRoute {
+        replica_id: "hub-a".into(),
+        epoch: 100,
+    };
+    let new = AgentRoute {
+        replica_id: "hub-b".into(),
+        epoch: 200,
+    };
+    assert_eq!(store.agent_route(ws).await.unwrap(), None);
+    assert!(store.put_agent_route(ws, &new).await.unwrap());
+    assert!(
+        !store.put_agent_route(ws, &old).await.unwrap(),
+        "a stale route lost"
+    );
+    assert_eq!(store.agent_route(ws).await.unwrap(), Some(new.clone()));
+    store.clear_agent_route(ws, &old).await.unwrap();
+    assert_eq!(store.agent_route(ws).await.unwrap(), Some(new.clone()));
+    store.clear_agent_route(ws, &new).await.unwrap();
+    assert_eq!(store.agent_route(ws).await.unwrap(), None);
+    assert!(store.put_agent_route(ws, &old).await.unwrap());
 
     // Leases: one holder at a time; renewals; expiry; release by the holder only.
     assert!(

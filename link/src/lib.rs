@@ -168,6 +168,23 @@ pub fn cli_client_config(cas: &[Vec<u8>]) -> Result<quinn::ClientConfig, rustls:
     client_with_transport(cas, None, protocol::ALPN_CLIENT, Arc::new(t))
 }
 
+/// How long a connection between replicas may stay silent before it counts as dead.
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// A replica's client config for connections to the other replicas of its hub: trusts only
+/// `cas`, presents the replica certificate `identity` (DER cert, DER key), ALPN
+/// `wsh-peer/1`, accepts no streams from the other side, and notices a dead replica within
+/// [`PEER_IDLE_TIMEOUT`] (keep-alives every third of it), so its sessions end instead of
+/// hanging.
+pub fn peer_client_config(
+    cas: &[Vec<u8>],
+    identity: (Vec<u8>, Vec<u8>),
+) -> Result<quinn::ClientConfig, rustls::Error> {
+    let mut t = transport(PEER_IDLE_TIMEOUT, 0);
+    t.keep_alive_interval(Some(PEER_IDLE_TIMEOUT / 3));
+    client_with_transport(cas, Some(identity), protocol::ALPN_PEER, Arc::new(t))
+}
+
 /// A client that trusts only `cas` (DER), optionally presenting a client certificate.
 pub fn client_config(
     cas: &[Vec<u8>],

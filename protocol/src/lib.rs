@@ -51,3 +51,6 @@ pub const ALPN_AGENT: &[u8] = b"wsh-agent/1";
 
 /// ALPN for client connections (CLI -> hub).
 pub const ALPN_CLIENT: &[u8] = b"wsh-client/1";
+
+/// ALPN for connections between replicas of one hub (mutual TLS, replica certificates).
+pub const ALPN_PEER: &[u8] = b"wsh-peer/1";

@@ -26,7 +26,25 @@ crate::tagged_messages! {
         /// CLI -> hub: a sync session on a folder of a workspace. The hub opens a
         /// [`StreamHeader::Sync`] stream to the agent and splices the two.
         8 => ClientSync(ClientSyncOpen),
+        /// Replica -> replica (ALPN `wsh-peer/1`): a stream to the agent of a workspace
+        /// the receiver holds. The receiver opens a stream to that agent and splices the
+        /// two byte for byte, so what follows this header (the opener's own header to the
+        /// agent, and everything after) reaches the agent unchanged; there is no reply of
+        /// its own. If it no longer holds that connection it answers
+        /// [`StreamReply::Refused`] with `Unavailable`, which the opener reads as the
+        /// agent's answer.
+        9 => PeerAgent(PeerAgentOpen),
     }
+}
+
+/// Opens a stream through the replica that holds a workspace's agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAgentOpen {
+    pub workspace_id: String,
+    /// The epoch of the agent connection the opener's route names: a replica holding a
+    /// different (older or newer) connection refuses, so a stale route never reaches
+    /// another connection.
+    pub epoch: i64,
 }
 
 /// Opens a TCP forward from the CLI through the hub.

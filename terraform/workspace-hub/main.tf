@@ -244,8 +244,10 @@ resource "google_compute_instance_template" "hub" {
     "gce-container-declaration" = yamlencode({
       spec = {
         containers = [{
-          image   = var.hub_image
-          command = ["/bin/sh", "-c", "curl -fsS -H 'Metadata-Flavor: Google' 'http://metadata.google.internal/computeMetadata/v1/instance/attributes/hub-config' > /tmp/hub.toml && exec workspace-hub serve --config /tmp/hub.toml"]
+          image = var.hub_image
+          # Each replica is reached by the others at its internal address (peer_addr), so
+          # that line is prepended per instance.
+          command = ["/bin/sh", "-c", "md=http://metadata.google.internal/computeMetadata/v1/instance && ip=$(curl -fsS -H 'Metadata-Flavor: Google' $md/network-interfaces/0/ip) && { echo \"peer_addr = \\\"$ip:${var.quic_port}\\\"\"; curl -fsS -H 'Metadata-Flavor: Google' $md/attributes/hub-config; } > /tmp/hub.toml && exec workspace-hub serve --config /tmp/hub.toml"]
           env = [{
             name  = "WORKSPACE_HUB_OIDC_CLIENT_SECRET"
             value = data.google_secret_manager_secret_version.oidc.secret_data

@@ -3,7 +3,8 @@
 //!
 //! Collections: `workspaces/{id}` (the [`Workspace`] fields as the design names them),
 //! `enrollment_tokens/{sha256}`, `agent_certs/{workspace_id}`, `api_tokens/{sha256}`,
-//! `leases/{name}`, `owners/{sha256 of the owner id}` (a create counter: every create of an owner commits
+//! `leases/{name}`, `replicas/{replica id}`, `agent_routes/{workspace_id}`,
+//! `owners/{sha256 of the owner id}` (a create counter: every create of an owner commits
 //! it together with the new workspace, under an update-time precondition, which makes the
 //! quota count and the insert one atomic step).
 //! Every read-modify-write (status transitions, touches, token redemption, deletes) is a
@@ -12,7 +13,7 @@
 //! and no lock is held (Firestore's transactions lock pessimistically and time out under
 //! the contention the conformance suite creates).
 
-use super::{ApiToken, Limits, Store, StoreError, TokenRejection};
+use super::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
 use crate::workspace::{Status, Workspace};
 use async_trait::async_trait;
 use firestore::errors::FirestoreError;
@@ -27,6 +28,9 @@ const AGENT_CERTS: &str = "agent_certs";
 const API_TOKENS: &str = "api_tokens";
 const OWNERS: &str = "owners";
 const LEASES: &str = "leases";
+const REPLICAS: &str = "replicas";
+const GRANTS: &str = "grants";
+const AGENT_ROUTES: &str = "agent_routes";
 
 /// How often a conditional write that lost to a concurrent writer is tried again.
 const MAX_ATTEMPTS: u32 = 30;
@@ -70,6 +74,30 @@ struct EnrollmentTokenDoc {
 struct AgentCertDoc {
     fingerprint: String,
     issued_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GrantDoc {
+    kind: String,
+    payload: String,
+    expires_at: i64,
+}
+
+/// A grant's document id: its kind and key (a hash or a code the hub made, `[A-Za-z0-9-]`).
+fn grant_id(kind: &str, key: &str) -> String {
+    format!("{kind}.{key}")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReplicaDoc {
+    peer_addr: String,
+    expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AgentRouteDoc {
+    replica_id: String,
+    epoch: i64,
 }
 
 /// A lease: who holds it, until when (ms since the epoch).
@@ -636,6 +664,214 @@ impl Store for FirestoreStore {
                 _ => Change::Keep(()),
             })
         })
+        .await
+    }
+
+    async fn put_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        payload: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        self.modify(
+            GRANTS,
+            &grant_id(kind, key),
+            |current: Option<GrantDoc>| match current {
+                Some(live) if live.expires_at > now => Err(StoreError::AlreadyExists),
+                _ => Ok(Change::Write(
+                    GrantDoc {
+                        kind: kind.to_owned(),
+                        payload: payload.to_owned(),
+                        expires_at,
+                    },
+                    (),
+                )),
+            },
+        )
+        .await
+    }
+
+    async fn get_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get::<GrantDoc>(GRANTS, &grant_id(kind, key))
+            .await?
+            .filter(|g| g.expires_at > now)
+            .map(|g| g.payload))
+    }
+
+    async fn swap_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: &str,
+        payload: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.modify(GRANTS, &grant_id(kind, key), |current: Option<GrantDoc>| {
+            Ok(match current {
+                Some(g) if g.expires_at > now && g.payload == expected => Change::Write(
+                    GrantDoc {
+                        payload: payload.to_owned(),
+                        ..g
+                    },
+                    true,
+                ),
+                _ => Change::Keep(false),
+            })
+        })
+        .await
+    }
+
+    async fn take_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: Option<&str>,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.modify(GRANTS, &grant_id(kind, key), |current: Option<GrantDoc>| {
+            Ok(match current {
+                Some(g) if g.expires_at > now && expected.is_none_or(|e| e == g.payload) => {
+                    Change::Delete(Some(g.payload))
+                }
+                _ => Change::Keep(None),
+            })
+        })
+        .await
+    }
+
+    async fn purge_grants(&self, now: i64) -> Result<usize, StoreError> {
+        let expired: Vec<firestore::FirestoreDocument> = self
+            .db
+            .fluent()
+            .select()
+            .from(GRANTS)
+            .filter(|q| q.field("expires_at").less_than_or_equal(now))
+            .query()
+            .await
+            .map_err(backend)?;
+        let mut purged = 0;
+        for doc in expired {
+            let id = doc.name.rsplit('/').next().unwrap_or_default().to_owned();
+            let (current, precondition) = self.read_versioned::<GrantDoc>(GRANTS, &id).await?;
+            if current.is_some_and(|g| g.expires_at <= now) {
+                let deleted = self
+                    .db
+                    .fluent()
+                    .delete()
+                    .from(GRANTS)
+                    .precondition(precondition)
+                    .document_id(&id)
+                    .execute()
+                    .await;
+                match deleted {
+                    Ok(()) => purged += 1,
+                    Err(e) if lost_race(&e) => {}
+                    Err(e) => return Err(backend(e)),
+                }
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn put_replica(&self, replica: &ReplicaRecord) -> Result<(), StoreError> {
+        let doc = ReplicaDoc {
+            peer_addr: replica.peer_addr.clone(),
+            expires_at: replica.expires_at,
+        };
+        self.db
+            .fluent()
+            .update()
+            .in_col(REPLICAS)
+            .document_id(&replica.id)
+            .object(&doc)
+            .execute::<ReplicaDoc>()
+            .await
+            .map(|_| ())
+            .map_err(backend)
+    }
+
+    async fn get_replica(&self, id: &str, now: i64) -> Result<Option<ReplicaRecord>, StoreError> {
+        Ok(self
+            .get::<ReplicaDoc>(REPLICAS, id)
+            .await?
+            .filter(|r| r.expires_at > now)
+            .map(|r| ReplicaRecord {
+                id: id.to_owned(),
+                peer_addr: r.peer_addr,
+                expires_at: r.expires_at,
+            }))
+    }
+
+    async fn delete_replica(&self, id: &str) -> Result<(), StoreError> {
+        self.db
+            .fluent()
+            .delete()
+            .from(REPLICAS)
+            .document_id(id)
+            .execute()
+            .await
+            .map_err(backend)
+    }
+
+    async fn put_agent_route(
+        &self,
+        workspace_id: Uuid,
+        route: &AgentRoute,
+    ) -> Result<bool, StoreError> {
+        self.modify(
+            AGENT_ROUTES,
+            &workspace_id.to_string(),
+            |current: Option<AgentRouteDoc>| {
+                Ok(match current {
+                    Some(newer) if newer.epoch >= route.epoch => Change::Keep(false),
+                    _ => Change::Write(
+                        AgentRouteDoc {
+                            replica_id: route.replica_id.clone(),
+                            epoch: route.epoch,
+                        },
+                        true,
+                    ),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn agent_route(&self, workspace_id: Uuid) -> Result<Option<AgentRoute>, StoreError> {
+        Ok(self
+            .get::<AgentRouteDoc>(AGENT_ROUTES, &workspace_id.to_string())
+            .await?
+            .map(|r| AgentRoute {
+                replica_id: r.replica_id,
+                epoch: r.epoch,
+            }))
+    }
+
+    async fn clear_agent_route(
+        &self,
+        workspace_id: Uuid,
+        route: &AgentRoute,
+    ) -> Result<(), StoreError> {
+        self.modify(
+            AGENT_ROUTES,
+            &workspace_id.to_string(),
+            |current: Option<AgentRouteDoc>| {
+                Ok(match current {
+                    Some(r) if r.replica_id == route.replica_id && r.epoch == route.epoch => {
+                        Change::Delete(())
+                    }
+                    _ => Change::Keep(()),
+                })
+            },
+        )
         .await
     }
 }

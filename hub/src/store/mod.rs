@@ -77,6 +77,23 @@ pub struct ApiToken {
     pub email: Option<String>,
 }
 
+/// A hub replica as the others find it: its peer address, while its registration lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    pub id: String,
+    pub peer_addr: String,
+    pub expires_at: i64,
+}
+
+/// Which replica holds a workspace's agent, and the epoch of that connection (microseconds
+/// since the Unix epoch at its start): a later connection's route replaces an earlier one,
+/// never the other way round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRoute {
+    pub replica_id: String,
+    pub epoch: i64,
+}
+
 /// What an owner may hold when a workspace is created, counted in the same atomic step as
 /// the insert, so concurrent creates (on any replica) cannot pass it together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,4 +213,66 @@ pub trait Store: Send + Sync + 'static {
     /// Ends `holder`'s lease now (a replica shutting down), so another takes over at once;
     /// a lease someone else holds is left alone.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// Stores a short-lived grant of `kind` (`[a-z-]`) under `key` (a hash, or a code the
+    /// hub made): sign-ins in progress, one-time links, device codes. `AlreadyExists` if the
+    /// key is taken by a grant alive at `now`.
+    async fn put_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        payload: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+    /// A grant that has not expired at `now`.
+    async fn get_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError>;
+    /// Replaces a live grant's payload if it is still `expected` (compare and swap).
+    async fn swap_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: &str,
+        payload: &str,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// Removes a grant and returns its payload if it was `expected` (`None`: any) and alive
+    /// at `now`: of concurrent takers, one gets it.
+    async fn take_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: Option<&str>,
+        now: i64,
+    ) -> Result<Option<String>, StoreError>;
+    /// Deletes grants expired at `now` (housekeeping).
+    async fn purge_grants(&self, now: i64) -> Result<usize, StoreError>;
+
+    /// Registers (or renews) a replica.
+    async fn put_replica(&self, replica: &ReplicaRecord) -> Result<(), StoreError>;
+    /// A replica whose registration has not expired at `now`.
+    async fn get_replica(&self, id: &str, now: i64) -> Result<Option<ReplicaRecord>, StoreError>;
+    /// Removes a replica's registration (it is shutting down).
+    async fn delete_replica(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Records `route` unless the workspace has a route of a later epoch already; returns
+    /// whether it was recorded.
+    async fn put_agent_route(
+        &self,
+        workspace_id: Uuid,
+        route: &AgentRoute,
+    ) -> Result<bool, StoreError>;
+    async fn agent_route(&self, workspace_id: Uuid) -> Result<Option<AgentRoute>, StoreError>;
+    /// Removes the workspace's route if it is still `route` (the connection ended); a newer
+    /// route, of a connection to another replica, stays.
+    async fn clear_agent_route(
+        &self,
+        workspace_id: Uuid,
+        route: &AgentRoute,
+    ) -> Result<(), StoreError>;
 }

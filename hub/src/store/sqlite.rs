@@ -3,7 +3,7 @@
 //! One connection behind a mutex, used from blocking threads. Every status change is a
 //! transaction that re-reads the current status before writing.
 
-use super::{ApiToken, Limits, Store, StoreError, TokenRejection};
+use super::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
 use crate::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS workspaces (
     metadata TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS workspaces_owner ON workspaces(owner_id, created_at);
+-- Quota counts read this index alone, never the rows.
+CREATE INDEX IF NOT EXISTS workspaces_owner_status ON workspaces(owner_id, status);
 CREATE TABLE IF NOT EXISTS enrollment_tokens (
     token_hash TEXT PRIMARY KEY,
     workspace_id TEXT NOT NULL,
@@ -38,6 +40,23 @@ CREATE TABLE IF NOT EXISTS agent_certs (
     workspace_id TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
     issued_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grants (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY,
+    peer_addr TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent_routes (
+    workspace_id TEXT PRIMARY KEY,
+    replica_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
@@ -633,6 +652,223 @@ impl Store for SqliteStore {
             conn.execute(
                 "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
                 params![name, holder],
+            )
+            .map(|_| ())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        payload: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let (kind, key, payload) = (kind.to_owned(), key.to_owned(), payload.to_owned());
+        self.with(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            // An expired grant under the same key is gone.
+            tx.execute(
+                "DELETE FROM grants WHERE kind = ?1 AND key = ?2 AND expires_at <= ?3",
+                params![kind, key, now],
+            )
+            .map_err(backend)?;
+            match tx.execute(
+                "INSERT INTO grants (kind, key, payload, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![kind, key, payload, expires_at],
+            ) {
+                Ok(_) => tx.commit().map_err(backend),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::AlreadyExists)
+                }
+                Err(e) => Err(backend(e)),
+            }
+        })
+        .await
+    }
+
+    async fn get_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let (kind, key) = (kind.to_owned(), key.to_owned());
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT payload FROM grants WHERE kind = ?1 AND key = ?2 AND expires_at > ?3",
+                params![kind, key, now],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn swap_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: &str,
+        payload: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (kind, key) = (kind.to_owned(), key.to_owned());
+        let (expected, payload) = (expected.to_owned(), payload.to_owned());
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE grants SET payload = ?4 WHERE kind = ?1 AND key = ?2 AND payload = ?3 \
+                 AND expires_at > ?5",
+                params![kind, key, expected, payload, now],
+            )
+            .map(|n| n == 1)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn take_grant(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: Option<&str>,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let (kind, key) = (kind.to_owned(), key.to_owned());
+        let expected = expected.map(str::to_owned);
+        self.with(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let payload: Option<String> = tx
+                .query_row(
+                    "SELECT payload FROM grants WHERE kind = ?1 AND key = ?2 AND expires_at > ?3",
+                    params![kind, key, now],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            let Some(payload) = payload.filter(|p| expected.as_ref().is_none_or(|e| e == p)) else {
+                return Ok(None);
+            };
+            tx.execute(
+                "DELETE FROM grants WHERE kind = ?1 AND key = ?2",
+                params![kind, key],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(Some(payload))
+        })
+        .await
+    }
+
+    async fn purge_grants(&self, now: i64) -> Result<usize, StoreError> {
+        self.with(move |conn| {
+            conn.execute("DELETE FROM grants WHERE expires_at <= ?1", params![now])
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_replica(&self, replica: &ReplicaRecord) -> Result<(), StoreError> {
+        let r = replica.clone();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO replicas (id, peer_addr, expires_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(id) DO UPDATE SET peer_addr = ?2, expires_at = ?3",
+                params![r.id, r.peer_addr, r.expires_at],
+            )
+            .map(|_| ())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_replica(&self, id: &str, now: i64) -> Result<Option<ReplicaRecord>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT id, peer_addr, expires_at FROM replicas WHERE id = ?1 AND expires_at > ?2",
+                params![id, now],
+                |r| {
+                    Ok(ReplicaRecord {
+                        id: r.get(0)?,
+                        peer_addr: r.get(1)?,
+                        expires_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_replica(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.with(move |conn| {
+            conn.execute("DELETE FROM replicas WHERE id = ?1", params![id])
+                .map(|_| ())
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_agent_route(
+        &self,
+        workspace_id: Uuid,
+        route: &AgentRoute,
+    ) -> Result<bool, StoreError> {
+        let route = route.clone();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO agent_routes (workspace_id, replica_id, epoch) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(workspace_id) DO UPDATE SET replica_id = ?2, epoch = ?3 \
+                 WHERE agent_routes.epoch < ?3",
+                params![workspace_id.to_string(), route.replica_id, route.epoch],
+            )
+            .map(|changed| changed == 1)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn agent_route(&self, workspace_id: Uuid) -> Result<Option<AgentRoute>, StoreError> {
+        self.with(move |conn| {
+            conn.query_row(
+                "SELECT replica_id, epoch FROM agent_routes WHERE workspace_id = ?1",
+                params![workspace_id.to_string()],
+                |r| {
+                    Ok(AgentRoute {
+                        replica_id: r.get(0)?,
+                        epoch: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn clear_agent_route(
+        &self,
+        workspace_id: Uuid,
+        route: &AgentRoute,
+    ) -> Result<(), StoreError> {
+        let route = route.clone();
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM agent_routes WHERE workspace_id = ?1 AND replica_id = ?2 AND epoch = ?3",
+                params![workspace_id.to_string(), route.replica_id, route.epoch],
             )
             .map(|_| ())
             .map_err(backend)

@@ -1,0 +1,318 @@
+//! Replicas of one hub. With `peer_addr` set, this process is one of several replicas: it
+//! registers itself in the store (renewed every third of [`REPLICA_TTL`]), records which
+//! agents it holds (with each connection's epoch, so a stale record never wins), and reaches
+//! an agent another replica holds through that replica: a QUIC connection with ALPN
+//! `wsh-peer/1` and mutual TLS (a replica certificate from the shared hub CA), kept and
+//! reused, whose streams start with `StreamHeader::PeerAgent` and are then spliced to the
+//! agent byte for byte.
+//!
+//! [`agent_path`] is how every user of agent streams (browser and CLI terminals, previews,
+//! forwards, sync) finds the agent, on this replica or through another.
+
+use crate::agents::{CONTROL_FRAME_LIMIT, FIRST_MESSAGE_TIMEOUT, close, refuse_stream};
+use crate::store::{AgentRoute, ReplicaRecord};
+use crate::workspace::now_ms;
+use crate::{AppState, Hub, ca};
+use link::{FramedRecv, LinkError, send_msg};
+use protocol::close::CloseCode;
+use protocol::stream::{PeerAgentOpen, StreamHeader, StreamRefusal};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+use tokio::time::timeout;
+use uuid::Uuid;
+
+/// How long a replica's registration lives without renewal.
+pub const REPLICA_TTL: Duration = Duration::from_secs(15);
+/// How long dialing another replica may take.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Streams another replica may have open to this one at once (terminals, previews,
+/// forwards and sync sessions of its users).
+const PEER_STREAMS: u32 = 4096;
+
+/// This replica's place among the others.
+#[derive(Default)]
+pub struct Peers {
+    /// The configured peer address; `None` for a single hub (no registry, no routes).
+    /// Port 0 stands for the port the QUIC endpoint bound.
+    configured: Option<String>,
+    /// The address the other replicas dial, known once the endpoint is bound.
+    addr: OnceLock<String>,
+    /// The endpoint and client config other replicas are dialed with (set at start).
+    dialer: OnceLock<(quinn::Endpoint, quinn::ClientConfig)>,
+    /// Connections to other replicas, by replica id and address.
+    conns: Mutex<HashMap<(String, String), quinn::Connection>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("addr", &self.addr.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peers {
+    pub fn new(configured: Option<String>) -> Self {
+        Self {
+            configured,
+            ..Default::default()
+        }
+    }
+
+    /// Whether this hub runs as one of several replicas.
+    pub fn enabled(&self) -> bool {
+        self.configured.is_some()
+    }
+
+    /// Gives the peer side what it dials with: the hub's own endpoint and a client config
+    /// presenting this replica's certificate.
+    pub fn start(&self, endpoint: quinn::Endpoint, config: quinn::ClientConfig) {
+        if let (Some(configured), Ok(bound)) = (&self.configured, endpoint.local_addr()) {
+            let addr = match configured.rsplit_once(':') {
+                Some((host, "0")) => format!("{host}:{}", bound.port()),
+                _ => configured.clone(),
+            };
+            let _ = self.addr.set(addr);
+        }
+        let _ = self.dialer.set((endpoint, config));
+    }
+
+    /// The connection to `replica`, dialed if there is none alive.
+    async fn connect(
+        &self,
+        replica: &ReplicaRecord,
+        server_name: &str,
+    ) -> Result<quinn::Connection, String> {
+        let key = (replica.id.clone(), replica.peer_addr.clone());
+        if let Some(conn) = self.lock().get(&key)
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
+        let (endpoint, config) = self.dialer.get().ok_or("the peer link is not started")?;
+        let addr = tokio::net::lookup_host(&replica.peer_addr)
+            .await
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("the peer address resolves to nothing")?;
+        let connecting = endpoint
+            .connect_with(config.clone(), addr, server_name)
+            .map_err(|e| e.to_string())?;
+        let conn = timeout(PEER_CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        self.lock().insert(key, conn.clone());
+        Ok(conn)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), quinn::Connection>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Where a workspace's agent is reached from this replica.
+#[derive(Debug, Clone)]
+pub enum AgentPath {
+    /// This replica holds the agent's connection.
+    Local(quinn::Connection),
+    /// Another replica does: streams go through it.
+    Peer {
+        conn: quinn::Connection,
+        open: PeerAgentOpen,
+    },
+}
+
+impl AgentPath {
+    /// A bidirectional stream to the agent. Through a peer, the stream starts with the
+    /// `PeerAgent` header; what the caller writes next reaches the agent unchanged.
+    pub async fn open_bi(&self) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
+        match self {
+            Self::Local(conn) => Ok(conn.open_bi().await?),
+            Self::Peer { conn, open } => {
+                let (mut send, recv) = conn.open_bi().await?;
+                send_msg(&mut send, &StreamHeader::PeerAgent(open.clone())).await?;
+                Ok((send, recv))
+            }
+        }
+    }
+
+    /// Resolves when the path is gone: the agent's connection, or the one to its replica
+    /// (whose streams end when the agent's connection there does).
+    pub async fn closed(&self) {
+        match self {
+            Self::Local(conn) | Self::Peer { conn, .. } => {
+                conn.closed().await;
+            }
+        }
+    }
+}
+
+/// The path to a workspace's agent: its connection if this replica holds it, else through
+/// the replica the store's route names. `None` when no live replica holds it.
+pub async fn agent_path(hub: &Hub, id: Uuid) -> Option<AgentPath> {
+    if let Some(conn) = hub.agents.connection(id) {
+        return Some(AgentPath::Local(conn));
+    }
+    if !hub.peers.enabled() {
+        return None;
+    }
+    let route = match hub.store.agent_route(id).await {
+        Ok(route) => route?,
+        Err(e) => {
+            tracing::warn!(workspace = %id, error = %e, "read the agent's route");
+            return None;
+        }
+    };
+    if route.replica_id == hub.replica_id {
+        // Our own record of a connection that has ended.
+        return None;
+    }
+    let replica = match hub.store.get_replica(&route.replica_id, now_ms()).await {
+        Ok(replica) => replica?,
+        Err(e) => {
+            tracing::warn!(replica = %route.replica_id, error = %e, "read the replica registry");
+            return None;
+        }
+    };
+    let server_name = hub.config.server_names.first()?;
+    match hub.peers.connect(&replica, server_name).await {
+        Ok(conn) => Some(AgentPath::Peer {
+            conn,
+            open: PeerAgentOpen {
+                workspace_id: id.to_string(),
+                epoch: route.epoch,
+            },
+        }),
+        Err(e) => {
+            tracing::warn!(replica = %replica.id, addr = %replica.peer_addr, error = %e, "reach replica");
+            None
+        }
+    }
+}
+
+/// The epoch of a new agent connection: microseconds since the Unix epoch.
+pub fn new_epoch() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Records that this replica holds the agent's connection `epoch` (replicas only).
+pub async fn hold(hub: &Hub, id: Uuid, epoch: i64) {
+    if !hub.peers.enabled() {
+        return;
+    }
+    let route = AgentRoute {
+        replica_id: hub.replica_id.clone(),
+        epoch,
+    };
+    match hub.store.put_agent_route(id, &route).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(workspace = %id, "a newer connection of this agent is recorded")
+        }
+        Err(e) => tracing::warn!(workspace = %id, error = %e, "record the agent's route"),
+    }
+}
+
+/// Removes this replica's route for the agent's connection `epoch`, if still current.
+pub async fn release(hub: &Hub, id: Uuid, epoch: i64) {
+    if !hub.peers.enabled() {
+        return;
+    }
+    let route = AgentRoute {
+        replica_id: hub.replica_id.clone(),
+        epoch,
+    };
+    if let Err(e) = hub.store.clear_agent_route(id, &route).await {
+        tracing::warn!(workspace = %id, error = %e, "clear the agent's route");
+    }
+}
+
+/// Keeps this replica registered (replicas only) until shutdown, then removes it.
+pub async fn register(hub: AppState) {
+    let Some(addr) = hub.peers.addr.get().cloned() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(REPLICA_TTL / 3);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hub.shutdown.cancelled() => break,
+        }
+        let record = ReplicaRecord {
+            id: hub.replica_id.clone(),
+            peer_addr: addr.clone(),
+            expires_at: now_ms() + REPLICA_TTL.as_millis() as i64,
+        };
+        if let Err(e) = hub.store.put_replica(&record).await {
+            tracing::warn!(error = %e, "renew the replica registration");
+        }
+    }
+    if let Err(e) = hub.store.delete_replica(&hub.replica_id).await {
+        tracing::warn!(error = %e, "remove the replica registration");
+    }
+}
+
+/// A connection from another replica: every stream goes to an agent this replica holds.
+pub async fn peer_connection(hub: AppState, conn: quinn::Connection, remote: SocketAddr) {
+    let Some(replica) = link::peer_certificate(&conn).and_then(|cert| ca::replica_id(&cert)) else {
+        tracing::warn!(%remote, "peer connection without a replica certificate refused");
+        return close(&conn, CloseCode::Unauthorized, "not a replica of this hub");
+    };
+    conn.set_max_concurrent_bi_streams(PEER_STREAMS.into());
+    tracing::debug!(%remote, %replica, "replica connected");
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(peer_stream(hub.clone(), send, recv));
+    }
+}
+
+/// One stream from another replica: the `PeerAgent` header, then a splice to the agent.
+async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    let mut recv = FramedRecv::with_limit(recv, CONTROL_FRAME_LIMIT);
+    let open = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<StreamHeader>()).await {
+        Ok(Ok(StreamHeader::PeerAgent(open))) => open,
+        _ => {
+            return refuse_stream(
+                &mut send,
+                StreamRefusal::BadHeader,
+                "a peer stream starts with PeerAgent",
+            )
+            .await;
+        }
+    };
+    let agent = Uuid::parse_str(&open.workspace_id)
+        .ok()
+        .and_then(|id| hub.agents.connection_at(id, open.epoch));
+    let Some(agent) = agent else {
+        return refuse_stream(
+            &mut send,
+            StreamRefusal::Unavailable,
+            "the workspace's agent is not connected",
+        )
+        .await;
+    };
+    let Ok((mut agent_send, agent_recv)) = agent.open_bi().await else {
+        return refuse_stream(
+            &mut send,
+            StreamRefusal::Unavailable,
+            "the workspace's agent is not connected",
+        )
+        .await;
+    };
+    let (recv, mut decoder) = recv.into_parts();
+    if agent_send
+        .write_all(&decoder.take_buffered())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tokio::join!(
+        crate::clients::pump(recv, agent_send),
+        crate::clients::pump(agent_recv, send)
+    );
+}
