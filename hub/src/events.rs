@@ -44,11 +44,31 @@ type Feeds = Arc<Mutex<HashMap<Uuid, broadcast::Sender<Arc<WorkspaceEvent>>>>>;
 #[derive(Default)]
 pub struct Events {
     feeds: Feeds,
+    /// Where events that happen here also go (the other replicas), if anywhere.
+    forward: std::sync::OnceLock<tokio::sync::mpsc::Sender<Arc<WorkspaceEvent>>>,
 }
 
+/// Events waiting to be forwarded to the other replicas; more are dropped (their
+/// subscribers then miss them, as a subscriber of a lost connection does).
+pub const FORWARD_CAPACITY: usize = 4096;
+
 impl Events {
-    /// Sends an event to the workspace's subscribers; nobody watching costs nothing.
+    /// Also hands every event that happens here to `tx` (replicas: to the others).
+    pub fn forward_to(&self, tx: tokio::sync::mpsc::Sender<Arc<WorkspaceEvent>>) {
+        let _ = self.forward.set(tx);
+    }
+
+    /// Sends an event that happened here to the workspace's subscribers (and to the other
+    /// replicas' through the forward); nobody watching costs nothing.
     pub fn publish(&self, event: WorkspaceEvent) {
+        if let Some(tx) = self.forward.get() {
+            let _ = tx.try_send(Arc::new(event.clone()));
+        }
+        self.publish_here(event);
+    }
+
+    /// Sends an event to this replica's subscribers only (one that happened on another).
+    pub fn publish_here(&self, event: WorkspaceEvent) {
         let mut feeds = lock(&self.feeds);
         if let Some(tx) = feeds.get(&event.workspace_id) {
             if tx.receiver_count() == 0 {

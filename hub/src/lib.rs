@@ -357,6 +357,11 @@ pub async fn run(
 
     tasks.spawn(housekeeping(hub.clone()));
     tasks.spawn(peers::register(hub.clone()));
+    if hub.peers.enabled() {
+        let (tx, rx) = tokio::sync::mpsc::channel(events::FORWARD_CAPACITY);
+        hub.events.forward_to(tx);
+        tasks.spawn(peers::forward_events(hub.clone(), rx));
+    }
     // Idle preview connections are closed so they stop counting as use of a workspace.
     let pool_hub = hub.clone();
     tasks.spawn(async move {

@@ -270,16 +270,21 @@ pub async fn peer_connection(hub: AppState, conn: quinn::Connection, remote: Soc
     }
 }
 
-/// One stream from another replica: the `PeerAgent` header, then a splice to the agent.
+/// One stream from another replica: `PeerAgent` (a splice to the agent) or `PeerEvents`.
 async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let mut recv = FramedRecv::with_limit(recv, CONTROL_FRAME_LIMIT);
     let open = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<StreamHeader>()).await {
         Ok(Ok(StreamHeader::PeerAgent(open))) => open,
+        Ok(Ok(StreamHeader::PeerEvents(_))) => {
+            // A port list travels whole.
+            recv.set_limit(protocol::MAX_FRAME_LEN);
+            return receive_events(&hub, recv).await;
+        }
         _ => {
             return refuse_stream(
                 &mut send,
                 StreamRefusal::BadHeader,
-                "a peer stream starts with PeerAgent",
+                "a peer stream starts with PeerAgent or PeerEvents",
             )
             .await;
         }
@@ -315,4 +320,132 @@ async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::Re
         crate::clients::pump(recv, agent_send),
         crate::clients::pump(agent_recv, send)
     );
+}
+
+/// How long one event may take to reach one replica before its stream is dropped (and
+/// opened again for the next event), so a stuck replica never holds up the others.
+const EVENT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the list of replicas to forward to is read again.
+const REPLICA_LIST_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sends every event that happens on this replica to the others' subscribers, one stream
+/// per replica, in order (replicas only).
+pub async fn forward_events(
+    hub: AppState,
+    mut events: tokio::sync::mpsc::Receiver<std::sync::Arc<crate::events::WorkspaceEvent>>,
+) {
+    let mut streams: HashMap<String, quinn::SendStream> = HashMap::new();
+    let mut replicas: Vec<ReplicaRecord> = Vec::new();
+    let mut listed: Option<tokio::time::Instant> = None;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = hub.shutdown.cancelled() => return,
+        };
+        if listed.is_none_or(|at| at.elapsed() >= REPLICA_LIST_INTERVAL) {
+            match hub.store.list_replicas(now_ms()).await {
+                Ok(list) => replicas = list,
+                Err(e) => tracing::warn!(error = %e, "list replicas"),
+            }
+            replicas.retain(|r| r.id != hub.replica_id);
+            streams.retain(|id, _| replicas.iter().any(|r| &r.id == id));
+            listed = Some(tokio::time::Instant::now());
+        }
+        let msg = protocol::peer::PeerMsg::Event(peer_event(&hub, &event));
+        for replica in &replicas {
+            if !streams.contains_key(&replica.id) {
+                match open_events(&hub, replica).await {
+                    Some(send) => {
+                        streams.insert(replica.id.clone(), send);
+                    }
+                    None => continue,
+                }
+            }
+            let Some(send) = streams.get_mut(&replica.id) else {
+                continue;
+            };
+            if !matches!(
+                timeout(EVENT_SEND_TIMEOUT, send_msg(send, &msg)).await,
+                Ok(Ok(()))
+            ) {
+                tracing::debug!(replica = %replica.id, "event stream dropped");
+                streams.remove(&replica.id);
+            }
+        }
+    }
+}
+
+/// A new event stream to `replica`.
+async fn open_events(hub: &Hub, replica: &ReplicaRecord) -> Option<quinn::SendStream> {
+    let server_name = hub.config.server_names.first()?;
+    let conn = hub.peers.connect(replica, server_name).await.ok()?;
+    let (mut send, _recv) = conn.open_bi().await.ok()?;
+    send_msg(
+        &mut send,
+        &StreamHeader::PeerEvents(protocol::stream::PeerEventsOpen {}),
+    )
+    .await
+    .ok()?;
+    Some(send)
+}
+
+/// An event as it travels between replicas: a port list is read from the registry now.
+fn peer_event(hub: &Hub, ev: &crate::events::WorkspaceEvent) -> protocol::peer::PeerEvent {
+    use crate::events::Detail;
+    protocol::peer::PeerEvent {
+        workspace_id: ev.workspace_id.to_string(),
+        kind: ev.kind.to_owned(),
+        status: ev.status.map(|s| s.as_str().to_owned()),
+        reason: ev.reason.clone(),
+        at: ev.at,
+        detail: match &ev.detail {
+            Detail::None => None,
+            Detail::Json(value) => Some(value.to_string()),
+            Detail::Ports => Some(format!(
+                r#"{{"state":"all","ports":{}}}"#,
+                hub.agents.ports_json(ev.workspace_id)
+            )),
+        },
+    }
+}
+
+/// Publishes another replica's events to this one's subscribers, after checking each.
+async fn receive_events(hub: &Hub, mut recv: FramedRecv) {
+    use crate::events::{Detail, WorkspaceEvent};
+    use crate::workspace::Status;
+    while let Ok(protocol::peer::PeerMsg::Event(ev)) =
+        recv.expect::<protocol::peer::PeerMsg>().await
+    {
+        let kind = match ev.kind.as_str() {
+            "status" => "status",
+            "checkout" => "checkout",
+            "port" => "port",
+            "deleted" => "deleted",
+            _ => continue,
+        };
+        let Ok(workspace_id) = Uuid::parse_str(&ev.workspace_id) else {
+            continue;
+        };
+        let status = match ev.status.as_deref().map(Status::parse) {
+            Some(None) => continue,
+            Some(Some(status)) => Some(status),
+            None => None,
+        };
+        let detail = match ev.detail.as_deref().map(serde_json::from_str) {
+            Some(Ok(value)) => Detail::Json(value),
+            Some(Err(_)) => continue,
+            None => Detail::None,
+        };
+        hub.events.publish_here(WorkspaceEvent {
+            workspace_id,
+            kind,
+            status,
+            reason: ev.reason.map(|r| r.chars().take(4096).collect()),
+            at: ev.at,
+            detail,
+        });
+    }
 }

@@ -262,6 +262,16 @@ async fn a_replica_that_does_not_hold_the_agent_reaches_it_through_the_one_that_
             .contains("peer connection without a replica certificate refused")
     );
 
+    // B's subscribers see what happens on A: a stop asked of A.
+    let mut events = harness::sse::Events::open(&b, &id).await;
+    let (status, body) = a
+        .api("POST", &format!("/workspaces/{id}/stop"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let seen = events.statuses_until("SUSPENDED").await;
+    assert!(seen.iter().any(|s| s == "STOPPING"), "{seen:?}");
+
     // A dies: B's sessions through it end (no hang), and once B has noticed, it says the
     // agent is offline instead of reaching anything else.
     a.kill();

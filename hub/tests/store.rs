@@ -524,6 +524,8 @@ async fn conformance(store: Arc<dyn Store>) {
         "expired"
     );
     assert_eq!(store.get_replica("hub-b", 0).await.unwrap(), None);
+    assert_eq!(store.list_replicas(4_000).await.unwrap(), vec![r1.clone()]);
+    assert!(store.list_replicas(5_000).await.unwrap().is_empty());
     let renewed = ReplicaRecord {
         expires_at: 9_000,
         ..r1.clone()

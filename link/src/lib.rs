@@ -299,6 +299,12 @@ impl FramedRecv {
         }
     }
 
+    /// Changes the largest frame accepted from here on (a stream whose header said what
+    /// follows).
+    pub fn set_limit(&mut self, max: usize) {
+        self.decoder.set_max(max);
+    }
+
     /// The next message; `Ok(None)` at a clean end of stream.
     pub async fn next<M: Message>(&mut self) -> Result<Option<M>, LinkError> {
         loop {

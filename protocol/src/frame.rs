@@ -50,6 +50,11 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the largest frame accepted from here on (capped at [`MAX_FRAME_LEN`]).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max.min(MAX_FRAME_LEN);
+    }
+
     /// Adds bytes read from the peer.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.pos > 0 && self.pos == self.buf.len() {

@@ -21,6 +21,7 @@ pub mod frame;
 pub mod handshake;
 pub mod liveness;
 pub mod message;
+pub mod peer;
 pub mod pty;
 pub mod stream;
 pub mod sync;

@@ -34,8 +34,15 @@ crate::tagged_messages! {
         /// [`StreamReply::Refused`] with `Unavailable`, which the opener reads as the
         /// agent's answer.
         9 => PeerAgent(PeerAgentOpen),
+        /// Replica -> replica: the opener's workspace events, as
+        /// [`PeerMsg`](crate::peer::PeerMsg)s, for the receiver's subscribers. No reply.
+        10 => PeerEvents(PeerEventsOpen),
     }
 }
+
+/// Opens a stream of workspace events from one replica to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PeerEventsOpen {}
 
 /// Opens a stream through the replica that holds a workspace's agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -135,6 +135,15 @@ fn header() -> impl Strategy<Value = StreamHeader> {
         "[a-f0-9-]{0,36}".prop_map(|workspace_id| StreamHeader::ClientPty(
             protocol::stream::ClientPtyOpen { workspace_id }
         )),
+        ("[a-f0-9-]{0,36}", any::<i64>()).prop_map(|(workspace_id, epoch)| {
+            StreamHeader::PeerAgent(protocol::stream::PeerAgentOpen {
+                workspace_id,
+                epoch,
+            })
+        }),
+        Just(StreamHeader::PeerEvents(
+            protocol::stream::PeerEventsOpen {}
+        )),
     ]
 }
 
@@ -342,7 +351,8 @@ fn encoding_refuses_frames_over_the_limit() {
 fn tags_are_stable() {
     assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
-    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    assert_eq!(protocol::peer::PeerMsg::TAGS, &[1]);
     assert_eq!(
         protocol::sync::SyncMsg::TAGS,
         &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]

@@ -810,6 +810,30 @@ impl Store for FirestoreStore {
             }))
     }
 
+    async fn list_replicas(&self, now: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        let docs: Vec<firestore::FirestoreDocument> = self
+            .db
+            .fluent()
+            .select()
+            .from(REPLICAS)
+            .query()
+            .await
+            .map_err(backend)?;
+        let mut live = Vec::new();
+        for doc in docs {
+            let id = doc.name.rsplit('/').next().unwrap_or_default().to_owned();
+            let r = FirestoreDb::deserialize_doc_to::<ReplicaDoc>(&doc).map_err(backend)?;
+            if r.expires_at > now {
+                live.push(ReplicaRecord {
+                    id,
+                    peer_addr: r.peer_addr,
+                    expires_at: r.expires_at,
+                });
+            }
+        }
+        Ok(live)
+    }
+
     async fn delete_replica(&self, id: &str) -> Result<(), StoreError> {
         self.db
             .fluent()

@@ -257,6 +257,8 @@ pub trait Store: Send + Sync + 'static {
     async fn put_replica(&self, replica: &ReplicaRecord) -> Result<(), StoreError>;
     /// A replica whose registration has not expired at `now`.
     async fn get_replica(&self, id: &str, now: i64) -> Result<Option<ReplicaRecord>, StoreError>;
+    /// Every replica whose registration has not expired at `now`.
+    async fn list_replicas(&self, now: i64) -> Result<Vec<ReplicaRecord>, StoreError>;
     /// Removes a replica's registration (it is shutting down).
     async fn delete_replica(&self, id: &str) -> Result<(), StoreError>;
 

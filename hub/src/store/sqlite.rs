@@ -812,6 +812,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn list_replicas(&self, now: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT id, peer_addr, expires_at FROM replicas WHERE expires_at > ?1")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![now], |r| {
+                    Ok(ReplicaRecord {
+                        id: r.get(0)?,
+                        peer_addr: r.get(1)?,
+                        expires_at: r.get(2)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
     async fn delete_replica(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
         self.with(move |conn| {
