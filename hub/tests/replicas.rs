@@ -213,6 +213,37 @@ async fn a_replica_that_does_not_hold_the_agent_reaches_it_through_the_one_that_
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("cli-2"));
 
+    // A preview through B, of a dev server in the workspace (started through A).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new(harness::binary("wsh").unwrap())
+        .args(["attach", &id, "--"])
+        .arg(harness::binary("test-server").unwrap())
+        .arg(port.to_string())
+        .env("WSH_HUB", a.url(""))
+        .env("WSH_TOKEN", &a.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = b.url(&format!("/preview/{id}/{port}/"));
+    let mut body = None;
+    for _ in 0..200 {
+        let res = b.http.get(&url).bearer_auth(&b.token).send().await.unwrap();
+        if res.status() == 200 {
+            body = Some(res.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(body.as_deref(), Some("hello from test-server\n"));
+
     // A `wsh login` device code started on A, approved on B, redeemed on A, once.
     let (status, code) = a.api("POST", "/login/device", None).await.unwrap();
     assert_eq!(status, 200, "{code}");
