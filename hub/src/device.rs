@@ -192,7 +192,12 @@ pub async fn poll(
         .ok_or_else(unknown)?;
     let pending: Pending = serde_json::from_str(&current).map_err(|_| unknown())?;
     let given = crate::agents::token_hash(secret);
-    if !subtle_eq(given.as_bytes(), pending.secret_hash.as_bytes()) {
+    if aws_lc_rs::constant_time::verify_slices_are_equal(
+        given.as_bytes(),
+        pending.secret_hash.as_bytes(),
+    )
+    .is_err()
+    {
         return Err(unknown());
     }
     let Some((owner, email)) = pending.approved_by else {
@@ -227,9 +232,4 @@ pub async fn poll(
         owner_id: owner,
         expires_at: crate::api::rfc3339(expires_at),
     }))
-}
-
-/// Equality of two hashes without an early exit.
-fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

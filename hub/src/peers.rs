@@ -200,15 +200,20 @@ pub fn new_epoch() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
+/// This replica's route for an agent connection of `epoch`.
+fn own_route(hub: &Hub, epoch: i64) -> AgentRoute {
+    AgentRoute {
+        replica_id: hub.replica_id.clone(),
+        epoch,
+    }
+}
+
 /// Records that this replica holds the agent's connection `epoch` (replicas only).
 pub async fn hold(hub: &Hub, id: Uuid, epoch: i64) {
     if !hub.peers.enabled() {
         return;
     }
-    let route = AgentRoute {
-        replica_id: hub.replica_id.clone(),
-        epoch,
-    };
+    let route = own_route(hub, epoch);
     match hub.store.put_agent_route(id, &route).await {
         Ok(true) => {}
         Ok(false) => {
@@ -223,10 +228,7 @@ pub async fn release(hub: &Hub, id: Uuid, epoch: i64) {
     if !hub.peers.enabled() {
         return;
     }
-    let route = AgentRoute {
-        replica_id: hub.replica_id.clone(),
-        epoch,
-    };
+    let route = own_route(hub, epoch);
     if let Err(e) = hub.store.clear_agent_route(id, &route).await {
         tracing::warn!(workspace = %id, error = %e, "clear the agent's route");
     }

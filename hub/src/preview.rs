@@ -444,19 +444,29 @@ async fn proxy(
     path_and_query: String,
     prefix: Option<String>,
 ) -> Result<Response, ApiError> {
-    let agent = agent_again(hub, ws.id).await?;
-    if hub.config.preview_is_activity {
-        hub.agents.note_use(ws.id, now_ms());
-    }
+    let used = || {
+        if hub.config.preview_is_activity {
+            hub.agents.note_use(ws.id, now_ms());
+        }
+    };
     let key = (ws.id, port);
     let pooled = if req.headers().contains_key(header::UPGRADE) {
         None // an upgraded connection is never reused
     } else {
         hub.previews.take(key)
     };
+    // A pooled connection reaches the agent already; only a new one needs its path (on
+    // another replica's agent, that is a store read).
     let (mut sender, reused) = match pooled {
-        Some(sender) => (sender, true),
-        None => (connect(agent, port).await?, false),
+        Some(sender) => {
+            used();
+            (sender, true)
+        }
+        None => {
+            let agent = agent_again(hub, ws.id).await?;
+            used();
+            (connect(agent, port).await?, false)
+        }
     };
     // The request as the workspace's server should see it.
     let client_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();

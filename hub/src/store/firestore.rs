@@ -137,6 +137,20 @@ enum Change<D, T> {
     Keep(T),
 }
 
+/// Before retry `round` of a write that lost a race (none before the first): a few
+/// milliseconds, growing, with jitter so the racers spread out.
+async fn retry_pause(round: u32) {
+    if round > 0 {
+        let jitter = rand::random::<u64>() % 10;
+        tokio::time::sleep(Duration::from_millis(u64::from(round.min(10)) + jitter)).await;
+    }
+}
+
+/// A document's id: the last part of its resource name.
+fn doc_id(doc: &firestore::FirestoreDocument) -> String {
+    doc.name.rsplit('/').next().unwrap_or_default().to_owned()
+}
+
 /// A write whose precondition failed: somebody else wrote first.
 fn lost_race(e: &FirestoreError) -> bool {
     match e {
@@ -191,10 +205,7 @@ impl FirestoreStore {
         D: Serialize + for<'de> Deserialize<'de> + Send + Sync,
     {
         for round in 0..MAX_ATTEMPTS {
-            if round > 0 {
-                let jitter = rand::random::<u64>() % 10;
-                tokio::time::sleep(Duration::from_millis(u64::from(round.min(10)) + jitter)).await;
-            }
+            retry_pause(round).await;
             let (current, precondition) = self.read_versioned::<D>(collection, id).await?;
             let result = match decide(current)? {
                 Change::Keep(value) => return Ok(value),
@@ -319,10 +330,7 @@ impl Store for FirestoreStore {
         }
         let owner_key = crate::ca::fingerprint(ws.owner_id.as_bytes());
         for round in 0..MAX_CREATE_ATTEMPTS {
-            if round > 0 {
-                let jitter = rand::random::<u64>() % 10;
-                tokio::time::sleep(Duration::from_millis(u64::from(round.min(10)) + jitter)).await;
-            }
+            retry_pause(round).await;
             // The owner's counter first: a create that commits after this read changes its
             // update time and fails our commit; one that committed before is in the count.
             let (owner, precondition) = self.read_versioned::<OwnerDoc>(OWNERS, &owner_key).await?;
@@ -602,7 +610,7 @@ impl Store for FirestoreStore {
             .map_err(backend)?;
         let mut out = Vec::with_capacity(docs.len());
         for doc in &docs {
-            let hash = doc.name.rsplit('/').next().unwrap_or_default().to_owned();
+            let hash = doc_id(doc);
             let d: ApiTokenDoc = FirestoreDb::deserialize_doc_to(doc).map_err(backend)?;
             out.push((
                 hash,
@@ -759,7 +767,7 @@ impl Store for FirestoreStore {
             .map_err(backend)?;
         let mut purged = 0;
         for doc in expired {
-            let id = doc.name.rsplit('/').next().unwrap_or_default().to_owned();
+            let id = doc_id(&doc);
             let (current, precondition) = self.read_versioned::<GrantDoc>(GRANTS, &id).await?;
             if current.is_some_and(|g| g.expires_at <= now) {
                 let deleted = self
@@ -821,7 +829,7 @@ impl Store for FirestoreStore {
             .map_err(backend)?;
         let mut live = Vec::new();
         for doc in docs {
-            let id = doc.name.rsplit('/').next().unwrap_or_default().to_owned();
+            let id = doc_id(&doc);
             let r = FirestoreDb::deserialize_doc_to::<ReplicaDoc>(&doc).map_err(backend)?;
             if r.expires_at > now {
                 live.push(ReplicaRecord {

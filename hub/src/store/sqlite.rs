@@ -213,6 +213,15 @@ fn get_ws(conn: &Connection, id: Uuid) -> Result<Workspace, StoreError> {
     .ok_or(StoreError::NotFound)
 }
 
+/// A `replicas` row: `id, peer_addr, expires_at`.
+fn row_to_replica(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicaRecord> {
+    Ok(ReplicaRecord {
+        id: r.get(0)?,
+        peer_addr: r.get(1)?,
+        expires_at: r.get(2)?,
+    })
+}
+
 /// How many workspaces the owner has, and how many of them run.
 fn count_ws(conn: &Connection, owner: &str) -> Result<(usize, usize), StoreError> {
     conn.query_row(
@@ -798,13 +807,7 @@ impl Store for SqliteStore {
             conn.query_row(
                 "SELECT id, peer_addr, expires_at FROM replicas WHERE id = ?1 AND expires_at > ?2",
                 params![id, now],
-                |r| {
-                    Ok(ReplicaRecord {
-                        id: r.get(0)?,
-                        peer_addr: r.get(1)?,
-                        expires_at: r.get(2)?,
-                    })
-                },
+                row_to_replica,
             )
             .optional()
             .map_err(backend)
@@ -818,13 +821,7 @@ impl Store for SqliteStore {
                 .prepare("SELECT id, peer_addr, expires_at FROM replicas WHERE expires_at > ?1")
                 .map_err(backend)?;
             let rows = stmt
-                .query_map(params![now], |r| {
-                    Ok(ReplicaRecord {
-                        id: r.get(0)?,
-                        peer_addr: r.get(1)?,
-                        expires_at: r.get(2)?,
-                    })
-                })
+                .query_map(params![now], row_to_replica)
                 .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
