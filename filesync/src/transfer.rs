@@ -3,6 +3,7 @@
 
 use crate::tree::Root;
 use link::LinkError;
+use protocol::ProtocolError;
 use protocol::sync::delta::{BlockSig, Encoder, Op};
 use protocol::sync::{
     CHUNK_LEN, DataChunk, DeltaChunk, FileEnd, FileHeader, FileMeta, Hash, Node, OpError, SyncMsg,
@@ -92,7 +93,28 @@ impl Tx {
         let mut buf = vec![0; (meta.size as usize).clamp(4096, CHUNK_LEN)];
         let mut ops: Vec<Op> = Vec::new();
         loop {
-            let n = match file.read(&mut buf) {
+            let read = match encoder.take() {
+                None => file.read(&mut buf),
+                // Matching a large file against a signature is long work that never
+                // waits on the network: it runs off the runtime, a chunk at a time, so
+                // the agent keeps up its heartbeats meanwhile.
+                Some(mut enc) => {
+                    let (back, read) = tokio::task::spawn_blocking(move || {
+                        let read = file.read(&mut buf);
+                        if let Ok(n) = read {
+                            enc.feed(&buf[..n], |op| ops.push(op));
+                        }
+                        ((file, buf, enc, ops), read)
+                    })
+                    .await
+                    .map_err(|_| ProtocolError::Unexpected("delta encoding panicked"))?;
+                    let enc;
+                    (file, buf, enc, ops) = back;
+                    encoder = Some(enc);
+                    read
+                }
+            };
+            let n = match read {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -104,20 +126,14 @@ impl Tx {
                     return Ok(Ok(meta));
                 }
             };
-            match &mut encoder {
-                None => {
-                    self.msg(&SyncMsg::Data(DataChunk {
-                        id,
-                        bytes: buf[..n].to_vec(),
-                    }))
-                    .await?
-                }
-                Some(enc) => {
-                    enc.feed(&buf[..n], |op| ops.push(op));
-                    if ops.len() > 1024 || literal_len(&ops) >= CHUNK_LEN {
-                        self.delta(id, &mut ops).await?;
-                    }
-                }
+            if encoder.is_none() {
+                self.msg(&SyncMsg::Data(DataChunk {
+                    id,
+                    bytes: buf[..n].to_vec(),
+                }))
+                .await?;
+            } else if ops.len() > 1024 || literal_len(&ops) >= CHUNK_LEN {
+                self.delta(id, &mut ops).await?;
             }
         }
         if let Some(enc) = encoder {
