@@ -7,8 +7,10 @@
 
 pub mod bench;
 pub mod firestore;
+pub mod nginx;
 pub mod oidc;
 pub mod raw_agent;
+pub mod replicas;
 pub mod sse;
 pub mod sshd;
 
@@ -46,6 +48,33 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         }
     }
     Ok(path)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and let go).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A child process, killed and reaped when dropped.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The numbers of the lines of terminal output that read `<prefix><n>`, in order (a
+/// shell may put control sequences before a line, ending in `\r`).
+pub fn numbered_lines(text: &str, prefix: &str) -> Vec<u32> {
+    text.split("\r\n")
+        .filter_map(|l| l.rsplit('\r').next())
+        .filter_map(|l| l.strip_prefix(prefix).and_then(|n| n.parse().ok()))
+        .collect()
 }
 
 /// Deterministic bytes that do not compress or repeat in blocks (xorshift), for file
@@ -107,6 +136,12 @@ pub struct TestHub {
     /// The dev user's API token.
     pub token: String,
     pub http: reqwest::Client,
+    /// Where the process provider keeps workspace folders (`state_dir/workspaces`, unless
+    /// the config says otherwise).
+    pub workspaces: PathBuf,
+    /// Where clients reach this hub when a load balancer is in front of it; its own HTTP
+    /// address otherwise.
+    pub front: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for TestHub {
@@ -146,17 +181,25 @@ impl TestHub {
             .to_owned();
         Ok(Self {
             _dir: dir,
+            workspaces: state_dir.join("workspaces"),
             state_dir,
             options,
             child: Some(child),
             listening,
             token,
             http: reqwest::Client::new(),
+            front: None,
         })
     }
 
+    /// A URL of this hub (through its load balancer, if it has one).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.listening.http)
+        format!("http://{}{path}", self.client_addr())
+    }
+
+    /// The HTTP address clients use: the load balancer's, or the hub's own.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.front.unwrap_or(self.listening.http)
     }
 
     /// A `wsh` command pointed at this hub with its token.
@@ -170,6 +213,11 @@ impl TestHub {
     /// The hub's stderr log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("hub.log")).unwrap_or_default()
+    }
+
+    /// Whether the hub process is running (not killed by the test).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills the hub with SIGKILL (no graceful shutdown), leaving agents running.
@@ -239,7 +287,7 @@ impl TestHub {
         let ticket = body["ticket"].as_str().context("ticket")?;
         Ok(format!(
             "ws://{}/workspaces/{id}/terminal?ticket={ticket}&{query}",
-            self.listening.http
+            self.client_addr()
         ))
     }
 
@@ -289,12 +337,28 @@ impl TestHub {
 
     /// The folder of a process-provider workspace.
     pub fn workspace_dir(&self, id: &str) -> PathBuf {
-        self.state_dir.join("workspaces").join(id)
+        self.workspaces.join(id)
     }
 
     /// A process-provider agent's log.
     pub fn agent_log(&self, id: &str) -> String {
         std::fs::read_to_string(self.workspace_dir(id).join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs `command` in a terminal session of the workspace (a child of its agent) with
+    /// `wsh attach`; detaches when dropped (the command goes on in its session, like a
+    /// program left running in a terminal).
+    pub fn run_in_workspace(&self, id: &str, command: &[String]) -> Result<Reaped> {
+        Ok(Reaped(
+            self.wsh()?
+                .args(["attach", id, "--"])
+                .args(command)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start wsh attach")?,
+        ))
     }
 
     /// Mints another user's API token through the hub's own CLI.
@@ -317,7 +381,7 @@ impl TestHub {
 impl Drop for TestHub {
     fn drop(&mut self) {
         self.kill();
-        kill_agents(&self.state_dir.join("workspaces"));
+        kill_agents(&self.workspaces);
     }
 }
 

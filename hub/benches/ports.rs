@@ -10,10 +10,10 @@
 //! [--requests 2000] [--clients 16] [--mib 512]` (needs `openssh-server` for the peer rows).
 
 use futures_util::StreamExt;
-use harness::TestHub;
+use harness::{Reaped, TestHub, free_port};
 use std::collections::HashMap;
 use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,32 +57,14 @@ fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A process that is killed (and reaped) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wsh(hub: &TestHub) -> Command {
     let mut cmd = Command::new(harness::binary("wsh").unwrap());
     cmd.env("WSH_HUB", hub.url("")).env("WSH_TOKEN", &hub.token);
     cmd
 }
 
-fn in_workspace(hub: &TestHub, id: &str, command: &[String], stdout: Stdio) -> Proc {
-    Proc(
+fn in_workspace(hub: &TestHub, id: &str, command: &[String], stdout: Stdio) -> Reaped {
+    Reaped(
         wsh(hub)
             .args(["attach", id, "--"])
             .args(command)
@@ -330,8 +312,8 @@ async fn download(port: u16) -> f64 {
 }
 
 /// `ssh -N -L local:127.0.0.1:remote` against a local sshd.
-fn ssh_tunnel(ssh: &harness::sshd::Ssh, local: u16, remote: u16) -> Proc {
-    Proc(
+fn ssh_tunnel(ssh: &harness::sshd::Ssh, local: u16, remote: u16) -> Reaped {
+    Reaped(
         Command::new("ssh")
             .args(ssh.client_options())
             .args([
@@ -411,7 +393,7 @@ async fn run(args: Args) {
     let _server = in_workspace(&hub, &id, &test_server(&[&port.to_string()]), Stdio::null());
     wait_listening(port).await;
     let ssh = harness::sshd::Ssh::prepare().ok();
-    let sshd = ssh.as_ref().and_then(|s| s.start_local().ok()).map(Proc);
+    let sshd = ssh.as_ref().and_then(|s| s.start_local().ok()).map(Reaped);
     let mut tunnels = Vec::new();
     if part("http") {
         let direct = http_load(
@@ -483,7 +465,7 @@ async fn run(args: Args) {
     wait_listening(blast).await;
     let direct = download(blast).await;
     let local = free_port();
-    let _forward = Proc(
+    let _forward = Reaped(
         wsh(&hub)
             .args(["forward", &id, &format!("{local}:{blast}")])
             .stderr(Stdio::null())

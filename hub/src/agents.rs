@@ -226,6 +226,34 @@ impl Registry {
             .clone()
     }
 
+    /// The agents of `ids` this process holds, in the API's JSON shapes, for another
+    /// replica; stops adding once the answer would pass `max_bytes`.
+    pub fn views(&self, ids: &[Uuid], max_bytes: usize) -> Vec<protocol::peer::PeerAgentView> {
+        let agents = self.lock();
+        let mut views = Vec::new();
+        let mut bytes = 0;
+        for id in ids {
+            let Some(c) = agents.get(id) else { continue };
+            let (Ok(agent), Ok(ports)) = (
+                serde_json::to_string(&c.info),
+                serde_json::to_string(&c.ports),
+            ) else {
+                continue;
+            };
+            bytes += agent.len() + ports.len() + 64;
+            if bytes > max_bytes {
+                tracing::warn!("agent views cut short: the answer would be too large");
+                break;
+            }
+            views.push(protocol::peer::PeerAgentView {
+                workspace_id: id.to_string(),
+                agent,
+                ports,
+            });
+        }
+        views
+    }
+
     /// Applies a port report from the agent's live session; returns the event to publish.
     fn apply_ports(&self, id: Uuid, session: u64, msg: ControlMsg) -> Option<Detail> {
         let mut agents = self.lock();

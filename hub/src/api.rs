@@ -341,8 +341,9 @@ pub struct WorkspaceView {
     /// Idle clean-up leaves the workspace alone until then.
     pub keep_awake_until: Option<String>,
     pub metadata: Metadata,
-    /// The live agent connection, if any.
-    pub agent: Option<AgentInfo>,
+    /// The live agent connection, if any (held by this replica or another).
+    #[schema(value_type = Option<AgentInfo>)]
+    pub agent: Option<serde_json::Value>,
     /// Only in the create response of the manual provider: the agent's config file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_config: Option<String>,
@@ -358,9 +359,26 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-fn view(hub: &crate::Hub, ws: Workspace) -> WorkspaceView {
+/// The workspaces as the API shows them, with their agents wherever they are connected.
+async fn views(hub: &crate::Hub, list: Vec<Workspace>) -> Vec<WorkspaceView> {
+    let ids: Vec<Uuid> = list.iter().map(|ws| ws.id).collect();
+    let mut remote = crate::peers::remote_agents(hub, &ids).await;
+    list.into_iter()
+        .map(|ws| {
+            let agent = remote.remove(&ws.id).map(|r| r.agent);
+            view(hub, ws, agent)
+        })
+        .collect()
+}
+
+/// A workspace as the API shows it; `remote` is its agent as another replica holds it.
+fn view(hub: &crate::Hub, ws: Workspace, remote: Option<serde_json::Value>) -> WorkspaceView {
     WorkspaceView {
-        agent: hub.agents.get(ws.id),
+        agent: hub
+            .agents
+            .get(ws.id)
+            .and_then(|info| serde_json::to_value(info).ok())
+            .or(remote),
         id: ws.id,
         owner_id: ws.owner_id,
         instance_name: ws.instance_name,
@@ -502,7 +520,7 @@ async fn list_workspaces(
     caller: Caller,
 ) -> Result<Json<Vec<WorkspaceView>>, ApiError> {
     let list = hub.store.list_workspaces(caller.scope()).await?;
-    Ok(Json(list.into_iter().map(|ws| view(&hub, ws)).collect()))
+    Ok(Json(views(&hub, list).await))
 }
 
 #[utoipa::path(get, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "The workspace", body = WorkspaceView), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
@@ -512,7 +530,7 @@ async fn get_workspace(
     Path(id): Path<String>,
 ) -> Result<Json<WorkspaceView>, ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
-    Ok(Json(view(&hub, ws)))
+    Ok(Json(views(&hub, vec![ws]).await.remove(0)))
 }
 
 /// The workspace id from the path; anything that is not a UUID is simply not found.
@@ -579,7 +597,7 @@ async fn create_workspace(
     } else {
         StatusCode::OK
     };
-    let mut body = view(&hub, created.workspace);
+    let mut body = view(&hub, created.workspace, None);
     body.agent_config = created.agent_config;
     Ok((status, Json(body)))
 }
@@ -592,7 +610,7 @@ async fn delete_workspace(
 ) -> Result<(StatusCode, Json<WorkspaceView>), ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
     let ws = lifecycle::delete(&hub, ws.id).await?;
-    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws))))
+    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws, None))))
 }
 
 #[utoipa::path(post, path = "/workspaces/{id}/stop", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 202, description = "Stopping: STOPPING, then SUSPENDED", body = WorkspaceView), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
@@ -603,7 +621,7 @@ async fn stop_workspace(
 ) -> Result<(StatusCode, Json<WorkspaceView>), ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
     let ws = lifecycle::stop(&hub, ws.id).await?;
-    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws))))
+    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws, None))))
 }
 
 #[utoipa::path(post, path = "/workspaces/{id}/start", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 202, description = "Starting: STARTING, then READY", body = WorkspaceView), (status = 403, description = "Quota exceeded", body = ErrorBody), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
@@ -614,7 +632,7 @@ async fn start_workspace(
 ) -> Result<(StatusCode, Json<WorkspaceView>), ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
     let ws = lifecycle::start(&hub, ws.id, &ws.owner_id).await?;
-    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws))))
+    Ok((StatusCode::ACCEPTED, Json(view(&hub, ws, None))))
 }
 
 /// Live status: the record, what the provider observes, the agent, and the idle verdict.
@@ -691,7 +709,7 @@ async fn keep_awake(
 ) -> Result<Json<WorkspaceView>, ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
     let ws = lifecycle::keep_awake(&hub, &ws, req.seconds).await?;
-    Ok(Json(view(&hub, ws)))
+    Ok(Json(views(&hub, vec![ws]).await.remove(0)))
 }
 
 /// `GET /workspaces/:id/events`: the current status, then every change, as SSE.
@@ -773,7 +791,15 @@ async fn snapshot(
         status: None,
         reason: None,
         at: now_ms(),
-        detail: Detail::Ports,
+        detail: match crate::peers::remote_agents(hub, &[ws.id])
+            .await
+            .remove(&ws.id)
+        {
+            Some(remote) => {
+                Detail::Json(json!({"state": "all", "ports": port_list(&remote.ports)}))
+            }
+            None => Detail::Ports,
+        },
     };
     Ok((
         vec![sse_event(hub, &status), sse_event(hub, &ports)],
@@ -805,14 +831,29 @@ fn sse_event(hub: &Hub, ev: &WorkspaceEvent) -> Event {
     Event::default().event(ev.kind).data(data)
 }
 
+/// The `ports` array of an SSE `port` event from a `GET /workspaces/{id}/ports` body.
+fn port_list(ports: &serde_json::Value) -> serde_json::Value {
+    ports["ports"]
+        .as_object()
+        .map(|map| map.values().cloned().collect())
+        .unwrap_or_default()
+}
+
 #[utoipa::path(get, path = "/workspaces/{id}/ports", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Listening ports, as the agent reports them (empty while it is not connected)", body = crate::agents::Ports), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_ports(
     State(hub): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<crate::agents::Ports>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
-    Ok(Json(hub.agents.ports(ws.id)))
+    if hub.agents.connection(ws.id).is_none()
+        && let Some(remote) = crate::peers::remote_agents(&hub, &[ws.id])
+            .await
+            .remove(&ws.id)
+    {
+        return Ok(Json(remote.ports));
+    }
+    Ok(Json(json!(hub.agents.ports(ws.id))))
 }
 
 /// The body of `POST /workspaces/:id/tickets`.

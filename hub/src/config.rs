@@ -148,6 +148,9 @@ pub struct FileConfig {
     /// The agent binary the process provider starts; defaults to `workspace-agent` beside
     /// the hub's own executable.
     pub agent_binary: Option<PathBuf>,
+    /// Where the process and qemu providers keep workspace folders; defaults to
+    /// `state_dir/workspaces`. Replicas on one machine share it.
+    pub workspaces_dir: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub enrollment_ttl: Duration,
     #[serde(with = "humantime_serde")]
@@ -228,6 +231,7 @@ impl Default for FileConfig {
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             provider: ProviderKind::Process,
             agent_binary: None,
+            workspaces_dir: None,
             enrollment_ttl: Duration::from_secs(15 * 60),
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(6),
@@ -279,6 +283,7 @@ pub struct Config {
     pub server_names: Vec<String>,
     pub provider: ProviderKind,
     pub agent_binary: PathBuf,
+    pub workspaces_dir: PathBuf,
     pub enrollment_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -463,6 +468,11 @@ impl Config {
         };
         let state_dir = std::path::absolute(&file.state_dir)
             .with_context(|| format!("resolve state_dir {}", file.state_dir.display()))?;
+        let workspaces_dir = match &file.workspaces_dir {
+            Some(dir) => std::path::absolute(dir)
+                .with_context(|| format!("resolve workspaces_dir {}", dir.display()))?,
+            None => state_dir.join("workspaces"),
+        };
         Ok(Self {
             state_dir,
             http_addr: file.http_addr,
@@ -471,6 +481,7 @@ impl Config {
             server_names: file.server_names,
             provider: file.provider,
             agent_binary,
+            workspaces_dir,
             enrollment_ttl: file.enrollment_ttl,
             heartbeat_interval: file.heartbeat_interval,
             heartbeat_timeout: file.heartbeat_timeout,

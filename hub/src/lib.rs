@@ -114,16 +114,13 @@ pub async fn open_state(
         .context("open store")?;
     let provider: Arc<dyn provider::Provider> = match config.provider {
         ProviderKind::Process => Arc::new(provider::process::ProcessProvider::new(
-            config.state_dir.join("workspaces"),
+            config.workspaces_dir.clone(),
             config.agent_binary.clone(),
         )),
         ProviderKind::Manual => Arc::new(provider::manual::ManualProvider),
         ProviderKind::Qemu => Arc::new(
-            provider::qemu::QemuProvider::new(
-                config.state_dir.join("workspaces"),
-                config.qemu.clone(),
-            )
-            .context("qemu provider")?,
+            provider::qemu::QemuProvider::new(config.workspaces_dir.clone(), config.qemu.clone())
+                .context("qemu provider")?,
         ),
         ProviderKind::Gce => Arc::new(
             provider::gce::GceProvider::new(config.gce.clone())

@@ -7,7 +7,9 @@
 //! agent byte for byte.
 //!
 //! [`agent_path`] is how every user of agent streams (browser and CLI terminals, previews,
-//! forwards, sync) finds the agent, on this replica or through another.
+//! forwards, sync) finds the agent, on this replica or through another; [`remote_agents`]
+//! asks the other replicas what they know of the agents they hold (the `agent` field and
+//! port list of the API).
 
 use crate::agents::{CONTROL_FRAME_LIMIT, FIRST_MESSAGE_TIMEOUT, close, refuse_stream};
 use crate::store::{AgentRoute, ReplicaRecord};
@@ -15,7 +17,10 @@ use crate::workspace::now_ms;
 use crate::{AppState, Hub, ca};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::close::CloseCode;
-use protocol::stream::{PeerAgentOpen, StreamHeader, StreamRefusal};
+use protocol::peer::{PeerAgentView, PeerMsg};
+use protocol::stream::{
+    MAX_VIEW_IDS, PeerAgentOpen, PeerAgentViewsOpen, StreamHeader, StreamRefusal,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
@@ -30,6 +35,10 @@ const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Streams another replica may have open to this one at once (terminals, previews,
 /// forwards and sync sessions of its users).
 const PEER_STREAMS: u32 = 4096;
+/// How long another replica may take to say what it knows of its agents.
+const VIEWS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a read of the replica registry serves questions to the other replicas.
+const REPLICA_LIST_TTL: Duration = Duration::from_secs(2);
 
 /// This replica's place among the others.
 #[derive(Default)]
@@ -43,6 +52,8 @@ pub struct Peers {
     dialer: OnceLock<(quinn::Endpoint, quinn::ClientConfig)>,
     /// Connections to other replicas, by replica id and address.
     conns: Mutex<HashMap<(String, String), quinn::Connection>>,
+    /// The live replicas as last read from the store, and when.
+    listed: Mutex<Option<(tokio::time::Instant, Vec<ReplicaRecord>)>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -110,6 +121,136 @@ impl Peers {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), quinn::Connection>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The other live replicas, from a read of the store at most [`REPLICA_LIST_TTL`] old.
+async fn other_replicas(hub: &Hub) -> Vec<ReplicaRecord> {
+    let cached = hub
+        .peers
+        .listed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let list = match cached {
+        Some((at, list)) if at.elapsed() < REPLICA_LIST_TTL => list,
+        _ => match hub.store.list_replicas(now_ms()).await {
+            Ok(list) => {
+                *hub.peers.listed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((tokio::time::Instant::now(), list.clone()));
+                list
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "list replicas");
+                Vec::new()
+            }
+        },
+    };
+    list.into_iter()
+        .filter(|r| r.id != hub.replica_id)
+        .collect()
+}
+
+/// An agent another replica holds, as that replica showed it (the API's JSON shapes).
+#[derive(Debug, Clone)]
+pub struct RemoteAgent {
+    pub agent: serde_json::Value,
+    pub ports: serde_json::Value,
+}
+
+/// What the other replicas know of the agents of `ids` this replica does not hold. A
+/// replica that does not answer in time is left out (its agents show as not connected).
+pub async fn remote_agents(hub: &Hub, ids: &[Uuid]) -> HashMap<Uuid, RemoteAgent> {
+    let mut found: HashMap<Uuid, RemoteAgent> = HashMap::new();
+    if !hub.peers.enabled() {
+        return found;
+    }
+    let wanted: Vec<String> = ids
+        .iter()
+        .filter(|id| hub.agents.connection(**id).is_none())
+        .map(Uuid::to_string)
+        .collect();
+    if wanted.is_empty() {
+        return found;
+    }
+    let replicas = other_replicas(hub).await;
+    let asks = replicas.iter().flat_map(|replica| {
+        wanted
+            .chunks(MAX_VIEW_IDS)
+            .map(move |chunk| ask_views(hub, replica, chunk.to_vec()))
+    });
+    for (replica, views) in futures_util::future::join_all(asks).await {
+        for view in views {
+            let parsed = Uuid::parse_str(&view.workspace_id).ok().zip(
+                serde_json::from_str::<serde_json::Value>(&view.agent)
+                    .ok()
+                    .zip(serde_json::from_str::<serde_json::Value>(&view.ports).ok()),
+            );
+            let Some((id, (agent, ports))) = parsed.filter(|(id, (agent, ports))| {
+                ids.contains(id) && agent.is_object() && ports["ports"].is_object()
+            }) else {
+                tracing::warn!(%replica, "a replica's agent view is malformed; ignored");
+                continue;
+            };
+            // While an agent moves, two replicas may both hold it for a moment: the
+            // newer connection is the one that counts.
+            let since = |a: &serde_json::Value| a["connected_since"].as_i64().unwrap_or(0);
+            if found
+                .get(&id)
+                .is_none_or(|old| since(&old.agent) < since(&agent))
+            {
+                found.insert(id, RemoteAgent { agent, ports });
+            }
+        }
+    }
+    found
+}
+
+/// Asks `replica` about the agents of `ids`; nothing if it cannot say in time.
+async fn ask_views(
+    hub: &Hub,
+    replica: &ReplicaRecord,
+    ids: Vec<String>,
+) -> (String, Vec<PeerAgentView>) {
+    let ask = async {
+        let server_name = hub.config.server_names.first()?;
+        let conn = hub.peers.connect(replica, server_name).await.ok()?;
+        let (mut send, recv) = conn.open_bi().await.ok()?;
+        let open = PeerAgentViewsOpen { workspace_ids: ids };
+        send_msg(&mut send, &StreamHeader::PeerAgentViews(open))
+            .await
+            .ok()?;
+        let _ = send.finish();
+        let mut recv = FramedRecv::with_limit(recv, protocol::MAX_FRAME_LEN);
+        match recv.expect::<PeerMsg>().await {
+            Ok(PeerMsg::AgentViews(views)) => Some(views),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(replica = %replica.id, error = %e, "agent views");
+                None
+            }
+        }
+    };
+    let views = timeout(VIEWS_TIMEOUT, ask).await.ok().flatten();
+    (replica.id.clone(), views.unwrap_or_default())
+}
+
+/// Answers another replica's question about the agents of some workspaces.
+async fn answer_views(hub: &Hub, mut send: quinn::SendStream, open: PeerAgentViewsOpen) {
+    if open.workspace_ids.len() > MAX_VIEW_IDS {
+        return refuse_stream(&mut send, StreamRefusal::BadHeader, "too many workspaces").await;
+    }
+    let ids: Vec<Uuid> = open
+        .workspace_ids
+        .iter()
+        .filter_map(|id| Uuid::parse_str(id).ok())
+        .collect();
+    let views = hub.agents.views(&ids, protocol::MAX_FRAME_LEN / 2);
+    if send_msg(&mut send, &PeerMsg::AgentViews(views))
+        .await
+        .is_ok()
+    {
+        let _ = send.finish();
     }
 }
 
@@ -272,7 +413,8 @@ pub async fn peer_connection(hub: AppState, conn: quinn::Connection, remote: Soc
     }
 }
 
-/// One stream from another replica: `PeerAgent` (a splice to the agent) or `PeerEvents`.
+/// One stream from another replica: `PeerAgent` (a splice to the agent), `PeerEvents` or
+/// `PeerAgentViews`.
 async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let mut recv = FramedRecv::with_limit(recv, CONTROL_FRAME_LIMIT);
     let open = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<StreamHeader>()).await {
@@ -282,11 +424,12 @@ async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::Re
             recv.set_limit(protocol::MAX_FRAME_LEN);
             return receive_events(&hub, recv).await;
         }
+        Ok(Ok(StreamHeader::PeerAgentViews(open))) => return answer_views(&hub, send, open).await,
         _ => {
             return refuse_stream(
                 &mut send,
                 StreamRefusal::BadHeader,
-                "a peer stream starts with PeerAgent or PeerEvents",
+                "a peer stream starts with PeerAgent, PeerEvents or PeerAgentViews",
             )
             .await;
         }

@@ -284,11 +284,7 @@ async fn wsh_attach_survives_a_hub_restart_without_losing_output() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<u32> = text
-        .split("\r\n")
-        .filter_map(|l| l.rsplit('\r').next())
-        .filter_map(|l| l.strip_prefix('n').and_then(|n| n.parse().ok()))
-        .collect();
+    let lines = harness::numbered_lines(&text, "n");
     assert_eq!(
         lines,
         (1..=30).collect::<Vec<_>>(),

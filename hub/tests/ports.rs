@@ -4,47 +4,14 @@
 //! `wsh proxy`.
 
 use futures_util::{SinkExt, StreamExt};
-use harness::{HubOptions, TestHub};
+use harness::{HubOptions, Reaped, TestHub, free_port};
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wsh(hub: &TestHub) -> Command {
     hub.wsh().unwrap()
-}
-
-/// A `wsh attach` running a command in the workspace; detaches when dropped (the command
-/// goes on in its session, like a program left running in a terminal).
-struct Attached(Child);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `command` in a terminal session of the workspace (a child of its agent).
-fn run_in_workspace(hub: &TestHub, id: &str, command: &[String]) -> Attached {
-    Attached(
-        wsh(hub)
-            .args(["attach", id, "--"])
-            .args(command)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 fn test_server(port: u16) -> Vec<String> {
@@ -111,7 +78,7 @@ async fn ports_open_and_close_as_events_and_come_back_after_a_reconnect() {
     let outsider = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let outsider_port = outsider.local_addr().unwrap().port();
     let port = free_port();
-    let _server = run_in_workspace(&hub, &id, &test_server(port));
+    let _server = hub.run_in_workspace(&id, &test_server(port)).unwrap();
 
     let opened = port_event(&mut rx, |d| {
         d["state"] == "opened" && d["port"]["port"] == port
@@ -167,7 +134,7 @@ async fn ports_open_and_close_as_events_and_come_back_after_a_reconnect() {
 }
 
 /// A hub with a short preview timeout, a READY workspace with the test server in it.
-async fn preview_setup() -> (TestHub, String, u16, Attached) {
+async fn preview_setup() -> (TestHub, String, u16, Reaped) {
     let hub = TestHub::start_with(HubOptions {
         config: "preview_timeout = \"1s\"\nadmins = [\"root\"]\n".into(),
         ..Default::default()
@@ -176,7 +143,7 @@ async fn preview_setup() -> (TestHub, String, u16, Attached) {
     .unwrap();
     let id = hub.ready_workspace().await.unwrap();
     let port = free_port();
-    let server = run_in_workspace(&hub, &id, &test_server(port));
+    let server = hub.run_in_workspace(&id, &test_server(port)).unwrap();
     let url = hub.url(&format!("/workspaces/{id}/ports"));
     for _ in 0..200 {
         let ports: Value = hub
@@ -443,12 +410,14 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
 
     // Bad input and broken backends: clear errors.
     let closer = free_port();
-    let _closer = run_in_workspace(&hub, &id, &{
-        let mut c = test_server(0);
-        c.truncate(1);
-        c.extend(["blast".into(), closer.to_string(), "0".into()]);
-        c
-    });
+    let _closer = hub
+        .run_in_workspace(&id, &{
+            let mut c = test_server(0);
+            c.truncate(1);
+            c.extend(["blast".into(), closer.to_string(), "0".into()]);
+            c
+        })
+        .unwrap();
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", closer))
             .await
@@ -673,9 +642,9 @@ async fn wsh_forward_and_openssh_through_wsh_proxy() {
     let hub = TestHub::start().await.unwrap();
     let id = hub.ready_workspace().await.unwrap();
     let port = free_port();
-    let _server = run_in_workspace(&hub, &id, &test_server(port));
+    let _server = hub.run_in_workspace(&id, &test_server(port)).unwrap();
     let ssh = harness::sshd::Ssh::prepare().unwrap();
-    let _sshd = run_in_workspace(&hub, &id, &ssh.sshd_command());
+    let _sshd = hub.run_in_workspace(&id, &ssh.sshd_command()).unwrap();
     let url = hub.url(&format!("/workspaces/{id}/ports"));
     for _ in 0..200 {
         let ports: Value = hub

@@ -2,22 +2,11 @@
 //! must happen once happens on one replica at a time, and any replica reaches any agent.
 
 use futures_util::{SinkExt, StreamExt};
+use harness::replicas::replica_config;
 use harness::{HubOptions, TestHub};
 use protocol::close::CloseCode;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
-
-/// Config lines for a replica: the shared store and identity, a short leader lease and a
-/// fast reconciler.
-fn replica_config(emulator: &str, project: &str, identity: &std::path::Path, id: &str) -> String {
-    format!(
-        "replica_id = \"{id}\"\nleader_lease = \"2s\"\nreconcile_interval = \"200ms\"\n\
-         [store]\nkind = \"firestore\"\nproject = \"{project}\"\nemulator_host = \"{emulator}\"\n\
-         [identity]\nca_cert = \"file:{d}/ca.pem\"\nca_key = \"file:{d}/ca.key\"\n\
-         ticket_key = \"file:{d}/ticket.key\"\nreset_key = \"file:{d}/reset.key\"\n",
-        d = identity.display()
-    )
-}
 
 /// Whether the last leadership line of `hub`'s log (from byte `from`: a restarted hub
 /// appends to the same log) says it holds the lease now.
@@ -240,9 +229,42 @@ async fn a_replica_that_does_not_hold_the_agent_reaches_it_through_the_one_that_
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(body.as_deref(), Some("hello from test-server\n"));
+    // B shows the agent A holds, its ports, and the ports in a new SSE subscription's
+    // snapshot: it asks A.
+    let (status, ws) = b
+        .api("GET", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(ws["agent"]["connected_since"].is_i64(), "{ws}");
+    let (_, list) = b.api("GET", "/workspaces", None).await.unwrap();
+    assert!(list[0]["agent"].is_object(), "{list}");
+    let key = port.to_string();
+    let mut ports = serde_json::Value::Null;
+    for _ in 0..200 {
+        (_, ports) = b
+            .api("GET", &format!("/workspaces/{id}/ports"), None)
+            .await
+            .unwrap();
+        if ports["ports"].get(&key).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ports["ports"][&key]["port"], port, "{ports}");
+    let mut events = harness::sse::Events::open(&b, &id).await;
+    loop {
+        let (kind, data) = events.recv().await.expect("snapshot");
+        if kind == "port" {
+            let listed = data["detail"]["ports"].as_array().unwrap();
+            assert!(listed.iter().any(|p| p["port"] == port), "{data}");
+            break;
+        }
+    }
+    drop(events);
     let _ = server.kill();
     let _ = server.wait();
-    assert_eq!(body.as_deref(), Some("hello from test-server\n"));
 
     // A `wsh login` device code started on A, approved on B, redeemed on A, once.
     let (status, code) = a.api("POST", "/login/device", None).await.unwrap();

@@ -258,12 +258,7 @@ async fn a_hub_that_dies_mid_stream_loses_no_byte() {
     let mut all = a.seen.clone();
     all.extend(&b.seen);
     let text = String::from_utf8_lossy(&all);
-    let ticks: Vec<usize> = text
-        .split("\r\n")
-        // Shells may put control sequences before the first line (bracketed paste off).
-        .filter_map(|l| l.rsplit('\r').next())
-        .filter_map(|l| l.strip_prefix("tick").and_then(|n| n.parse().ok()))
-        .collect();
+    let ticks = harness::numbered_lines(&text, "tick");
     assert_eq!(
         ticks,
         (1..=40).collect::<Vec<_>>(),

@@ -37,7 +37,20 @@ crate::tagged_messages! {
         /// Replica -> replica: the opener's workspace events, as
         /// [`PeerMsg`](crate::peer::PeerMsg)s, for the receiver's subscribers. No reply.
         10 => PeerEvents(PeerEventsOpen),
+        /// Replica -> replica: what the receiver knows of the agents it holds among these
+        /// workspaces. It answers one [`PeerMsg::AgentViews`](crate::peer::PeerMsg) and
+        /// finishes the stream.
+        11 => PeerAgentViews(PeerAgentViewsOpen),
     }
+}
+
+/// At most this many workspaces per [`PeerAgentViewsOpen`].
+pub const MAX_VIEW_IDS: usize = 1000;
+
+/// Asks another replica about the agents of these workspaces (at most [`MAX_VIEW_IDS`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PeerAgentViewsOpen {
+    pub workspace_ids: Vec<String>,
 }
 
 /// Opens a stream of workspace events from one replica to another.

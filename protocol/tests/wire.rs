@@ -144,6 +144,9 @@ fn header() -> impl Strategy<Value = StreamHeader> {
         Just(StreamHeader::PeerEvents(
             protocol::stream::PeerEventsOpen {}
         )),
+        proptest::collection::vec("[a-f0-9-]{0,36}", 0..4).prop_map(|workspace_ids| {
+            StreamHeader::PeerAgentViews(protocol::stream::PeerAgentViewsOpen { workspace_ids })
+        }),
     ]
 }
 
@@ -351,8 +354,8 @@ fn encoding_refuses_frames_over_the_limit() {
 fn tags_are_stable() {
     assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
-    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
-    assert_eq!(protocol::peer::PeerMsg::TAGS, &[1]);
+    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    assert_eq!(protocol::peer::PeerMsg::TAGS, &[1, 2]);
     assert_eq!(
         protocol::sync::SyncMsg::TAGS,
         &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
