@@ -57,7 +57,11 @@ pub enum AgentEvent {
 /// An agent ready to run.
 pub struct Agent {
     config: AgentConfig,
-    endpoint: quinn::Endpoint,
+    /// The UDP socket connections come from; replaced by a new one (a new port) before
+    /// connecting again after a move or a failed attempt, when the agent owns it.
+    endpoint: std::sync::Mutex<quinn::Endpoint>,
+    /// Whether `endpoint` is this agent's own (not shared by many agents in one process).
+    own_endpoint: bool,
     events: Option<UnboundedSender<AgentEvent>>,
     /// Terminal sessions; they outlive every connection to the hub.
     sessions: Arc<pty::Sessions>,
@@ -105,19 +109,26 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// A client endpoint on a new UDP port (IPv6 and IPv4 where the host has both).
+fn new_endpoint() -> Result<quinn::Endpoint, AgentError> {
+    quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+        .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
+        .map_err(|e| AgentError::Endpoint(e.to_string()))
+}
+
 impl Agent {
     /// An agent with its own UDP socket.
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
-        let endpoint = quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
-            .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
-            .map_err(|e| AgentError::Endpoint(e.to_string()))?;
-        Ok(Self::with_endpoint(config, endpoint))
+        let mut agent = Self::with_endpoint(config, new_endpoint()?);
+        agent.own_endpoint = true;
+        Ok(agent)
     }
 
     /// An agent sharing an existing client endpoint (many agents in one process).
     pub fn with_endpoint(config: AgentConfig, endpoint: quinn::Endpoint) -> Self {
         Self {
-            endpoint,
+            endpoint: std::sync::Mutex::new(endpoint),
+            own_endpoint: false,
             events: None,
             sessions: Arc::new(pty::Sessions::with_policy(
                 config.ring_bytes,
@@ -141,6 +152,27 @@ impl Agent {
     fn emit(&self, event: AgentEvent) {
         if let Some(tx) = &self.events {
             let _ = tx.send(event);
+        }
+    }
+
+    /// The endpoint the next connection comes from.
+    fn endpoint(&self) -> quinn::Endpoint {
+        self.endpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Gives the agent a new UDP port for its next connection (if it owns its socket), so
+    /// a load balancer that pins flows by port picks a hub replica again. Connections
+    /// still open keep the old socket.
+    fn rebind(&self) {
+        if !self.own_endpoint {
+            return;
+        }
+        match new_endpoint() {
+            Ok(endpoint) => *self.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = endpoint,
+            Err(e) => tracing::warn!(error = %e, "new UDP socket; keeping the old one"),
         }
     }
 
@@ -178,7 +210,7 @@ impl Agent {
         let identity = match Identity::load(&self.config.state_dir)? {
             Some(identity) => identity,
             None => loop {
-                match identity::enroll(&self.config, &self.endpoint).await {
+                match identity::enroll(&self.config, &self.endpoint()).await {
                     Ok(identity) => {
                         self.emit(AgentEvent::Enrolled);
                         break identity;
@@ -204,10 +236,19 @@ impl Agent {
             match session::connect_and_serve(self, &client, &shutdown).await {
                 session::End::Shutdown => return Ok(()),
                 session::End::Fatal(e) => return Err(e),
+                session::End::Moving => {
+                    tracing::info!("the hub replica is leaving: connecting again");
+                    backoff.reset();
+                    self.emit(AgentEvent::Disconnected("moved by the hub".into()));
+                    self.rebind();
+                }
                 session::End::Lost { reason, was_up } => {
                     if was_up {
                         backoff.reset();
                         self.emit(AgentEvent::Disconnected(reason.clone()));
+                    } else {
+                        // The replica the balancer picked may be leaving: pick again.
+                        self.rebind();
                     }
                     let delay = backoff.next_delay(Self::jitter());
                     tracing::info!(%reason, retry_in = ?delay, "link to hub lost");

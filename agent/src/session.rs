@@ -10,11 +10,15 @@ use protocol::liveness::Liveness;
 use protocol::stream::{ControlOpen, StreamHeader, StreamRefusal, StreamRefused, StreamReply};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How a session ended.
 #[derive(Debug)]
 pub enum End {
     Shutdown,
+    /// The hub asked the agent to connect again (it is leaving); the old connection stays
+    /// open for its streams.
+    Moving,
     Fatal(AgentError),
     /// The link went away; `was_up` says whether the hello had been accepted.
     Lost {
@@ -54,24 +58,64 @@ pub async fn connect_and_serve(
     client: &quinn::ClientConfig,
     shutdown: &CancellationToken,
 ) -> End {
+    let endpoint = agent.endpoint();
     let conn = tokio::select! {
-        conn = connect(&agent.config, &agent.endpoint, client.clone()) => match conn {
+        conn = connect(&agent.config, &endpoint, client.clone()) => match conn {
             Ok(conn) => conn,
             Err(e) => return lost(e, false),
         },
         _ = shutdown.cancelled() => return End::Shutdown,
     };
-    let end = serve(agent, &conn, shutdown).await;
-    if matches!(end, End::Shutdown) {
-        conn.close(
+    let streams = TaskTracker::new();
+    let end = serve(agent, &conn, &streams, shutdown).await;
+    match end {
+        End::Shutdown => conn.close(
             quinn::VarInt::from_u32(CloseCode::Normal.code()),
             b"agent shutting down",
-        );
+        ),
+        // The streams the leaving hub opened finish here (they hold their own ends of
+        // the connection); then the agent closes it. The hub closes it first if its
+        // drain time runs out; a shutdown ends it at once.
+        End::Moving => {
+            let shutdown = shutdown.clone();
+            let (sessions, forwards, sync) = (
+                agent.sessions.clone(),
+                agent.forwards.clone(),
+                agent.sync.clone(),
+            );
+            tokio::spawn(async move {
+                streams.close();
+                let close = |why: &'static [u8]| {
+                    conn.close(quinn::VarInt::from_u32(CloseCode::Normal.code()), why)
+                };
+                loop {
+                    tokio::select! {
+                        // One the hub opened just before it asked the agent to move.
+                        stream = conn.accept_bi() => match stream {
+                            Ok((send, recv)) => {
+                                streams.spawn(serve_stream(sessions.clone(), forwards.clone(), sync.clone(), send, recv));
+                            }
+                            Err(_) => break,
+                        },
+                        _ = streams.wait() => break close(b"moved"),
+                        _ = shutdown.cancelled() => break close(b"agent shutting down"),
+                    }
+                }
+                // The old socket lives until its connection has said goodbye.
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            });
+        }
+        _ => {}
     }
     end
 }
 
-async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationToken) -> End {
+async fn serve(
+    agent: &Agent,
+    conn: &quinn::Connection,
+    streams: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> End {
     let (mut send, mut recv) = match hello(conn).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(end)) => return end,
@@ -126,6 +170,10 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
                         live.on_sent(now);
                     }
                     Ok(Some(ControlMsg::Pong(_))) => live.on_heard(now),
+                    Ok(Some(ControlMsg::Move(moving))) => {
+                        tracing::info!(drain_ms = moving.drain_ms, "hub asks to move");
+                        return End::Moving;
+                    }
                     Ok(Some(ControlMsg::Checkout(request))) => {
                         live.on_heard(now);
                         let run_as = agent.config.run_as.clone();
@@ -196,7 +244,7 @@ async fn serve(agent: &Agent, conn: &quinn::Connection, shutdown: &CancellationT
             }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(serve_stream(agent.sessions.clone(), agent.forwards.clone(), agent.sync.clone(), send, recv));
+                    streams.spawn(serve_stream(agent.sessions.clone(), agent.forwards.clone(), agent.sync.clone(), send, recv));
                 }
                 Err(e) => return closed(&e, true),
             },

@@ -126,6 +126,65 @@ pub struct Listening {
     pub pid: u32,
 }
 
+/// A hub as its API clients see it: an address, the dev user's token, an HTTP client.
+#[derive(Debug, Clone)]
+pub struct HubClient {
+    pub addr: SocketAddr,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl HubClient {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Calls the API as the dev user.
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
+        self.api_as(&self.token, method, path, body).await
+    }
+
+    /// Calls the API with a given bearer token.
+    pub async fn api_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let text = res.text().await?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, value))
+    }
+
+    /// The terminal WebSocket URL of a workspace, with a fresh session ticket (the way the
+    /// web UI opens it) and extra query parameters.
+    pub async fn terminal_url(&self, id: &str, query: &str) -> Result<String> {
+        let (status, body) = self
+            .api(
+                "POST",
+                &format!("/workspaces/{id}/tickets"),
+                Some(serde_json::json!({"purpose": "terminal"})),
+            )
+            .await?;
+        if status != 201 {
+            bail!("ticket: {status} {body}");
+        }
+        let ticket = body["ticket"].as_str().context("ticket")?;
+        Ok(format!(
+            "ws://{}/workspaces/{id}/terminal?ticket={ticket}&{query}",
+            self.addr
+        ))
+    }
+}
+
 /// A running hub process and its state folder.
 pub struct TestHub {
     _dir: tempfile::TempDir,
@@ -228,6 +287,26 @@ impl TestHub {
         }
     }
 
+    /// Stops the hub with SIGTERM (a graceful shutdown, a drain for a replica) and waits
+    /// up to `within` for it to exit.
+    pub fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("the hub is not running")?;
+        let pid = Pid::from_raw(child.id() as i32).context("hub pid")?;
+        rustix::process::kill_process(pid, Signal::TERM).context("signal hub")?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the hub did not exit within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the hub again on the same state folder and the same ports.
     pub async fn start_again(&mut self) -> Result<()> {
         self.kill();
@@ -246,9 +325,19 @@ impl TestHub {
         Ok(())
     }
 
+    /// What a client needs to call this hub (through its load balancer, if it has one),
+    /// owned: for tasks that outlive a borrow of the hub.
+    pub fn client(&self) -> HubClient {
+        HubClient {
+            addr: self.client_addr(),
+            token: self.token.clone(),
+            http: self.http.clone(),
+        }
+    }
+
     /// Calls the API as the dev user.
     pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
-        self.api_as(&self.token, method, path, body).await
+        self.client().api(method, path, body).await
     }
 
     /// Calls the API with a given bearer token.
@@ -259,36 +348,13 @@ impl TestHub {
         path: &str,
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
-        let method = reqwest::Method::from_bytes(method.as_bytes())?;
-        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let res = req.send().await?;
-        let status = res.status().as_u16();
-        let text = res.text().await?;
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Ok((status, value))
+        self.client().api_as(token, method, path, body).await
     }
 
     /// The terminal WebSocket URL of a workspace, with a fresh session ticket (the way the
     /// web UI opens it) and extra query parameters.
     pub async fn terminal_url(&self, id: &str, query: &str) -> Result<String> {
-        let (status, body) = self
-            .api(
-                "POST",
-                &format!("/workspaces/{id}/tickets"),
-                Some(serde_json::json!({"purpose": "terminal"})),
-            )
-            .await?;
-        if status != 201 {
-            bail!("ticket: {status} {body}");
-        }
-        let ticket = body["ticket"].as_str().context("ticket")?;
-        Ok(format!(
-            "ws://{}/workspaces/{id}/terminal?ticket={ticket}&{query}",
-            self.client_addr()
-        ))
+        self.client().terminal_url(id, query).await
     }
 
     /// Creates a workspace and returns its JSON.

@@ -53,10 +53,13 @@ impl LoadBalancer {
         let nginx = Self::nginx()?;
         let dir = tempfile::Builder::new().prefix("wsh-lb-").tempdir()?;
         let d = dir.path();
-        let servers = |addrs: &[SocketAddr]| {
+        // TCP: a refused connection goes to the next replica, and no replica is ever
+        // marked down for it (a rolling restart refuses briefly on each in turn). UDP has
+        // no refusal to see: a replica that fails is left alone for two seconds.
+        let servers = |addrs: &[SocketAddr], marks: &str| {
             addrs
                 .iter()
-                .map(|a| format!("    server {a} max_fails=1 fail_timeout=2s;\n"))
+                .map(|a| format!("    server {a} {marks};\n"))
                 .collect::<String>()
         };
         let config = format!(
@@ -71,8 +74,8 @@ impl LoadBalancer {
              }}\n",
             pid = d.join("nginx.pid").display(),
             log = d.join("error.log").display(),
-            http = servers(http),
-            quic = servers(quic),
+            http = servers(http, "max_fails=0"),
+            quic = servers(quic, "max_fails=1 fail_timeout=2s"),
         );
         std::fs::write(d.join("nginx.conf"), config)?;
         let child = Command::new(nginx)

@@ -47,6 +47,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(count: usize) -> Result<Self> {
+        Self::start_with(count, "").await
+    }
+
+    /// `count` replicas with `extra` lines in each one's config.
+    pub async fn start_with(count: usize, extra: &str) -> Result<Self> {
         LoadBalancer::nginx()?;
         let emulator = FirestoreEmulator::start()?;
         let nanos = std::time::SystemTime::now()
@@ -63,7 +68,7 @@ impl Cluster {
         for i in 0..count {
             let config = format!(
                 "peer_addr = \"127.0.0.1:0\"\nagent_hub_addr = \"127.0.0.1:{port}\"\n\
-                 workspaces_dir = \"{}\"\n{}",
+                 workspaces_dir = \"{}\"\n{extra}\n{}",
                 workspaces.path().display(),
                 replica_config(
                     &emulator.host,

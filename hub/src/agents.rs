@@ -90,6 +90,9 @@ struct Connected {
     info: AgentInfo,
     conn: quinn::Connection,
     session: u64,
+    /// Asked to move (this replica is leaving): its open streams finish, no new ones go
+    /// through it.
+    moving: bool,
     /// The connection's epoch, as the agent's route in the store records it.
     epoch: i64,
     ports: Ports,
@@ -308,15 +311,25 @@ impl Registry {
 
     /// The live connection to a workspace's agent, for opening streams to it.
     pub fn connection(&self, id: Uuid) -> Option<quinn::Connection> {
-        self.lock().get(&id).map(|c| c.conn.clone())
+        self.lock()
+            .get(&id)
+            .filter(|c| !c.moving)
+            .map(|c| c.conn.clone())
     }
 
     /// The agent's connection if it is the one of `epoch` (a peer's route names it).
     pub fn connection_at(&self, id: Uuid, epoch: i64) -> Option<quinn::Connection> {
         self.lock()
             .get(&id)
-            .filter(|c| c.epoch == epoch)
+            .filter(|c| c.epoch == epoch && !c.moving)
             .map(|c| c.conn.clone())
+    }
+
+    /// Marks the session's connection as moving (see [`Connected::moving`]).
+    fn set_moving(&self, id: Uuid, session: u64) {
+        if let Some(c) = self.lock().get_mut(&id).filter(|c| c.session == session) {
+            c.moving = true;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Connected>> {
@@ -332,6 +345,7 @@ impl Registry {
                 conn,
                 session,
                 epoch,
+                moving: false,
                 ports: Ports::default(),
                 port_bytes: 0,
                 ports_json: None,
@@ -380,14 +394,16 @@ impl Registry {
         }
     }
 
-    /// Removes the session's entry; false if a newer session replaced it already.
-    fn remove(&self, id: Uuid, session: u64) -> bool {
+    /// Removes the session's entry; `None` if a newer session replaced it already, else
+    /// whether it had moved to another replica.
+    fn remove(&self, id: Uuid, session: u64) -> Option<bool> {
         let mut agents = self.lock();
         let current = agents.get(&id).is_some_and(|c| c.session == session);
         if current {
-            agents.remove(&id);
+            agents.remove(&id).map(|c| c.moving)
+        } else {
+            None
         }
-        current
     }
 }
 
@@ -728,12 +744,16 @@ async fn control_session(
         send_msg(&mut send, &ControlMsg::Checkout(checkout)).await?;
     }
 
-    let result = heartbeat_loop(hub, conn, &mut touches, &mut send, recv).await;
+    let result = heartbeat_loop(hub, conn, protocol_version, &mut touches, &mut send, recv).await;
     touches.record(hub, Instant::now(), true).await;
     crate::peers::release(hub, workspace_id, epoch).await;
-    if hub.agents.remove(workspace_id, session) {
+    let removed = hub.agents.remove(workspace_id, session);
+    if removed.is_some() {
         hub.previews.forget(workspace_id);
-        // Its ports are out of reach until it is back (and reports them again).
+    }
+    // Its ports are out of reach until it is back (and reports them again); an agent that
+    // moved is back already, on another replica.
+    if removed == Some(false) {
         hub.events.publish(WorkspaceEvent {
             workspace_id,
             kind: "port",
@@ -870,6 +890,7 @@ impl ReportBudget {
 async fn heartbeat_loop(
     hub: &Hub,
     conn: &quinn::Connection,
+    protocol_version: u16,
     touches: &mut Touches,
     send: &mut quinn::SendStream,
     recv: &mut FramedRecv,
@@ -962,6 +983,22 @@ async fn heartbeat_loop(
                 if let Some(ping) = live.poll_ping(now) {
                     send_msg(send, &ControlMsg::Ping(ping)).await?;
                 }
+            }
+            _ = hub.draining.cancelled(), if hub.peers.enabled() => {
+                if protocol_version < protocol::MOVE_SINCE_VERSION {
+                    close(conn, CloseCode::ShuttingDown, "hub replica leaving");
+                    return Ok(());
+                }
+                let drain_ms = u64::try_from(cfg.drain_timeout.as_millis()).unwrap_or(u64::MAX);
+                send_msg(send, &ControlMsg::Move(protocol::control::Move { drain_ms })).await?;
+                hub.agents.set_moving(workspace_id, touches.session);
+                tracing::info!(workspace = %workspace_id, "agent asked to move");
+                // The agent closes this connection once the streams on it have ended.
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    _ = hub.shutdown.cancelled() => close(conn, CloseCode::ShuttingDown, "hub shutting down"),
+                }
+                return Ok(());
             }
             _ = hub.shutdown.cancelled() => {
                 close(conn, CloseCode::ShuttingDown, "hub shutting down");

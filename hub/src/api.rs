@@ -83,7 +83,40 @@ pub fn app(hub: AppState) -> Router {
             hub.clone(),
             crate::preview::by_host,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            refuse_while_draining,
+        ))
         .with_state(hub)
+}
+
+/// A leaving hub answers requests that still reach it (on a connection kept alive from
+/// before) with 503 and `Retry-After: 1`, and closes the connection: the client's next
+/// connection goes to another replica.
+async fn refuse_while_draining(
+    State(hub): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !hub.draining.is_cancelled() {
+        return next.run(req).await;
+    }
+    let mut res = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "draining",
+        "this hub is restarting; retry",
+    )
+    .into_response();
+    let headers = res.headers_mut();
+    headers.insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    headers.insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    res
 }
 
 /// The API's error: a status, a stable machine-readable code and a human message.
@@ -182,7 +215,7 @@ pub struct ErrorDetail {
 /// The OpenAPI document, generated from the handlers above so it cannot drift.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "Workspace Hub API", description = "Remote development workspaces: lifecycle, status and events."),
+    info(title = "Workspace Hub API", description = "Remote development workspaces: lifecycle, status and events. Any request may be answered `503` with `Retry-After` and error code `draining` while the hub (or the replica it reached) restarts: retry it."),
     paths(
         healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
@@ -278,7 +311,7 @@ async fn ca_pem(State(hub): State<AppState>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, description = "The hub is up", body = Object)))]
+#[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, description = "The hub is up", body = Object), (status = 503, description = "Draining: the hub is restarting (load balancers stop sending it work)", body = ErrorBody)))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }

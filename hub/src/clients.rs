@@ -27,11 +27,17 @@ pub async fn client_connection(hub: &Arc<Hub>, conn: quinn::Connection, remote: 
     };
     tracing::info!(%remote, owner = %caller.owner_id, "client connected");
     loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                tokio::spawn(client_stream(hub.clone(), caller.clone(), send, recv));
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    tokio::spawn(client_stream(hub.clone(), caller.clone(), send, recv));
+                }
+                Err(_) => return,
+            },
+            // The client connects again (to another replica, or to this hub once back).
+            _ = hub.shutdown.cancelled() => {
+                return close(&conn, CloseCode::ShuttingDown, "hub shutting down");
             }
-            Err(_) => return,
         }
     }
 }
@@ -138,24 +144,39 @@ async fn client_stream(
         )
         .await;
     };
-    if let Err(e) = splice(agent, &to_agent, send, recv).await {
+    // A leaving replica ends terminal streams at once (`wsh attach` connects again and
+    // resumes at its offset); forwards and sync sessions may finish within the drain time.
+    let cut = matches!(to_agent, StreamHeader::Pty(_)).then(|| hub.draining.clone());
+    if let Err(e) = splice(agent, &to_agent, send, recv, cut).await {
         tracing::debug!(workspace = %ws.id, error = %e, "client stream ended");
     }
 }
 
 /// Opens a stream to the agent with `header` and copies bytes both ways until both sides
-/// finish.
-async fn splice(
+/// finish, or until `cut` is cancelled (both streams then end).
+pub(crate) async fn splice(
     agent: crate::peers::AgentPath,
     header: &StreamHeader,
     client_send: quinn::SendStream,
     client_recv: FramedRecv,
+    cut: Option<tokio_util::sync::CancellationToken>,
 ) -> Result<(), LinkError> {
     let (mut agent_send, agent_recv) = agent.open_bi().await?;
     send_msg(&mut agent_send, header).await?;
     let (client_recv, mut decoder) = client_recv.into_parts();
     agent_send.write_all(&decoder.take_buffered()).await?;
-    tokio::join!(pump(client_recv, agent_send), pump(agent_recv, client_send));
+    let pumps = async {
+        tokio::join!(pump(client_recv, agent_send), pump(agent_recv, client_send));
+    };
+    match cut {
+        Some(cut) => {
+            tokio::select! {
+                _ = pumps => {}
+                _ = cut.cancelled() => {}
+            }
+        }
+        None => pumps.await,
+    }
     Ok(())
 }
 

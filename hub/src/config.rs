@@ -209,6 +209,10 @@ pub struct FileConfig {
     /// renewing it: another replica takes over this long after the holder dies.
     #[serde(with = "humantime_serde")]
     pub leader_lease: Duration,
+    /// Replicas: how long a leaving replica (SIGTERM) waits for the streams on its agents'
+    /// old connections to finish after asking the agents to move.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     /// This replica's name in leases and logs; the host name and a random suffix by default.
     pub replica_id: Option<String>,
     /// Where the other replicas reach this one's QUIC endpoint (`host:port`; port 0 for the
@@ -258,6 +262,7 @@ impl Default for FileConfig {
             admins: Vec::new(),
             auth_failures_per_minute: 20,
             leader_lease: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
             replica_id: None,
             peer_addr: None,
             identity: None,
@@ -310,6 +315,7 @@ pub struct Config {
     pub admins: Vec<String>,
     pub auth_failures_per_minute: u32,
     pub leader_lease: Duration,
+    pub drain_timeout: Duration,
     pub replica_id: Option<String>,
     pub peer_addr: Option<String>,
     pub identity: Option<crate::identity::IdentityConfig>,
@@ -508,6 +514,7 @@ impl Config {
             admins: file.admins,
             auth_failures_per_minute: file.auth_failures_per_minute,
             leader_lease: file.leader_lease,
+            drain_timeout: file.drain_timeout,
             replica_id: file.replica_id,
             peer_addr: file.peer_addr,
             identity: file.identity,

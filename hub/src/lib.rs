@@ -57,7 +57,13 @@ pub struct Hub {
     pub agents: agents::Registry,
     /// The address agents are told to dial.
     pub agent_hub_addr: String,
+    /// Cancelled when the process is done: connections close, tasks end.
     pub shutdown: CancellationToken,
+    /// Cancelled when the process starts to leave (SIGTERM), before `shutdown`: no new
+    /// work (HTTP answers 503 with `Retry-After`, new QUIC connections are refused), the
+    /// housekeeping lease is given up, and a replica moves its agents and browsers to the
+    /// others (see [`drain`]).
+    pub draining: CancellationToken,
     /// Workspace events (status, checkout, ports) for SSE subscribers.
     pub events: events::Events,
     /// Instances without a record, and when the reconciler first saw each.
@@ -149,6 +155,7 @@ pub async fn open_state(
         identity: Arc::new(identity),
         agents: agents::Registry::default(),
         shutdown,
+        draining: CancellationToken::new(),
         events: events::Events::default(),
         orphans: reconcile::Orphans::default(),
         auth_failures: auth::Failures::default(),
@@ -172,6 +179,82 @@ pub async fn open_state(
     })
 }
 
+/// The HTTP listener, closed the moment draining starts: a load balancer's next connection
+/// is refused and goes to another replica at once, instead of waiting in a backlog that
+/// nobody accepts from (and being reset when the process exits).
+struct DrainingListener {
+    inner: Option<tokio::net::TcpListener>,
+    addr: SocketAddr,
+    draining: CancellationToken,
+}
+
+impl axum::serve::Listener for DrainingListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use futures_util::FutureExt;
+        loop {
+            let Some(listener) = &self.inner else {
+                return std::future::pending().await;
+            };
+            if self.draining.is_cancelled() {
+                // Connections the kernel has completed already are taken (and answered
+                // 503 with Retry-After) rather than reset with the socket.
+                match listener.accept().now_or_never() {
+                    Some(Ok(conn)) => return conn,
+                    _ => {
+                        self.inner = None;
+                        continue;
+                    }
+                }
+            }
+            let accepted = tokio::select! {
+                biased;
+                accepted = listener.accept() => Some(accepted),
+                _ = self.draining.cancelled() => None,
+            };
+            match accepted {
+                Some(Ok(conn)) => return conn,
+                Some(Err(e)) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accept HTTP connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
+/// How often a draining replica looks whether its agents are gone.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Leaving. A single hub stops at once (its agents reconnect when it is back). A replica
+/// stops taking new work (HTTP answers 503 with `Retry-After: 1`, new QUIC connections are
+/// refused, the housekeeping lease goes to another replica), asks each agent to move
+/// (`ControlMsg::Move`: the agent connects again through the load balancer, which picks
+/// another replica, and closes its old connection here when the streams on it end), sends
+/// browser terminals elsewhere (close 1012; they resume at their offset), and waits up to
+/// `drain_timeout` for its agents to go.
+async fn drain(hub: &Hub, endpoint: &quinn::Endpoint) {
+    hub.draining.cancel();
+    if !hub.peers.enabled() {
+        return;
+    }
+    endpoint.set_server_config(None);
+    let started = tokio::time::Instant::now();
+    tracing::info!(agents = hub.agents.len(), timeout = ?hub.config.drain_timeout, "draining: agents move to the other replicas");
+    while !hub.agents.is_empty() && started.elapsed() < hub.config.drain_timeout {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    tracing::info!(left = hub.agents.len(), took = ?started.elapsed(), "drained");
+}
+
 /// The lease whose holder runs the reconciler and the idle clean-up.
 const HOUSEKEEPING_LEASE: &str = "housekeeping";
 
@@ -189,7 +272,7 @@ async fn housekeeping(hub: AppState) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = hub.shutdown.cancelled() => break,
+            _ = hub.draining.cancelled() => break,
         }
         let now = workspace::now_ms();
         let held = match hub
@@ -258,12 +341,14 @@ async fn housekeeping_pass(hub: AppState) {
     }
 }
 
-/// Runs the hub until `shutdown` is cancelled; `on_ready` learns the bound addresses.
+/// Runs the hub until `stop` is cancelled (then drains, see [`drain`]); `on_ready` learns
+/// the bound addresses.
 pub async fn run(
     config: Config,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
     on_ready: impl FnOnce(&Hub, &Listening),
 ) -> Result<()> {
+    let shutdown = CancellationToken::new();
     link::install_crypto_provider();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state folder {}", config.state_dir.display()))?;
@@ -371,14 +456,32 @@ pub async fn run(
         }
     });
 
-    let http_shutdown = shutdown.clone();
+    let drain_hub = hub.clone();
+    let drain_endpoint = endpoint.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        drain(&drain_hub, &drain_endpoint).await;
+        drain_hub.shutdown.cancel();
+    });
+
+    // New HTTP connections stop when draining starts (the balancer sends them to another
+    // replica); requests under way finish; a request on a connection kept alive from before
+    // is answered 503 with `Retry-After` and `Connection: close` (so the client's retry
+    // opens a new connection) until the process shuts down.
+    let http_shutdown = hub.shutdown.clone();
+    let listener = DrainingListener {
+        addr: listener.local_addr()?,
+        inner: Some(listener),
+        draining: hub.draining.clone(),
+    };
     axum::serve(
-        listener,
+        axum::serve::ListenerExt::tap_io(listener, |_| {}),
         app(hub.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
     .await
     .context("serve HTTP")?;
+    shutdown.cancelled().await;
 
     // Drain: every control session closes its connection with "shutting down".
     let _ = quic.await;

@@ -408,8 +408,18 @@ pub async fn peer_connection(hub: AppState, conn: quinn::Connection, remote: Soc
     };
     conn.set_max_concurrent_bi_streams(PEER_STREAMS.into());
     tracing::debug!(%remote, %replica, "replica connected");
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(peer_stream(hub.clone(), send, recv));
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    tokio::spawn(peer_stream(hub.clone(), send, recv));
+                }
+                Err(_) => return,
+            },
+            _ = hub.shutdown.cancelled() => {
+                return close(&conn, CloseCode::ShuttingDown, "hub replica shutting down");
+            }
+        }
     }
 }
 
@@ -434,6 +444,20 @@ async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::Re
             .await;
         }
     };
+    // The opener's own header to the agent: only the kinds users open go through.
+    let inner = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<StreamHeader>()).await {
+        Ok(Ok(
+            h @ (StreamHeader::Pty(_) | StreamHeader::TcpForward(_) | StreamHeader::Sync(_)),
+        )) => h,
+        _ => {
+            return refuse_stream(
+                &mut send,
+                StreamRefusal::BadHeader,
+                "a PeerAgent stream carries a Pty, TcpForward or Sync stream",
+            )
+            .await;
+        }
+    };
     let agent = Uuid::parse_str(&open.workspace_id)
         .ok()
         .and_then(|id| hub.agents.connection_at(id, open.epoch));
@@ -445,26 +469,12 @@ async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::Re
         )
         .await;
     };
-    let Ok((mut agent_send, agent_recv)) = agent.open_bi().await else {
-        return refuse_stream(
-            &mut send,
-            StreamRefusal::Unavailable,
-            "the workspace's agent is not connected",
-        )
-        .await;
-    };
-    let (recv, mut decoder) = recv.into_parts();
-    if agent_send
-        .write_all(&decoder.take_buffered())
-        .await
-        .is_err()
-    {
-        return;
+    // Terminals through a leaving replica end when it starts to drain, as its own do.
+    let cut = matches!(inner, StreamHeader::Pty(_)).then(|| hub.draining.clone());
+    let agent = AgentPath::Local(agent);
+    if let Err(e) = crate::clients::splice(agent, &inner, send, recv, cut).await {
+        tracing::debug!(workspace = %open.workspace_id, error = %e, "peer stream ended");
     }
-    tokio::join!(
-        crate::clients::pump(recv, agent_send),
-        crate::clients::pump(agent_recv, send)
-    );
 }
 
 /// How long one event may take to reach one replica before its stream is dropped (and

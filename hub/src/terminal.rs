@@ -93,11 +93,12 @@ pub async fn terminal(
             "the workspace's agent is not connected",
         )
     })?;
+    let draining = hub.draining.clone();
     Ok(ws
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| async move {
-            if let Err(e) = bridge(conn, query, socket).await {
+            if let Err(e) = bridge(draining, conn, query, socket).await {
                 tracing::debug!(workspace = %id, error = %e, "terminal bridge ended");
             }
         }))
@@ -147,6 +148,7 @@ fn to_browser(msg: PtyMsg) -> (Option<Message>, bool) {
 }
 
 async fn bridge(
+    draining: tokio_util::sync::CancellationToken,
     conn: crate::peers::AgentPath,
     query: TerminalQuery,
     mut socket: WebSocket,
@@ -241,6 +243,16 @@ async fn bridge(
             _ = conn.closed() => {
                 let _ = socket
                     .send(Message::Close(Some(CloseFrame { code: 1012, reason: "agent disconnected".into() })))
+                    .await;
+                return Ok(());
+            }
+            // A leaving replica sends its browsers elsewhere at once: they reconnect
+            // (through the load balancer, to another replica) from the offset they reached,
+            // and the agent's stream here ends, so its old connection can close.
+            _ = draining.cancelled() => {
+                let _ = send.finish();
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame { code: 1012, reason: "hub replica restarting".into() })))
                     .await;
                 return Ok(());
             }

@@ -5,7 +5,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use harness::replicas::Cluster;
-use harness::{Reaped, TestHub, free_port, numbered_lines};
+use harness::{HubClient, Reaped, free_port, numbered_lines};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,31 +27,46 @@ struct Terminal {
 impl Terminal {
     /// Opens a terminal (a new session, or `session` from `offset`), retrying while the
     /// hub says the agent is offline (it is moving between replicas).
-    async fn open(hub: &TestHub, id: &str, resume: Option<(&str, u64)>) -> Self {
+    async fn open(hub: &HubClient, id: &str, resume: Option<(&str, u64)>) -> Self {
         let query = resume
             .map(|(s, o)| format!("session={s}&offset={o}"))
             .unwrap_or_default();
+        // Like the web UI: a refusal (409 while the agent moves, or the agent's replica
+        // saying it no longer holds it) means try again shortly.
         let deadline = tokio::time::Instant::now() + WAIT;
-        let mut ws = loop {
-            let url = hub.terminal_url(id, &query).await.unwrap();
-            match tokio_tungstenite::connect_async(url).await {
-                Ok((ws, _)) => break ws,
-                Err(e) => {
-                    assert!(tokio::time::Instant::now() < deadline, "terminal: {e}");
+        let (ws, session) = loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "terminal never opened"
+            );
+            // The ticket too: a replica that is leaving answers 503.
+            let Ok(url) = hub.terminal_url(id, &query).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let mut ws = match tokio_tungstenite::connect_async(url).await {
+                Ok((ws, _)) => ws,
+                Err(_) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }
-        };
-        let session = loop {
-            match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
-                Some(Ok(Message::Text(t))) => {
-                    let event: serde_json::Value = serde_json::from_str(&t).unwrap();
-                    assert_eq!(event["type"], "opened", "{event}");
-                    break event["session"].as_str().unwrap().to_owned();
+            };
+            let event = loop {
+                match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+                    Some(Ok(Message::Text(t))) => {
+                        break serde_json::from_str::<serde_json::Value>(&t).unwrap();
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break serde_json::Value::Null,
                 }
-                Some(Ok(_)) => {}
-                other => panic!("terminal closed before it opened: {other:?}"),
+            };
+            match event["type"].as_str() {
+                Some("opened") => break (ws, event["session"].as_str().unwrap().to_owned()),
+                Some("error") if event["code"] == "refused" => {}
+                None => {}
+                _ => panic!("terminal: {event}"),
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         };
         Self {
             ws,
@@ -107,7 +122,7 @@ async fn every_client_reaches_any_agent_through_the_load_balancer() {
     // Browser terminals: each WebSocket is a new TCP connection, so three in a row meet
     // each replica once (round robin), two of which reach the agent through its holder.
     for i in 0..3 {
-        let mut t = Terminal::open(hub, &id, None).await;
+        let mut t = Terminal::open(&hub.client(), &id, None).await;
         t.type_text(&format!("echo term-$((40+{i}))\n")).await;
         let want = format!("term-{}", 40 + i);
         assert!(t.read_until(|s| s.contains(&want)).await, "terminal {i}");
@@ -274,7 +289,7 @@ async fn every_client_reaches_any_agent_through_the_load_balancer() {
 async fn killing_the_replica_that_holds_the_agent_loses_no_terminal_byte() {
     let mut c = Cluster::start(3).await.unwrap();
     let id = c.any().ready_workspace().await.unwrap();
-    let mut t = Terminal::open(c.any(), &id, None).await;
+    let mut t = Terminal::open(&c.any().client(), &id, None).await;
     t.type_text("for i in $(seq 1 60); do echo tick$i; sleep 0.05; done; echo fin-$((1+1))\n")
         .await;
     assert!(t.read_until(|s| s.contains("tick3\r\n")).await);
@@ -293,8 +308,12 @@ async fn killing_the_replica_that_holds_the_agent_loses_no_terminal_byte() {
     // The browser resumes where it stopped, through whichever replica the balancer picks;
     // the agent has meanwhile moved to one of the others.
     let alive = c.replicas.iter().position(|r| r.is_running()).unwrap();
-    let mut resumed =
-        Terminal::open(&c.replicas[alive], &id, Some((&t.session, t.next_offset()))).await;
+    let mut resumed = Terminal::open(
+        &c.replicas[alive].client(),
+        &id,
+        Some((&t.session, t.next_offset())),
+    )
+    .await;
     eprintln!("terminal resumed {:?} after the kill", killed.elapsed());
     assert!(resumed.read_until(|s| s.contains("fin-2")).await);
     let new_holder = c.holder(&id).expect("the agent reconnected");
@@ -308,4 +327,123 @@ async fn killing_the_replica_that_holds_the_agent_loses_no_terminal_byte() {
         (1..=60).collect::<Vec<_>>(),
         "every line once, in order"
     );
+}
+
+/// What an API request through the balancer got.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum Answer {
+    Ok,
+    /// 503 with `Retry-After`.
+    Retry,
+    Other(String),
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_restart_loses_no_terminal_byte_and_every_request_is_answered_or_retryable() {
+    let mut c = Cluster::start_with(3, "drain_timeout = \"10s\"")
+        .await
+        .unwrap();
+    let id = c.any().ready_workspace().await.unwrap();
+    let client = c.any().client();
+
+    // A browser terminal prints a line every 20 ms through the whole restart, and
+    // reconnects (through the balancer) from its offset whenever its WebSocket closes.
+    let mut t = Terminal::open(&client, &id, None).await;
+    t.type_text("for i in $(seq 1 800); do echo tick$i; sleep 0.02; done; echo fin-$((1+1))\n")
+        .await;
+    assert!(t.read_until(|s| s.contains("tick3\r\n")).await);
+    let terminal = tokio::spawn({
+        let (client, id) = (client.clone(), id.clone());
+        async move {
+            let mut all = Vec::new();
+            let mut reconnects = 0;
+            loop {
+                let done = t.read_until(|s| s.contains("fin-2")).await;
+                all.extend_from_slice(&t.seen);
+                if done {
+                    return (all, reconnects);
+                }
+                reconnects += 1;
+                let resume = (t.session.clone(), t.next_offset());
+                t = Terminal::open(&client, &id, Some((&resume.0, resume.1))).await;
+            }
+        }
+    });
+
+    // API requests, each on a new connection (so on any replica), all along.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poller = tokio::spawn({
+        let (client, id, stop) = (client.clone(), id.clone(), stop.clone());
+        async move {
+            let mut answers: Vec<Answer> = Vec::new();
+            while !stop.is_cancelled() {
+                let res = reqwest::Client::new()
+                    .get(client.url(&format!("/workspaces/{id}")))
+                    .bearer_auth(&client.token)
+                    .send()
+                    .await;
+                answers.push(match res {
+                    Ok(r) if r.status() == 200 => Answer::Ok,
+                    Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {
+                        Answer::Retry
+                    }
+                    Ok(r) => Answer::Other(format!(
+                        "{}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => Answer::Other(format!("{e:?}")),
+                });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answers
+        }
+    });
+
+    // One replica after the other: SIGTERM, wait for it to exit, start it again.
+    for i in 0..c.replicas.len() {
+        let started = tokio::time::Instant::now();
+        let status = c.replicas[i].terminate(Duration::from_secs(30)).unwrap();
+        assert!(status.success(), "replica {i} exited with {status}");
+        eprintln!("replica {i} drained and exited in {:?}", started.elapsed());
+        c.replicas[i].start_again().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let (all, reconnects) = tokio::time::timeout(Duration::from_secs(90), terminal)
+        .await
+        .expect("the terminal finished")
+        .unwrap();
+    stop.cancel();
+    let answers = poller.await.unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert_eq!(
+        numbered_lines(&text, "tick"),
+        (1..=800).collect::<Vec<_>>(),
+        "every line once, in order"
+    );
+    let other: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| matches!(a, Answer::Other(_)))
+        .collect();
+    let retries = answers.iter().filter(|a| **a == Answer::Retry).count();
+    eprintln!(
+        "{} API requests: {} retryable, {} other; terminal reconnected {reconnects} times",
+        answers.len(),
+        retries,
+        other.len()
+    );
+    assert!(other.is_empty(), "{other:?}\n{}", c.lb.log());
+    // The agents moved when asked; nobody waited for the drain time to run out.
+    let moved = c
+        .replicas
+        .iter()
+        .map(|r| r.log().matches("agent asked to move").count())
+        .sum::<usize>();
+    assert!(moved >= 1, "no agent was asked to move");
+    for r in &c.replicas {
+        for line in r.log().lines().filter(|l| l.contains("drained")) {
+            assert!(line.contains("left=0"), "{line}");
+        }
+    }
 }

@@ -30,7 +30,19 @@ crate::tagged_messages! {
         10 => PortOpened(PortInfo),
         /// Agent -> hub (version 3+): nothing listens on this port any more.
         11 => PortClosed(PortClosed),
+        /// Hub -> agent (version 4+): this hub replica is leaving. Connect again now
+        /// (through the load balancer, from a new UDP port, so it picks again); the
+        /// streams already open on this connection go on until they end, then the agent
+        /// closes it, or until the hub closes it at the end of its drain time.
+        12 => Move(Move),
     }
+}
+
+/// See [`ControlMsg::Move`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Move {
+    /// How long the hub keeps this connection open for its streams, in milliseconds.
+    pub drain_ms: u64,
 }
 
 /// How the agent finds listening sockets.

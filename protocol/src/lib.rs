@@ -31,7 +31,7 @@ pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};
 pub use message::Message;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The first version with [`control::Activity`] reports.
 pub const ACTIVITY_SINCE_VERSION: u16 = 2;
@@ -39,6 +39,9 @@ pub const ACTIVITY_SINCE_VERSION: u16 = 2;
 /// The first version with port reports ([`control::Ports`], [`control::PortOpened`],
 /// [`control::PortClosed`]) and TCP forward streams.
 pub const PORTS_SINCE_VERSION: u16 = 3;
+
+/// The first version with [`control::Move`]: a leaving hub replica moves its agents.
+pub const MOVE_SINCE_VERSION: u16 = 4;
 
 /// The oldest protocol version this build still accepts from a peer (N-1).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

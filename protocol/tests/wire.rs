@@ -54,6 +54,7 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
         any::<u64>().prop_map(|seq| ControlMsg::Pong(Pong { seq })),
         port_info().prop_map(ControlMsg::PortOpened),
         any::<u16>().prop_map(|port| ControlMsg::PortClosed(PortClosed { port })),
+        any::<u64>().prop_map(|drain_ms| ControlMsg::Move(protocol::control::Move { drain_ms })),
         (any::<bool>(), prop::collection::vec(port_info(), 0..8)).prop_map(|(netlink, ports)| {
             ControlMsg::Ports(Ports {
                 source: if netlink {
@@ -352,7 +353,7 @@ fn encoding_refuses_frames_over_the_limit() {
 /// Tags are part of the wire contract: changing one breaks every deployed agent.
 #[test]
 fn tags_are_stable() {
-    assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
     assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     assert_eq!(protocol::peer::PeerMsg::TAGS, &[1, 2]);
