@@ -355,3 +355,98 @@ async fn a_replica_that_does_not_hold_the_agent_reaches_it_through_the_one_that_
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_with_another_ca_is_refused_by_the_replicas_and_by_agents() {
+    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
+    let project = format!("rogue-{}", uuid::Uuid::new_v4().simple());
+    let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    harness::replicas::generate_identity(ours.path()).unwrap();
+    harness::replicas::generate_identity(theirs.path()).unwrap();
+    let start = |identity: &std::path::Path, id: &'static str| {
+        TestHub::start_with(HubOptions {
+            config: format!(
+                "peer_addr = \"127.0.0.1:0\"\n{}",
+                replica_config(&emulator.host, &project, identity, id)
+            ),
+            ..Default::default()
+        })
+    };
+    let a = start(ours.path(), "replica-a").await.unwrap();
+    // Same store, its own CA: it registers like a replica, and gets nowhere.
+    let rogue = start(theirs.path(), "rogue").await.unwrap();
+    let id = a.ready_workspace().await.unwrap();
+
+    // Through the rogue, the agent A holds is out of reach (A refuses its certificate; it
+    // refuses A's): 409, never a stream.
+    let url = rogue.terminal_url(&id, "").await.unwrap();
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 409),
+        other => panic!("a terminal through another CA's replica: {other:?}"),
+    }
+    assert!(rogue.log().contains("reach replica"), "{}", rogue.log());
+
+    // A replica certificate from another CA, presented to A directly: the handshake fails.
+    let rogue_ca = hub::ca::HubCa::load_or_create(theirs.path()).unwrap();
+    let cert = rogue_ca.issue_replica("replica-a").unwrap();
+    let config = link::client_config(
+        &harness::raw_agent::hub_cas(&a).await,
+        Some((cert.cert_der, cert.key_pkcs8)),
+        protocol::ALPN_PEER,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let connecting = harness::raw_agent::client_endpoint()
+        .connect_with(config, a.listening.quic, "localhost")
+        .unwrap();
+    if let Ok(conn) = connecting.await {
+        // TLS 1.3 checks the client's certificate after the client thinks it is done.
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("a peer with another CA was let in");
+        assert!(
+            !matches!(ended, quinn::ConnectionError::ApplicationClosed(_)),
+            "refused by the handshake, not after it: {ended:?}"
+        );
+    }
+
+    // The workspace's agent, pointed at the rogue, refuses it: it pins A's CA.
+    let dir = tempfile::tempdir().unwrap();
+    let agent_dir = a.workspace_dir(&id);
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    for file in ["agent.crt.der", "agent.key.der"] {
+        std::fs::copy(agent_dir.join("agent").join(file), state.join(file)).unwrap();
+    }
+    let config: String = std::fs::read_to_string(agent_dir.join("agent.toml"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            if line.starts_with("hub_addr") {
+                format!("hub_addr = \"{}\"", rogue.listening.quic)
+            } else if line.starts_with("state_dir") {
+                format!("state_dir = \"{}\"", state.display())
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join("agent.toml"), config).unwrap();
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let agent = harness::Reaped(
+        std::process::Command::new(harness::binary("workspace-agent").unwrap())
+            .arg("--config")
+            .arg(dir.path().join("agent.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(agent);
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(!log.contains("connected to hub"), "{log}");
+    assert!(log.contains("link to hub lost"), "{log}");
+    assert!(!rogue.log().contains("agent connected"), "{}", rogue.log());
+}
