@@ -1,7 +1,6 @@
 # Workspace Hub on Google Cloud: Firestore, Artifact Registry for workspace images, the hub's
 # service account, the hub as a managed instance group behind a passthrough network load
-# balancer (TCP for HTTP, UDP for QUIC), optionally the HTTP API on Cloud Run, and a Cloud
-# Scheduler job that calls POST /cleanup with an OIDC token.
+# balancer (TCP for HTTP, UDP for QUIC), and a Cloud Scheduler job that calls POST /cleanup with an OIDC token.
 
 locals {
   labels = { "workspace-hub" = "hub" }
@@ -29,7 +28,6 @@ resource "google_project_service" "apis" {
     "artifactregistry.googleapis.com",
     "cloudscheduler.googleapis.com",
     "secretmanager.googleapis.com",
-    "run.googleapis.com",
   ])
   project            = var.project
   service            = each.value
@@ -326,26 +324,6 @@ resource "google_compute_forwarding_rule" "hub" {
   all_ports             = true
   load_balancing_scheme = "EXTERNAL"
   backend_service       = google_compute_region_backend_service.hub.id
-}
-
-# Optional: the HTTP API on Cloud Run beside the instance group (QUIC stays there).
-resource "google_cloud_run_v2_service" "api" {
-  count    = var.api_on_cloud_run ? 1 : 0
-  project  = var.project
-  name     = "workspace-hub-api"
-  location = var.region
-
-  template {
-    service_account = google_service_account.hub.email
-    containers {
-      image   = var.hub_image
-      command = ["workspace-hub", "serve", "--config", "/etc/workspace-hub/hub.toml"]
-      ports {
-        container_port = var.http_port
-      }
-    }
-  }
-  depends_on = [google_project_service.apis]
 }
 
 # Cloud Scheduler calls POST /cleanup with an OIDC token of its own service account; the

@@ -17,8 +17,3 @@ output "scheduler_service_account" {
   description = "The account whose OIDC tokens POST /cleanup accepts."
   value       = google_service_account.scheduler.email
 }
-
-output "api_url" {
-  description = "The Cloud Run URL of the HTTP API, when api_on_cloud_run is set."
-  value       = var.api_on_cloud_run ? google_cloud_run_v2_service.api[0].uri : null
-}

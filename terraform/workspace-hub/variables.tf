@@ -76,12 +76,6 @@ variable "cleanup_schedule" {
   default     = "*/5 * * * *"
 }
 
-variable "api_on_cloud_run" {
-  description = "Also serve the HTTP API from Cloud Run (HTTP only; QUIC stays on the instance group)."
-  type        = bool
-  default     = false
-}
-
 variable "workspace_network" {
   description = "Network of the workspace VMs."
   type        = string
