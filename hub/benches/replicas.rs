@@ -1,0 +1,272 @@
+//! Replicas benchmark: what the hop through a peer replica costs. Two hub replicas share the
+//! Firestore emulator and one identity; the agent holds its connection to A. Each figure is
+//! measured through A (the replica holding the agent) and through B (which reaches it over
+//! its peer connection to A), in the same run, alternating sample by sample: keystroke echo
+//! in a browser terminal, a preview `GET` (which reads the workspace from the store, here
+//! the emulator), and bulk `wsh forward` throughput (direct TCP as the floor).
+//!
+//! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M]`
+
+use futures_util::{SinkExt, StreamExt};
+use harness::replicas::{generate_identity, replica_config};
+use harness::{HubOptions, Reaped, TestHub, free_port};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Args {
+    samples: usize,
+    bulk_mib: usize,
+}
+
+fn parse_args() -> Args {
+    let a = harness::bench::BenchArgs::parse(&["--samples", "--bulk-mib"]);
+    Args {
+        samples: a.num("--samples", 2000, 20),
+        bulk_mib: a.num("--bulk-mib", 512, 4),
+    }
+}
+
+/// p50 and p99 in ms.
+fn p50_p99(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |p: f64| {
+        samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+    };
+    (at(0.5), at(0.99))
+}
+
+/// A browser terminal running `cat`, opened through `hub`.
+async fn cat_terminal(hub: &TestHub, id: &str) -> Ws {
+    let url = hub.terminal_url(id, "").await.unwrap();
+    let mut ws = tokio_tungstenite::connect_async(url).await.unwrap().0;
+    ws.send(Message::Binary(b"exec cat\n".to_vec().into()))
+        .await
+        .unwrap();
+    // Let the shell turn into cat (its echo of the command line comes first).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), ws.next()).await {}
+    ws
+}
+
+/// One keystroke to its echo.
+async fn echo(ws: &mut Ws, c: u8) -> Duration {
+    let t = Instant::now();
+    ws.send(Message::Binary(vec![c].into())).await.unwrap();
+    loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Binary(b) if b[0] == 0 && b[9..].contains(&c) => return t.elapsed(),
+            _ => {}
+        }
+    }
+}
+
+/// One preview `GET`.
+async fn get(client: &reqwest::Client, url: &str, token: &str) -> Duration {
+    let t = Instant::now();
+    let res = client.get(url).bearer_auth(token).send().await.unwrap();
+    assert!(res.status().is_success(), "{url}: {}", res.status());
+    res.bytes().await.unwrap();
+    t.elapsed()
+}
+
+/// Reads everything from `port` once; MiB/s.
+async fn download(port: u16) -> f64 {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let start = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `wsh forward local:port` through `hub`, ready once the local port answers.
+async fn forward(hub: &TestHub, id: &str, port: u16) -> (Reaped, u16) {
+    let local = free_port();
+    let child = Reaped(
+        hub.wsh()
+            .unwrap()
+            .args(["forward", id, &format!("{local}:{port}")])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", local))
+            .await
+            .is_ok()
+        {
+            return (child, local);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("wsh forward never listened");
+}
+
+fn main() {
+    let args = parse_args();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
+    let project = format!("bench-replicas-{}", std::process::id());
+    let identity = tempfile::tempdir().unwrap();
+    generate_identity(identity.path()).unwrap();
+    // One provider folder for both (one machine), so either one's reconciler sees the agent.
+    let workspaces = tempfile::tempdir().unwrap();
+    let mut replicas = Vec::new();
+    for id in ["replica-a", "replica-b"] {
+        let mut replica = TestHub::start_with(HubOptions {
+            config: format!(
+                "peer_addr = \"127.0.0.1:0\"\nworkspaces_dir = \"{}\"\n{}",
+                workspaces.path().display(),
+                // Housekeeping at its usual pace, not the tests' quick one.
+                replica_config(&emulator.host, &project, identity.path(), id).replace(
+                    "reconcile_interval = \"200ms\"",
+                    "reconcile_interval = \"60s\""
+                )
+            ),
+            heartbeat_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(6),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        replica.workspaces = workspaces.path().to_owned();
+        replicas.push(replica);
+    }
+    let (a, b) = (&replicas[0], &replicas[1]);
+    // The process provider tells the agent A's address: A holds it.
+    let id = a.ready_workspace().await.unwrap();
+
+    // Each figure alternates between the two paths sample by sample, so a slow moment of
+    // the machine (or of the store) falls on both alike.
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut terminals = [cat_terminal(a, &id).await, cat_terminal(b, &id).await];
+    let mut samples = [Vec::new(), Vec::new()];
+    for i in 0..args.samples + 20 {
+        for (t, out) in terminals.iter_mut().zip(samples.iter_mut()) {
+            let took = echo(t, b'a' + (i % 26) as u8).await;
+            if i >= 20 {
+                out.push(took);
+            }
+        }
+    }
+    let [(a50, a99), (b50, b99)] = samples.map(p50_p99);
+    rows.push((
+        "echo, browser terminal via A (holds the agent)".into(),
+        format!("{a50:.3} / {a99:.3} ms"),
+        String::new(),
+    ));
+    rows.push((
+        "echo, browser terminal via B (through A)".into(),
+        format!("{b50:.3} / {b99:.3} ms"),
+        format!("{:+.3} ms p50", b50 - a50),
+    ));
+
+    let port = free_port();
+    let _server = a
+        .run_in_workspace(
+            &id,
+            &[
+                harness::binary("test-server")
+                    .unwrap()
+                    .display()
+                    .to_string(),
+                port.to_string(),
+            ],
+        )
+        .unwrap();
+    let blast = free_port();
+    let _blaster = a
+        .run_in_workspace(
+            &id,
+            &[
+                harness::binary("test-server")
+                    .unwrap()
+                    .display()
+                    .to_string(),
+                "blast".into(),
+                blast.to_string(),
+                args.bulk_mib.to_string(),
+            ],
+        )
+        .unwrap();
+    for _ in 0..400 {
+        let up = |p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+        if up(port) && up(blast) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let client = reqwest::Client::new();
+    let urls = [a, b].map(|hub| hub.url(&format!("/preview/{id}/{port}/")));
+    let mut samples = [Vec::new(), Vec::new()];
+    for i in 0..args.samples + 50 {
+        for (url, out) in urls.iter().zip(samples.iter_mut()) {
+            let took = get(&client, url, &a.token).await;
+            if i >= 50 {
+                out.push(took);
+            }
+        }
+    }
+    let [(a50, a99), (b50, b99)] = samples.map(p50_p99);
+    rows.push((
+        "preview GET / via A".into(),
+        format!("{a50:.3} / {a99:.3} ms"),
+        String::new(),
+    ));
+    rows.push((
+        "preview GET / via B (through A)".into(),
+        format!("{b50:.3} / {b99:.3} ms"),
+        format!("{:+.3} ms p50", b50 - a50),
+    ));
+
+    let direct = download(blast).await;
+    rows.push((
+        format!("bulk {} MiB, direct TCP", args.bulk_mib),
+        format!("{direct:.0} MiB/s"),
+        String::new(),
+    ));
+    let mut through = [0.0; 2];
+    for (i, (name, hub)) in [("A", a), ("B (through A)", b)].into_iter().enumerate() {
+        let (_forward, local) = forward(hub, &id, blast).await;
+        through[i] = download(local).await;
+        rows.push((
+            format!("bulk {} MiB, wsh forward via {name}", args.bulk_mib),
+            format!("{:.0} MiB/s", through[i]),
+            format!("{:.2}x direct", through[i] / direct),
+        ));
+    }
+    let last = rows.len() - 1;
+    rows[last].2 = format!(
+        "{:.2}x direct, {:.2}x via A",
+        through[1] / direct,
+        through[1] / through[0]
+    );
+
+    println!("\nreplicas: the peer hop ({} samples)\n", args.samples);
+    println!("| path | p50 / p99 or rate | vs |");
+    println!("|---|---|---|");
+    for (what, value, vs) in rows {
+        println!("| {what} | {value} | {vs} |");
+    }
+}
