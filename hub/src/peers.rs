@@ -594,6 +594,23 @@ async fn receive_events(hub: &Hub, mut recv: FramedRecv) {
             Some(Err(_)) => continue,
             None => Detail::None,
         };
+        // Stopped or deleted through another replica: the agent's connection here ends now
+        // (that replica could not end it), once the store confirms it.
+        let ended =
+            kind == "deleted" || matches!(status, Some(Status::Suspended | Status::Deleting));
+        if ended && let Some(conn) = hub.agents.connection(workspace_id) {
+            let store = hub.store.clone();
+            tokio::spawn(async move {
+                let gone = match store.get_workspace(workspace_id).await {
+                    Ok(ws) => matches!(ws.status, Status::Suspended | Status::Deleting),
+                    Err(crate::store::StoreError::NotFound) => true,
+                    Err(_) => false,
+                };
+                if gone {
+                    close(&conn, CloseCode::ShuttingDown, "workspace stopped");
+                }
+            });
+        }
         hub.events.publish_here(WorkspaceEvent {
             workspace_id,
             kind,

@@ -450,3 +450,54 @@ async fn a_replica_with_another_ca_is_refused_by_the_replicas_and_by_agents() {
     assert!(log.contains("link to hub lost"), "{log}");
     assert!(!rogue.log().contains("agent connected"), "{}", rogue.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_asked_of_another_replica_ends_the_agents_connection_on_its_holder() {
+    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
+    let project = format!("stop-{}", uuid::Uuid::new_v4().simple());
+    let identity = tempfile::tempdir().unwrap();
+    harness::replicas::generate_identity(identity.path()).unwrap();
+    let start = |id: &'static str| {
+        TestHub::start_with(HubOptions {
+            provider: "manual".into(),
+            config: format!(
+                "peer_addr = \"127.0.0.1:0\"\n{}",
+                replica_config(&emulator.host, &project, identity.path(), id)
+            ),
+            ..Default::default()
+        })
+    };
+    let a = start("replica-a").await.unwrap();
+    let b = start("replica-b").await.unwrap();
+    // The agent (in this process) dials A.
+    let ws = a.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    let mut agent = harness::InProcessAgent::start(&ws).unwrap();
+    agent
+        .wait_event(Duration::from_secs(30), |e| {
+            *e == agent::AgentEvent::Connected
+        })
+        .await
+        .unwrap();
+    a.wait_for(&id, Duration::from_secs(30), |w| w["status"] == "READY")
+        .await
+        .unwrap();
+
+    // B stops it; A, which holds the connection, ends it (heartbeats alone never would).
+    let (status, body) = b
+        .api("POST", &format!("/workspaces/{id}/stop"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let ended = agent
+        .wait_event(Duration::from_secs(15), |e| {
+            matches!(e, agent::AgentEvent::Disconnected(_))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ended,
+        agent::AgentEvent::Disconnected("closed by hub: workspace stopped".into())
+    );
+    agent.stop().await.unwrap();
+}
