@@ -47,11 +47,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(count: usize) -> Result<Self> {
-        Self::start_with(count, "").await
+        Self::start_with(count, "", HubOptions::default()).await
     }
 
-    /// `count` replicas with `extra` lines in each one's config.
-    pub async fn start_with(count: usize, extra: &str) -> Result<Self> {
+    /// `count` replicas started with `options`; `top` holds more top-level lines of their
+    /// config, `options.config` more tables (it goes last).
+    pub async fn start_with(count: usize, top: &str, options: HubOptions) -> Result<Self> {
         LoadBalancer::nginx()?;
         let emulator = FirestoreEmulator::start()?;
         let nanos = std::time::SystemTime::now()
@@ -68,18 +69,19 @@ impl Cluster {
         for i in 0..count {
             let config = format!(
                 "peer_addr = \"127.0.0.1:0\"\nagent_hub_addr = \"127.0.0.1:{port}\"\n\
-                 workspaces_dir = \"{}\"\n{extra}\n{}",
+                 workspaces_dir = \"{}\"\n{top}\n{}{}",
                 workspaces.path().display(),
                 replica_config(
                     &emulator.host,
                     &project,
                     identity.path(),
                     &format!("replica-{i}")
-                )
+                ),
+                options.config,
             );
             let mut replica = TestHub::start_with(HubOptions {
                 config,
-                ..Default::default()
+                ..options.clone()
             })
             .await?;
             replica.workspaces = workspaces.path().to_owned();

@@ -5,14 +5,22 @@
 //! in a browser terminal, a preview `GET` (which reads the workspace from the store, here
 //! the emulator), and bulk `wsh forward` throughput (direct TCP as the floor).
 //!
-//! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M]`
+//! Then a fleet of N agents (real agent code, in this process, a UDP socket each) behind
+//! three replicas and nginx: SIGKILL of one replica (its agents connected again on the
+//! others: p50 / p99 from the kill, and the survivors' CPU per reconnect), then a rolling
+//! restart of all three (SIGTERM, drain, start), against the same fleet reconnecting to a
+//! single hub after its SIGKILL and restart in the same run.
+//!
+//! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M] [--agents N]`
 
 use futures_util::{SinkExt, StreamExt};
-use harness::replicas::{generate_identity, replica_config};
+use harness::replicas::{Cluster, generate_identity, replica_config};
 use harness::{HubOptions, Reaped, TestHub, free_port};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -20,18 +28,23 @@ type Ws =
 struct Args {
     samples: usize,
     bulk_mib: usize,
+    agents: usize,
 }
 
 fn parse_args() -> Args {
-    let a = harness::bench::BenchArgs::parse(&["--samples", "--bulk-mib"]);
+    let a = harness::bench::BenchArgs::parse(&["--samples", "--bulk-mib", "--agents"]);
     Args {
         samples: a.num("--samples", 2000, 20),
         bulk_mib: a.num("--bulk-mib", 512, 4),
+        agents: a.num("--agents", 1000, 12),
     }
 }
 
 /// p50 and p99 in ms.
 fn p50_p99(mut samples: Vec<Duration>) -> (f64, f64) {
+    if samples.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
     samples.sort();
     let at = |p: f64| {
         samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
@@ -268,5 +281,250 @@ async fn run(args: Args) {
     println!("|---|---|---|");
     for (what, value, vs) in rows {
         println!("| {what} | {value} | {vs} |");
+    }
+    drop(replicas);
+    drop(emulator);
+    fleet(args.agents).await;
+}
+
+/// One agent's connections, as its events tell them.
+#[derive(Default)]
+struct Link {
+    up: bool,
+    /// When it last connected.
+    connected: Option<Instant>,
+    connects: usize,
+}
+
+/// In-process agents for the workspaces `created` (their configs), each on its own UDP
+/// socket as a real agent is (a new one for each new connection, so a load balancer that
+/// pins flows by port picks again).
+#[allow(clippy::type_complexity)]
+fn launch(
+    created: &[serde_json::Value],
+) -> (
+    Vec<Arc<Mutex<Link>>>,
+    Vec<CancellationToken>,
+    Vec<tempfile::TempDir>,
+) {
+    let (mut links, mut stops, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+    for ws in created {
+        let (config, dir) = harness::agent_config(ws).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let agent = agent::Agent::new(config).unwrap().with_events(tx);
+        let link = Arc::new(Mutex::new(Link::default()));
+        let watcher = link.clone();
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                let mut l = watcher.lock().unwrap();
+                match event {
+                    agent::AgentEvent::Connected => {
+                        l.up = true;
+                        l.connected = Some(Instant::now());
+                        l.connects += 1;
+                    }
+                    agent::AgentEvent::Disconnected(_) => l.up = false,
+                    agent::AgentEvent::Enrolled => {}
+                }
+            }
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(agent.run(stop.clone()));
+        links.push(link);
+        stops.push(stop);
+        dirs.push(dir);
+    }
+    (links, stops, dirs)
+}
+
+fn up(links: &[Arc<Mutex<Link>>]) -> usize {
+    links.iter().filter(|l| l.lock().unwrap().up).count()
+}
+
+/// Until the agents have noticed that their hub is gone (the first one is enough).
+async fn until_noticed(links: &[Arc<Mutex<Link>>]) {
+    let start = Instant::now();
+    while up(links) == links.len() && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn until_all_up(links: &[Arc<Mutex<Link>>], what: &str) {
+    let start = Instant::now();
+    while up(links) < links.len() {
+        assert!(
+            start.elapsed() < Duration::from_secs(900),
+            "{what}: {} of {} up",
+            up(links),
+            links.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reconnect times (from `since`) of the agents that connected again after it.
+fn reconnects(links: &[Arc<Mutex<Link>>], before: &[usize], since: Instant) -> Vec<Duration> {
+    links
+        .iter()
+        .zip(before)
+        .filter_map(|(l, &n)| {
+            let l = l.lock().unwrap();
+            (l.connects > n).then(|| l.connected.unwrap().saturating_duration_since(since))
+        })
+        .collect()
+}
+
+fn connects(links: &[Arc<Mutex<Link>>]) -> Vec<usize> {
+    links.iter().map(|l| l.lock().unwrap().connects).collect()
+}
+
+/// Hub process CPU time (user + system), in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// Creates `n` workspaces through `hub` (32 at a time).
+async fn create(hub: &TestHub, n: usize) -> Vec<serde_json::Value> {
+    let client = hub.client();
+    let mut out = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(32) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in chunk {
+            let client = client.clone();
+            tasks.spawn(async move {
+                let (status, body) = client
+                    .api("POST", "/workspaces", Some(serde_json::json!({})))
+                    .await
+                    .unwrap();
+                assert_eq!(status, 201, "{body}");
+                body
+            });
+        }
+        while let Some(ws) = tasks.join_next().await {
+            out.push(ws.unwrap());
+        }
+    }
+    out
+}
+
+async fn fleet(n: usize) {
+    let options = || HubOptions {
+        provider: "manual".into(),
+        heartbeat_interval: Duration::from_secs(2),
+        heartbeat_timeout: Duration::from_secs(6),
+        enrollment_ttl: Some(Duration::from_secs(3600)),
+        config: format!(
+            "[quotas]\nmax_workspaces = {}\nmax_running = {}\n",
+            n + 1,
+            n + 1
+        ),
+        ..Default::default()
+    };
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    // The peer: the same fleet on one hub (SQLite), SIGKILLed and started again.
+    {
+        let mut hub = TestHub::start_with(options()).await.unwrap();
+        let created = create(&hub, n).await;
+        let (links, _stops, _dirs) = launch(&created);
+        until_all_up(&links, "single hub").await;
+        let before = connects(&links);
+        hub.kill();
+        hub.start_again().await.unwrap();
+        let back = Instant::now();
+        let cpu0 = cpu_secs(hub.listening.pid);
+        until_noticed(&links).await;
+        until_all_up(&links, "single hub restart").await;
+        let cpu = cpu_secs(hub.listening.pid) - cpu0;
+        let times = reconnects(&links, &before, back);
+        let (p50, p99) = p50_p99(times.clone());
+        rows.push((
+            format!("one hub: SIGKILL and restart, {n} agents connected again (from listening)"),
+            format!(
+                "p50 {:.0} / p99 {:.0} ms; {:.0} µs hub CPU per reconnect",
+                p50,
+                p99,
+                cpu * 1e6 / times.len().max(1) as f64
+            ),
+        ));
+    }
+
+    let mut c = Cluster::start_with(3, "drain_timeout = \"30s\"", options())
+        .await
+        .unwrap();
+    let created = create(c.any(), n).await;
+    let (links, _stops, _dirs) = launch(&created);
+    until_all_up(&links, "three replicas").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // SIGKILL one replica: its agents notice (heartbeat timeout) and land on the others.
+    let before = connects(&links);
+    let survivors: Vec<u32> = c.replicas[1..].iter().map(|r| r.listening.pid).collect();
+    let cpu0: f64 = survivors.iter().map(|&p| cpu_secs(p)).sum();
+    c.replicas[0].kill();
+    let killed = Instant::now();
+    until_noticed(&links).await;
+    until_all_up(&links, "after SIGKILL").await;
+    let cpu = survivors.iter().map(|&p| cpu_secs(p)).sum::<f64>() - cpu0;
+    let moved = reconnects(&links, &before, killed);
+    let (p50, p99) = p50_p99(moved.clone());
+    rows.push((
+        format!(
+            "3 replicas: SIGKILL one, its {} agents connected again on the others (from the kill)",
+            moved.len()
+        ),
+        format!(
+            "p50 {:.0} / p99 {:.0} ms; {:.0} µs survivors' CPU per reconnect",
+            p50,
+            p99,
+            cpu * 1e6 / moved.len().max(1) as f64
+        ),
+    ));
+    c.replicas[0].start_again().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // A rolling restart: each replica in turn drains (its agents move), exits and starts.
+    let before = connects(&links);
+    let rolling = Instant::now();
+    let mut drains = Vec::new();
+    for i in 0..c.replicas.len() {
+        let t = Instant::now();
+        c.replicas[i].terminate(Duration::from_secs(60)).unwrap();
+        drains.push(t.elapsed());
+        c.replicas[i].start_again().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    until_all_up(&links, "after the rolling restart").await;
+    let moved = reconnects(&links, &before, rolling);
+    rows.push((
+        format!("3 replicas: rolling restart (SIGTERM, drain, start, 1 s apart), {n} agents"),
+        format!(
+            "all connected {:.1} s after it began; {} moves; drains {}",
+            rolling.elapsed().as_secs_f64(),
+            moved.len(),
+            drains
+                .iter()
+                .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ));
+
+    println!("\nreplicas: a fleet of {n} agents\n");
+    println!("| figure | value |");
+    println!("|---|---|");
+    for (what, value) in rows {
+        println!("| {what} | {value} |");
     }
 }

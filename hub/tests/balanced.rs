@@ -340,7 +340,7 @@ enum Answer {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_restart_loses_no_terminal_byte_and_every_request_is_answered_or_retryable() {
-    let mut c = Cluster::start_with(3, "drain_timeout = \"10s\"")
+    let mut c = Cluster::start_with(3, "drain_timeout = \"10s\"", Default::default())
         .await
         .unwrap();
     let id = c.any().ready_workspace().await.unwrap();
