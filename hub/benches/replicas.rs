@@ -351,7 +351,17 @@ async fn until_noticed(links: &[Arc<Mutex<Link>>]) {
 
 async fn until_all_up(links: &[Arc<Mutex<Link>>], what: &str) {
     let start = Instant::now();
+    let mut said = Instant::now();
     while up(links) < links.len() {
+        if said.elapsed() > Duration::from_secs(5) {
+            eprintln!(
+                "{what}: {} of {} up after {:?}",
+                up(links),
+                links.len(),
+                start.elapsed()
+            );
+            said = Instant::now();
+        }
         assert!(
             start.elapsed() < Duration::from_secs(900),
             "{what}: {} of {} up",
@@ -474,8 +484,23 @@ async fn fleet(n: usize) {
     let cpu0: f64 = survivors.iter().map(|&p| cpu_secs(p)).sum();
     c.replicas[0].kill();
     let killed = Instant::now();
-    until_noticed(&links).await;
-    until_all_up(&links, "after SIGKILL").await;
+    // Agents notice within the heartbeat timeout, each on its own clock: done once all are
+    // up and no new reconnect has come for longer than that.
+    let mut last = (0, Instant::now());
+    loop {
+        let moved = reconnects(&links, &before, killed).len();
+        if moved != last.0 {
+            last = (moved, Instant::now());
+        }
+        if moved > 0 && up(&links) == n && last.1.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(300),
+            "agents never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let cpu = survivors.iter().map(|&p| cpu_secs(p)).sum::<f64>() - cpu0;
     let moved = reconnects(&links, &before, killed);
     let (p50, p99) = p50_p99(moved.clone());
