@@ -7,6 +7,26 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::time::Instant;
+
+/// Reads everything a server on `127.0.0.1:port` sends on one connection; MiB/s.
+pub async fn download(port: u16) -> f64 {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut buf = vec![0u8; 1 << 20];
+    let start = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
+}
 
 pub struct BenchArgs {
     smoke: bool,

@@ -58,6 +58,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The command line of the test web server (`test-server`, built if missing) with `args`:
+/// `[port]`, or a benchmark mode such as `["blast", port, mib]`.
+pub fn test_server(args: &[&str]) -> Vec<String> {
+    std::iter::once(
+        binary("test-server")
+            .expect("test-server binary")
+            .display()
+            .to_string(),
+    )
+    .chain(args.iter().map(|a| a.to_string()))
+    .collect()
+}
+
 /// A child process, killed and reaped when dropped.
 pub struct Reaped(pub Child);
 

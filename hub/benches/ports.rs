@@ -76,17 +76,6 @@ fn in_workspace(hub: &TestHub, id: &str, command: &[String], stdout: Stdio) -> R
     )
 }
 
-fn test_server(args: &[&str]) -> Vec<String> {
-    std::iter::once(
-        harness::binary("test-server")
-            .unwrap()
-            .display()
-            .to_string(),
-    )
-    .chain(args.iter().map(|a| a.to_string()))
-    .collect()
-}
-
 async fn wait_listening(port: u16) {
     for _ in 0..400 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -146,7 +135,7 @@ async fn detection(hub: &TestHub, id: &str, samples: usize) -> Vec<Duration> {
     let mut churn = in_workspace(
         hub,
         id,
-        &test_server(&["churn", &samples.to_string(), "250"]),
+        &harness::test_server(&["churn", &samples.to_string(), "250"]),
         Stdio::piped(),
     );
     let stdout = churn.0.stdout.take().unwrap();
@@ -292,25 +281,6 @@ async fn http_load(url: &str, token: Option<&str>, requests: usize, clients: usi
     }
 }
 
-/// Reads everything from `port` once; MiB/s.
-async fn download(port: u16) -> f64 {
-    use tokio::io::AsyncReadExt;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    let start = Instant::now();
-    let mut total = 0u64;
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    total as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
-}
-
 /// `ssh -N -L local:127.0.0.1:remote` against a local sshd.
 fn ssh_tunnel(ssh: &harness::sshd::Ssh, local: u16, remote: u16) -> Reaped {
     Reaped(
@@ -390,7 +360,12 @@ async fn run(args: Args) {
 
     // Preview proxy against direct and OpenSSH -L.
     let port = free_port();
-    let _server = in_workspace(&hub, &id, &test_server(&[&port.to_string()]), Stdio::null());
+    let _server = in_workspace(
+        &hub,
+        &id,
+        &harness::test_server(&[&port.to_string()]),
+        Stdio::null(),
+    );
     wait_listening(port).await;
     let ssh = harness::sshd::Ssh::prepare().ok();
     let sshd = ssh.as_ref().and_then(|s| s.start_local().ok()).map(Reaped);
@@ -459,11 +434,11 @@ async fn run(args: Args) {
     let _blaster = in_workspace(
         &hub,
         &id,
-        &test_server(&["blast", &blast.to_string(), &args.mib.to_string()]),
+        &harness::test_server(&["blast", &blast.to_string(), &args.mib.to_string()]),
         Stdio::null(),
     );
     wait_listening(blast).await;
-    let direct = download(blast).await;
+    let direct = harness::bench::download(blast).await;
     let local = free_port();
     let _forward = Reaped(
         wsh(&hub)
@@ -473,7 +448,7 @@ async fn run(args: Args) {
             .unwrap(),
     );
     wait_listening(local).await;
-    let forwarded = download(local).await;
+    let forwarded = harness::bench::download(local).await;
     println!("\n| bulk TCP, {} MiB | MiB/s | vs direct |", args.mib);
     println!("|---|---|---|");
     println!("| direct | {direct:.0} | |");
@@ -485,7 +460,7 @@ async fn run(args: Args) {
         let local = free_port();
         tunnels.push(ssh_tunnel(ssh, local, blast));
         wait_listening(local).await;
-        let via_ssh = download(local).await;
+        let via_ssh = harness::bench::download(local).await;
         println!(
             "| OpenSSH -L | {via_ssh:.0} | {:.0} % |",
             via_ssh / direct * 100.0

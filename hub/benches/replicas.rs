@@ -86,25 +86,6 @@ async fn get(client: &reqwest::Client, url: &str, token: &str) -> Duration {
     t.elapsed()
 }
 
-/// Reads everything from `port` once; MiB/s.
-async fn download(port: u16) -> f64 {
-    use tokio::io::AsyncReadExt;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    let start = Instant::now();
-    let mut total = 0u64;
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    total as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
-}
-
 /// `wsh forward local:port` through `hub`, ready once the local port answers.
 async fn forward(hub: &TestHub, id: &str, port: u16) -> (Reaped, u16) {
     let local = free_port();
@@ -197,30 +178,13 @@ async fn run(args: Args) {
 
     let port = free_port();
     let _server = a
-        .run_in_workspace(
-            &id,
-            &[
-                harness::binary("test-server")
-                    .unwrap()
-                    .display()
-                    .to_string(),
-                port.to_string(),
-            ],
-        )
+        .run_in_workspace(&id, &harness::test_server(&[&port.to_string()]))
         .unwrap();
     let blast = free_port();
     let _blaster = a
         .run_in_workspace(
             &id,
-            &[
-                harness::binary("test-server")
-                    .unwrap()
-                    .display()
-                    .to_string(),
-                "blast".into(),
-                blast.to_string(),
-                args.bulk_mib.to_string(),
-            ],
+            &harness::test_server(&["blast", &blast.to_string(), &args.bulk_mib.to_string()]),
         )
         .unwrap();
     for _ in 0..400 {
@@ -253,7 +217,7 @@ async fn run(args: Args) {
         format!("{:+.3} ms p50", b50 - a50),
     ));
 
-    let direct = download(blast).await;
+    let direct = harness::bench::download(blast).await;
     rows.push((
         format!("bulk {} MiB, direct TCP", args.bulk_mib),
         format!("{direct:.0} MiB/s"),
@@ -262,7 +226,7 @@ async fn run(args: Args) {
     let mut through = [0.0; 2];
     for (i, (name, hub)) in [("A", a), ("B (through A)", b)].into_iter().enumerate() {
         let (_forward, local) = forward(hub, &id, blast).await;
-        through[i] = download(local).await;
+        through[i] = harness::bench::download(local).await;
         rows.push((
             format!("bulk {} MiB, wsh forward via {name}", args.bulk_mib),
             format!("{:.0} MiB/s", through[i]),

@@ -824,10 +824,7 @@ async fn snapshot(
         status: None,
         reason: None,
         at: now_ms(),
-        detail: match crate::peers::remote_agents(hub, &[ws.id])
-            .await
-            .remove(&ws.id)
-        {
+        detail: match crate::peers::remote_agent(hub, ws.id).await {
             Some(remote) => {
                 Detail::Json(json!({"state": "all", "ports": port_list(&remote.ports)}))
             }
@@ -879,11 +876,8 @@ async fn workspace_ports(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
-    if hub.agents.connection(ws.id).is_none()
-        && let Some(remote) = crate::peers::remote_agents(&hub, &[ws.id])
-            .await
-            .remove(&ws.id)
-    {
+    // Held here, or by no replica: none answers, and the local (maybe empty) list stands.
+    if let Some(remote) = crate::peers::remote_agent(&hub, ws.id).await {
         return Ok(Json(remote.ports));
     }
     Ok(Json(json!(hub.agents.ports(ws.id))))

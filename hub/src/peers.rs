@@ -124,7 +124,8 @@ impl Peers {
     }
 }
 
-/// The other live replicas, from a read of the store at most [`REPLICA_LIST_TTL`] old.
+/// The other live replicas, from a read of the store at most [`REPLICA_LIST_TTL`] old (the
+/// last list read, if the store cannot answer now).
 async fn other_replicas(hub: &Hub) -> Vec<ReplicaRecord> {
     let cached = hub
         .peers
@@ -134,7 +135,7 @@ async fn other_replicas(hub: &Hub) -> Vec<ReplicaRecord> {
         .clone();
     let list = match cached {
         Some((at, list)) if at.elapsed() < REPLICA_LIST_TTL => list,
-        _ => match hub.store.list_replicas(now_ms()).await {
+        stale => match hub.store.list_replicas(now_ms()).await {
             Ok(list) => {
                 *hub.peers.listed.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((tokio::time::Instant::now(), list.clone()));
@@ -142,7 +143,7 @@ async fn other_replicas(hub: &Hub) -> Vec<ReplicaRecord> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "list replicas");
-                Vec::new()
+                stale.map(|(_, list)| list).unwrap_or_default()
             }
         },
     };
@@ -204,6 +205,11 @@ pub async fn remote_agents(hub: &Hub, ids: &[Uuid]) -> HashMap<Uuid, RemoteAgent
         }
     }
     found
+}
+
+/// What the other replicas know of workspace `id`'s agent, if another one holds it.
+pub async fn remote_agent(hub: &Hub, id: Uuid) -> Option<RemoteAgent> {
+    remote_agents(hub, &[id]).await.remove(&id)
 }
 
 /// Asks `replica` about the agents of `ids`; nothing if it cannot say in time.
@@ -480,8 +486,6 @@ async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::Re
 /// How long one event may take to reach one replica before its stream is dropped (and
 /// opened again for the next event), so a stuck replica never holds up the others.
 const EVENT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often the list of replicas to forward to is read again.
-const REPLICA_LIST_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Sends every event that happens on this replica to the others' subscribers, one stream
 /// per replica, in order (replicas only).
@@ -490,8 +494,6 @@ pub async fn forward_events(
     mut events: tokio::sync::mpsc::Receiver<std::sync::Arc<crate::events::WorkspaceEvent>>,
 ) {
     let mut streams: HashMap<String, quinn::SendStream> = HashMap::new();
-    let mut replicas: Vec<ReplicaRecord> = Vec::new();
-    let mut listed: Option<tokio::time::Instant> = None;
     loop {
         let event = tokio::select! {
             event = events.recv() => match event {
@@ -500,15 +502,8 @@ pub async fn forward_events(
             },
             _ = hub.shutdown.cancelled() => return,
         };
-        if listed.is_none_or(|at| at.elapsed() >= REPLICA_LIST_INTERVAL) {
-            match hub.store.list_replicas(now_ms()).await {
-                Ok(list) => replicas = list,
-                Err(e) => tracing::warn!(error = %e, "list replicas"),
-            }
-            replicas.retain(|r| r.id != hub.replica_id);
-            streams.retain(|id, _| replicas.iter().any(|r| &r.id == id));
-            listed = Some(tokio::time::Instant::now());
-        }
+        let replicas = other_replicas(&hub).await;
+        streams.retain(|id, _| replicas.iter().any(|r| &r.id == id));
         let msg = protocol::peer::PeerMsg::Event(peer_event(&hub, &event));
         for replica in &replicas {
             if !streams.contains_key(&replica.id) {

@@ -155,16 +155,7 @@ async fn every_client_reaches_any_agent_through_the_load_balancer() {
     // A dev server in the workspace: previews (HTTP and WebSocket) and `wsh forward`.
     let port = free_port();
     let _server = hub
-        .run_in_workspace(
-            &id,
-            &[
-                harness::binary("test-server")
-                    .unwrap()
-                    .display()
-                    .to_string(),
-                port.to_string(),
-            ],
-        )
+        .run_in_workspace(&id, &harness::test_server(&[&port.to_string()]))
         .unwrap();
     let preview = hub.url(&format!("/preview/{id}/{port}/"));
     let mut served = 0;

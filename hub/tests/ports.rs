@@ -15,13 +15,7 @@ fn wsh(hub: &TestHub) -> Command {
 }
 
 fn test_server(port: u16) -> Vec<String> {
-    vec![
-        harness::binary("test-server")
-            .unwrap()
-            .display()
-            .to_string(),
-        port.to_string(),
-    ]
+    harness::test_server(&[&port.to_string()])
 }
 
 /// The workspace's SSE events as (event, data).
