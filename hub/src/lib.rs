@@ -372,10 +372,15 @@ pub async fn run(
         .server_ca()
         .issue_server(&config.server_names)
         .context("issue server certificate")?;
+    let client_cas = hub.identity.client_cas();
+    // Session tickets any replica opens: a replica's agents resume their TLS sessions on the
+    // others when it leaves or dies, without a certificate exchange.
+    let cas: Vec<&[u8]> = client_cas.iter().map(Vec::as_slice).collect();
+    let tickets = Arc::new(link::SharedTickets::new(&hub.identity.ticket_key, &cas));
     let server_config = link::server_config(
         vec![server.cert_der],
         server.key_pkcs8,
-        &hub.identity.client_cas(),
+        &client_cas,
         if hub.peers.enabled() {
             &[
                 protocol::ALPN_AGENT,
@@ -386,6 +391,7 @@ pub async fn run(
             &[protocol::ALPN_AGENT, protocol::ALPN_CLIENT][..]
         },
         config.idle_timeout(),
+        tickets,
     )
     .context("QUIC server config")?;
     let endpoint = quinn::Endpoint::new(

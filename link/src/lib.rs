@@ -2,10 +2,11 @@
 //!
 //! Entry points: [`install_crypto_provider`] (once, at process start), [`server_config`] and
 //! [`client_config`] (TLS 1.3 over QUIC with aws-lc-rs as the only crypto provider, peers
-//! pinned to one CA, never the system roots), [`transport_config`] (the timeouts every
-//! connection shares), and [`FramedRecv`] / [`send_msg`], which move [`protocol`] messages
-//! over QUIC streams. Everything about what the messages mean lives in `protocol`; this
-//! crate only moves bytes.
+//! pinned to one CA, never the system roots), [`SharedTickets`] (TLS session tickets any
+//! replica of a hub can open), [`transport_config`] (the timeouts every connection shares),
+//! and [`FramedRecv`] / [`send_msg`], which move [`protocol`] messages over QUIC streams.
+//! Everything about what the messages mean lives in `protocol`; this crate only moves
+//! bytes.
 
 use protocol::{FrameDecoder, Message, ProtocolError};
 use quinn::{RecvStream, SendStream};
@@ -14,6 +15,9 @@ use rustls::crypto::CryptoProvider;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod tickets;
+pub use tickets::SharedTickets;
 
 /// What can go wrong moving messages over a QUIC stream.
 #[derive(Debug, thiserror::Error)]
@@ -127,12 +131,14 @@ fn quic_tls_error(e: impl std::fmt::Display) -> rustls::Error {
 
 /// A server: presents `cert_chain`/`key_pkcs8`; accepts client certificates issued by any
 /// of `client_cas` (DER), and clients with none (the application decides what those may do).
+/// Sessions resume from `tickets`, which every server holding the same secret can open.
 pub fn server_config(
     cert_chain: Vec<Vec<u8>>,
     key_pkcs8: Vec<u8>,
     client_cas: &[Vec<u8>],
     alpn: &[&[u8]],
     idle_timeout: Duration,
+    tickets: Arc<SharedTickets>,
 ) -> Result<quinn::ServerConfig, rustls::Error> {
     let provider = crypto_provider();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -150,6 +156,7 @@ pub fn server_config(
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8)),
         )?;
     tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tls.ticketer = tickets;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls_error)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport_config(idle_timeout, HUB_ACCEPTS_STREAMS));
