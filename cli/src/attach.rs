@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use link::{FramedRecv, send_msg};
 use protocol::client::{ClientHello, ClientMsg};
 use protocol::pty::{PtyInput, PtyList, PtyMsg, PtyOpenRequest, PtyResize, PtySessionInfo};
-use protocol::stream::{ClientPtyOpen, StreamHeader, StreamReply};
+use protocol::stream::{ClientPtyOpen, StreamHeader, StreamRefusal, StreamReply};
 use rustix::termios;
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
@@ -86,6 +86,28 @@ impl Hub {
     }
 }
 
+/// The hub replica this connection reaches can no longer reach the workspace's agent (the
+/// agent moved to another replica, or this one is leaving): a new connection can.
+#[derive(Debug)]
+pub struct Moved(pub String);
+
+impl std::fmt::Display for Moved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Moved {}
+
+/// A refused stream as an error; [`Moved`] when a new connection may succeed.
+fn refused(r: protocol::stream::StreamRefused) -> anyhow::Error {
+    if r.reason == StreamRefusal::Moved {
+        Moved(r.message).into()
+    } else {
+        anyhow!("{}", r.message)
+    }
+}
+
 impl Link {
     /// Opens a TCP forward to `port` of `workspace`; returns the stream once the agent
     /// has connected to the port, with the first bytes of the connection if any came along.
@@ -109,7 +131,7 @@ impl Link {
                 let (recv, mut decoder) = recv.into_parts();
                 Ok((send, recv, decoder.take_buffered()))
             }
-            StreamReply::Refused(r) => bail!("{}", r.message),
+            StreamReply::Refused(r) => Err(refused(r)),
         }
     }
 
@@ -128,7 +150,11 @@ impl Link {
         send_msg(&mut send, &StreamHeader::ClientSync(open)).await?;
         match recv.expect::<StreamReply>().await? {
             StreamReply::Accepted(_) => Ok((send, recv)),
-            StreamReply::Refused(r) => Err(crate::sync::Fatal(r.message).into()),
+            StreamReply::Refused(r) if r.reason == StreamRefusal::Unavailable => Err(refused(r)),
+            StreamReply::Refused(r) => match refused(r) {
+                e if e.is::<Moved>() => Err(e),
+                e => Err(crate::sync::Fatal(e.to_string()).into()),
+            },
         }
     }
 
@@ -151,7 +177,7 @@ impl Link {
         send_msg(&mut send, &first).await?;
         match recv.expect::<StreamReply>().await? {
             StreamReply::Accepted(_) => Ok((send, recv)),
-            StreamReply::Refused(r) => bail!("{}", r.message),
+            StreamReply::Refused(r) => Err(refused(r)),
         }
     }
 }
@@ -253,7 +279,7 @@ pub async fn attach(
         };
         let (mut send, mut recv) = match attempt.await {
             Ok(streams) => streams,
-            Err(e) if offset.is_some() && failures < 60 => {
+            Err(e) if (offset.is_some() || e.is::<Moved>()) && failures < 60 => {
                 // We were attached before: the hub or the network is coming back.
                 failures += 1;
                 tokio::time::sleep(Duration::from_millis(250 + rand::random_range(0..250))).await;

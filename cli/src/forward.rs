@@ -6,6 +6,7 @@ use crate::attach::{Hub, Link};
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Mutex;
 
 /// One `-L`-style forward: a local address to a port inside the workspace.
@@ -60,6 +61,30 @@ impl Shared {
         *link = Some(fresh.clone());
         Ok(fresh)
     }
+
+    /// A forward stream to `port`. When the hub replica answers that the agent moved (or
+    /// that it is leaving), a new connection looks for it again, for up to 10 s.
+    async fn forward(
+        &self,
+        workspace: &str,
+        port: u16,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<u8>)> {
+        for _ in 0..50 {
+            let link = self.link().await?;
+            match link.forward(workspace, port).await {
+                Err(e) if e.is::<crate::attach::Moved>() => {
+                    let mut current = self.link.lock().await;
+                    if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link)) {
+                        *current = None;
+                    }
+                    drop(current);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                result => return result,
+            }
+        }
+        bail!("the workspace's agent did not come back")
+    }
 }
 
 /// `wsh forward`: listens on every spec's local address until interrupted.
@@ -90,8 +115,7 @@ pub async fn forward(hub: Hub, workspace: &str, specs: &[Spec]) -> Result<()> {
                 let (shared, workspace) = (shared.clone(), workspace.clone());
                 tokio::spawn(async move {
                     let result = async {
-                        let (send, recv, early) =
-                            shared.link().await?.forward(&workspace, remote).await?;
+                        let (send, recv, early) = shared.forward(&workspace, remote).await?;
                         let (read, write) = tcp.into_split();
                         link::splice(read, write, send, recv, &early).await?;
                         anyhow::Ok(())

@@ -421,8 +421,13 @@ pub async fn handle_incoming(hub: AppState, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
+        Err(e @ (quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)) => {
+            tracing::debug!(%remote, error = %e, "quic handshake abandoned");
+            return;
+        }
         Err(e) => {
-            tracing::debug!(%remote, error = %e, "quic handshake failed");
+            // A wrong CA, a wrong ALPN, a broken TLS stack: worth an operator's eye.
+            tracing::info!(%remote, error = %e, "quic handshake failed");
             return;
         }
     };

@@ -101,18 +101,9 @@ async fn refuse_while_draining(
     if !hub.draining.is_cancelled() {
         return next.run(req).await;
     }
-    let mut res = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "draining",
-        "this hub is restarting; retry",
-    )
-    .into_response();
-    let headers = res.headers_mut();
-    headers.insert(
-        axum::http::header::RETRY_AFTER,
-        axum::http::HeaderValue::from_static("1"),
-    );
-    headers.insert(
+    let mut res =
+        ApiError::retry_later("draining", "this hub is restarting; retry").into_response();
+    res.headers_mut().insert(
         axum::http::header::CONNECTION,
         axum::http::HeaderValue::from_static("close"),
     );
@@ -125,6 +116,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Sent as `Retry-After` (seconds): the request will likely succeed if repeated then.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -133,6 +126,36 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 503 with `Retry-After: 1`: a passing condition, retry.
+    pub fn retry_later(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
+    /// No path to the workspace's agent. For a READY workspace that is a passing condition
+    /// (its agent is moving between replicas or reconnecting): 503, retry. Otherwise the
+    /// workspace is not running: 409.
+    pub fn agent_offline(status: crate::workspace::Status) -> Self {
+        if status == crate::workspace::Status::Ready {
+            Self::retry_later(
+                "agent_offline",
+                "the workspace's agent is reconnecting; retry",
+            )
+        } else {
+            Self::new(
+                StatusCode::CONFLICT,
+                "agent_offline",
+                format!(
+                    "the workspace's agent is not connected (the workspace is {})",
+                    status.as_str()
+                ),
+            )
         }
     }
 
@@ -195,7 +218,14 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let mut res = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            res.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
+            );
+        }
+        res
     }
 }
 

@@ -97,6 +97,14 @@ async fn client_stream(
             return refuse_stream(&mut send, StreamRefusal::BadHeader, "no header in time").await;
         }
     };
+    if hub.draining.is_cancelled() {
+        return refuse_stream(
+            &mut send,
+            StreamRefusal::Moved,
+            "this hub replica is leaving: connect again",
+        )
+        .await;
+    }
     // What the agent is asked for, on which workspace.
     let (workspace_id, to_agent) = match header {
         StreamHeader::ClientPty(open) => (open.workspace_id, StreamHeader::Pty(PtyOpen {})),
@@ -136,7 +144,7 @@ async fn client_stream(
         )
         .await;
     };
-    let Some(agent) = crate::peers::agent_path(&hub, ws.id).await else {
+    let Some(agent) = crate::peers::agent_path_waiting(&hub, &ws).await else {
         return refuse_stream(
             &mut send,
             StreamRefusal::Unavailable,
@@ -144,12 +152,22 @@ async fn client_stream(
         )
         .await;
     };
-    // A leaving replica ends terminal streams at once (`wsh attach` connects again and
-    // resumes at its offset); forwards and sync sessions may finish within the drain time.
-    let cut = matches!(to_agent, StreamHeader::Pty(_)).then(|| hub.draining.clone());
+    let cut = cut_when_draining(&hub, &to_agent);
     if let Err(e) = splice(agent, &to_agent, send, recv, cut).await {
         tracing::debug!(workspace = %ws.id, error = %e, "client stream ended");
     }
+}
+
+/// When a stream to an agent through a leaving replica ends. Terminals and sync sessions
+/// end as soon as it starts to drain: they last as long as their user likes, and their
+/// clients resume elsewhere (a terminal at its offset, a sync from its saved state, a
+/// transfer cut short leaving nothing behind). Forwards carry connections nobody can
+/// resume: they may finish within the drain time.
+pub(crate) fn cut_when_draining(
+    hub: &Hub,
+    header: &StreamHeader,
+) -> Option<tokio_util::sync::CancellationToken> {
+    matches!(header, StreamHeader::Pty(_) | StreamHeader::Sync(_)).then(|| hub.draining.clone())
 }
 
 /// Opens a stream to the agent with `header` and copies bytes both ways until both sides

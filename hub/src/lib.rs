@@ -241,19 +241,30 @@ const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// another replica, and closes its old connection here when the streams on it end), sends
 /// browser terminals elsewhere (close 1012; they resume at their offset), and waits up to
 /// `drain_timeout` for its agents to go.
-async fn drain(hub: &Hub, endpoint: &quinn::Endpoint) {
+async fn drain(hub: &Hub) {
     hub.draining.cancel();
     if !hub.peers.enabled() {
         return;
     }
-    endpoint.set_server_config(None);
+    // Idle preview connections would keep agents' old connections open (the other
+    // replicas drop theirs through this one when told it is leaving: `PeerMsg::Leaving`).
+    hub.previews.close();
     let started = tokio::time::Instant::now();
     tracing::info!(agents = hub.agents.len(), timeout = ?hub.config.drain_timeout, "draining: agents move to the other replicas");
     while !hub.agents.is_empty() && started.elapsed() < hub.config.drain_timeout {
         tokio::time::sleep(DRAIN_POLL).await;
     }
     tracing::info!(left = hub.agents.len(), took = ?started.elapsed(), "drained");
+    // HTTP connections taken from the listener's queue when draining began may not have
+    // sent their request yet: shutting down now would reset them. They get their answer
+    // (a 503 saying retry) first.
+    let linger = HTTP_LINGER.min(hub.config.drain_timeout);
+    tokio::time::sleep(linger.saturating_sub(started.elapsed())).await;
 }
+
+/// How long a leaving replica keeps serving the HTTP connections it accepted before
+/// draining began, at least.
+const HTTP_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The lease whose holder runs the reconciler and the idle clean-up.
 const HOUSEKEEPING_LEASE: &str = "housekeeping";
@@ -433,6 +444,10 @@ pub async fn run(
         loop {
             tokio::select! {
                 incoming = accept_endpoint.accept() => match incoming {
+                    // A leaving replica refuses new connections at once (rather than letting
+                    // their handshakes time out): agents and clients try again at once, from
+                    // a new port, which the balancer sends to another replica.
+                    Some(incoming) if accept_hub.draining.is_cancelled() => incoming.refuse(),
                     Some(incoming) => {
                         accept_tasks.spawn(agents::handle_incoming(accept_hub.clone(), incoming));
                     }
@@ -463,10 +478,9 @@ pub async fn run(
     });
 
     let drain_hub = hub.clone();
-    let drain_endpoint = endpoint.clone();
     tokio::spawn(async move {
         stop.cancelled().await;
-        drain(&drain_hub, &drain_endpoint).await;
+        drain(&drain_hub).await;
         drain_hub.shutdown.cancel();
     });
 

@@ -13,7 +13,7 @@
 
 use crate::agents::{CONTROL_FRAME_LIMIT, FIRST_MESSAGE_TIMEOUT, close, refuse_stream};
 use crate::store::{AgentRoute, ReplicaRecord};
-use crate::workspace::now_ms;
+use crate::workspace::{Status, Workspace, now_ms};
 use crate::{AppState, Hub, ca};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::close::CloseCode;
@@ -267,18 +267,28 @@ pub enum AgentPath {
     Local(quinn::Connection),
     /// Another replica does: streams go through it.
     Peer {
+        /// The replica's id.
+        replica: String,
         conn: quinn::Connection,
         open: PeerAgentOpen,
     },
 }
 
 impl AgentPath {
+    /// The replica the path goes through, if not this one.
+    pub fn replica(&self) -> Option<&str> {
+        match self {
+            Self::Local(_) => None,
+            Self::Peer { replica, .. } => Some(replica),
+        }
+    }
+
     /// A bidirectional stream to the agent. Through a peer, the stream starts with the
     /// `PeerAgent` header; what the caller writes next reaches the agent unchanged.
     pub async fn open_bi(&self) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
         match self {
             Self::Local(conn) => Ok(conn.open_bi().await?),
-            Self::Peer { conn, open } => {
+            Self::Peer { conn, open, .. } => {
                 let (mut send, recv) = conn.open_bi().await?;
                 send_msg(&mut send, &StreamHeader::PeerAgent(open.clone())).await?;
                 Ok((send, recv))
@@ -327,6 +337,7 @@ pub async fn agent_path(hub: &Hub, id: Uuid) -> Option<AgentPath> {
     let server_name = hub.config.server_names.first()?;
     match hub.peers.connect(&replica, server_name).await {
         Ok(conn) => Some(AgentPath::Peer {
+            replica: replica.id.clone(),
             conn,
             open: PeerAgentOpen {
                 workspace_id: id.to_string(),
@@ -337,6 +348,30 @@ pub async fn agent_path(hub: &Hub, id: Uuid) -> Option<AgentPath> {
             tracing::warn!(replica = %replica.id, addr = %replica.peer_addr, error = %e, "reach replica");
             None
         }
+    }
+}
+
+/// How long a request for a READY workspace's agent waits for the agent to come back when
+/// it is away: moving off a leaving replica, or reconnecting after its replica died, takes
+/// it about a second.
+pub const AGENT_RETURN_WAIT: Duration = Duration::from_secs(3);
+
+/// [`agent_path`], but for a READY workspace (whose agent is expected) it waits up to
+/// [`AGENT_RETURN_WAIT`] for the agent to be back, so a preview or a new terminal during a
+/// rolling restart is slow for a moment instead of failing.
+pub async fn agent_path_waiting(hub: &Hub, ws: &Workspace) -> Option<AgentPath> {
+    let deadline = tokio::time::Instant::now() + AGENT_RETURN_WAIT;
+    loop {
+        if let Some(path) = agent_path(hub, ws.id).await {
+            return Some(path);
+        }
+        if ws.status != Status::Ready
+            || hub.draining.is_cancelled()
+            || tokio::time::Instant::now() >= deadline
+        {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -418,7 +453,7 @@ pub async fn peer_connection(hub: AppState, conn: quinn::Connection, remote: Soc
         tokio::select! {
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(peer_stream(hub.clone(), send, recv));
+                    tokio::spawn(peer_stream(hub.clone(), replica.clone(), send, recv));
                 }
                 Err(_) => return,
             },
@@ -431,14 +466,19 @@ pub async fn peer_connection(hub: AppState, conn: quinn::Connection, remote: Soc
 
 /// One stream from another replica: `PeerAgent` (a splice to the agent), `PeerEvents` or
 /// `PeerAgentViews`.
-async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+async fn peer_stream(
+    hub: AppState,
+    replica: String,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
     let mut recv = FramedRecv::with_limit(recv, CONTROL_FRAME_LIMIT);
     let open = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<StreamHeader>()).await {
         Ok(Ok(StreamHeader::PeerAgent(open))) => open,
         Ok(Ok(StreamHeader::PeerEvents(_))) => {
             // A port list travels whole.
             recv.set_limit(protocol::MAX_FRAME_LEN);
-            return receive_events(&hub, recv).await;
+            return receive_events(&hub, &replica, recv).await;
         }
         Ok(Ok(StreamHeader::PeerAgentViews(open))) => return answer_views(&hub, send, open).await,
         _ => {
@@ -470,13 +510,13 @@ async fn peer_stream(hub: AppState, mut send: quinn::SendStream, recv: quinn::Re
     let Some(agent) = agent else {
         return refuse_stream(
             &mut send,
-            StreamRefusal::Unavailable,
-            "the workspace's agent is not connected",
+            StreamRefusal::Moved,
+            "the workspace's agent is not held here",
         )
         .await;
     };
-    // Terminals through a leaving replica end when it starts to drain, as its own do.
-    let cut = matches!(inner, StreamHeader::Pty(_)).then(|| hub.draining.clone());
+    // Streams through a leaving replica end as its own do.
+    let cut = crate::clients::cut_when_draining(&hub, &inner);
     let agent = AgentPath::Local(agent);
     if let Err(e) = crate::clients::splice(agent, &inner, send, recv, cut).await {
         tracing::debug!(workspace = %open.workspace_id, error = %e, "peer stream ended");
@@ -494,33 +534,40 @@ pub async fn forward_events(
     mut events: tokio::sync::mpsc::Receiver<std::sync::Arc<crate::events::WorkspaceEvent>>,
 ) {
     let mut streams: HashMap<String, quinn::SendStream> = HashMap::new();
+    let mut leaving_told = false;
     loop {
-        let event = tokio::select! {
+        let msg = tokio::select! {
             event = events.recv() => match event {
-                Some(event) => event,
+                Some(event) => protocol::peer::PeerMsg::Event(peer_event(&hub, &event)),
                 None => return,
             },
+            _ = hub.draining.cancelled(), if !leaving_told => {
+                leaving_told = true;
+                protocol::peer::PeerMsg::Leaving(Default::default())
+            }
             _ = hub.shutdown.cancelled() => return,
         };
         let replicas = other_replicas(&hub).await;
         streams.retain(|id, _| replicas.iter().any(|r| &r.id == id));
-        let msg = protocol::peer::PeerMsg::Event(peer_event(&hub, &event));
         for replica in &replicas {
-            if !streams.contains_key(&replica.id) {
-                match open_events(&hub, replica).await {
-                    Some(send) => {
-                        streams.insert(replica.id.clone(), send);
+            // A kept stream may have died with the replica's previous process (a restart
+            // keeps the id): then once more on a new one.
+            for _ in 0..2 {
+                let send = match streams.entry(replica.id.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        match open_events(&hub, replica).await {
+                            Some(send) => e.insert(send),
+                            None => break,
+                        }
                     }
-                    None => continue,
+                };
+                if matches!(
+                    timeout(EVENT_SEND_TIMEOUT, send_msg(send, &msg)).await,
+                    Ok(Ok(()))
+                ) {
+                    break;
                 }
-            }
-            let Some(send) = streams.get_mut(&replica.id) else {
-                continue;
-            };
-            if !matches!(
-                timeout(EVENT_SEND_TIMEOUT, send_msg(send, &msg)).await,
-                Ok(Ok(()))
-            ) {
                 tracing::debug!(replica = %replica.id, "event stream dropped");
                 streams.remove(&replica.id);
             }
@@ -562,13 +609,21 @@ fn peer_event(hub: &Hub, ev: &crate::events::WorkspaceEvent) -> protocol::peer::
     }
 }
 
-/// Publishes another replica's events to this one's subscribers, after checking each.
-async fn receive_events(hub: &Hub, mut recv: FramedRecv) {
+/// Publishes another replica's events to this one's subscribers, after checking each;
+/// when that replica says it is leaving, drops the idle preview connections through it.
+async fn receive_events(hub: &Hub, replica: &str, mut recv: FramedRecv) {
     use crate::events::{Detail, WorkspaceEvent};
-    use crate::workspace::Status;
-    while let Ok(protocol::peer::PeerMsg::Event(ev)) =
-        recv.expect::<protocol::peer::PeerMsg>().await
-    {
+    use protocol::peer::PeerMsg;
+    loop {
+        let ev = match recv.expect::<PeerMsg>().await {
+            Ok(PeerMsg::Event(ev)) => ev,
+            Ok(PeerMsg::Leaving(_)) => {
+                tracing::debug!(%replica, "replica leaving");
+                hub.previews.forget_via(replica);
+                continue;
+            }
+            _ => return,
+        };
         let kind = match ev.kind.as_str() {
             "status" => "status",
             "checkout" => "checkout",

@@ -25,7 +25,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use link::{FramedRecv, send_msg};
-use protocol::stream::{StreamHeader, StreamReply, TcpForwardOpen};
+use protocol::stream::{StreamHeader, StreamRefusal, StreamReply, TcpForwardOpen};
 use std::net::SocketAddr;
 use std::time::Duration;
 use uuid::Uuid;
@@ -53,14 +53,36 @@ pub const POOL_IDLE: Duration = Duration::from_secs(10);
 const POOL_MAX_PER_PORT: usize = 16;
 
 type Sender = hyper::client::conn::http1::SendRequest<Body>;
-/// Idle connections by workspace and port, with when each became idle.
-type Idle = std::collections::HashMap<(Uuid, u16), Vec<(Sender, std::time::Instant)>>;
+/// Idle connections by workspace and port.
+type Idle = std::collections::HashMap<(Uuid, u16), Vec<Pooled>>;
+
+/// An idle connection to a previewed port.
+struct Pooled {
+    sender: Sender,
+    /// The replica it goes through, if the agent is held by another one.
+    via: Option<String>,
+    since: std::time::Instant,
+}
 
 /// Idle HTTP/1.1 connections to previewed ports (each a forward stream to the agent),
 /// reused by later requests: a request on a pooled connection skips opening a stream and
 /// the agent's connect.
 #[derive(Default)]
-pub struct Pool(std::sync::Mutex<Idle>);
+pub struct Pool(std::sync::Mutex<PoolState>);
+
+#[derive(Default)]
+struct PoolState {
+    idle: Idle,
+    /// Replicas that said they are leaving, and when: nothing through them is pooled for
+    /// [`LEAVING_MEMORY`] (a request under way when the word came must not put its
+    /// connection back).
+    leaving: std::collections::HashMap<String, std::time::Instant>,
+    /// This replica is leaving: nothing is pooled any more.
+    closed: bool,
+}
+
+/// How long a replica that said it is leaving gets no pooled connections.
+const LEAVING_MEMORY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,41 +91,72 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take(&self, key: (Uuid, u16)) -> Option<Sender> {
+    fn take(&self, key: (Uuid, u16)) -> Option<(Sender, Option<String>)> {
         let mut pool = self.lock();
-        let idle = pool.get_mut(&key)?;
-        while let Some((sender, since)) = idle.pop() {
-            if since.elapsed() < POOL_IDLE && sender.is_ready() {
-                return Some(sender);
+        let idle = pool.idle.get_mut(&key)?;
+        while let Some(p) = idle.pop() {
+            if p.since.elapsed() < POOL_IDLE && p.sender.is_ready() {
+                return Some((p.sender, p.via));
             }
         }
         None
     }
 
-    fn put(&self, key: (Uuid, u16), sender: Sender) {
+    fn put(&self, key: (Uuid, u16), sender: Sender, via: Option<String>) {
         let mut pool = self.lock();
-        let idle = pool.entry(key).or_default();
-        if idle.len() < POOL_MAX_PER_PORT {
-            idle.push((sender, std::time::Instant::now()));
+        let leaving = via.as_ref().and_then(|v| pool.leaving.get(v));
+        if pool.closed || leaving.is_some_and(|since| since.elapsed() < LEAVING_MEMORY) {
+            return;
         }
+        let idle = pool.idle.entry(key).or_default();
+        if idle.len() < POOL_MAX_PER_PORT {
+            idle.push(Pooled {
+                sender,
+                via,
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+
+    fn retain(&self, keep: impl Fn(&(Uuid, u16), &Pooled) -> bool) {
+        let mut pool = self.lock();
+        for (key, idle) in pool.idle.iter_mut() {
+            idle.retain(|p| keep(key, p));
+        }
+        pool.idle.retain(|_, idle| !idle.is_empty());
     }
 
     /// Closes connections idle for [`POOL_IDLE`].
     pub fn prune(&self) {
-        let mut pool = self.lock();
-        for idle in pool.values_mut() {
-            idle.retain(|(s, since)| since.elapsed() < POOL_IDLE && !s.is_closed());
-        }
-        pool.retain(|_, idle| !idle.is_empty());
+        self.retain(|_, p| p.since.elapsed() < POOL_IDLE && !p.sender.is_closed());
+        self.lock()
+            .leaving
+            .retain(|_, since| since.elapsed() < LEAVING_MEMORY);
     }
 
     /// Closes every pooled connection of a workspace (its agent went away).
     pub fn forget(&self, id: Uuid) {
-        self.lock().retain(|(ws, _), _| *ws != id);
+        self.retain(|(ws, _), _| *ws != id);
+    }
+
+    /// Closes every pooled connection through `replica`: it is leaving, and an idle stream
+    /// through it would keep the agent's connection there open until the drain time ends.
+    pub fn forget_via(&self, replica: &str) {
+        self.lock()
+            .leaving
+            .insert(replica.to_owned(), std::time::Instant::now());
+        self.retain(|_, p| p.via.as_deref() != Some(replica));
+    }
+
+    /// Closes every pooled connection and pools no more (this replica is leaving).
+    pub fn close(&self) {
+        let mut pool = self.lock();
+        pool.closed = true;
+        pool.idle.clear();
     }
 }
 
@@ -457,15 +510,15 @@ async fn proxy(
     };
     // A pooled connection reaches the agent already; only a new one needs its path (on
     // another replica's agent, that is a store read).
-    let (mut sender, reused) = match pooled {
-        Some(sender) => {
+    let (mut sender, reused, mut via) = match pooled {
+        Some((sender, via)) => {
             used();
-            (sender, true)
+            (sender, true, via)
         }
         None => {
-            let agent = agent_again(hub, ws.id).await?;
+            let (sender, via) = connect_port(hub, ws, port).await?;
             used();
-            (connect(agent, port).await?, false)
+            (sender, false, via)
         }
     };
     // The request as the workspace's server should see it.
@@ -543,7 +596,7 @@ async fn proxy(
         Ok(Ok(response)) => response,
         Ok(Err(e)) => match retry {
             Some(again) if e.is_canceled() || e.is_closed() || e.is_incomplete_message() => {
-                sender = connect(agent_again(hub, ws.id).await?, port).await?;
+                (sender, via) = connect_port(hub, ws, port).await?;
                 tokio::time::timeout(timeout, sender.send_request(again))
                     .await
                     .map_err(|_| timed_out())?
@@ -576,7 +629,7 @@ async fn proxy(
     let pool = hub.previews.clone();
     tokio::spawn(async move {
         if sender.ready().await.is_ok() {
-            pool.put(key, sender);
+            pool.put(key, sender, via);
         }
     });
     let (mut parts, body) = response.into_parts();
@@ -584,16 +637,35 @@ async fn proxy(
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-/// The path to the workspace's agent, on this replica or through another.
-async fn agent_again(hub: &Hub, id: Uuid) -> Result<crate::peers::AgentPath, ApiError> {
-    crate::peers::agent_path(hub, id).await.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "agent_offline",
-            "the workspace's agent is not connected",
-        )
-    })
+/// An HTTP/1.1 connection to `port` over a new forward stream to the workspace's agent, on
+/// this replica or through another (named in the answer). An agent moving between replicas
+/// is looked for again for up to [`crate::peers::AGENT_RETURN_WAIT`].
+async fn connect_port(
+    hub: &Hub,
+    ws: &Workspace,
+    port: u16,
+) -> Result<(Sender, Option<String>), ApiError> {
+    let deadline = tokio::time::Instant::now() + crate::peers::AGENT_RETURN_WAIT;
+    loop {
+        let agent = crate::peers::agent_path_waiting(hub, ws)
+            .await
+            .ok_or_else(|| ApiError::agent_offline(ws.status))?;
+        let via = agent.replica().map(str::to_owned);
+        match connect(agent, port).await {
+            Err(e) if e.code() == AGENT_MOVED => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ApiError::agent_offline(ws.status));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            result => return result.map(|sender| (sender, via)),
+        }
+    }
 }
+
+/// The code of [`connect`]'s error when the replica it went through no longer holds the
+/// agent.
+const AGENT_MOVED: &str = "agent_moved";
 
 /// Opens a forward stream to `port` and an HTTP/1.1 connection over it.
 async fn connect(agent: crate::peers::AgentPath, port: u16) -> Result<Sender, ApiError> {
@@ -611,6 +683,9 @@ async fn connect(agent: crate::peers::AgentPath, port: u16) -> Result<Sender, Ap
     let mut recv = FramedRecv::with_limit(recv, crate::agents::CONTROL_FRAME_LIMIT);
     match tokio::time::timeout(REPLY_TIMEOUT, recv.expect::<StreamReply>()).await {
         Ok(Ok(StreamReply::Accepted(_))) => {}
+        Ok(Ok(StreamReply::Refused(r))) if r.reason == StreamRefusal::Moved => {
+            return Err(ApiError::retry_later(AGENT_MOVED, r.message));
+        }
         Ok(Ok(StreamReply::Refused(r))) => {
             return Err(bad_gateway(
                 "port_unreachable",

@@ -16,12 +16,11 @@ use crate::api::ApiError;
 use crate::auth::{Caller, Purpose};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use futures_util::{FutureExt, SinkExt};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::pty::{PtyClose, PtyInput, PtyMsg, PtyOpenRequest, PtyResize};
-use protocol::stream::{PtyOpen, StreamHeader, StreamReply};
+use protocol::stream::{PtyOpen, StreamHeader, StreamRefusal, StreamReply};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -68,17 +67,15 @@ pub async fn terminal(
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
     // A bearer token (CLI, scripts) or a ticket for this workspace's terminal (browsers).
     // A ticket was issued only after the ownership check, for this workspace alone.
-    match (caller, &query.ticket) {
-        (Some(caller), _) => {
-            caller.authorize(hub.store.get_workspace(id).await?)?;
-        }
+    let workspace = match (caller, &query.ticket) {
+        (Some(caller), _) => caller.authorize(hub.store.get_workspace(id).await?)?,
         (None, Some(ticket)) => {
             hub.tickets
                 .verify(ticket, id, Purpose::Terminal, crate::workspace::now_ms())?;
-            hub.store.get_workspace(id).await?;
+            hub.store.get_workspace(id).await?
         }
         (None, None) => return Err(ApiError::unauthorized("missing bearer token or ticket")),
-    }
+    };
     if query
         .session
         .as_ref()
@@ -86,13 +83,9 @@ pub async fn terminal(
     {
         return Err(ApiError::invalid("session must be 1 to 64 characters"));
     }
-    let conn = crate::peers::agent_path(&hub, id).await.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "agent_offline",
-            "the workspace's agent is not connected",
-        )
-    })?;
+    let conn = crate::peers::agent_path_waiting(&hub, &workspace)
+        .await
+        .ok_or_else(|| ApiError::agent_offline(workspace.status))?;
     let draining = hub.draining.clone();
     Ok(ws
         .max_message_size(MAX_CLIENT_MESSAGE)
@@ -170,6 +163,17 @@ async fn bridge(
     )
     .await?;
     if let StreamReply::Refused(r) = recv.expect::<StreamReply>().await? {
+        if r.reason == StreamRefusal::Moved {
+            // The agent moved off the replica this went through: the browser connects
+            // again (and resumes), as when a replica restarts.
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: 1012,
+                    reason: "agent moved".into(),
+                })))
+                .await;
+            return Ok(());
+        }
         let _ = socket
             .send(event(
                 json!({"type": "error", "code": "refused", "message": r.message}),

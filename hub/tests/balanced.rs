@@ -31,8 +31,9 @@ impl Terminal {
         let query = resume
             .map(|(s, o)| format!("session={s}&offset={o}"))
             .unwrap_or_default();
-        // Like the web UI: a refusal (409 while the agent moves, or the agent's replica
-        // saying it no longer holds it) means try again shortly.
+        // Like the web UI: a refusal (503 while the agent moves and has not come back
+        // within the hub's wait, or the agent's replica saying it no longer holds it) means
+        // try again shortly.
         let deadline = tokio::time::Instant::now() + WAIT;
         let (ws, session) = loop {
             assert!(
@@ -330,7 +331,8 @@ enum Answer {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_rolling_restart_loses_no_terminal_byte_and_every_request_is_answered_or_retryable() {
+async fn a_rolling_restart_loses_no_terminal_byte_nor_sync_change_and_every_request_is_answered_or_retryable()
+ {
     let mut c = Cluster::start_with(3, "drain_timeout = \"10s\"", Default::default())
         .await
         .unwrap();
@@ -361,15 +363,80 @@ async fn a_rolling_restart_loses_no_terminal_byte_and_every_request_is_answered_
         }
     });
 
-    // API requests, each on a new connection (so on any replica), all along.
+    // `wsh sync` runs through the whole restart while files change on both sides.
+    let hub = c.any();
+    let local_dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let remote = hub.workspace_dir(&id).join("proj");
+    std::fs::create_dir_all(&remote).unwrap();
+    std::fs::write(remote.join("first.txt"), b"first\n").unwrap();
+    let _sync = Reaped(
+        hub.wsh()
+            .unwrap()
+            .env("XDG_STATE_HOME", state.path())
+            .args(["sync", &id])
+            .arg(local_dir.path())
+            .arg("proj")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !local_dir.path().join("first.txt").exists() {
+        assert!(tokio::time::Instant::now() < deadline, "the first sync");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn({
+        let (local, remote, stop) = (local_dir.path().to_owned(), remote.clone(), stop.clone());
+        async move {
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                std::fs::write(local.join(format!("up-{n}.txt")), format!("up {n}\n")).unwrap();
+                std::fs::write(remote.join(format!("down-{n}.txt")), format!("down {n}\n"))
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            n
+        }
+    });
+
+    // A dev server in the workspace, previewed through the balancer.
+    let port = free_port();
+    let _server = hub
+        .run_in_workspace(&id, &harness::test_server(&[&port.to_string()]))
+        .unwrap();
+    let preview = format!("/preview/{id}/{port}/");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while reqwest::Client::new()
+        .get(client.url(&preview))
+        .bearer_auth(&client.token)
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the dev server");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // API requests and previews, each on a new connection (so on any replica), all along.
     let poller = tokio::spawn({
         let (client, id, stop) = (client.clone(), id.clone(), stop.clone());
         async move {
             let mut answers: Vec<Answer> = Vec::new();
-            while !stop.is_cancelled() {
+            for i in 0.. {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let path = if i % 2 == 0 {
+                    format!("/workspaces/{id}")
+                } else {
+                    preview.clone()
+                };
                 let res = reqwest::Client::new()
-                    .get(client.url(&format!("/workspaces/{id}")))
+                    .get(client.url(&path))
                     .bearer_auth(&client.token)
                     .send()
                     .await;
@@ -407,6 +474,29 @@ async fn a_rolling_restart_loses_no_terminal_byte_and_every_request_is_answered_
         .unwrap();
     stop.cancel();
     let answers = poller.await.unwrap();
+    let written = writer.await.unwrap();
+    // Every change made during the restart reaches the other side.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let missing = loop {
+        let missing: Vec<String> = (0..written)
+            .flat_map(|n| {
+                [
+                    (remote.join(format!("up-{n}.txt")), format!("up {n}\n")),
+                    (
+                        local_dir.path().join(format!("down-{n}.txt")),
+                        format!("down {n}\n"),
+                    ),
+                ]
+            })
+            .filter(|(path, want)| std::fs::read_to_string(path).ok().as_ref() != Some(want))
+            .map(|(path, _)| path.display().to_string())
+            .collect();
+        if missing.is_empty() || tokio::time::Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(missing.is_empty(), "sync lost changes: {missing:?}");
     let text = String::from_utf8_lossy(&all);
     assert_eq!(
         numbered_lines(&text, "tick"),
@@ -419,7 +509,8 @@ async fn a_rolling_restart_loses_no_terminal_byte_and_every_request_is_answered_
         .collect();
     let retries = answers.iter().filter(|a| **a == Answer::Retry).count();
     eprintln!(
-        "{} API requests: {} retryable, {} other; terminal reconnected {reconnects} times",
+        "{} API and preview requests: {} retryable, {} other; terminal reconnected \
+         {reconnects} times; {written} files synced each way",
         answers.len(),
         retries,
         other.len()
@@ -434,7 +525,12 @@ async fn a_rolling_restart_loses_no_terminal_byte_and_every_request_is_answered_
     assert!(moved >= 1, "no agent was asked to move");
     for r in &c.replicas {
         for line in r.log().lines().filter(|l| l.contains("drained")) {
-            assert!(line.contains("left=0"), "{line}");
+            assert!(
+                line.contains("left=0"),
+                "{line}\n{}\nagent:\n{}",
+                r.log(),
+                c.any().agent_log(&id)
+            );
         }
     }
 }

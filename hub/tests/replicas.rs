@@ -344,6 +344,7 @@ async fn a_replica_that_does_not_hold_the_agent_reaches_it_through_the_one_that_
         let url = b.terminal_url(&id, "").await.unwrap();
         match tokio_tungstenite::connect_async(url).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                // The workspace was stopped: its agent is not coming back.
                 assert_eq!(r.status(), 409);
                 break;
             }
@@ -378,10 +379,10 @@ async fn a_replica_with_another_ca_is_refused_by_the_replicas_and_by_agents() {
     let id = a.ready_workspace().await.unwrap();
 
     // Through the rogue, the agent A holds is out of reach (A refuses its certificate; it
-    // refuses A's): 409, never a stream.
+    // refuses A's): 503 (the agent is away as far as the rogue knows), never a stream.
     let url = rogue.terminal_url(&id, "").await.unwrap();
     match tokio_tungstenite::connect_async(url).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 409),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
         other => panic!("a terminal through another CA's replica: {other:?}"),
     }
     assert!(rogue.log().contains("reach replica"), "{}", rogue.log());

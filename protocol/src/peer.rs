@@ -14,8 +14,16 @@ crate::tagged_messages! {
         /// [`StreamHeader::PeerAgentViews`](crate::stream::StreamHeader::PeerAgentViews):
         /// one entry per asked workspace whose agent the answering replica holds.
         2 => AgentViews(Vec<PeerAgentView>),
+        /// On a `PeerEvents` stream: the opener is leaving (draining). The receiver drops
+        /// idle connections it keeps through the opener, so they do not hold the opener's
+        /// agent connections open while it waits for them to move.
+        3 => Leaving(PeerLeaving),
     }
 }
+
+/// The body of [`PeerMsg::Leaving`]: nothing; the replica is the connection's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PeerLeaving {}
 
 /// A connected agent as the replica holding it sees it, in the API's JSON shapes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -149,4 +149,7 @@ pub enum StreamRefusal {
     BadHeader,
     /// The receiver is shutting down or overloaded.
     Unavailable,
+    /// The workspace's agent is not here any more (it moved to another hub replica, or
+    /// this replica is leaving): find it again, through a new connection for a client.
+    Moved,
 }

@@ -208,7 +208,8 @@ fn reply() -> impl Strategy<Value = StreamReply> {
                 Just(StreamRefusal::Unsupported),
                 Just(StreamRefusal::Unauthorized),
                 Just(StreamRefusal::BadHeader),
-                Just(StreamRefusal::Unavailable)
+                Just(StreamRefusal::Unavailable),
+                Just(StreamRefusal::Moved)
             ],
             ".{0,40}"
         )
@@ -356,7 +357,7 @@ fn tags_are_stable() {
     assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
     assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
-    assert_eq!(protocol::peer::PeerMsg::TAGS, &[1, 2]);
+    assert_eq!(protocol::peer::PeerMsg::TAGS, &[1, 2, 3]);
     assert_eq!(
         protocol::sync::SyncMsg::TAGS,
         &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
