@@ -1,5 +1,6 @@
-//! Several hub replicas sharing one store (the Firestore emulator) and one identity, made
-//! with the hub's own `identity init`; optionally behind a load balancer ([`crate::nginx`]).
+//! Several hub replicas sharing one store (the Firestore emulator, or one SQLite file) and
+//! one identity, made with the hub's own `identity init`; optionally behind a load balancer
+//! ([`crate::nginx`]).
 
 use crate::firestore::FirestoreEmulator;
 use crate::nginx::LoadBalancer;
@@ -7,14 +8,60 @@ use crate::{HubOptions, TestHub, binary};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
+/// The store replicas share.
+pub enum SharedStore {
+    /// The Firestore emulator, in a project of its own.
+    Firestore {
+        emulator: FirestoreEmulator,
+        project: String,
+    },
+    /// One SQLite file that several hub processes on this machine open.
+    Sqlite(tempfile::TempDir),
+}
+
+impl SharedStore {
+    /// A new Firestore emulator and a project named after `prefix`.
+    pub fn firestore(prefix: &str) -> Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos();
+        Ok(Self::Firestore {
+            emulator: FirestoreEmulator::start()?,
+            project: format!("{prefix}-{}-{nanos}", std::process::id()),
+        })
+    }
+
+    /// A SQLite file in a new temporary folder.
+    pub fn sqlite() -> Result<Self> {
+        Ok(Self::Sqlite(
+            tempfile::Builder::new().prefix("wsh-store-").tempdir()?,
+        ))
+    }
+
+    /// The `[store]` table of a replica's config.
+    pub fn config(&self) -> String {
+        match self {
+            Self::Firestore { emulator, project } => format!(
+                "[store]\nkind = \"firestore\"\nproject = \"{project}\"\n\
+                 emulator_host = \"{}\"\n",
+                emulator.host
+            ),
+            Self::Sqlite(dir) => format!(
+                "[store]\nkind = \"sqlite\"\npath = \"{}\"\n",
+                dir.path().join("hub.sqlite3").display()
+            ),
+        }
+    }
+}
+
 /// Config lines for a replica: the shared store and identity, a short leader lease and a
 /// fast reconciler.
-pub fn replica_config(emulator: &str, project: &str, identity: &Path, id: &str) -> String {
+pub fn replica_config(store: &SharedStore, identity: &Path, id: &str) -> String {
     format!(
         "replica_id = \"{id}\"\nleader_lease = \"2s\"\nreconcile_interval = \"200ms\"\n\
-         [store]\nkind = \"firestore\"\nproject = \"{project}\"\nemulator_host = \"{emulator}\"\n\
-         [identity]\nca_cert = \"file:{d}/ca.pem\"\nca_key = \"file:{d}/ca.key\"\n\
+         {}[identity]\nca_cert = \"file:{d}/ca.pem\"\nca_key = \"file:{d}/ca.key\"\n\
          ticket_key = \"file:{d}/ticket.key\"\nreset_key = \"file:{d}/reset.key\"\n",
+        store.config(),
         d = identity.display()
     )
 }
@@ -41,8 +88,7 @@ pub struct Cluster {
     pub identity: tempfile::TempDir,
     /// The workspace folders every replica's process provider shares.
     pub workspaces: tempfile::TempDir,
-    pub project: String,
-    pub emulator: FirestoreEmulator,
+    pub store: SharedStore,
 }
 
 impl Cluster {
@@ -54,11 +100,7 @@ impl Cluster {
     /// config, `options.config` more tables (it goes last).
     pub async fn start_with(count: usize, top: &str, options: HubOptions) -> Result<Self> {
         LoadBalancer::nginx()?;
-        let emulator = FirestoreEmulator::start()?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos();
-        let project = format!("cluster-{}-{nanos}", std::process::id());
+        let store = SharedStore::firestore("cluster")?;
         let identity = tempfile::Builder::new().prefix("wsh-identity-").tempdir()?;
         generate_identity(identity.path())?;
         let workspaces = tempfile::Builder::new()
@@ -71,12 +113,7 @@ impl Cluster {
                 "peer_addr = \"127.0.0.1:0\"\nagent_hub_addr = \"127.0.0.1:{port}\"\n\
                  workspaces_dir = \"{}\"\n{top}\n{}{}",
                 workspaces.path().display(),
-                replica_config(
-                    &emulator.host,
-                    &project,
-                    identity.path(),
-                    &format!("replica-{i}")
-                ),
+                replica_config(&store, identity.path(), &format!("replica-{i}")),
                 options.config,
             );
             let mut replica = TestHub::start_with(HubOptions {
@@ -98,8 +135,7 @@ impl Cluster {
             lb,
             identity,
             workspaces,
-            project,
-            emulator,
+            store,
         })
     }
 

@@ -14,7 +14,7 @@
 //! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M] [--agents N]`
 
 use futures_util::{SinkExt, StreamExt};
-use harness::replicas::{Cluster, generate_identity, replica_config};
+use harness::replicas::{Cluster, SharedStore, generate_identity, replica_config};
 use harness::{HubOptions, Reaped, TestHub, free_port};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -120,8 +120,7 @@ fn main() {
 }
 
 async fn run(args: Args) {
-    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
-    let project = format!("bench-replicas-{}", std::process::id());
+    let store = SharedStore::firestore("bench-replicas").expect("Firestore emulator");
     let identity = tempfile::tempdir().unwrap();
     generate_identity(identity.path()).unwrap();
     // One provider folder for both (one machine), so either one's reconciler sees the agent.
@@ -133,7 +132,7 @@ async fn run(args: Args) {
                 "peer_addr = \"127.0.0.1:0\"\nworkspaces_dir = \"{}\"\n{}",
                 workspaces.path().display(),
                 // Housekeeping at its usual pace, not the tests' quick one.
-                replica_config(&emulator.host, &project, identity.path(), id).replace(
+                replica_config(&store, identity.path(), id).replace(
                     "reconcile_interval = \"200ms\"",
                     "reconcile_interval = \"60s\""
                 )
@@ -247,7 +246,7 @@ async fn run(args: Args) {
         println!("| {what} | {value} | {vs} |");
     }
     drop(replicas);
-    drop(emulator);
+    drop(store);
     fleet(args.agents).await;
 }
 

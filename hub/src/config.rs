@@ -256,7 +256,7 @@ impl Default for FileConfig {
             preview_domain: None,
             preview_timeout: Duration::from_secs(60),
             preview_is_activity: true,
-            store: StoreConfig::Sqlite,
+            store: StoreConfig::default(),
             gce: Default::default(),
             qemu: Default::default(),
             admins: Vec::new(),
@@ -462,8 +462,9 @@ impl Config {
                 "peer_addr (replicas) needs [identity]: replicas share one CA and its keys"
             );
             ensure!(
-                file.store != crate::store::StoreConfig::Sqlite,
-                "peer_addr (replicas) needs a shared store: [store] kind = \"firestore\""
+                file.store != crate::store::StoreConfig::default(),
+                "peer_addr (replicas) needs a shared store: [store] kind = \"firestore\", or \
+                 kind = \"sqlite\" with a path every replica on this machine opens"
             );
         }
         let agent_binary = match file.agent_binary {
@@ -561,5 +562,33 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("no_such_field = 1").is_err());
         let wildcard: FileConfig = toml::from_str("quic_addr = \"0.0.0.0:7443\"").unwrap();
         assert!(Config::from_file(wildcard).is_err());
+    }
+
+    #[test]
+    fn replicas_need_a_store_they_all_open() {
+        let config = |store: &str| {
+            let text = format!(
+                "peer_addr = \"127.0.0.1:0\"\n\
+                 [identity]\nca_cert = \"env:A\"\nca_key = \"env:B\"\n\
+                 ticket_key = \"env:C\"\nreset_key = \"env:D\"\n{store}"
+            );
+            Config::from_file(toml::from_str(&text).unwrap())
+        };
+        // Each process's own file in its state folder: not shared.
+        let own = config("").unwrap_err().to_string();
+        assert!(own.contains("shared store"), "{own}");
+        assert!(config("[store]\nkind = \"sqlite\"\n").is_err());
+        // One file every process on this machine opens.
+        let shared =
+            config("[store]\nkind = \"sqlite\"\npath = \"/srv/hub/hub.sqlite3\"\n").unwrap();
+        assert_eq!(
+            shared.store,
+            StoreConfig::Sqlite {
+                path: Some("/srv/hub/hub.sqlite3".into())
+            }
+        );
+        assert!(
+            toml::from_str::<FileConfig>("[store]\nkind = \"sqlite\"\nfile = \"x\"\n").is_err()
+        );
     }
 }

@@ -1,8 +1,9 @@
-//! Several hub processes sharing one store (the Firestore emulator) and one identity: what
-//! must happen once happens on one replica at a time, and any replica reaches any agent.
+//! Several hub processes sharing one store (the Firestore emulator, or one SQLite file on
+//! this machine) and one identity: what must happen once happens on one replica at a time,
+//! and any replica reaches any agent.
 
 use futures_util::{SinkExt, StreamExt};
-use harness::replicas::replica_config;
+use harness::replicas::{SharedStore, replica_config};
 use harness::{HubOptions, TestHub};
 use protocol::close::CloseCode;
 use std::time::Duration;
@@ -23,14 +24,21 @@ fn leads(hub: &TestHub) -> bool {
 
 #[tokio::test]
 async fn one_replica_runs_housekeeping_and_another_takes_over_when_it_dies() {
-    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
-    let project = format!("replicas-{}", uuid::Uuid::new_v4().simple());
+    housekeeping_leadership(SharedStore::firestore("replicas").expect("Firestore emulator")).await;
+}
+
+#[tokio::test]
+async fn processes_sharing_a_sqlite_file_take_turns_at_housekeeping() {
+    housekeeping_leadership(SharedStore::sqlite().unwrap()).await;
+}
+
+async fn housekeeping_leadership(store: SharedStore) {
     let identity = tempfile::tempdir().unwrap();
     hub::identity::Identity::generate_files(identity.path()).unwrap();
     let start = |id: &'static str| {
         TestHub::start_with(HubOptions {
             provider: "manual".into(),
-            config: replica_config(&emulator.host, &project, identity.path(), id),
+            config: replica_config(&store, identity.path(), id),
             ..Default::default()
         })
     };
@@ -148,15 +156,22 @@ async fn peer_refusal(hub: &TestHub, identity: Option<(Vec<u8>, Vec<u8>)>) -> Op
 
 #[tokio::test]
 async fn a_replica_that_does_not_hold_the_agent_reaches_it_through_the_one_that_does() {
-    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
-    let project = format!("peers-{}", uuid::Uuid::new_v4().simple());
+    peer_hop(SharedStore::firestore("peers").expect("Firestore emulator")).await;
+}
+
+#[tokio::test]
+async fn processes_sharing_a_sqlite_file_reach_each_others_agents() {
+    peer_hop(SharedStore::sqlite().unwrap()).await;
+}
+
+async fn peer_hop(store: SharedStore) {
     let identity = tempfile::tempdir().unwrap();
     hub::identity::Identity::generate_files(identity.path()).unwrap();
     let start = |id: &'static str| {
         TestHub::start_with(HubOptions {
             config: format!(
                 "peer_addr = \"127.0.0.1:0\"\n{}",
-                replica_config(&emulator.host, &project, identity.path(), id)
+                replica_config(&store, identity.path(), id)
             ),
             ..Default::default()
         })
@@ -359,8 +374,7 @@ async fn a_replica_that_does_not_hold_the_agent_reaches_it_through_the_one_that_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_with_another_ca_is_refused_by_the_replicas_and_by_agents() {
-    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
-    let project = format!("rogue-{}", uuid::Uuid::new_v4().simple());
+    let store = SharedStore::firestore("rogue").expect("Firestore emulator");
     let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     harness::replicas::generate_identity(ours.path()).unwrap();
     harness::replicas::generate_identity(theirs.path()).unwrap();
@@ -368,7 +382,7 @@ async fn a_replica_with_another_ca_is_refused_by_the_replicas_and_by_agents() {
         TestHub::start_with(HubOptions {
             config: format!(
                 "peer_addr = \"127.0.0.1:0\"\n{}",
-                replica_config(&emulator.host, &project, identity, id)
+                replica_config(&store, identity, id)
             ),
             ..Default::default()
         })
@@ -454,8 +468,7 @@ async fn a_replica_with_another_ca_is_refused_by_the_replicas_and_by_agents() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_asked_of_another_replica_ends_the_agents_connection_on_its_holder() {
-    let emulator = harness::firestore::FirestoreEmulator::start().expect("Firestore emulator");
-    let project = format!("stop-{}", uuid::Uuid::new_v4().simple());
+    let store = SharedStore::firestore("stop").expect("Firestore emulator");
     let identity = tempfile::tempdir().unwrap();
     harness::replicas::generate_identity(identity.path()).unwrap();
     let start = |id: &'static str| {
@@ -463,7 +476,7 @@ async fn a_stop_asked_of_another_replica_ends_the_agents_connection_on_its_holde
             provider: "manual".into(),
             config: format!(
                 "peer_addr = \"127.0.0.1:0\"\n{}",
-                replica_config(&emulator.host, &project, identity.path(), id)
+                replica_config(&store, identity.path(), id)
             ),
             ..Default::default()
         })

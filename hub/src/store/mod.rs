@@ -11,13 +11,22 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 /// Which store the hub keeps its state in (`[store]` in the config).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum StoreConfig {
-    /// `hub.sqlite3` in the state folder.
-    #[default]
-    Sqlite,
+    /// A SQLite file: `path`, or `hub.sqlite3` in the state folder. Several hub processes on
+    /// one machine may share a file (replicas without a cloud store).
+    Sqlite {
+        #[serde(default)]
+        path: Option<std::path::PathBuf>,
+    },
     Firestore(firestore::FirestoreConfig),
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self::Sqlite { path: None }
+    }
 }
 
 /// Opens the configured store.
@@ -26,8 +35,11 @@ pub async fn open(
     state_dir: &std::path::Path,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     Ok(match config {
-        StoreConfig::Sqlite => {
-            std::sync::Arc::new(sqlite::SqliteStore::open(&state_dir.join("hub.sqlite3"))?)
+        StoreConfig::Sqlite { path } => {
+            let path = path
+                .clone()
+                .unwrap_or_else(|| state_dir.join("hub.sqlite3"));
+            std::sync::Arc::new(sqlite::SqliteStore::open(&path)?)
         }
         StoreConfig::Firestore(fs) => {
             std::sync::Arc::new(firestore::FirestoreStore::connect(fs).await?)
