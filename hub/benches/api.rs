@@ -6,8 +6,8 @@
 
 use harness::firestore::FirestoreEmulator;
 use harness::{HubOptions, TestHub};
+use hub::base::workspace::Status;
 use hub::store::Store;
-use hub::workspace::Status;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

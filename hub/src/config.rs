@@ -1,6 +1,9 @@
 //! Configuration in two layers: [`FileConfig`] (TOML, every field optional, humantime
 //! durations) and the validated [`Config`] the hub runs with.
 
+use crate::base::secret::Secret;
+use crate::base::workspace::IdlePolicy;
+pub use crate::edge::oidc::{OidcConfig, SchedulerConfig};
 pub use crate::store::StoreConfig;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
@@ -21,31 +24,6 @@ pub enum ProviderKind {
     Gce,
     /// Local VMs booted from the workspace image (`[qemu]` in the config).
     Qemu,
-}
-
-/// Idle clean-up defaults; a create request may choose shorter (never longer) times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct IdlePolicy {
-    /// A READY workspace with no activity for this long is stopped (suspended).
-    #[serde(with = "humantime_serde")]
-    pub stop_after: Duration,
-    /// A SUSPENDED or ERROR workspace untouched for this long is deleted.
-    #[serde(with = "humantime_serde")]
-    pub delete_after: Duration,
-    /// Any workspace older than this is deleted, active or not.
-    #[serde(with = "humantime_serde")]
-    pub max_lifetime: Duration,
-}
-
-impl Default for IdlePolicy {
-    fn default() -> Self {
-        Self {
-            stop_after: Duration::from_secs(30 * 60),
-            delete_after: Duration::from_secs(14 * 24 * 3600),
-            max_lifetime: Duration::from_secs(90 * 24 * 3600),
-        }
-    }
 }
 
 /// Per-owner limits, checked at create and start.
@@ -83,54 +61,6 @@ impl Quotas {
     pub fn for_owner(&self, owner: &str) -> &Quota {
         self.owners.get(owner).unwrap_or(&self.default)
     }
-}
-
-/// A secret from the config: never shown by `Debug`, so it cannot reach a log line.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-fn google() -> String {
-    "https://accounts.google.com".into()
-}
-
-/// Browser sign-in through an OpenID Connect issuer (`[oidc]`); Google by default.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OidcConfig {
-    #[serde(default = "google")]
-    pub issuer: String,
-    pub client_id: String,
-    /// Or `WORKSPACE_HUB_OIDC_CLIENT_SECRET` in the environment.
-    #[serde(default)]
-    pub client_secret: Option<Secret>,
-}
-
-/// Cloud Scheduler's OIDC tokens for `POST /cleanup` (`[cleanup_oidc]`): the token must
-/// come from `issuer`, name `audience`, and belong to the `service_account` e-mail.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SchedulerConfig {
-    #[serde(default = "google")]
-    pub issuer: String,
-    pub audience: String,
-    pub service_account: String,
 }
 
 /// The config file as written by people.
@@ -222,7 +152,7 @@ pub struct FileConfig {
     pub peer_addr: Option<String>,
     /// Where the hub's CA, ticket and reset keys come from; `dev` generates them in the
     /// state folder when this is absent, `serve` refuses to start without it.
-    pub identity: Option<crate::identity::IdentityConfig>,
+    pub identity: Option<crate::base::identity::IdentityConfig>,
 }
 
 impl Default for FileConfig {
@@ -318,7 +248,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub replica_id: Option<String>,
     pub peer_addr: Option<String>,
-    pub identity: Option<crate::identity::IdentityConfig>,
+    pub identity: Option<crate::base::identity::IdentityConfig>,
 }
 
 impl Config {
@@ -365,7 +295,7 @@ impl Config {
         );
         let mut oidc = file.oidc;
         if let Some(oidc) = &mut oidc {
-            crate::oidc::check_issuer_url(&oidc.issuer)?;
+            crate::edge::oidc::check_issuer_url(&oidc.issuer)?;
             ensure!(!oidc.client_id.is_empty(), "oidc.client_id must be set");
             if oidc.client_secret.is_none() {
                 oidc.client_secret = std::env::var("WORKSPACE_HUB_OIDC_CLIENT_SECRET")
@@ -378,7 +308,7 @@ impl Config {
             );
         }
         if let Some(s) = &file.cleanup_oidc {
-            crate::oidc::check_issuer_url(&s.issuer)?;
+            crate::edge::oidc::check_issuer_url(&s.issuer)?;
             ensure!(
                 !s.audience.is_empty() && s.service_account.contains('@'),
                 "cleanup_oidc needs an audience and a service_account e-mail"

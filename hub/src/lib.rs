@@ -9,31 +9,20 @@
 //! The hub never interprets terminal bytes and never holds a user token where an agent can
 //! see it.
 
-pub mod agents;
-pub mod api;
-pub mod auth;
-pub mod ca;
-pub mod clients;
-pub mod cloudinit;
+pub mod base;
 pub mod config;
-pub mod device;
-pub mod events;
-pub mod fsutil;
-pub mod identity;
-pub mod idle;
-pub mod lifecycle;
-pub mod oidc;
-pub mod peers;
-pub mod preview;
+pub mod domain;
+pub mod edge;
+pub mod links;
 pub mod provider;
-pub mod reconcile;
-pub mod session;
 pub mod store;
-pub mod terminal;
-pub mod workspace;
 
 use anyhow::{Context, Result};
+use base::{ca, fsutil, identity, workspace};
 use config::{Config, ProviderKind};
+use domain::{auth, events, idle, reconcile};
+use edge::{api, oidc, preview};
+use links::{agents, peers};
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -449,7 +438,7 @@ pub async fn run(
                     // a new port, which the balancer sends to another replica.
                     Some(incoming) if accept_hub.draining.is_cancelled() => incoming.refuse(),
                     Some(incoming) => {
-                        accept_tasks.spawn(agents::handle_incoming(accept_hub.clone(), incoming));
+                        accept_tasks.spawn(links::handle_incoming(accept_hub.clone(), incoming));
                     }
                     None => break,
                 },

@@ -141,7 +141,7 @@ async fn async_main(cli: Cli) -> Result<()> {
             let token = dev_token(&config).await?;
             serve(config, move |hub, listening| {
                 // The same session path as an identity provider's sign-in, for the local user.
-                let link = hub::session::login_link(hub, "dev");
+                let link = hub::edge::session::login_link(hub, "dev");
                 println!("workspace-hub dev is running");
                 println!(
                     "  web UI   http://{}/login/once?code={link}  (one-time sign-in link, 15 min)",
@@ -176,7 +176,7 @@ async fn async_main(cli: Cli) -> Result<()> {
         Command::Identity {
             command: IdentityCommand::Init { out },
         } => {
-            hub::identity::Identity::generate_files(&out)?;
+            hub::base::identity::Identity::generate_files(&out)?;
             println!(
                 "new hub identity in {}: ca.pem, ca.key, ticket.key, reset.key",
                 out.display()
@@ -206,7 +206,7 @@ async fn async_main(cli: Cli) -> Result<()> {
             .await?;
             println!(
                 "{}",
-                hub::auth::mint_api_token(&hub, &owner, None, &name, None).await?
+                hub::domain::auth::mint_api_token(&hub, &owner, None, &name, None).await?
             );
             Ok(())
         }
@@ -226,8 +226,8 @@ async fn dev_token(config: &Config) -> Result<String> {
         CancellationToken::new(),
     )
     .await?;
-    let token = hub::auth::mint_api_token(&hub, "dev", None, "dev mode", None).await?;
-    hub::fsutil::write_private(&path, token.as_bytes())?;
+    let token = hub::domain::auth::mint_api_token(&hub, "dev", None, "dev mode", None).await?;
+    hub::base::fsutil::write_private(&path, token.as_bytes())?;
     Ok(token)
 }
 

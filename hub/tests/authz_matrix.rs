@@ -112,11 +112,11 @@ async fn setup(provider: &str) -> (TestIssuer, TestHub, Callers) {
     let store = hub::store::sqlite::SqliteStore::open(&hub.state_dir.join("hub.sqlite3")).unwrap();
     store
         .insert_api_token(
-            &hub::agents::token_hash(&expired),
+            &hub::domain::auth::token_hash(&expired),
             &ApiToken {
                 owner_id: "dev".into(),
                 name: "old".into(),
-                expires_at: Some(hub::workspace::now_ms() - 1_000),
+                expires_at: Some(hub::base::workspace::now_ms() - 1_000),
                 email: None,
             },
         )

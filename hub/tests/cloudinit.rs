@@ -40,7 +40,7 @@ fn rendered_user_data_passes_cloud_init_schema_and_keeps_hostile_values_inside()
     ];
     for (i, bootstrap) in cases.iter().enumerate() {
         let config = toml::to_string(bootstrap).unwrap();
-        let user_data = hub::cloudinit::render(&config).unwrap();
+        let user_data = hub::provider::cloudinit::render(&config).unwrap();
         let path = dir.path().join(format!("user-data-{i}"));
         std::fs::write(&path, &user_data).unwrap();
         let out = Command::new("cloud-init")

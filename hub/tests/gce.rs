@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hub::lifecycle::provider_error;
+use hub::domain::lifecycle::provider_error;
 use hub::provider::gce::{GceConfig, GceProvider};
 use hub::provider::{InstanceSpec, Observed, Provider, ProviderError, Target};
 use protocol::bootstrap::AgentBootstrap;
@@ -255,7 +255,7 @@ fn spec() -> InstanceSpec {
     InstanceSpec {
         workspace_id: id,
         owner_id: "Alice@Example.com".into(),
-        instance_name: hub::lifecycle::instance_name(id),
+        instance_name: hub::base::workspace::instance_name(id),
         zone: ZONE.into(),
         machine_type: "e2-standard-4".into(),
         image_tag: "2026-11".into(),
@@ -317,7 +317,7 @@ async fn create_sends_the_instance_and_waits_for_its_operation() {
         assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
         assert!(user_data.contains("wse_secret_enrollment_token"));
         assert!(user_data.contains("hub.example.com:7443"));
-        assert!(user_data.contains(hub::cloudinit::CONFIG_PATH));
+        assert!(user_data.contains(hub::provider::cloudinit::CONFIG_PATH));
         // The operation was waited on until DONE: three wait calls.
         let waits = f
             .requests

@@ -5,8 +5,8 @@
 use futures_util::StreamExt;
 use harness::sse::Events;
 use harness::{HubOptions, TestHub};
+use hub::base::workspace::Status;
 use hub::store::Store;
-use hub::workspace::Status;
 use serde_json::{Value, json};
 use std::time::Duration;
 use uuid::Uuid;

@@ -591,11 +591,11 @@ async fn ports_can_be_shared_publicly_signed_in_or_by_an_expiring_revocable_link
     hub::store::Store::update_sharing(
         &store,
         uuid::Uuid::parse_str(&id).unwrap(),
-        hub::workspace::SharingChange::AddLink(hub::workspace::ShareLink {
+        hub::base::workspace::SharingChange::AddLink(hub::base::workspace::ShareLink {
             id: "old".into(),
             port,
-            secret_hash: hub::agents::token_hash("wsl_expired"),
-            expires_at: hub::workspace::now_ms() - 1,
+            secret_hash: hub::domain::auth::token_hash("wsl_expired"),
+            expires_at: hub::base::workspace::now_ms() - 1,
         }),
         0,
     )

@@ -34,7 +34,7 @@ async fn processes_sharing_a_sqlite_file_take_turns_at_housekeeping() {
 
 async fn housekeeping_leadership(store: SharedStore) {
     let identity = tempfile::tempdir().unwrap();
-    hub::identity::Identity::generate_files(identity.path()).unwrap();
+    hub::base::identity::Identity::generate_files(identity.path()).unwrap();
     let start = |id: &'static str| {
         TestHub::start_with(HubOptions {
             provider: "manual".into(),
@@ -166,7 +166,7 @@ async fn processes_sharing_a_sqlite_file_reach_each_others_agents() {
 
 async fn peer_hop(store: SharedStore) {
     let identity = tempfile::tempdir().unwrap();
-    hub::identity::Identity::generate_files(identity.path()).unwrap();
+    hub::base::identity::Identity::generate_files(identity.path()).unwrap();
     let start = |id: &'static str| {
         TestHub::start_with(HubOptions {
             config: format!(
@@ -402,7 +402,7 @@ async fn a_replica_with_another_ca_is_refused_by_the_replicas_and_by_agents() {
     assert!(rogue.log().contains("reach replica"), "{}", rogue.log());
 
     // A replica certificate from another CA, presented to A directly: the handshake fails.
-    let rogue_ca = hub::ca::HubCa::load_or_create(theirs.path()).unwrap();
+    let rogue_ca = hub::base::ca::HubCa::load_or_create(theirs.path()).unwrap();
     let cert = rogue_ca.issue_replica("replica-a").unwrap();
     let config = link::client_config(
         &harness::raw_agent::hub_cas(&a).await,

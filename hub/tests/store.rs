@@ -1,10 +1,10 @@
 //! One conformance suite for every `Store` implementation. SQLite runs it here; the
 //! Firestore store joins with one more `#[tokio::test]` that calls [`conformance`].
 
+use hub::base::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use hub::store::firestore::{FirestoreConfig, FirestoreStore};
 use hub::store::sqlite::SqliteStore;
 use hub::store::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
-use hub::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -165,7 +165,7 @@ async fn conformance(store: Arc<dyn Store>) {
     ));
 
     // Preview sharing: visibility per port, links that expire and can be revoked.
-    use hub::workspace::{ShareLink, SharingChange, Visibility};
+    use hub::base::workspace::{ShareLink, SharingChange, Visibility};
     let link = |id: &str, expires_at| ShareLink {
         id: id.into(),
         port: 3000,

@@ -238,7 +238,8 @@ impl GceProvider {
             ])
             .set_metadata(
                 Metadata::new().set_items([Items::new().set_key("user-data").set_value(
-                    crate::cloudinit::render(&config).map_err(|e| failed("render user-data", e))?,
+                    crate::provider::cloudinit::render(&config)
+                        .map_err(|e| failed("render user-data", e))?,
                 )]),
             )
             .set_disks([AttachedDisk::new()

@@ -9,6 +9,7 @@
 //! - [`qemu::QemuProvider`]: local VMs booted from the same image (cloud-init, the agent
 //!   baked in), the cloud path on one machine.
 
+pub mod cloudinit;
 pub mod gce;
 pub mod manual;
 pub mod process;
@@ -64,8 +65,8 @@ pub struct Target {
     pub zone: String,
 }
 
-impl From<&crate::workspace::Workspace> for Target {
-    fn from(ws: &crate::workspace::Workspace) -> Self {
+impl From<&crate::base::workspace::Workspace> for Target {
+    fn from(ws: &crate::base::workspace::Workspace) -> Self {
         Self {
             workspace_id: ws.id,
             instance_name: ws.instance_name.clone(),
@@ -159,7 +160,7 @@ fn workspace_folders(root: &std::path::Path) -> Result<Vec<Target>, ProviderErro
         .filter_map(|entry| Uuid::parse_str(entry.file_name().to_str()?).ok())
         .map(|id| Target {
             workspace_id: id,
-            instance_name: crate::lifecycle::instance_name(id),
+            instance_name: crate::base::workspace::instance_name(id),
             zone: "local".into(),
         })
         .collect())

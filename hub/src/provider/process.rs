@@ -11,7 +11,7 @@ use super::Target;
 use super::{
     Created, Instance, InstanceSpec, Observed, Provider, ProviderError, render_agent_config,
 };
-use crate::fsutil::write_private;
+use crate::base::fsutil::write_private;
 use async_trait::async_trait;
 use rustix::process::{Pid, Signal};
 use std::path::{Path, PathBuf};

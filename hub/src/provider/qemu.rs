@@ -311,9 +311,9 @@ async fn probe_kvm(config: &QemuConfig) -> Accel {
 async fn write_seed(dir: &Path, user_data: &str, meta_data: &str) -> Result<(), ProviderError> {
     let seed_dir = dir.join("seed");
     std::fs::create_dir_all(&seed_dir).map_err(|e| failed("create seed folder", e))?;
-    crate::fsutil::write_private(&seed_dir.join("user-data"), user_data.as_bytes())
+    crate::base::fsutil::write_private(&seed_dir.join("user-data"), user_data.as_bytes())
         .map_err(|e| failed("write user-data", e))?;
-    crate::fsutil::write_private(&seed_dir.join("meta-data"), meta_data.as_bytes())
+    crate::base::fsutil::write_private(&seed_dir.join("meta-data"), meta_data.as_bytes())
         .map_err(|e| failed("write meta-data", e))?;
     let img = dir.join("seed.img");
     let _ = std::fs::remove_file(&img);
@@ -388,7 +388,7 @@ impl Provider for QemuProvider {
         std::fs::create_dir_all(&dir).map_err(|e| failed("create workspace folder", e))?;
         let mut bootstrap = spec.bootstrap.clone();
         bootstrap.hub_addr = guest_hub_addr(&bootstrap.hub_addr);
-        let user_data = crate::cloudinit::render(&render_agent_config(&bootstrap)?)
+        let user_data = crate::provider::cloudinit::render(&render_agent_config(&bootstrap)?)
             .map_err(|e| failed("render user-data", e))?;
         let meta_data = format!(
             "{}\n",

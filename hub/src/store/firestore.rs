@@ -14,7 +14,7 @@
 //! the contention the conformance suite creates).
 
 use super::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
-use crate::workspace::{Status, Workspace};
+use crate::base::workspace::{Status, Workspace};
 use async_trait::async_trait;
 use firestore::errors::FirestoreError;
 use firestore::{FirestoreDb, FirestoreDbOptions, FirestoreWritePrecondition};
@@ -328,7 +328,7 @@ impl Store for FirestoreStore {
         if limits == Limits::NONE {
             return self.insert(WORKSPACES, &id, ws).await;
         }
-        let owner_key = crate::ca::fingerprint(ws.owner_id.as_bytes());
+        let owner_key = crate::base::ca::fingerprint(ws.owner_id.as_bytes());
         for round in 0..MAX_CREATE_ATTEMPTS {
             retry_pause(round).await;
             // The owner's counter first: a create that commits after this read changes its
@@ -416,7 +416,7 @@ impl Store for FirestoreStore {
             }
             ws.status = to;
             ws.status_reason = reason.map(str::to_owned);
-            ws.updated_at = crate::workspace::now_ms();
+            ws.updated_at = crate::base::workspace::now_ms();
             Ok(Change::Write(ws.clone(), ws))
         })
         .await
@@ -452,11 +452,13 @@ impl Store for FirestoreStore {
     async fn update_sharing(
         &self,
         id: Uuid,
-        change: crate::workspace::SharingChange,
+        change: crate::base::workspace::SharingChange,
         now: i64,
     ) -> Result<Workspace, StoreError> {
         self.modify_workspace(id, |mut ws| {
-            ws.sharing.apply(&change, now)?;
+            ws.sharing
+                .apply(&change, now)
+                .map_err(|_| StoreError::NotFound)?;
             Ok(Change::Write(ws.clone(), ws))
         })
         .await
@@ -558,7 +560,7 @@ impl Store for FirestoreStore {
     ) -> Result<(), StoreError> {
         let doc = AgentCertDoc {
             fingerprint: fingerprint.to_owned(),
-            issued_at: crate::workspace::now_ms(),
+            issued_at: crate::base::workspace::now_ms(),
         };
         let _: AgentCertDoc = self
             .db

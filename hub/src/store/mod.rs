@@ -6,7 +6,7 @@
 pub mod firestore;
 pub mod sqlite;
 
-use crate::workspace::{Status, Workspace};
+use crate::base::workspace::{Status, Workspace};
 use async_trait::async_trait;
 use uuid::Uuid;
 
@@ -178,7 +178,7 @@ pub trait Store: Send + Sync + 'static {
     async fn update_sharing(
         &self,
         id: Uuid,
-        change: crate::workspace::SharingChange,
+        change: crate::base::workspace::SharingChange,
         now: i64,
     ) -> Result<Workspace, StoreError>;
     /// Removes the record; only a workspace in `DELETING` may go (else `Conflict`).

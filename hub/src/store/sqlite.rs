@@ -4,7 +4,7 @@
 //! transaction that re-reads the current status before writing.
 
 use super::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
-use crate::workspace::{IdlePolicy, Metadata, Status, Workspace};
+use crate::base::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -330,7 +330,7 @@ impl Store for SqliteStore {
                     current: current.status,
                 });
             }
-            let now = crate::workspace::now_ms();
+            let now = crate::base::workspace::now_ms();
             tx.execute(
                 "UPDATE workspaces SET status = ?2, status_reason = ?3, updated_at = ?4 WHERE id = ?1",
                 params![id.to_string(), to.as_str(), reason, now],
@@ -389,7 +389,7 @@ impl Store for SqliteStore {
     async fn update_sharing(
         &self,
         id: Uuid,
-        change: crate::workspace::SharingChange,
+        change: crate::base::workspace::SharingChange,
         now: i64,
     ) -> Result<Workspace, StoreError> {
         self.with(move |conn| {
@@ -397,7 +397,9 @@ impl Store for SqliteStore {
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(backend)?;
             let mut ws = get_ws(&tx, id)?;
-            ws.sharing.apply(&change, now)?;
+            ws.sharing
+                .apply(&change, now)
+                .map_err(|_| StoreError::NotFound)?;
             tx.execute(
                 "UPDATE workspaces SET sharing = ?2 WHERE id = ?1",
                 params![
@@ -513,7 +515,7 @@ impl Store for SqliteStore {
             conn.execute(
                 "INSERT INTO agent_certs (workspace_id, fingerprint, issued_at) VALUES (?1, ?2, ?3) \
                  ON CONFLICT(workspace_id) DO UPDATE SET fingerprint = excluded.fingerprint, issued_at = excluded.issued_at",
-                params![workspace_id.to_string(), fingerprint, crate::workspace::now_ms()],
+                params![workspace_id.to_string(), fingerprint, crate::base::workspace::now_ms()],
             )
             .map_err(backend)?;
             Ok(())

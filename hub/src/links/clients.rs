@@ -3,11 +3,11 @@
 //! opens to that workspace's agent. The hub checks ownership once per stream and never
 //! reads what flows through the splice.
 
-use crate::agents::{
+use crate::domain::auth::Caller;
+use crate::links::agents::{
     CONTROL_FRAME_LIMIT, FIRST_MESSAGE_TIMEOUT, close, close_for, finish_and_flush, refuse_stream,
 };
-use crate::auth::Caller;
-use crate::{Hub, auth};
+use crate::{Hub, domain::auth};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::client::{ClientMsg, ClientRefusal, ClientRefused, ClientWelcome};
 use protocol::close::CloseCode;
@@ -144,7 +144,7 @@ async fn client_stream(
         )
         .await;
     };
-    let Some(agent) = crate::peers::agent_path_waiting(&hub, &ws).await else {
+    let Some(agent) = crate::links::peers::agent_path_waiting(&hub, &ws).await else {
         return refuse_stream(
             &mut send,
             StreamRefusal::Unavailable,
@@ -173,7 +173,7 @@ pub(crate) fn cut_when_draining(
 /// Opens a stream to the agent with `header` and copies bytes both ways until both sides
 /// finish, or until `cut` is cancelled (both streams then end).
 pub(crate) async fn splice(
-    agent: crate::peers::AgentPath,
+    agent: crate::links::peers::AgentPath,
     header: &StreamHeader,
     client_send: quinn::SendStream,
     client_recv: FramedRecv,

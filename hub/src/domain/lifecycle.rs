@@ -4,14 +4,13 @@
 //! background; the reconciler finishes whatever a crash interrupted. Every status change is
 //! published as a [`WorkspaceEvent`] (the SSE stream at `/workspaces/:id/events`).
 
-use crate::agents::token_hash;
-use crate::api::ApiError;
-use crate::events::{Detail, WorkspaceEvent};
+use crate::base::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
+use crate::domain::auth::token_hash;
+use crate::domain::error::{Error, Kind};
+use crate::domain::events::{Detail, WorkspaceEvent};
 use crate::provider::{InstanceSpec, ProviderError, Target};
 use crate::store::{Limits, StoreError};
-use crate::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
-use crate::{Hub, ca};
-use axum::http::StatusCode;
+use crate::{Hub, base::ca};
 use protocol::bootstrap::AgentBootstrap;
 use protocol::close::CloseCode;
 use std::sync::Arc;
@@ -92,16 +91,16 @@ pub struct Created {
     pub is_new: bool,
 }
 
-fn quota_exceeded(message: String) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
+fn quota_exceeded(message: String) -> Error {
+    Error::new(Kind::Forbidden, "quota_exceeded", message)
 }
 
 /// The owner's limits for a create; the store counts them atomically with the insert.
-fn create_limits(hub: &Hub, owner: &str, machine_type: &str) -> Result<Limits, ApiError> {
+fn create_limits(hub: &Hub, owner: &str, machine_type: &str) -> Result<Limits, Error> {
     let quota = hub.config.quotas.for_owner(owner);
     if !quota.machine_types.is_empty() && !quota.machine_types.iter().any(|m| m == machine_type) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
+        return Err(Error::new(
+            Kind::Forbidden,
             "machine_type_not_allowed",
             format!(
                 "machine type {machine_type} is not allowed; allowed: {}",
@@ -116,7 +115,7 @@ fn create_limits(hub: &Hub, owner: &str, machine_type: &str) -> Result<Limits, A
 }
 
 /// Checks the owner's running quota before a start.
-async fn check_running_quota(hub: &Hub, owner: &str) -> Result<(), ApiError> {
+async fn check_running_quota(hub: &Hub, owner: &str) -> Result<(), Error> {
     let quota = hub.config.quotas.for_owner(owner);
     let (_, running) = hub.store.count_workspaces(owner).await?;
     if running >= quota.max_running as usize {
@@ -129,7 +128,7 @@ async fn check_running_quota(hub: &Hub, owner: &str) -> Result<(), ApiError> {
 }
 
 /// Creates a workspace record (`PROVISIONING`) and asks the provider for its machine.
-pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<Created, ApiError> {
+pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<Created, Error> {
     let cfg = &hub.config;
     let id = match &req.idempotency_key {
         Some(key) => Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("{owner}\0{key}").as_bytes()),
@@ -156,7 +155,7 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
     let ws = Workspace {
         id,
         owner_id: owner.to_owned(),
-        instance_name: instance_name(id),
+        instance_name: crate::base::workspace::instance_name(id),
         zone: req.zone.unwrap_or_else(|| cfg.default_zone.clone()),
         image_tag: req
             .image_tag
@@ -210,11 +209,6 @@ fn existing(workspace: Workspace) -> Created {
     }
 }
 
-/// GCE instance names: a letter, then up to 62 of `[a-z0-9-]`.
-pub fn instance_name(id: Uuid) -> String {
-    format!("ws-{}", &id.simple().to_string()[..20])
-}
-
 /// Fault injection for crash tests: `WORKSPACE_HUB_CRASH_AT=<point>` aborts the process
 /// there, the way a power cut would.
 fn crash_point(point: &str) {
@@ -226,7 +220,7 @@ fn crash_point(point: &str) {
 
 /// Mints an enrollment token and asks the provider for the machine. A failure turns the
 /// workspace `ERROR`. Used by create and by the reconciler to resume an interrupted create.
-pub async fn provision(hub: &Hub, ws: &Workspace) -> Result<Option<String>, ApiError> {
+pub async fn provision(hub: &Hub, ws: &Workspace) -> Result<Option<String>, Error> {
     let cfg = &hub.config;
     let token = format!("wse_{}", ca::hex(&ca::random_bytes::<32>()));
     let expires = now_ms() + cfg.enrollment_ttl.as_millis() as i64;
@@ -270,27 +264,25 @@ pub async fn provision(hub: &Hub, ws: &Workspace) -> Result<Option<String>, ApiE
 }
 
 /// The API error for a provider failure.
-pub fn provider_error(e: ProviderError) -> ApiError {
+pub fn provider_error(e: ProviderError) -> Error {
     match e {
-        ProviderError::NotFound => ApiError::new(
-            StatusCode::BAD_GATEWAY,
+        ProviderError::NotFound => Error::new(
+            Kind::Upstream,
             "instance_not_found",
             "the workspace's instance no longer exists",
         ),
-        ProviderError::QuotaExceeded(m) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "provider_quota_exceeded",
-            m,
-        ),
-        ProviderError::PermissionDenied(m) => {
-            ApiError::new(StatusCode::BAD_GATEWAY, "provider_permission_denied", m)
+        ProviderError::QuotaExceeded(m) => {
+            Error::new(Kind::Unavailable, "provider_quota_exceeded", m)
         }
-        ProviderError::Failed(m) => ApiError::new(StatusCode::BAD_GATEWAY, "provider_failed", m),
+        ProviderError::PermissionDenied(m) => {
+            Error::new(Kind::Upstream, "provider_permission_denied", m)
+        }
+        ProviderError::Failed(m) => Error::new(Kind::Upstream, "provider_failed", m),
     }
 }
 
 /// Suspends a READY workspace: `STOPPING` now, `SUSPENDED` when the provider is done.
-pub async fn stop(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, ApiError> {
+pub async fn stop(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, Error> {
     let ws = hub
         .transition(id, &[Status::Ready], Status::Stopping, None)
         .await?;
@@ -319,7 +311,7 @@ pub async fn finish_stop(hub: &Hub, target: &Target) {
 
 /// Resumes a SUSPENDED (or failed) workspace: `STARTING` now, `READY` when its agent says
 /// hello again.
-pub async fn start(hub: &Arc<Hub>, id: Uuid, owner: &str) -> Result<Workspace, ApiError> {
+pub async fn start(hub: &Arc<Hub>, id: Uuid, owner: &str) -> Result<Workspace, Error> {
     check_running_quota(hub, owner).await?;
     let ws = hub
         .transition(
@@ -360,7 +352,7 @@ pub async fn finish_start(hub: &Hub, target: &Target) {
 
 /// Destroys a workspace: `DELETING` now; the instance and then the record go in the
 /// background. Deleting a workspace already being deleted retries the delete.
-pub async fn delete(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, ApiError> {
+pub async fn delete(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, Error> {
     const FROM: [Status; 7] = [
         Status::Provisioning,
         Status::Ready,
@@ -400,12 +392,12 @@ pub async fn finish_delete(hub: &Hub, target: &Target) {
 }
 
 /// Takes (or with 0 seconds, releases) a keep-awake lease.
-pub async fn keep_awake(hub: &Hub, ws: &Workspace, seconds: u64) -> Result<Workspace, ApiError> {
+pub async fn keep_awake(hub: &Hub, ws: &Workspace, seconds: u64) -> Result<Workspace, Error> {
     if ws.status == Status::Deleting {
         return Err(StoreError::Conflict { current: ws.status }.into());
     }
     if seconds > MAX_KEEP_AWAKE_SECS {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "seconds must be at most {MAX_KEEP_AWAKE_SECS}"
         )));
     }

@@ -2,9 +2,34 @@
 //! lists of the conditional writes in `lifecycle`, `reconcile` and `agents` (the one place
 //! each edge is taken), so there is no second table here to drift from them.
 
-pub use crate::config::IdlePolicy;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use uuid::Uuid;
+
+/// Idle clean-up defaults; a create request may choose shorter (never longer) times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdlePolicy {
+    /// A READY workspace with no activity for this long is stopped (suspended).
+    #[serde(with = "humantime_serde")]
+    pub stop_after: Duration,
+    /// A SUSPENDED or ERROR workspace untouched for this long is deleted.
+    #[serde(with = "humantime_serde")]
+    pub delete_after: Duration,
+    /// Any workspace older than this is deleted, active or not.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        Self {
+            stop_after: Duration::from_secs(30 * 60),
+            delete_after: Duration::from_secs(14 * 24 * 3600),
+            max_lifetime: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
 
 /// A workspace's lifecycle status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -163,12 +188,8 @@ impl Sharing {
     }
 
     /// Applies a change; expired links are dropped on the way. Removing an unknown link
-    /// is an error (`NotFound`).
-    pub fn apply(
-        &mut self,
-        change: &SharingChange,
-        now: i64,
-    ) -> Result<(), crate::store::StoreError> {
+    /// is an error.
+    pub fn apply(&mut self, change: &SharingChange, now: i64) -> Result<(), UnknownLink> {
         self.links.retain(|l| l.expires_at > now);
         match change {
             SharingChange::Visibility(port, v) => {
@@ -191,7 +212,7 @@ impl Sharing {
                 let before = self.links.len();
                 self.links.retain(|l| &l.id != id);
                 if self.links.len() == before {
-                    return Err(crate::store::StoreError::NotFound);
+                    return Err(UnknownLink);
                 }
             }
         }
@@ -225,4 +246,14 @@ mod tests {
             assert_eq!(super::Status::parse(s.as_str()), Some(s));
         }
     }
+}
+
+/// A share link that is not there (to remove).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownLink;
+
+/// The provider's name for a workspace's instance (GCE's rules: a letter, then up to 62 of
+/// `[a-z0-9-]`).
+pub fn instance_name(id: Uuid) -> String {
+    format!("ws-{}", &id.simple().to_string()[..20])
 }

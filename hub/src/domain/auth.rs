@@ -6,13 +6,10 @@
 //! Every handler that touches a workspace takes a [`Caller`] and goes through
 //! [`Caller::authorize`]; a workspace that is not the caller's reads as "not found".
 
-use crate::agents::token_hash;
-use crate::api::ApiError;
+use crate::base::ca;
+use crate::base::workspace::{Workspace, now_ms};
+use crate::domain::error::{Error, Kind};
 use crate::store::ApiToken;
-use crate::workspace::{Workspace, now_ms};
-use crate::{AppState, ca};
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
@@ -35,102 +32,13 @@ impl Caller {
     }
 
     /// The one ownership check: a non-owner learns nothing, not even that it exists.
-    pub fn authorize(&self, ws: Workspace) -> Result<Workspace, ApiError> {
+    pub fn authorize(&self, ws: Workspace) -> Result<Workspace, Error> {
         if self.admin || ws.owner_id == self.owner_id {
             Ok(ws)
         } else {
-            Err(ApiError::not_found("workspace"))
+            Err(Error::not_found("workspace"))
         }
     }
-}
-
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, hub: &AppState) -> Result<Self, ApiError> {
-        let peer = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
-        if parts
-            .headers
-            .contains_key(axum::http::header::AUTHORIZATION)
-        {
-            let token = bearer(&parts.headers).unwrap_or_default();
-            return authenticate(hub, token, peer).await;
-        }
-        let Some(session) = cookie(&parts.headers, SESSION_COOKIE) else {
-            return Err(ApiError::unauthorized(
-                "sign in, or send Authorization: Bearer <token>",
-            ));
-        };
-        let caller = authenticate(hub, session, peer).await?;
-        if !parts.method.is_safe() {
-            let given = parts
-                .headers
-                .get(CSRF_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            if !hub.tickets.check_csrf(session, given) {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::FORBIDDEN,
-                    "csrf",
-                    "missing or wrong X-CSRF-Token for this session (GET /session has it)",
-                ));
-            }
-        }
-        Ok(caller)
-    }
-}
-
-/// `Option<Caller>`: `None` when the request carries no `Authorization` header at all (the
-/// terminal then looks for a ticket); a header that does not authenticate is an error.
-impl axum::extract::OptionalFromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        hub: &AppState,
-    ) -> Result<Option<Self>, ApiError> {
-        if !parts
-            .headers
-            .contains_key(axum::http::header::AUTHORIZATION)
-        {
-            return Ok(None);
-        }
-        <Caller as FromRequestParts<AppState>>::from_request_parts(parts, hub)
-            .await
-            .map(Some)
-    }
-}
-
-/// The browser session cookie: an API token minted at sign-in.
-pub const SESSION_COOKIE: &str = "wsh_session";
-/// State-changing requests authenticated by the cookie must repeat the CSRF token here.
-pub const CSRF_HEADER: &str = "x-csrf-token";
-
-/// The bearer token of an `Authorization` header.
-pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
-/// The value of a cookie.
-pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(axum::http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k == name).then_some(v)
-        })
-        .filter(|v| !v.is_empty())
 }
 
 /// The window for `auth_failures_per_minute`.
@@ -167,12 +75,12 @@ pub async fn authenticate(
     hub: &crate::Hub,
     token: &str,
     peer: Option<IpAddr>,
-) -> Result<Caller, ApiError> {
+) -> Result<Caller, Error> {
     let now = Instant::now();
     let limit = hub.config.auth_failures_per_minute;
     if peer.is_some_and(|ip| hub.auth_failures.blocked(ip, now, limit)) {
-        return Err(ApiError::new(
-            axum::http::StatusCode::TOO_MANY_REQUESTS,
+        return Err(Error::new(
+            Kind::TooManyRequests,
             "too_many_failures",
             "too many failed authentications from this address; try again in a minute",
         ));
@@ -186,21 +94,21 @@ pub async fn authenticate(
     result
 }
 
-async fn check_token(hub: &crate::Hub, token: &str) -> Result<Caller, ApiError> {
+async fn check_token(hub: &crate::Hub, token: &str) -> Result<Caller, Error> {
     if token.is_empty() {
-        return Err(ApiError::unauthorized("missing bearer token"));
+        return Err(Error::unauthorized("missing bearer token"));
     }
     if token.len() > 256 {
-        return Err(ApiError::unauthorized("malformed token"));
+        return Err(Error::unauthorized("malformed token"));
     }
     let record = hub
         .store
         .find_api_token(&token_hash(token))
         .await
-        .map_err(ApiError::from)?
-        .ok_or_else(|| ApiError::unauthorized("invalid token"))?;
+        .map_err(Error::from)?
+        .ok_or_else(|| Error::unauthorized("invalid token"))?;
     if record.expires_at.is_some_and(|at| at <= now_ms()) {
-        return Err(ApiError::unauthorized("token expired"));
+        return Err(Error::unauthorized("token expired"));
     }
     Ok(Caller {
         admin: hub
@@ -209,6 +117,11 @@ async fn check_token(hub: &crate::Hub, token: &str) -> Result<Caller, ApiError> 
         owner_id: record.owner_id,
         email: record.email,
     })
+}
+
+/// Hash under which enrollment and API tokens are stored: hex SHA-256, never the token.
+pub fn token_hash(token: &str) -> String {
+    ca::fingerprint(token.as_bytes())
 }
 
 /// Mints a new API token for `owner_id` (signed in with `email`, if verified); only its
@@ -332,7 +245,7 @@ impl Tickets {
         workspace: Uuid,
         purpose: Purpose,
         now: i64,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, Error> {
         self.verify_scoped(ticket, &workspace.to_string(), purpose.as_str(), now)
     }
 
@@ -343,9 +256,9 @@ impl Tickets {
         scope: &str,
         purpose: &str,
         now: i64,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, Error> {
         use base64::Engine;
-        let bad = || ApiError::unauthorized("invalid or expired ticket");
+        let bad = || Error::unauthorized("invalid or expired ticket");
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let body = ticket.strip_prefix("wst_").ok_or_else(bad)?;
         let (payload, tag) = body.rsplit_once('.').ok_or_else(bad)?;
@@ -419,15 +332,5 @@ mod tests {
         assert!(!tickets.check_csrf("wsh_session_a", "not base64!"));
         let other = Tickets::new(&[2; 32]);
         assert!(!other.check_csrf("wsh_session_a", &csrf));
-    }
-
-    #[test]
-    fn cookies_are_found_by_exact_name() {
-        let mut headers = axum::http::HeaderMap::new();
-        headers.append("cookie", "a=1; wsh_session_x=2".parse().unwrap());
-        headers.append("cookie", "wsh_session=abc".parse().unwrap());
-        assert_eq!(cookie(&headers, SESSION_COOKIE), Some("abc"));
-        assert_eq!(cookie(&headers, "a"), Some("1"));
-        assert_eq!(cookie(&headers, "b"), None);
     }
 }

@@ -11,10 +11,10 @@
 //! asks the other replicas what they know of the agents they hold (the `agent` field and
 //! port list of the API).
 
-use crate::agents::{CONTROL_FRAME_LIMIT, FIRST_MESSAGE_TIMEOUT, close, refuse_stream};
+use crate::base::workspace::{Status, Workspace, now_ms};
+use crate::links::agents::{CONTROL_FRAME_LIMIT, FIRST_MESSAGE_TIMEOUT, close, refuse_stream};
 use crate::store::{AgentRoute, ReplicaRecord};
-use crate::workspace::{Status, Workspace, now_ms};
-use crate::{AppState, Hub, ca};
+use crate::{AppState, Hub, base::ca};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::close::CloseCode;
 use protocol::peer::{PeerAgentView, PeerMsg};
@@ -516,9 +516,9 @@ async fn peer_stream(
         .await;
     };
     // Streams through a leaving replica end as its own do.
-    let cut = crate::clients::cut_when_draining(&hub, &inner);
+    let cut = crate::links::clients::cut_when_draining(&hub, &inner);
     let agent = AgentPath::Local(agent);
-    if let Err(e) = crate::clients::splice(agent, &inner, send, recv, cut).await {
+    if let Err(e) = crate::links::clients::splice(agent, &inner, send, recv, cut).await {
         tracing::debug!(workspace = %open.workspace_id, error = %e, "peer stream ended");
     }
 }
@@ -531,7 +531,7 @@ const EVENT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// per replica, in order (replicas only).
 pub async fn forward_events(
     hub: AppState,
-    mut events: tokio::sync::mpsc::Receiver<std::sync::Arc<crate::events::WorkspaceEvent>>,
+    mut events: tokio::sync::mpsc::Receiver<std::sync::Arc<crate::domain::events::WorkspaceEvent>>,
 ) {
     let mut streams: HashMap<String, quinn::SendStream> = HashMap::new();
     let mut leaving_told = false;
@@ -590,8 +590,8 @@ async fn open_events(hub: &Hub, replica: &ReplicaRecord) -> Option<quinn::SendSt
 }
 
 /// An event as it travels between replicas: a port list is read from the registry now.
-fn peer_event(hub: &Hub, ev: &crate::events::WorkspaceEvent) -> protocol::peer::PeerEvent {
-    use crate::events::Detail;
+fn peer_event(hub: &Hub, ev: &crate::domain::events::WorkspaceEvent) -> protocol::peer::PeerEvent {
+    use crate::domain::events::Detail;
     protocol::peer::PeerEvent {
         workspace_id: ev.workspace_id.to_string(),
         kind: ev.kind.to_owned(),
@@ -612,7 +612,7 @@ fn peer_event(hub: &Hub, ev: &crate::events::WorkspaceEvent) -> protocol::peer::
 /// Publishes another replica's events to this one's subscribers, after checking each;
 /// when that replica says it is leaving, drops the idle preview connections through it.
 async fn receive_events(hub: &Hub, replica: &str, mut recv: FramedRecv) {
-    use crate::events::{Detail, WorkspaceEvent};
+    use crate::domain::events::{Detail, WorkspaceEvent};
     use protocol::peer::PeerMsg;
     loop {
         let ev = match recv.expect::<PeerMsg>().await {

@@ -10,9 +10,9 @@
 //! It runs when the hub starts and then every `reconcile_interval`.
 
 use crate::Hub;
-use crate::lifecycle;
+use crate::base::workspace::{Status, Workspace};
+use crate::domain::lifecycle;
 use crate::provider::Observed;
-use crate::workspace::{Status, Workspace};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

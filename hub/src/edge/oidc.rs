@@ -11,8 +11,8 @@
 //! browser that started it), `nonce` and PKCE challenge; `GET /login/callback` swaps the
 //! code for an ID token, verifies it, and starts a hub session for its subject (`sub`).
 
-use crate::api::ApiError;
-use crate::ca;
+use crate::base::ca;
+use crate::edge::api::ApiError;
 use axum::http::StatusCode;
 use base64::Engine;
 use serde::Deserialize;
@@ -319,7 +319,7 @@ impl Issuer {
         if !claims.aud.contains(audience) {
             return Err(TokenError::Audience);
         }
-        let now = crate::workspace::now_ms() / 1000;
+        let now = crate::base::workspace::now_ms() / 1000;
         if claims.exp + LEEWAY_SECS <= now {
             return Err(TokenError::Expired);
         }
@@ -361,7 +361,7 @@ const LOGIN_GRANT: &str = "oidc-login";
 pub struct Oidc {
     pub issuer: Issuer,
     client_id: String,
-    client_secret: Option<crate::config::Secret>,
+    client_secret: Option<crate::base::secret::Secret>,
 }
 
 impl std::fmt::Debug for Oidc {
@@ -388,7 +388,7 @@ pub struct Identity {
 }
 
 impl Oidc {
-    pub fn new(config: &crate::config::OidcConfig) -> anyhow::Result<Self> {
+    pub fn new(config: &OidcConfig) -> anyhow::Result<Self> {
         Ok(Self {
             issuer: Issuer::new(&config.issuer)?,
             client_id: config.client_id.clone(),
@@ -416,7 +416,7 @@ impl Oidc {
             nonce: nonce.clone(),
         })
         .map_err(|e| ApiError::internal("sign-in", e))?;
-        let now = crate::workspace::now_ms();
+        let now = crate::base::workspace::now_ms();
         store
             .put_grant(
                 LOGIN_GRANT,
@@ -464,7 +464,7 @@ impl Oidc {
             return Err(expired());
         }
         let pending = store
-            .take_grant(LOGIN_GRANT, state, None, crate::workspace::now_ms())
+            .take_grant(LOGIN_GRANT, state, None, crate::base::workspace::now_ms())
             .await?
             .ok_or_else(expired)?;
         let pending: PendingLogin = serde_json::from_str(&pending).map_err(|_| expired())?;
@@ -530,6 +530,33 @@ impl Oidc {
             subject: claims.sub,
         })
     }
+}
+
+fn google() -> String {
+    "https://accounts.google.com".into()
+}
+
+/// Browser sign-in through an OpenID Connect issuer (`[oidc]`); Google by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    #[serde(default = "google")]
+    pub issuer: String,
+    pub client_id: String,
+    /// Or `WORKSPACE_HUB_OIDC_CLIENT_SECRET` in the environment.
+    #[serde(default)]
+    pub client_secret: Option<crate::base::secret::Secret>,
+}
+
+/// Cloud Scheduler's OIDC tokens for `POST /cleanup` (`[cleanup_oidc]`): the token must
+/// come from `issuer`, name `audience`, and belong to the `service_account` e-mail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    #[serde(default = "google")]
+    pub issuer: String,
+    pub audience: String,
+    pub service_account: String,
 }
 
 #[cfg(test)]

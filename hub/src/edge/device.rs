@@ -4,11 +4,11 @@
 //! `device`, keyed by the user code, ten minutes), so any replica answers any step; a device
 //! code yields at most one token.
 
-use crate::api::{ApiError, ValidJson};
-use crate::auth::Caller;
+use crate::base::workspace::now_ms;
+use crate::domain::auth::Caller;
+use crate::edge::api::{ApiError, ValidJson};
 use crate::store::StoreError;
-use crate::workspace::now_ms;
-use crate::{AppState, ca};
+use crate::{AppState, base::ca};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -70,11 +70,11 @@ fn encode(pending: &Pending) -> Result<String, ApiError> {
     serde_json::to_string(pending).map_err(|e| ApiError::internal("device sign-in", e))
 }
 
-#[utoipa::path(post, path = "/login/device", tag = "auth", responses((status = 200, description = "A code pair for `wsh login`", body = DeviceCode), (status = 503, description = "No free sign-in code; try again", body = crate::api::ErrorBody)))]
+#[utoipa::path(post, path = "/login/device", tag = "auth", responses((status = 200, description = "A code pair for `wsh login`", body = DeviceCode), (status = 503, description = "No free sign-in code; try again", body = crate::edge::api::ErrorBody)))]
 pub async fn start(State(hub): State<AppState>) -> Result<Json<DeviceCode>, ApiError> {
     let secret = ca::hex(&ca::random_bytes::<32>());
     let payload = encode(&Pending {
-        secret_hash: crate::agents::token_hash(&secret),
+        secret_hash: crate::domain::auth::token_hash(&secret),
         approved_by: None,
     })?;
     let now = now_ms();
@@ -118,7 +118,7 @@ pub struct Approve {
     pub user_code: String,
 }
 
-#[utoipa::path(post, path = "/login/device/approve", tag = "auth", security(("bearer" = [])), request_body = Approve, responses((status = 204, description = "Approved: the CLI receives a token for you"), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such pending code", body = crate::api::ErrorBody)))]
+#[utoipa::path(post, path = "/login/device/approve", tag = "auth", security(("bearer" = [])), request_body = Approve, responses((status = 204, description = "Approved: the CLI receives a token for you"), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such pending code", body = crate::edge::api::ErrorBody)))]
 pub async fn approve(
     State(hub): State<AppState>,
     caller: Caller,
@@ -167,7 +167,7 @@ pub struct DeviceToken {
     pub expires_at: String,
 }
 
-#[utoipa::path(post, path = "/login/device/token", tag = "auth", request_body = Poll, responses((status = 200, description = "Approved: a new API token (once)", body = DeviceToken), (status = 400, description = "`authorization_pending`, `expired_token` or an unknown code", body = crate::api::ErrorBody)))]
+#[utoipa::path(post, path = "/login/device/token", tag = "auth", request_body = Poll, responses((status = 200, description = "Approved: a new API token (once)", body = DeviceToken), (status = 400, description = "`authorization_pending`, `expired_token` or an unknown code", body = crate::edge::api::ErrorBody)))]
 pub async fn poll(
     State(hub): State<AppState>,
     ValidJson(req): ValidJson<Poll>,
@@ -191,7 +191,7 @@ pub async fn poll(
         .await?
         .ok_or_else(unknown)?;
     let pending: Pending = serde_json::from_str(&current).map_err(|_| unknown())?;
-    let given = crate::agents::token_hash(secret);
+    let given = crate::domain::auth::token_hash(secret);
     if aws_lc_rs::constant_time::verify_slices_are_equal(
         given.as_bytes(),
         pending.secret_hash.as_bytes(),
@@ -217,7 +217,7 @@ pub async fn poll(
         return Err(unknown());
     }
     let expires_at = now + 90 * 24 * 3600 * 1000;
-    let token = crate::auth::mint_api_token(
+    let token = crate::domain::auth::mint_api_token(
         &hub,
         &owner,
         email.as_deref(),
@@ -230,6 +230,6 @@ pub async fn poll(
     Ok(Json(DeviceToken {
         token,
         owner_id: owner,
-        expires_at: crate::api::rfc3339(expires_at),
+        expires_at: crate::edge::api::rfc3339(expires_at),
     }))
 }

@@ -2,11 +2,11 @@
 //!
 //! `workspace-hub dev` creates it with rcgen on first start and keeps it in the state folder
 //! (`ca.key`, mode 0600; `ca.pem`); `serve` takes it from the configured identity
-//! ([`crate::identity`]). It issues the hub's QUIC server certificate on every start and a client
+//! ([`crate::base::identity`]). It issues the hub's QUIC server certificate on every start and a client
 //! certificate for each agent at enrollment. The certificate's subject CN is the workspace
 //! id, which is how a reconnecting agent is recognised.
 
-use crate::fsutil::{write_private, write_public};
+use crate::base::fsutil::{write_private, write_public};
 use anyhow::{Context, Result, bail, ensure};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,

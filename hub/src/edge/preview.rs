@@ -15,9 +15,9 @@
 //! headers are dropped, `X-Forwarded-*` is set, and the hub's own credentials (its cookies,
 //! the bearer token) never reach the workspace.
 
-use crate::api::ApiError;
-use crate::auth::{SESSION_COOKIE, bearer, cookie};
-use crate::workspace::{ShareLink, SharingChange, Visibility, Workspace, now_ms};
+use crate::base::workspace::{ShareLink, SharingChange, Visibility, Workspace, now_ms};
+use crate::edge::api::ApiError;
+use crate::edge::caller::{SESSION_COOKIE, bearer, cookie};
 use crate::{AppState, Hub};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -364,11 +364,11 @@ pub async fn path_form(
 
     // API clients: a bearer token, proxied right here.
     if let Some(token) = bearer(req.headers()) {
-        let caller = crate::auth::authenticate(&hub, token, peer).await?;
+        let caller = crate::domain::auth::authenticate(&hub, token, peer).await?;
         let ws = hub.store.get_workspace(id).await?;
         let ws = match caller.authorize(ws.clone()) {
             Ok(ws) => ws,
-            Err(e) if ws.sharing.visibility(port) == Visibility::Private => return Err(e),
+            Err(e) if ws.sharing.visibility(port) == Visibility::Private => return Err(e.into()),
             Err(_) => ws,
         };
         return proxy(&hub, &ws, port, req, rest, Some(prefix)).await;
@@ -385,7 +385,7 @@ pub async fn path_form(
     })?;
     let visibility = ws.sharing.visibility(port);
     let grounds = if let Some(secret) = query_param(&req, "share") {
-        let hash = crate::agents::token_hash(&secret);
+        let hash = crate::domain::auth::token_hash(&secret);
         let link = ws
             .sharing
             .links
@@ -400,21 +400,21 @@ pub async fn path_form(
     } else {
         let session = cookie(req.headers(), SESSION_COOKIE)
             .ok_or_else(|| ApiError::unauthorized("sign in to open this preview"))?;
-        let caller = crate::auth::authenticate(&hub, session, peer).await?;
+        let caller = crate::domain::auth::authenticate(&hub, session, peer).await?;
         match caller.authorize(ws.clone()) {
             Ok(_) if caller.owner_id == ws.owner_id => format!("owner:{}", caller.owner_id),
             Ok(_) => format!("admin:{}", caller.owner_id),
             Err(_) if visibility == Visibility::Authenticated => {
                 format!("user:{}", caller.owner_id)
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
     let (ticket, _) = hub.tickets.issue_scoped(
         &scope(id, port),
         &grounds,
         "preview-entry",
-        now_ms() + crate::auth::TICKET_TTL_MS,
+        now_ms() + crate::domain::auth::TICKET_TTL_MS,
     );
     let next = rest
         .split_once('?')
@@ -639,15 +639,15 @@ async fn proxy(
 
 /// An HTTP/1.1 connection to `port` over a new forward stream to the workspace's agent, on
 /// this replica or through another (named in the answer). An agent moving between replicas
-/// is looked for again for up to [`crate::peers::AGENT_RETURN_WAIT`].
+/// is looked for again for up to [`crate::links::peers::AGENT_RETURN_WAIT`].
 async fn connect_port(
     hub: &Hub,
     ws: &Workspace,
     port: u16,
 ) -> Result<(Sender, Option<String>), ApiError> {
-    let deadline = tokio::time::Instant::now() + crate::peers::AGENT_RETURN_WAIT;
+    let deadline = tokio::time::Instant::now() + crate::links::peers::AGENT_RETURN_WAIT;
     loop {
-        let agent = crate::peers::agent_path_waiting(hub, ws)
+        let agent = crate::links::peers::agent_path_waiting(hub, ws)
             .await
             .ok_or_else(|| ApiError::agent_offline(ws.status))?;
         let via = agent.replica().map(str::to_owned);
@@ -668,7 +668,7 @@ async fn connect_port(
 const AGENT_MOVED: &str = "agent_moved";
 
 /// Opens a forward stream to `port` and an HTTP/1.1 connection over it.
-async fn connect(agent: crate::peers::AgentPath, port: u16) -> Result<Sender, ApiError> {
+async fn connect(agent: crate::links::peers::AgentPath, port: u16) -> Result<Sender, ApiError> {
     // Ask the agent for the port.
     let (mut send, recv) = agent
         .open_bi()
@@ -680,7 +680,7 @@ async fn connect(agent: crate::peers::AgentPath, port: u16) -> Result<Sender, Ap
     )
     .await
     .map_err(|e| bad_gateway("agent_unreachable", e.to_string()))?;
-    let mut recv = FramedRecv::with_limit(recv, crate::agents::CONTROL_FRAME_LIMIT);
+    let mut recv = FramedRecv::with_limit(recv, crate::links::agents::CONTROL_FRAME_LIMIT);
     match tokio::time::timeout(REPLY_TIMEOUT, recv.expect::<StreamReply>()).await {
         Ok(Ok(StreamReply::Accepted(_))) => {}
         Ok(Ok(StreamReply::Refused(r))) if r.reason == StreamRefusal::Moved => {
@@ -755,7 +755,7 @@ fn sharing_view(hub: &Hub, ws: &Workspace, port: u16) -> PortSharing {
             .filter(|l| l.port == port && l.expires_at > now)
             .map(|l| ShareLinkView {
                 id: l.id.clone(),
-                expires_at: crate::api::rfc3339(l.expires_at),
+                expires_at: crate::edge::api::rfc3339(l.expires_at),
                 url: None,
             })
             .collect(),
@@ -764,7 +764,7 @@ fn sharing_view(hub: &Hub, ws: &Workspace, port: u16) -> PortSharing {
 
 async fn owned_port(
     hub: &Hub,
-    caller: &crate::auth::Caller,
+    caller: &crate::domain::auth::Caller,
     id: &str,
     port: &str,
 ) -> Result<(Workspace, u16), ApiError> {
@@ -773,22 +773,22 @@ async fn owned_port(
     Ok((ws, port_param(port)?))
 }
 
-#[utoipa::path(get, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), responses((status = 200, description = "Who may open the port's preview", body = PortSharing), (status = 400, description = "Bad port", body = crate::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::api::ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), responses((status = 200, description = "Who may open the port's preview", body = PortSharing), (status = 400, description = "Bad port", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn get_sharing(
     State(hub): State<AppState>,
-    caller: crate::auth::Caller,
+    caller: crate::domain::auth::Caller,
     Path((id, port)): Path<(String, String)>,
 ) -> Result<axum::Json<PortSharing>, ApiError> {
     let (ws, port) = owned_port(&hub, &caller, &id, &port).await?;
     Ok(axum::Json(sharing_view(&hub, &ws, port)))
 }
 
-#[utoipa::path(put, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), request_body = SetSharing, responses((status = 200, description = "Updated", body = PortSharing), (status = 400, description = "Bad port or body", body = crate::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::api::ErrorBody)))]
+#[utoipa::path(put, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), request_body = SetSharing, responses((status = 200, description = "Updated", body = PortSharing), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn set_sharing(
     State(hub): State<AppState>,
-    caller: crate::auth::Caller,
+    caller: crate::domain::auth::Caller,
     Path((id, port)): Path<(String, String)>,
-    crate::api::ValidJson(req): crate::api::ValidJson<SetSharing>,
+    crate::edge::api::ValidJson(req): crate::edge::api::ValidJson<SetSharing>,
 ) -> Result<axum::Json<PortSharing>, ApiError> {
     let (ws, port) = owned_port(&hub, &caller, &id, &port).await?;
     let ws = hub
@@ -811,12 +811,12 @@ pub struct CreateLink {
     pub expires_in_secs: Option<u64>,
 }
 
-#[utoipa::path(post, path = "/workspaces/{id}/ports/{port}/links", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), request_body = CreateLink, responses((status = 201, description = "A share link (its URL is shown only now)", body = ShareLinkView), (status = 400, description = "Bad port or body", body = crate::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::api::ErrorBody)))]
+#[utoipa::path(post, path = "/workspaces/{id}/ports/{port}/links", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), request_body = CreateLink, responses((status = 201, description = "A share link (its URL is shown only now)", body = ShareLinkView), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn create_link(
     State(hub): State<AppState>,
-    caller: crate::auth::Caller,
+    caller: crate::domain::auth::Caller,
     Path((id, port)): Path<(String, String)>,
-    crate::api::ValidJson(req): crate::api::ValidJson<CreateLink>,
+    crate::edge::api::ValidJson(req): crate::edge::api::ValidJson<CreateLink>,
 ) -> Result<(StatusCode, axum::Json<ShareLinkView>), ApiError> {
     let (ws, port) = owned_port(&hub, &caller, &id, &port).await?;
     let secs = req.expires_in_secs.unwrap_or(24 * 3600);
@@ -825,11 +825,14 @@ pub async fn create_link(
             "expires_in_secs must be between 60 and 2592000",
         ));
     }
-    let secret = format!("wsl_{}", crate::ca::hex(&crate::ca::random_bytes::<24>()));
+    let secret = format!(
+        "wsl_{}",
+        crate::base::ca::hex(&crate::base::ca::random_bytes::<24>())
+    );
     let link = ShareLink {
-        id: crate::ca::hex(&crate::ca::random_bytes::<8>()),
+        id: crate::base::ca::hex(&crate::base::ca::random_bytes::<8>()),
         port,
-        secret_hash: crate::agents::token_hash(&secret),
+        secret_hash: crate::domain::auth::token_hash(&secret),
         expires_at: now_ms() + secs as i64 * 1000,
     };
     hub.store
@@ -839,7 +842,7 @@ pub async fn create_link(
         StatusCode::CREATED,
         axum::Json(ShareLinkView {
             id: link.id,
-            expires_at: crate::api::rfc3339(link.expires_at),
+            expires_at: crate::edge::api::rfc3339(link.expires_at),
             url: Some(format!(
                 "{}/preview/{}/{port}/?share={secret}",
                 hub.public_url, ws.id
@@ -848,10 +851,10 @@ pub async fn create_link(
     ))
 }
 
-#[utoipa::path(delete, path = "/workspaces/{id}/ports/{port}/links/{link}", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port"), ("link" = String, Path, description = "Share link id")), responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or bad token", body = crate::api::ErrorBody), (status = 404, description = "No such workspace or link", body = crate::api::ErrorBody)))]
+#[utoipa::path(delete, path = "/workspaces/{id}/ports/{port}/links/{link}", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port"), ("link" = String, Path, description = "Share link id")), responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace or link", body = crate::edge::api::ErrorBody)))]
 pub async fn revoke_link(
     State(hub): State<AppState>,
-    caller: crate::auth::Caller,
+    caller: crate::domain::auth::Caller,
     Path((id, port, link)): Path<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let (ws, port) = owned_port(&hub, &caller, &id, &port).await?;

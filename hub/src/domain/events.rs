@@ -6,7 +6,7 @@
 //! the full port list is never queued: [`Detail::Ports`] says "send the ports as they are
 //! now"). A subscriber that falls behind is not handed a backlog: it gets a fresh snapshot.
 
-use crate::workspace::Status;
+use crate::base::workspace::Status;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;

@@ -7,11 +7,13 @@
 //! holds for that workspace; its first stream is the control stream (hello, heartbeats).
 //! The hub never interprets bytes on any other stream.
 
-use crate::ca;
-use crate::events::{Detail, WorkspaceEvent};
+use crate::Hub;
+use crate::base::ca;
+use crate::base::workspace::{Status, Workspace, now_ms};
+use crate::domain::agent::{AgentInfo, CheckoutView};
+use crate::domain::auth::token_hash;
+use crate::domain::events::{Detail, WorkspaceEvent};
 use crate::store::{StoreError, TokenRejection};
-use crate::workspace::{Status, Workspace, now_ms};
-use crate::{AppState, Hub};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::close::CloseCode;
 use protocol::control::ControlMsg;
@@ -19,7 +21,6 @@ use protocol::enroll::{EnrollMsg, EnrollRefusal, EnrollRefused, EnrollRequest, I
 use protocol::liveness::Liveness;
 use protocol::stream::{Accepted, StreamHeader, StreamRefusal, StreamRefused, StreamReply};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -34,57 +35,6 @@ pub(crate) const CONTROL_FRAME_LIMIT: usize = 64 * 1024;
 pub(crate) const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `last_connected_at` is written at most this often per workspace while connected.
 const LAST_CONNECTED_WRITE_INTERVAL: Duration = Duration::from_secs(60);
-
-/// What the hub knows about a connected agent.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct AgentInfo {
-    pub connected_since: i64,
-    pub agent_version: String,
-    pub hostname: String,
-    pub protocol_version: u16,
-    pub remote_addr: String,
-    /// Clients attached to the agent's terminal sessions (from its last activity report).
-    pub attached_clients: u32,
-    /// When the agent last saw terminal input, in the hub's clock (Unix ms).
-    pub last_input_at: Option<i64>,
-    /// The repository checkout, as the agent last reported it.
-    pub checkout: Option<CheckoutView>,
-}
-
-/// A repository checkout's state, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct CheckoutView {
-    /// `cloning`, `done` or `failed`.
-    pub state: &'static str,
-    pub message: String,
-    pub path: String,
-}
-
-impl From<&protocol::control::CheckoutStatus> for CheckoutView {
-    fn from(s: &protocol::control::CheckoutStatus) -> Self {
-        use protocol::control::CheckoutState;
-        Self {
-            state: match s.state {
-                CheckoutState::Cloning => "cloning",
-                CheckoutState::Done => "done",
-                CheckoutState::Failed => "failed",
-            },
-            message: s.message.chars().take(1024).collect(),
-            path: s.path.chars().take(4096).collect(),
-        }
-    }
-}
-
-impl AgentInfo {
-    /// The last moment of use this report shows: now while clients are attached.
-    pub fn active_at(&self, now: i64) -> Option<i64> {
-        if self.attached_clients > 0 {
-            Some(now)
-        } else {
-            self.last_input_at
-        }
-    }
-}
 
 struct Connected {
     info: AgentInfo,
@@ -411,39 +361,6 @@ pub(crate) fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
     conn.close(quinn::VarInt::from_u32(code.code()), reason.as_bytes());
 }
 
-/// Hash under which enrollment and API tokens are stored.
-pub fn token_hash(token: &str) -> String {
-    ca::hex(&Sha256::digest(token.as_bytes()))
-}
-
-/// Serves one incoming QUIC connection to completion.
-pub async fn handle_incoming(hub: AppState, incoming: quinn::Incoming) {
-    let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e @ (quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)) => {
-            tracing::debug!(%remote, error = %e, "quic handshake abandoned");
-            return;
-        }
-        Err(e) => {
-            // A wrong CA, a wrong ALPN, a broken TLS stack: worth an operator's eye.
-            tracing::info!(%remote, error = %e, "quic handshake failed");
-            return;
-        }
-    };
-    match link::alpn(&conn).as_deref() {
-        Some(protocol::ALPN_CLIENT) => {
-            return crate::clients::client_connection(&hub, conn, remote).await;
-        }
-        Some(protocol::ALPN_PEER) => return crate::peers::peer_connection(hub, conn, remote).await,
-        _ => {}
-    }
-    match link::peer_certificate(&conn) {
-        None => enrollment_connection(&hub, conn, remote).await,
-        Some(cert) => agent_connection(&hub, conn, remote, &cert).await,
-    }
-}
-
 /// Reads the header of the first stream a peer opens.
 async fn first_stream(
     conn: &quinn::Connection,
@@ -486,7 +403,7 @@ pub(crate) fn close_for(conn: &quinn::Connection, remote: SocketAddr, err: &Link
     }
 }
 
-async fn enrollment_connection(hub: &Hub, conn: quinn::Connection, remote: SocketAddr) {
+pub(crate) async fn enrollment_connection(hub: &Hub, conn: quinn::Connection, remote: SocketAddr) {
     let (mut send, mut recv, header) =
         match timeout(FIRST_MESSAGE_TIMEOUT, first_stream(&conn)).await {
             Ok(Ok(first)) => first,
@@ -635,7 +552,12 @@ async fn authorize_agent(hub: &Hub, cert: &[u8]) -> Result<Workspace, &'static s
     }
 }
 
-async fn agent_connection(hub: &Hub, conn: quinn::Connection, remote: SocketAddr, cert: &[u8]) {
+pub(crate) async fn agent_connection(
+    hub: &Hub,
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    cert: &[u8],
+) {
     let workspace = match authorize_agent(hub, cert).await {
         Ok(ws) => ws,
         Err(why) => {
@@ -715,7 +637,7 @@ async fn control_session(
     let protocol_version = welcome.protocol_version;
     send_msg(&mut send, &ControlMsg::Welcome(welcome)).await?;
 
-    let epoch = crate::peers::new_epoch();
+    let epoch = crate::links::peers::new_epoch();
     let session = hub.agents.insert(
         workspace_id,
         AgentInfo {
@@ -731,7 +653,7 @@ async fn control_session(
         conn.clone(),
         epoch,
     );
-    crate::peers::hold(hub, workspace_id, epoch).await;
+    crate::links::peers::hold(hub, workspace_id, epoch).await;
     tracing::info!(%remote, workspace = %workspace_id, agent_version = %hello.agent_version, "agent connected");
     let mut touches = Touches::new(workspace, session);
     // Connection time first, so a workspace that reads READY also says when it connected.
@@ -751,7 +673,7 @@ async fn control_session(
 
     let result = heartbeat_loop(hub, conn, protocol_version, &mut touches, &mut send, recv).await;
     touches.record(hub, Instant::now(), true).await;
-    crate::peers::release(hub, workspace_id, epoch).await;
+    crate::links::peers::release(hub, workspace_id, epoch).await;
     let removed = hub.agents.remove(workspace_id, session);
     if removed.is_some() {
         hub.previews.forget(workspace_id);

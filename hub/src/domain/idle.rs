@@ -4,9 +4,9 @@
 //! own timer). Activity comes only from what agents report and from keep-awake leases.
 
 use crate::Hub;
-use crate::agents::AgentInfo;
-use crate::lifecycle;
-use crate::workspace::{Status, Workspace};
+use crate::base::workspace::{Status, Workspace};
+use crate::domain::agent::AgentInfo;
+use crate::domain::lifecycle;
 use serde::Serialize;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -163,7 +163,7 @@ pub async fn sweep(hub: &Arc<Hub>, now: i64) -> Result<SweepReport, crate::store
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workspace::{IdlePolicy, Metadata};
+    use crate::base::workspace::{IdlePolicy, Metadata};
     use std::time::Duration;
 
     const MIN: i64 = 60_000;

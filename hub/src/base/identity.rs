@@ -17,7 +17,7 @@
 //! are signed by the new CA and pin both (the trust bundle), so they keep working once the
 //! previous CA is removed. README, "Rotating the hub CA", has the procedure.
 
-use crate::ca::HubCa;
+use crate::base::ca::HubCa;
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use serde::Deserialize;
@@ -254,11 +254,11 @@ impl Identity {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let (ca, key_pem) = HubCa::generate()?;
         let b64 = base64::engine::general_purpose::STANDARD;
-        crate::fsutil::write_public(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
-        crate::fsutil::write_private(&dir.join("ca.key"), key_pem.as_bytes())?;
+        crate::base::fsutil::write_public(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
+        crate::base::fsutil::write_private(&dir.join("ca.key"), key_pem.as_bytes())?;
         for name in ["ticket.key", "reset.key"] {
-            let key = b64.encode(crate::ca::random_bytes::<MIN_KEY_BYTES>()) + "\n";
-            crate::fsutil::write_private(&dir.join(name), key.as_bytes())?;
+            let key = b64.encode(crate::base::ca::random_bytes::<MIN_KEY_BYTES>()) + "\n";
+            crate::base::fsutil::write_private(&dir.join(name), key.as_bytes())?;
         }
         Ok(())
     }
@@ -273,8 +273,8 @@ fn raw_key(path: &Path) -> Result<Vec<u8>> {
             path.display()
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = crate::ca::random_bytes::<MIN_KEY_BYTES>().to_vec();
-            crate::fsutil::write_private(path, &key)?;
+            let key = crate::base::ca::random_bytes::<MIN_KEY_BYTES>().to_vec();
+            crate::base::fsutil::write_private(path, &key)?;
             Ok(key)
         }
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),

@@ -5,9 +5,10 @@
 //! (`HttpOnly`, `SameSite=Lax`, `Secure` when the hub's public URL is https), so sessions
 //! and CLI tokens share one store, one expiry rule and one revocation path.
 
-use crate::api::{ApiError, ErrorBody};
-use crate::auth::{Caller, SESSION_COOKIE, cookie};
-use crate::{AppState, Hub, ca};
+use crate::domain::auth::Caller;
+use crate::edge::api::{ApiError, ErrorBody};
+use crate::edge::caller::{SESSION_COOKIE, cookie};
+use crate::{AppState, Hub, base::ca};
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -30,7 +31,7 @@ const LINK_PURPOSE: &str = "login-link";
 /// signs in once.
 pub fn login_link(hub: &Hub, subject: &str) -> String {
     let nonce = ca::hex(&ca::random_bytes::<16>());
-    let expires = crate::workspace::now_ms() + LINK_TTL.as_millis() as i64;
+    let expires = crate::base::workspace::now_ms() + LINK_TTL.as_millis() as i64;
     hub.tickets
         .issue_scoped(&format!("login-{nonce}"), subject, LINK_PURPOSE, expires)
         .0
@@ -39,7 +40,7 @@ pub fn login_link(hub: &Hub, subject: &str) -> String {
 /// The subject of a genuine, unexpired, unused link; marks it used.
 async fn redeem_link(hub: &Hub, code: &str) -> Result<String, ApiError> {
     let unknown = || ApiError::unauthorized("this sign-in link is unknown, used or expired");
-    let now = crate::workspace::now_ms();
+    let now = crate::base::workspace::now_ms();
     let scope = code
         .strip_prefix("wst_")
         .and_then(|body| body.split('.').next())
@@ -91,16 +92,21 @@ async fn start_session(
     subject: &str,
     email: Option<&str>,
 ) -> Result<HeaderValue, ApiError> {
-    let expires_at = crate::workspace::now_ms() + SESSION_TTL.as_millis() as i64;
-    let token =
-        crate::auth::mint_api_token(hub, subject, email, "browser session", Some(expires_at))
-            .await
-            .map_err(|e| ApiError::internal("start session", e))?;
+    let expires_at = crate::base::workspace::now_ms() + SESSION_TTL.as_millis() as i64;
+    let token = crate::domain::auth::mint_api_token(
+        hub,
+        subject,
+        email,
+        "browser session",
+        Some(expires_at),
+    )
+    .await
+    .map_err(|e| ApiError::internal("start session", e))?;
     tracing::info!(owner = %subject, "browser signed in");
     Ok(cookie_header(hub, SESSION_COOKIE, &token, "/", SESSION_TTL))
 }
 
-fn oidc(hub: &Hub) -> Result<&crate::oidc::Oidc, ApiError> {
+fn oidc(hub: &Hub) -> Result<&crate::edge::oidc::Oidc, ApiError> {
     hub.oidc.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -209,7 +215,7 @@ pub async fn whoami(
     caller: Caller,
 ) -> Json<SessionView> {
     let csrf_token = match (
-        crate::auth::bearer(&headers),
+        crate::edge::caller::bearer(&headers),
         cookie(&headers, SESSION_COOKIE),
     ) {
         (None, Some(session)) => Some(hub.tickets.csrf(session)),
@@ -233,7 +239,7 @@ pub async fn logout(
     if let Some(session) = cookie(&headers, SESSION_COOKIE) {
         match hub
             .store
-            .delete_api_token(&crate::agents::token_hash(session))
+            .delete_api_token(&crate::domain::auth::token_hash(session))
             .await
         {
             Ok(()) | Err(crate::store::StoreError::NotFound) => {}

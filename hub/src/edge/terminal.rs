@@ -12,8 +12,8 @@
 //! - text, client -> server: JSON `{"type": "resize", "cols", "rows"}` or `{"type": "close"}`.
 
 use crate::AppState;
-use crate::api::ApiError;
-use crate::auth::{Caller, Purpose};
+use crate::domain::auth::{Caller, Purpose};
+use crate::edge::api::ApiError;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
@@ -70,8 +70,12 @@ pub async fn terminal(
     let workspace = match (caller, &query.ticket) {
         (Some(caller), _) => caller.authorize(hub.store.get_workspace(id).await?)?,
         (None, Some(ticket)) => {
-            hub.tickets
-                .verify(ticket, id, Purpose::Terminal, crate::workspace::now_ms())?;
+            hub.tickets.verify(
+                ticket,
+                id,
+                Purpose::Terminal,
+                crate::base::workspace::now_ms(),
+            )?;
             hub.store.get_workspace(id).await?
         }
         (None, None) => return Err(ApiError::unauthorized("missing bearer token or ticket")),
@@ -83,7 +87,7 @@ pub async fn terminal(
     {
         return Err(ApiError::invalid("session must be 1 to 64 characters"));
     }
-    let conn = crate::peers::agent_path_waiting(&hub, &workspace)
+    let conn = crate::links::peers::agent_path_waiting(&hub, &workspace)
         .await
         .ok_or_else(|| ApiError::agent_offline(workspace.status))?;
     let draining = hub.draining.clone();
@@ -142,7 +146,7 @@ fn to_browser(msg: PtyMsg) -> (Option<Message>, bool) {
 
 async fn bridge(
     draining: tokio_util::sync::CancellationToken,
-    conn: crate::peers::AgentPath,
+    conn: crate::links::peers::AgentPath,
     query: TerminalQuery,
     mut socket: WebSocket,
 ) -> Result<(), LinkError> {

@@ -1,13 +1,14 @@
 //! The HTTP API and web UI. [`app`] builds the router; [`ApiError`] is the one error type,
 //! rendered as `{"error": {"code", "message"}}` with the matching status.
 
-use crate::agents::{AgentInfo, token_hash};
-use crate::auth::Caller;
-use crate::events::{self, Detail, WorkspaceEvent};
-use crate::lifecycle::{self, CreateRequest};
+use crate::base::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
+use crate::domain::agent::AgentInfo;
+use crate::domain::auth::Caller;
+use crate::domain::auth::token_hash;
+use crate::domain::events::{self, Detail, WorkspaceEvent};
+use crate::domain::lifecycle::{self, CreateRequest};
 use crate::store::StoreError;
-use crate::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
-use crate::{AppState, Hub, idle, reconcile};
+use crate::{AppState, Hub, domain::idle, domain::reconcile};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::HeaderMap;
@@ -46,42 +47,48 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/ports", get(workspace_ports))
         .route(
             "/workspaces/{id}/ports/{port}/sharing",
-            get(crate::preview::get_sharing).put(crate::preview::set_sharing),
+            get(crate::edge::preview::get_sharing).put(crate::edge::preview::set_sharing),
         )
         .route(
             "/workspaces/{id}/ports/{port}/links",
-            post(crate::preview::create_link),
+            post(crate::edge::preview::create_link),
         )
         .route(
             "/workspaces/{id}/ports/{port}/links/{link}",
-            axum::routing::delete(crate::preview::revoke_link),
+            axum::routing::delete(crate::edge::preview::revoke_link),
         )
-        .route("/preview/{id}/{port}", any(crate::preview::path_form))
-        .route("/preview/{id}/{port}/", any(crate::preview::path_form))
+        .route("/preview/{id}/{port}", any(crate::edge::preview::path_form))
+        .route(
+            "/preview/{id}/{port}/",
+            any(crate::edge::preview::path_form),
+        )
         .route(
             "/preview/{id}/{port}/{*rest}",
-            any(crate::preview::path_form),
+            any(crate::edge::preview::path_form),
         )
         .route("/workspaces/{id}/keep-awake", post(keep_awake))
         .route("/workspaces/{id}/tickets", post(create_ticket))
         .route("/cleanup", post(cleanup))
         .route("/tokens", get(list_tokens).post(create_token))
-        .route("/login", get(crate::session::login))
-        .route("/login/callback", get(crate::session::callback))
-        .route("/login/once", get(crate::session::once))
-        .route("/session", get(crate::session::whoami))
-        .route("/logout", post(crate::session::logout))
-        .route("/login/device", post(crate::device::start))
-        .route("/login/device/approve", post(crate::device::approve))
-        .route("/login/device/token", post(crate::device::poll))
+        .route("/login", get(crate::edge::session::login))
+        .route("/login/callback", get(crate::edge::session::callback))
+        .route("/login/once", get(crate::edge::session::once))
+        .route("/session", get(crate::edge::session::whoami))
+        .route("/logout", post(crate::edge::session::logout))
+        .route("/login/device", post(crate::edge::device::start))
+        .route("/login/device/approve", post(crate::edge::device::approve))
+        .route("/login/device/token", post(crate::edge::device::poll))
         .route("/tokens/{id}", axum::routing::delete(revoke_token))
-        .route("/workspaces/{id}/terminal", get(crate::terminal::terminal))
-        .route("/terminal/{id}", get(crate::terminal::terminal))
+        .route(
+            "/workspaces/{id}/terminal",
+            get(crate::edge::terminal::terminal),
+        )
+        .route("/terminal/{id}", get(crate::edge::terminal::terminal))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             hub.clone(),
-            crate::preview::by_host,
+            crate::edge::preview::by_host,
         ))
         .layer(axum::middleware::from_fn_with_state(
             hub.clone(),
@@ -141,8 +148,8 @@ impl ApiError {
     /// No path to the workspace's agent. For a READY workspace that is a passing condition
     /// (its agent is moving between replicas or reconnecting): 503, retry. Otherwise the
     /// workspace is not running: 409.
-    pub fn agent_offline(status: crate::workspace::Status) -> Self {
-        if status == crate::workspace::Status::Ready {
+    pub fn agent_offline(status: crate::base::workspace::Status) -> Self {
+        if status == crate::base::workspace::Status::Ready {
             Self::retry_later(
                 "agent_offline",
                 "the workspace's agent is reconnecting; retry",
@@ -197,21 +204,25 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound => ApiError::not_found("workspace"),
-            StoreError::Conflict { current } => ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("workspace is {}", current.as_str()),
-            ),
-            StoreError::OverQuota { .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", e.to_string())
-            }
-            StoreError::AlreadyExists => {
-                ApiError::new(StatusCode::CONFLICT, "already_exists", "already exists")
-            }
-            StoreError::Backend(e) => ApiError::internal("store", e),
-        }
+        crate::domain::error::Error::from(e).into()
+    }
+}
+
+impl From<crate::domain::error::Error> for ApiError {
+    fn from(e: crate::domain::error::Error) -> Self {
+        use crate::domain::error::Kind;
+        let status = match e.kind {
+            Kind::Invalid => StatusCode::BAD_REQUEST,
+            Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Conflict => StatusCode::CONFLICT,
+            Kind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Upstream => StatusCode::BAD_GATEWAY,
+            Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.code(), e.message())
     }
 }
 
@@ -250,11 +261,11 @@ pub struct ErrorDetail {
         healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
         create_token, list_tokens, revoke_token, create_ticket, workspace_ports,
-        crate::preview::get_sharing, crate::preview::set_sharing, crate::preview::create_link,
-        crate::preview::revoke_link,
-        crate::device::start, crate::device::approve, crate::device::poll,
-        crate::session::login, crate::session::callback, crate::session::once,
-        crate::session::whoami, crate::session::logout
+        crate::edge::preview::get_sharing, crate::edge::preview::set_sharing, crate::edge::preview::create_link,
+        crate::edge::preview::revoke_link,
+        crate::edge::device::start, crate::edge::device::approve, crate::edge::device::poll,
+        crate::edge::session::login, crate::edge::session::callback, crate::edge::session::once,
+        crate::edge::session::whoami, crate::edge::session::logout
     ),
     modifiers(&BearerAuth)
 )]
@@ -425,7 +436,7 @@ pub fn rfc3339(ms: i64) -> String {
 /// The workspaces as the API shows them, with their agents wherever they are connected.
 async fn views(hub: &crate::Hub, list: Vec<Workspace>) -> Vec<WorkspaceView> {
     let ids: Vec<Uuid> = list.iter().map(|ws| ws.id).collect();
-    let mut remote = crate::peers::remote_agents(hub, &ids).await;
+    let mut remote = crate::links::peers::remote_agents(hub, &ids).await;
     list.into_iter()
         .map(|ws| {
             let agent = remote.remove(&ws.id).map(|r| r.agent);
@@ -604,7 +615,7 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 /// Loads a workspace the caller may act on.
 async fn owned(hub: &crate::Hub, caller: &Caller, id: &str) -> Result<Workspace, ApiError> {
     let id = parse_id(id)?;
-    caller.authorize(hub.store.get_workspace(id).await?)
+    Ok(caller.authorize(hub.store.get_workspace(id).await?)?)
 }
 
 /// Checks an `Idempotency-Key` header: 1 to 255 visible ASCII characters.
@@ -854,7 +865,7 @@ async fn snapshot(
         status: None,
         reason: None,
         at: now_ms(),
-        detail: match crate::peers::remote_agent(hub, ws.id).await {
+        detail: match crate::links::peers::remote_agent(hub, ws.id).await {
             Some(remote) => {
                 Detail::Json(json!({"state": "all", "ports": port_list(&remote.ports)}))
             }
@@ -899,7 +910,7 @@ fn port_list(ports: &serde_json::Value) -> serde_json::Value {
         .unwrap_or_default()
 }
 
-#[utoipa::path(get, path = "/workspaces/{id}/ports", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Listening ports, as the agent reports them (empty while it is not connected)", body = crate::agents::Ports), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/ports", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Listening ports, as the agent reports them (empty while it is not connected)", body = crate::links::agents::Ports), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_ports(
     State(hub): State<AppState>,
     caller: Caller,
@@ -907,7 +918,7 @@ async fn workspace_ports(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let ws = owned(&hub, &caller, &id).await?;
     // Held here, or by no replica: none answers, and the local (maybe empty) list stands.
-    if let Some(remote) = crate::peers::remote_agent(&hub, ws.id).await {
+    if let Some(remote) = crate::links::peers::remote_agent(&hub, ws.id).await {
         return Ok(Json(remote.ports));
     }
     Ok(Json(json!(hub.agents.ports(ws.id))))
@@ -917,7 +928,7 @@ async fn workspace_ports(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TicketRequest {
-    pub purpose: crate::auth::Purpose,
+    pub purpose: crate::domain::auth::Purpose,
 }
 
 /// A scoped session ticket: one workspace, one purpose, one minute.
@@ -994,7 +1005,7 @@ async fn create_token(
         )));
     }
     let expires_at = now_ms() + secs as i64 * 1000;
-    let token = crate::auth::mint_api_token(
+    let token = crate::domain::auth::mint_api_token(
         &hub,
         &caller.owner_id,
         caller.email.as_deref(),
@@ -1092,7 +1103,11 @@ async fn cleanup(
     State(hub): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_scheduler(&hub, crate::auth::bearer(&headers).unwrap_or_default()).await?;
+    check_scheduler(
+        &hub,
+        crate::edge::caller::bearer(&headers).unwrap_or_default(),
+    )
+    .await?;
     let now = now_ms();
     let reconciled = reconcile::reconcile(&hub, now)
         .await

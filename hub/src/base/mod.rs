@@ -1,0 +1,8 @@
+//! The lowest layer: the workspace record, the hub's CA and identity, file helpers. Imports
+//! nothing else of the hub.
+
+pub mod ca;
+pub mod fsutil;
+pub mod identity;
+pub mod secret;
+pub mod workspace;

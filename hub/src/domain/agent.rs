@@ -1,0 +1,54 @@
+//! What the hub knows about a connected agent, as the API and idle clean-up see it.
+
+use serde::Serialize;
+
+/// What the hub knows about a connected agent.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AgentInfo {
+    pub connected_since: i64,
+    pub agent_version: String,
+    pub hostname: String,
+    pub protocol_version: u16,
+    pub remote_addr: String,
+    /// Clients attached to the agent's terminal sessions (from its last activity report).
+    pub attached_clients: u32,
+    /// When the agent last saw terminal input, in the hub's clock (Unix ms).
+    pub last_input_at: Option<i64>,
+    /// The repository checkout, as the agent last reported it.
+    pub checkout: Option<CheckoutView>,
+}
+
+/// A repository checkout's state, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CheckoutView {
+    /// `cloning`, `done` or `failed`.
+    pub state: &'static str,
+    pub message: String,
+    pub path: String,
+}
+
+impl From<&protocol::control::CheckoutStatus> for CheckoutView {
+    fn from(s: &protocol::control::CheckoutStatus) -> Self {
+        use protocol::control::CheckoutState;
+        Self {
+            state: match s.state {
+                CheckoutState::Cloning => "cloning",
+                CheckoutState::Done => "done",
+                CheckoutState::Failed => "failed",
+            },
+            message: s.message.chars().take(1024).collect(),
+            path: s.path.chars().take(4096).collect(),
+        }
+    }
+}
+
+impl AgentInfo {
+    /// The last moment of use this report shows: now while clients are attached.
+    pub fn active_at(&self, now: i64) -> Option<i64> {
+        if self.attached_clients > 0 {
+            Some(now)
+        } else {
+            self.last_input_at
+        }
+    }
+}
