@@ -50,6 +50,24 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A port free for TCP and UDP on 127.0.0.1, below the kernel's ephemeral range (32768 and
+/// up here), so that no client socket (a test's thousand agents rebinding, say) can take it
+/// while a hub that owns it restarts.
+pub fn stable_port() -> Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..200 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free below the ephemeral range")
+}
+
 /// A free TCP port on 127.0.0.1 (bound and let go).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -490,7 +508,11 @@ async fn spawn_hub(
     let _ = std::fs::remove_file(&hub_json);
     let (http, quic) = match addrs {
         Some(l) => (l.http.to_string(), l.quic.to_string()),
-        None => ("127.0.0.1:0".into(), "127.0.0.1:0".into()),
+        // Ports a restart can have again (see `stable_port`).
+        None => (
+            format!("127.0.0.1:{}", stable_port()?),
+            format!("127.0.0.1:{}", stable_port()?),
+        ),
     };
     let log = std::fs::OpenOptions::new()
         .create(true)
