@@ -103,19 +103,42 @@ pub async fn connect(
     config: &AgentConfig,
     endpoint: &quinn::Endpoint,
     client: quinn::ClientConfig,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, ConnectFailed> {
+    let failed = |message: String| ConnectFailed {
+        message,
+        refused: false,
+    };
     let addr = tokio::net::lookup_host(&config.hub_addr)
         .await
-        .map_err(|e| format!("resolve {}: {e}", config.hub_addr))?
+        .map_err(|e| failed(format!("resolve {}: {e}", config.hub_addr)))?
         .next()
-        .ok_or_else(|| format!("resolve {}: no address", config.hub_addr))?;
+        .ok_or_else(|| failed(format!("resolve {}: no address", config.hub_addr)))?;
     let connecting = endpoint
         .connect_with(client, addr, &config.server_name)
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| failed(format!("connect: {e}")))?;
     match tokio::time::timeout(config.connect_timeout, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(format!("connect to {addr}: {e}")),
-        Err(_) => Err(format!("connect to {addr}: timed out")),
+        Ok(Err(e)) => Err(ConnectFailed {
+            refused: matches!(&e, quinn::ConnectionError::ConnectionClosed(close)
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+            message: format!("connect to {addr}: {e}"),
+        }),
+        Err(_) => Err(failed(format!("connect to {addr}: timed out"))),
+    }
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+pub struct ConnectFailed {
+    pub message: String,
+    /// The server refused the connection at once, as a hub replica that is leaving does:
+    /// another attempt from a new port reaches another replica.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
@@ -141,7 +164,7 @@ pub async fn enroll(
     .map_err(|e| EnrollError::Fatal(AgentError::Config(e.to_string())))?;
     let conn = connect(config, endpoint, client)
         .await
-        .map_err(EnrollError::Retry)?;
+        .map_err(|e| EnrollError::Retry(e.message))?;
     let result = async {
         let (mut send, recv) = conn.open_bi().await.map_err(LinkError::from)?;
         let mut recv = FramedRecv::with_limit(recv, 64 * 1024);

@@ -116,6 +116,12 @@ fn new_endpoint() -> Result<quinn::Endpoint, AgentError> {
         .map_err(|e| AgentError::Endpoint(e.to_string()))
 }
 
+/// How many refused connections in a row (hub replicas that are leaving) the agent answers
+/// with a quick retry from a new port before falling back to its backoff: during a rolling
+/// restart the balancer may pick a leaving replica a few times, and a backoff grown on
+/// those would keep the agent away long after the restart is over.
+const QUICK_RETRIES: u32 = 10;
+
 impl Agent {
     /// An agent with its own UDP socket.
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
@@ -232,6 +238,8 @@ impl Agent {
         let client = identity
             .client_config(&self.config)
             .map_err(|e| AgentError::Config(e.to_string()))?;
+        // Refusals in a row answered by a quick retry (see `QUICK_RETRIES`).
+        let mut refusals = 0;
         loop {
             match session::connect_and_serve(self, &client, &shutdown).await {
                 session::End::Shutdown => return Ok(()),
@@ -239,17 +247,45 @@ impl Agent {
                 session::End::Moving => {
                     tracing::info!("the hub replica is leaving: connecting again");
                     backoff.reset();
+                    refusals = 0;
                     self.emit(AgentEvent::Disconnected("moved by the hub".into()));
                     self.rebind();
                 }
-                session::End::Lost { reason, was_up } => {
-                    if was_up {
-                        backoff.reset();
-                        self.emit(AgentEvent::Disconnected(reason.clone()));
-                    } else {
-                        // The replica the balancer picked may be leaving: pick again.
-                        self.rebind();
+                session::End::Refused(reason) if refusals < QUICK_RETRIES => {
+                    // A replica that is leaving: a new port, so the balancer picks again, and
+                    // soon (the backoff is for a hub that is down, not for one saying "not
+                    // me").
+                    refusals += 1;
+                    self.rebind();
+                    let delay =
+                        std::time::Duration::from_millis(50 + (Self::jitter() * 200.0) as u64);
+                    tracing::info!(%reason, retry_in = ?delay, "refused by a leaving hub replica");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
                     }
+                }
+                session::End::Refused(reason)
+                | session::End::Lost {
+                    reason,
+                    was_up: false,
+                } => {
+                    // The replica the balancer picked may be leaving: pick again.
+                    self.rebind();
+                    let delay = backoff.next_delay(Self::jitter());
+                    tracing::info!(%reason, retry_in = ?delay, "link to hub lost");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                session::End::Lost {
+                    reason,
+                    was_up: true,
+                } => {
+                    backoff.reset();
+                    refusals = 0;
+                    self.emit(AgentEvent::Disconnected(reason.clone()));
                     let delay = backoff.next_delay(Self::jitter());
                     tracing::info!(%reason, retry_in = ?delay, "link to hub lost");
                     tokio::select! {

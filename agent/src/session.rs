@@ -25,6 +25,8 @@ pub enum End {
         reason: String,
         was_up: bool,
     },
+    /// The hub refused the connection at once (a replica that is leaving).
+    Refused(String),
 }
 
 fn lost(reason: impl ToString, was_up: bool) -> End {
@@ -62,6 +64,7 @@ pub async fn connect_and_serve(
     let conn = tokio::select! {
         conn = connect(&agent.config, &endpoint, client.clone()) => match conn {
             Ok(conn) => conn,
+            Err(e) if e.refused => return End::Refused(e.message),
             Err(e) => return lost(e, false),
         },
         _ = shutdown.cancelled() => return End::Shutdown,
