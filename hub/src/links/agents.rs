@@ -672,9 +672,17 @@ async fn control_session(
     }
 
     let result = heartbeat_loop(hub, conn, protocol_version, &mut touches, &mut send, recv).await;
-    touches.record(hub, Instant::now(), true).await;
-    crate::links::peers::release(hub, workspace_id, epoch).await;
+    touches.collect(hub);
     let removed = hub.agents.remove(workspace_id, session);
+    if removed == Some(true) {
+        // It moved to another replica, which records its connection and its route as it
+        // arrives: only activity not written yet is left to write. (A leaving replica
+        // would otherwise wait on two store writes per agent before it may exit.)
+        touches.record_activity(hub).await;
+    } else {
+        touches.record(hub, Instant::now(), true).await;
+        crate::links::peers::release(hub, workspace_id, epoch).await;
+    }
     if removed.is_some() {
         hub.previews.forget(workspace_id);
     }
@@ -716,6 +724,8 @@ struct Touches {
     /// When the stored values were last written (by this session or, roughly, before it).
     written: Option<Instant>,
     pending_active: Option<i64>,
+    /// The last activity time written.
+    written_active: Option<i64>,
 }
 
 impl Touches {
@@ -728,15 +738,32 @@ impl Touches {
             session,
             written: age_ms.and_then(|age| Instant::now().checked_sub(Duration::from_millis(age))),
             pending_active: None,
+            written_active: None,
+        }
+    }
+
+    /// Takes the agent's last activity from the registry (while its entry is there).
+    fn collect(&mut self, hub: &Hub) {
+        if let Some(at) = hub.agents.active_at(self.id, now_ms()) {
+            self.pending_active = self.pending_active.max(Some(at));
+        }
+    }
+
+    /// Writes the activity not written yet, if any (not the connection time).
+    async fn record_activity(&mut self, hub: &Hub) {
+        let active = self.pending_active.take();
+        if active <= self.written_active {
+            return;
+        }
+        if let Err(e) = hub.store.touch(self.id, None, active).await {
+            tracing::warn!(workspace = %self.id, error = %e, "record last activity");
         }
     }
 
     /// `force` writes now whatever the interval (the agent is leaving).
     async fn record(&mut self, hub: &Hub, now: Instant, force: bool) {
         let wall = now_ms();
-        if let Some(at) = hub.agents.active_at(self.id, wall) {
-            self.pending_active = self.pending_active.max(Some(at));
-        }
+        self.collect(hub);
         if !force
             && self
                 .written
@@ -746,6 +773,7 @@ impl Touches {
         }
         self.written = Some(now);
         let active = self.pending_active.take();
+        self.written_active = self.written_active.max(active);
         if let Err(e) = hub.store.touch(self.id, Some(wall), active).await {
             tracing::warn!(workspace = %self.id, error = %e, "record last connection");
         }
