@@ -97,20 +97,56 @@ async fn the_openapi_document_covers_every_route() {
     assert_eq!(status, 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
-    for (path, verbs) in [
-        ("/workspaces", &["get", "post"][..]),
-        ("/workspaces/{id}", &["get", "delete"]),
-        ("/workspaces/{id}/stop", &["post"]),
-        ("/workspaces/{id}/start", &["post"]),
-        ("/workspaces/{id}/status", &["get"]),
-        ("/workspaces/{id}/events", &["get"]),
-        ("/workspaces/{id}/keep-awake", &["post"]),
-        ("/cleanup", &["post"]),
-    ] {
-        for verb in verbs {
+    // Every route of the router (read from its source, so a new one cannot be missed) is
+    // documented with each of its methods, and the document has nothing else.
+    let source = include_str!("../src/edge/api.rs");
+    let router = &source[source.find("pub fn app(").unwrap()..];
+    let router = &router[..router.find(".fallback(").unwrap()];
+    let mut routes = std::collections::BTreeMap::<String, Vec<&str>>::new();
+    for call in router.split(".route(").skip(1) {
+        let path = call.split('"').nth(1).unwrap();
+        // axum's `{*rest}`, and the bare trailing slash, are the document's `{path}`.
+        let path = match path.strip_suffix("{*rest}") {
+            Some(prefix) => format!("{prefix}{{path}}"),
+            None if path.len() > 1 && path.ends_with('/') => format!("{path}{{path}}"),
+            None => path.to_owned(),
+        };
+        let methods = routes.entry(path).or_default();
+        for (i, _) in call.match_indices('(') {
+            let name = call[..i]
+                .rsplit(|c: char| !c.is_ascii_alphabetic())
+                .next()
+                .unwrap();
+            match name {
+                "get" | "post" | "put" | "delete" => methods.push(name),
+                "any" => {
+                    methods.extend(["get", "put", "post", "delete", "patch", "head", "options"])
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(routes.len() > 30, "{routes:?}");
+    for (path, methods) in &routes {
+        assert!(
+            !methods.is_empty(),
+            "{path}: no method found in the router source"
+        );
+        for method in methods {
             assert!(
-                paths[path][verb].is_object(),
-                "{verb} {path} is not documented"
+                paths.get(path).is_some_and(|p| p[method].is_object()),
+                "{} {path} is served but not documented",
+                method.to_uppercase()
+            );
+        }
+    }
+    for (path, ops) in paths {
+        let served = routes.get(path).map(Vec::as_slice).unwrap_or_default();
+        for method in ops.as_object().unwrap().keys() {
+            assert!(
+                served.contains(&method.as_str()),
+                "{} {path} is documented but not served",
+                method.to_uppercase()
             );
         }
     }
@@ -252,4 +288,62 @@ async fn bad_requests_get_json_errors_and_the_hub_keeps_serving() {
     assert_eq!(ws.0, 201, "{}", ws.1);
     assert_eq!(ws.1["zone"], "europe-west1-b");
     assert_eq!(ws.1["metadata"]["branch"], "main");
+}
+
+#[tokio::test]
+async fn the_terminal_and_previews_answer_json_and_tell_a_stranger_nothing() {
+    let hub = TestHub::start_manual().await.unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap();
+    let missing = uuid::Uuid::new_v4();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let call = |path: String, token: Option<&str>| {
+        let mut req = http.get(hub.url(&path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            let body: Value = res.json().await.unwrap();
+            (
+                status,
+                body["error"]["code"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+    };
+    // The terminal is a WebSocket: a plain GET by its owner is told so, in JSON, and so is
+    // a bad query; a stranger gets the same 404 as for a workspace that does not exist.
+    let terminal = format!("/workspaces/{id}/terminal");
+    assert_eq!(
+        call(terminal.clone(), Some(&hub.token)).await,
+        (426, "upgrade_required".into())
+    );
+    assert_eq!(
+        call(format!("{terminal}?cols=wide"), Some(&hub.token)).await,
+        (400, "invalid_request".into())
+    );
+    let mallory = hub.mint_token("mallory").unwrap();
+    assert_eq!(
+        call(terminal.clone(), Some(&mallory)).await,
+        (404, "not_found".into())
+    );
+    assert_eq!(
+        call(format!("/workspaces/{missing}/terminal"), Some(&mallory)).await,
+        (404, "not_found".into())
+    );
+    assert_eq!(call(terminal, None).await, (401, "unauthorized".into()));
+    // A browser without a session: a private port and a workspace that does not exist
+    // look alike.
+    assert_eq!(
+        call(format!("/preview/{id}/3000/"), None).await,
+        (401, "unauthorized".into())
+    );
+    assert_eq!(
+        call(format!("/preview/{missing}/3000/"), None).await,
+        (401, "unauthorized".into())
+    );
 }

@@ -258,18 +258,65 @@ pub struct ErrorDetail {
 #[openapi(
     info(title = "Workspace Hub API", description = "Remote development workspaces: lifecycle, status and events. Any request may be answered `503` with `Retry-After` and error code `draining` while the hub (or the replica it reached) restarts: retry it."),
     paths(
-        healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
+        index, asset, ca_pem, openapi, healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
         create_token, list_tokens, revoke_token, create_ticket, workspace_ports,
         crate::edge::preview::get_sharing, crate::edge::preview::set_sharing, crate::edge::preview::create_link,
         crate::edge::preview::revoke_link,
         crate::edge::device::start, crate::edge::device::approve, crate::edge::device::poll,
         crate::edge::session::login, crate::edge::session::callback, crate::edge::session::once,
-        crate::edge::session::whoami, crate::edge::session::logout
+        crate::edge::session::whoami, crate::edge::session::logout,
+        crate::edge::terminal::terminal, crate::edge::preview::path_form
     ),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &Aliases)
 )]
 pub struct ApiDoc;
+
+/// The routes served at a second path, documented at both (with their own operation ids).
+const ALIASES: [(&str, &str); 3] = [
+    ("/terminal/{id}", "/workspaces/{id}/terminal"),
+    ("/preview/{id}", "/workspaces/{id}/events"),
+    ("/preview/{id}/{port}", "/preview/{id}/{port}/{path}"),
+];
+
+struct Aliases;
+
+impl utoipa::Modify for Aliases {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (alias, of) in ALIASES {
+            let Some(mut item) = openapi.paths.paths.get(of).cloned() else {
+                continue;
+            };
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.operation_id = op.operation_id.take().map(|id| format!("{id}_alias"));
+                op.description = Some(format!("The same as `{of}`."));
+                if let Some(params) = &mut op.parameters {
+                    params.retain(|p| match p {
+                        utoipa::openapi::RefOr::T(p) => !alias_drops(alias, &p.name),
+                        utoipa::openapi::RefOr::Ref(_) => true,
+                    });
+                }
+            }
+            openapi.paths.paths.insert(alias.to_owned(), item);
+        }
+    }
+}
+
+/// Whether the alias path lacks the parameter `name` of the path it stands for.
+fn alias_drops(alias: &str, name: &str) -> bool {
+    name == "path" && !alias.contains("{path}")
+}
 
 struct BearerAuth;
 
@@ -288,6 +335,7 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", responses((status = 200, description = "This document", body = Object)))]
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
@@ -320,11 +368,13 @@ async fn not_found() -> ApiError {
     ApiError::not_found("route")
 }
 
+#[utoipa::path(get, path = "/", tag = "meta", responses((status = 200, description = "The web UI", content_type = "text/html", body = String)))]
 async fn index() -> Html<&'static str> {
     Html(include_str!("web/index.html"))
 }
 
 /// The front-end files embedded in the binary.
+#[utoipa::path(get, path = "/assets/{file}", tag = "meta", params(("file" = String, Path, description = "`xterm.js`, `addon-fit.js` or `xterm.css`")), responses((status = 200, description = "The file", content((String = "text/javascript"), (String = "text/css"))), (status = 404, description = "No such asset", body = ErrorBody)))]
 async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
     let (body, content_type): (&'static [u8], &str) = match file.as_str() {
         "xterm.js" => (include_bytes!("web/vendor/xterm.js"), "text/javascript"),
@@ -344,6 +394,7 @@ async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
 
 /// The hub CA certificates (public): clients pin them for the hub's QUIC endpoint (two
 /// during a CA rotation).
+#[utoipa::path(get, path = "/ca.pem", tag = "meta", responses((status = 200, description = "The hub's CA certificates, PEM (two during a CA rotation)", content_type = "application/x-pem-file", body = String)))]
 async fn ca_pem(State(hub): State<AppState>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],

@@ -329,6 +329,21 @@ fn redirect(to: &str) -> Response {
 }
 
 /// `/preview/:id/:port` and `/preview/:id/:port/*rest`.
+#[utoipa::path(method(get, put, post, delete, patch, head, options), path = "/preview/{id}/{port}/{path}", tag = "ports",
+    security((), ("bearer" = [])),
+    description = "A workspace port's preview, path form (also `/preview/{id}/{port}` with no path). With a bearer token the request is proxied right here (a WebSocket upgrade too), and the answer is the dev server's own, whatever its status. Without one (browsers) the hub decides on what grounds the caller may open it (the port's visibility, a `share` link secret, the session cookie) and redirects (303) to the preview's own origin, which needs `preview_domain` in the hub config.",
+    params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port (1 to 65535)"), ("path" = String, Path, description = "Path on the dev server (may be empty and may hold `/`), with its query"),
+        ("share" = Option<String>, Query, description = "A share link's secret (browsers)")),
+    responses(
+        (status = 200, description = "The dev server's answer (any status it sends)"),
+        (status = 303, description = "Browsers: on to the preview's origin (`Location`)"),
+        (status = 400, description = "Bad port or path", body = crate::edge::api::ErrorBody),
+        (status = 401, description = "Missing or bad token, cookie or share link (a private port)", body = crate::edge::api::ErrorBody),
+        (status = 404, description = "No such workspace (or not yours), or `preview_domain_not_configured` for browsers", body = crate::edge::api::ErrorBody),
+        (status = 409, description = "No agent connected (`agent_offline`)", body = crate::edge::api::ErrorBody),
+        (status = 502, description = "`port_unreachable` (nothing listens), `agent_unreachable` or `bad_response`", body = crate::edge::api::ErrorBody),
+        (status = 503, description = "The agent is between hub replicas (`agent_offline` or `agent_moved`, with `Retry-After`)", body = crate::edge::api::ErrorBody),
+        (status = 504, description = "`preview_timeout`: the port sent no response in time", body = crate::edge::api::ErrorBody)))]
 pub async fn path_form(
     State(hub): State<AppState>,
     Path(params): Path<Vec<(String, String)>>,
@@ -375,7 +390,6 @@ pub async fn path_form(
     }
 
     // Browsers: decide on what grounds, then on to the preview's own origin.
-    let ws = hub.store.get_workspace(id).await?;
     let origin = origin(&hub, id, port).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -383,13 +397,21 @@ pub async fn path_form(
             "browser previews need preview_domain in the hub config",
         )
     })?;
-    let visibility = ws.sharing.visibility(port);
+    // Until the caller is known, a workspace that does not exist looks like a private
+    // port: a stranger learns nothing from the answer.
+    let ws = match hub.store.get_workspace(id).await {
+        Ok(ws) => Some(ws),
+        Err(crate::store::StoreError::NotFound) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let visibility = ws
+        .as_ref()
+        .map_or(Visibility::Private, |ws| ws.sharing.visibility(port));
     let grounds = if let Some(secret) = query_param(&req, "share") {
         let hash = crate::domain::auth::token_hash(&secret);
         let link = ws
-            .sharing
-            .links
             .iter()
+            .flat_map(|ws| &ws.sharing.links)
             .find(|l| l.secret_hash == hash && l.port == port && l.expires_at > now_ms())
             .ok_or_else(|| {
                 ApiError::unauthorized("this share link is unknown, revoked or expired")
@@ -401,6 +423,7 @@ pub async fn path_form(
         let session = cookie(req.headers(), SESSION_COOKIE)
             .ok_or_else(|| ApiError::unauthorized("sign in to open this preview"))?;
         let caller = crate::domain::auth::authenticate(&hub, session, peer).await?;
+        let ws = ws.ok_or_else(|| ApiError::not_found("workspace"))?;
         match caller.authorize(ws.clone()) {
             Ok(_) if caller.owner_id == ws.owner_id => format!("owner:{}", caller.owner_id),
             Ok(_) => format!("admin:{}", caller.owner_id),

@@ -14,6 +14,8 @@
 use crate::AppState;
 use crate::domain::auth::{Caller, Purpose};
 use crate::edge::api::ApiError;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
@@ -28,15 +30,20 @@ use uuid::Uuid;
 /// Largest WebSocket message a browser may send (keystrokes and pastes).
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct TerminalQuery {
     /// A session ticket (`POST /workspaces/:id/tickets`, purpose `terminal`): browsers
     /// cannot set headers on a WebSocket, and their API token stays out of the URL.
     pub ticket: Option<String>,
+    /// The terminal session to attach to (1 to 64 characters); a new one when absent.
     pub session: Option<String>,
+    /// Resume output at this byte offset (what the client has already shown).
     pub offset: Option<u64>,
+    /// Columns of a new session (default 80).
     #[serde(default = "default_cols")]
     pub cols: u16,
+    /// Rows of a new session (default 24).
     #[serde(default = "default_rows")]
     pub rows: u16,
 }
@@ -57,21 +64,35 @@ enum ClientControl {
 }
 
 /// `GET /workspaces/:id/terminal`: upgrades to a WebSocket bridged to a PTY stream.
+/// Who may open it is decided first, so a request that is not a WebSocket upgrade (or has
+/// a bad query) tells a stranger nothing either.
+#[utoipa::path(get, path = "/workspaces/{id}/terminal", tag = "terminals", security(("bearer" = [])),
+    description = "A WebSocket to a terminal session in the workspace (browsers pass `ticket`, others a bearer token). Messages: binary server→client `kind (1 byte) ++ offset (u64 BE) ++ bytes` (0 output, 1 a piece of the screen snapshot with more to come, 2 its last piece); text server→client JSON `opened`, `truncated`, `exit`, `error`; binary client→server keystrokes; text client→server JSON `{\"type\":\"resize\",\"cols\",\"rows\"}` or `{\"type\":\"close\"}`. Close code 1012 means the hub (replica) is restarting: reconnect with `offset`.",
+    params(("id" = String, Path, description = "Workspace id (UUID)"), TerminalQuery),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Bad query (`session` length, `cols`, `rows`, `offset`)", body = crate::edge::api::ErrorBody),
+        (status = 401, description = "Missing or bad token or ticket", body = crate::edge::api::ErrorBody),
+        (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody),
+        (status = 409, description = "No agent connected (`agent_offline`)", body = crate::edge::api::ErrorBody),
+        (status = 426, description = "Not a WebSocket upgrade (`upgrade_required`)", body = crate::edge::api::ErrorBody),
+        (status = 503, description = "The workspace is READY but its agent is between hub replicas (`agent_offline`, with `Retry-After`)", body = crate::edge::api::ErrorBody)))]
 pub async fn terminal(
     State(hub): State<AppState>,
     caller: Option<Caller>,
     Path(id): Path<String>,
-    Query(query): Query<TerminalQuery>,
-    ws: WebSocketUpgrade,
+    query: Result<Query<TerminalQuery>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
+    let ticket = query.as_ref().ok().and_then(|q| q.ticket.clone());
     // A bearer token (CLI, scripts) or a ticket for this workspace's terminal (browsers).
     // A ticket was issued only after the ownership check, for this workspace alone.
-    let workspace = match (caller, &query.ticket) {
+    let workspace = match (caller, ticket) {
         (Some(caller), _) => caller.authorize(hub.store.get_workspace(id).await?)?,
         (None, Some(ticket)) => {
             hub.tickets.verify(
-                ticket,
+                &ticket,
                 id,
                 Purpose::Terminal,
                 crate::base::workspace::now_ms(),
@@ -80,6 +101,14 @@ pub async fn terminal(
         }
         (None, None) => return Err(ApiError::unauthorized("missing bearer token or ticket")),
     };
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let ws = ws.map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            format!("this is a WebSocket endpoint: {}", e.body_text()),
+        )
+    })?;
     if query
         .session
         .as_ref()
