@@ -57,11 +57,12 @@ pub enum AgentEvent {
 /// An agent ready to run.
 pub struct Agent {
     config: AgentConfig,
-    /// The UDP socket connections come from; replaced by a new one (a new port) before
-    /// connecting again after a move or a failed attempt, when the agent owns it.
+    /// The UDP socket connections come from; replaced (a new port) before connecting again
+    /// after a move or a failed attempt.
     endpoint: std::sync::Mutex<quinn::Endpoint>,
-    /// Whether `endpoint` is this agent's own (not shared by many agents in one process).
-    own_endpoint: bool,
+    /// Where a replacement for `endpoint` comes from: `None` for a socket of its own, or
+    /// endpoints shared by many agents in one process.
+    shared: Option<Arc<EndpointPool>>,
     events: Option<UnboundedSender<AgentEvent>>,
     /// Terminal sessions; they outlive every connection to the hub.
     sessions: Arc<pty::Sessions>,
@@ -122,19 +123,52 @@ fn new_endpoint() -> Result<quinn::Endpoint, AgentError> {
 /// those would keep the agent away long after the restart is over.
 const QUICK_RETRIES: u32 = 10;
 
+/// Client endpoints shared by many agents in one process (fleet benchmarks: thousands of
+/// agents on a few sockets). An agent that would take a new port takes the next endpoint
+/// of the pool instead, so a balancer that pins flows by port picks a replica again, as it
+/// does for a real agent.
+#[derive(Debug)]
+pub struct EndpointPool {
+    endpoints: Vec<quinn::Endpoint>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl EndpointPool {
+    /// A pool of `endpoints` (at least one).
+    pub fn new(endpoints: Vec<quinn::Endpoint>) -> Arc<Self> {
+        assert!(!endpoints.is_empty(), "an endpoint pool needs an endpoint");
+        Arc::new(Self {
+            endpoints,
+            next: Default::default(),
+        })
+    }
+
+    /// The next endpoint, round robin.
+    pub fn next(&self) -> quinn::Endpoint {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.endpoints[i % self.endpoints.len()].clone()
+    }
+}
+
 impl Agent {
     /// An agent with its own UDP socket.
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
-        let mut agent = Self::with_endpoint(config, new_endpoint()?);
-        agent.own_endpoint = true;
-        Ok(agent)
+        Ok(Self::with(config, new_endpoint()?, None))
     }
 
-    /// An agent sharing an existing client endpoint (many agents in one process).
-    pub fn with_endpoint(config: AgentConfig, endpoint: quinn::Endpoint) -> Self {
+    /// An agent on the endpoints of `pool` (many agents in one process).
+    pub fn with_pool(config: AgentConfig, pool: Arc<EndpointPool>) -> Self {
+        Self::with(config, pool.next(), Some(pool))
+    }
+
+    fn with(
+        config: AgentConfig,
+        endpoint: quinn::Endpoint,
+        shared: Option<Arc<EndpointPool>>,
+    ) -> Self {
         Self {
             endpoint: std::sync::Mutex::new(endpoint),
-            own_endpoint: false,
+            shared,
             events: None,
             sessions: Arc::new(pty::Sessions::with_policy(
                 config.ring_bytes,
@@ -169,17 +203,21 @@ impl Agent {
             .clone()
     }
 
-    /// Gives the agent a new UDP port for its next connection (if it owns its socket), so
-    /// a load balancer that pins flows by port picks a hub replica again. Connections
-    /// still open keep the old socket.
+    /// Gives the agent a new UDP port for its next connection (a new socket, or the next
+    /// endpoint of its pool), so a load balancer that pins flows by port picks a hub
+    /// replica again. Connections still open keep the old socket.
     fn rebind(&self) {
-        if !self.own_endpoint {
-            return;
-        }
-        match new_endpoint() {
-            Ok(endpoint) => *self.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = endpoint,
-            Err(e) => tracing::warn!(error = %e, "new UDP socket; keeping the old one"),
-        }
+        let endpoint = match &self.shared {
+            Some(pool) => pool.next(),
+            None => match new_endpoint() {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    tracing::warn!(error = %e, "new UDP socket; keeping the old one");
+                    return;
+                }
+            },
+        };
+        *self.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = endpoint;
     }
 
     fn jitter() -> f64 {

@@ -143,7 +143,7 @@ impl Fleet {
 }
 
 async fn launch_fleet(workspaces: &[serde_json::Value], args: &Args) -> Fleet {
-    let endpoints: Vec<quinn::Endpoint> = (0..args.endpoints)
+    let endpoints = (0..args.endpoints)
         .map(|_| {
             let socket = link::bind_udp("127.0.0.1:0".parse().unwrap(), 16 << 20).unwrap();
             quinn::Endpoint::new(
@@ -155,14 +155,14 @@ async fn launch_fleet(workspaces: &[serde_json::Value], args: &Args) -> Fleet {
             .unwrap()
         })
         .collect();
+    let pool = agent::EndpointPool::new(endpoints);
     let sem = Arc::new(tokio::sync::Semaphore::new(args.launch_concurrency));
     let mut times = Vec::new();
     let mut agents = Vec::new();
-    for (i, ws) in workspaces.iter().enumerate() {
+    for ws in workspaces {
         let (config, dir) = harness::agent_config(ws).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let agent = agent::Agent::with_endpoint(config, endpoints[i % endpoints.len()].clone())
-            .with_events(tx);
+        let agent = agent::Agent::with_pool(config, pool.clone()).with_events(tx);
         let shutdown = tokio_util::sync::CancellationToken::new();
         let t = Arc::new(std::sync::Mutex::new(Times::default()));
         let permit = sem.clone().acquire_owned().await.unwrap();

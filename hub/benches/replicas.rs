@@ -5,13 +5,15 @@
 //! in a browser terminal, a preview `GET` (which reads the workspace from the store, here
 //! the emulator), and bulk `wsh forward` throughput (direct TCP as the floor).
 //!
-//! Then a fleet of N agents (real agent code, in this process, a UDP socket each) behind
-//! three replicas and nginx: SIGKILL of one replica (its agents connected again on the
+//! Then a fleet of N agents (real agent code, in this process, on a pool of shared UDP
+//! endpoints: an agent that would take a new port takes the next endpoint) behind three
+//! replicas and nginx: SIGKILL of one replica (its agents connected again on the
 //! others: p50 / p99 from the kill, and the survivors' CPU per reconnect), then a rolling
 //! restart of all three (SIGTERM, drain, start), against the same fleet reconnecting to a
 //! single hub after its SIGKILL and restart in the same run.
 //!
-//! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M] [--agents N]`
+//! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M] [--agents N]
+//! [--endpoints E] [--fleet-only 1]`
 
 use futures_util::{SinkExt, StreamExt};
 use harness::replicas::{Cluster, SharedStore, generate_identity, replica_config};
@@ -29,14 +31,24 @@ struct Args {
     samples: usize,
     bulk_mib: usize,
     agents: usize,
+    endpoints: usize,
+    fleet_only: bool,
 }
 
 fn parse_args() -> Args {
-    let a = harness::bench::BenchArgs::parse(&["--samples", "--bulk-mib", "--agents"]);
+    let a = harness::bench::BenchArgs::parse(&[
+        "--samples",
+        "--bulk-mib",
+        "--agents",
+        "--endpoints",
+        "--fleet-only",
+    ]);
     Args {
         samples: a.num("--samples", 2000, 20),
         bulk_mib: a.num("--bulk-mib", 512, 4),
-        agents: a.num("--agents", 1000, 12),
+        agents: a.num("--agents", 10_000, 12),
+        endpoints: a.num("--endpoints", 256, 6),
+        fleet_only: a.num("--fleet-only", 0u8, 0) != 0,
     }
 }
 
@@ -120,6 +132,14 @@ fn main() {
 }
 
 async fn run(args: Args) {
+    if !args.fleet_only {
+        hop(&args).await;
+    }
+    fleet(args.agents, args.endpoints).await;
+}
+
+/// The peer hop: each figure through the replica holding the agent and through the other.
+async fn hop(args: &Args) {
     let store = SharedStore::firestore("bench-replicas").expect("Firestore emulator");
     let identity = tempfile::tempdir().unwrap();
     generate_identity(identity.path()).unwrap();
@@ -247,7 +267,6 @@ async fn run(args: Args) {
     }
     drop(replicas);
     drop(store);
-    fleet(args.agents).await;
 }
 
 /// One agent's connections, as its events tell them.
@@ -259,29 +278,48 @@ struct Link {
     connects: usize,
 }
 
-/// In-process agents for the workspaces `created` (their configs), each on its own UDP
-/// socket as a real agent is (a new one for each new connection, so a load balancer that
-/// pins flows by port picks again).
+/// In-process agents for the workspaces `created` (their configs), on `endpoints` shared
+/// UDP endpoints (an agent that would take a new port, so that a load balancer pinning
+/// flows by port picks again, takes the next one). At most 128 are starting at a time, as
+/// a fleet of VMs does not boot in one instant.
 #[allow(clippy::type_complexity)]
-fn launch(
+async fn launch(
     created: &[serde_json::Value],
+    endpoints: usize,
 ) -> (
     Vec<Arc<Mutex<Link>>>,
     Vec<CancellationToken>,
     Vec<tempfile::TempDir>,
 ) {
+    let pool = agent::EndpointPool::new(
+        (0..endpoints)
+            .map(|_| {
+                let socket = link::bind_udp("127.0.0.1:0".parse().unwrap(), 4 << 20).unwrap();
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .unwrap()
+            })
+            .collect(),
+    );
+    let starting = Arc::new(tokio::sync::Semaphore::new(128));
     let (mut links, mut stops, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
     for ws in created {
         let (config, dir) = harness::agent_config(ws).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let agent = agent::Agent::new(config).unwrap().with_events(tx);
+        let agent = agent::Agent::with_pool(config, pool.clone()).with_events(tx);
         let link = Arc::new(Mutex::new(Link::default()));
         let watcher = link.clone();
+        let mut permit = Some(starting.clone().acquire_owned().await.unwrap());
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
                 let mut l = watcher.lock().unwrap();
                 match event {
                     agent::AgentEvent::Connected => {
+                        permit.take();
                         l.up = true;
                         l.connected = Some(Instant::now());
                         l.connects += 1;
@@ -391,7 +429,7 @@ async fn create(hub: &TestHub, n: usize) -> Vec<serde_json::Value> {
     out
 }
 
-async fn fleet(n: usize) {
+async fn fleet(n: usize, endpoints: usize) {
     let options = || HubOptions {
         provider: "manual".into(),
         heartbeat_interval: Duration::from_secs(2),
@@ -410,7 +448,7 @@ async fn fleet(n: usize) {
     {
         let mut hub = TestHub::start_with(options()).await.unwrap();
         let created = create(&hub, n).await;
-        let (links, _stops, _dirs) = launch(&created);
+        let (links, _stops, _dirs) = launch(&created, endpoints).await;
         until_all_up(&links, "single hub").await;
         let before = connects(&links);
         hub.kill();
@@ -437,7 +475,7 @@ async fn fleet(n: usize) {
         .await
         .unwrap();
     let created = create(c.any(), n).await;
-    let (links, _stops, _dirs) = launch(&created);
+    let (links, _stops, _dirs) = launch(&created, endpoints).await;
     until_all_up(&links, "three replicas").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
