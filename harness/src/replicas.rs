@@ -97,7 +97,8 @@ impl Cluster {
     }
 
     /// `count` replicas started with `options`; `top` holds more top-level lines of their
-    /// config, `options.config` more tables (it goes last).
+    /// config (a `reconcile_interval` there replaces the tests' quick one), `options.config`
+    /// more tables (it goes last).
     pub async fn start_with(count: usize, top: &str, options: HubOptions) -> Result<Self> {
         LoadBalancer::nginx()?;
         let store = SharedStore::firestore("cluster")?;
@@ -109,11 +110,14 @@ impl Cluster {
         let port = crate::nginx::free_shared_port()?;
         let mut replicas = Vec::new();
         for i in 0..count {
+            let mut own = replica_config(&store, identity.path(), &format!("replica-{i}"));
+            if top.contains("reconcile_interval") {
+                own = own.replace("reconcile_interval = \"200ms\"\n", "");
+            }
             let config = format!(
                 "peer_addr = \"127.0.0.1:0\"\nagent_hub_addr = \"127.0.0.1:{port}\"\n\
-                 workspaces_dir = \"{}\"\n{top}\n{}{}",
+                 workspaces_dir = \"{}\"\n{top}\n{own}{}",
                 workspaces.path().display(),
-                replica_config(&store, identity.path(), &format!("replica-{i}")),
                 options.config,
             );
             let mut replica = TestHub::start_with(HubOptions {

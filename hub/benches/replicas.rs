@@ -13,7 +13,7 @@
 //! single hub after its SIGKILL and restart in the same run.
 //!
 //! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M] [--agents N]
-//! [--endpoints E] [--fleet-only 1]`
+//! [--endpoints E] [--fleet-only 1] [--heartbeat-ms H]`
 
 use futures_util::{SinkExt, StreamExt};
 use harness::replicas::{Cluster, SharedStore, generate_identity, replica_config};
@@ -33,6 +33,8 @@ struct Args {
     agents: usize,
     endpoints: usize,
     fleet_only: bool,
+    /// The fleet's heartbeat interval (the timeout is three of them).
+    heartbeat: Duration,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +44,7 @@ fn parse_args() -> Args {
         "--agents",
         "--endpoints",
         "--fleet-only",
+        "--heartbeat-ms",
     ]);
     Args {
         samples: a.num("--samples", 2000, 20),
@@ -49,6 +52,7 @@ fn parse_args() -> Args {
         agents: a.num("--agents", 10_000, 12),
         endpoints: a.num("--endpoints", 256, 6),
         fleet_only: a.num("--fleet-only", 0u8, 0) != 0,
+        heartbeat: Duration::from_millis(a.num("--heartbeat-ms", 2000, 2000)),
     }
 }
 
@@ -135,7 +139,7 @@ async fn run(args: Args) {
     if !args.fleet_only {
         hop(&args).await;
     }
-    fleet(args.agents, args.endpoints).await;
+    fleet(args.agents, args.endpoints, args.heartbeat).await;
 }
 
 /// The peer hop: each figure through the replica holding the agent and through the other.
@@ -275,6 +279,8 @@ struct Link {
     up: bool,
     /// When it last connected.
     connected: Option<Instant>,
+    /// When it last noticed that its connection was gone.
+    lost: Option<Instant>,
     connects: usize,
 }
 
@@ -324,7 +330,10 @@ async fn launch(
                         l.connected = Some(Instant::now());
                         l.connects += 1;
                     }
-                    agent::AgentEvent::Disconnected(_) => l.up = false,
+                    agent::AgentEvent::Disconnected(_) => {
+                        l.up = false;
+                        l.lost = Some(Instant::now());
+                    }
                     agent::AgentEvent::Enrolled => {}
                 }
             }
@@ -405,14 +414,22 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
-/// Creates `n` workspaces through `hub` (32 at a time).
+/// Creates `n` workspaces through `hub` (32 at a time), for owners of 100 each (real owners
+/// hold tens: one owner with thousands would measure the quota check, which reads all of
+/// an owner's workspaces on every create).
 async fn create(hub: &TestHub, n: usize) -> Vec<serde_json::Value> {
-    let client = hub.client();
+    let mut clients = Vec::new();
+    for owner in 0..n.div_ceil(100) {
+        let mut client = hub.client();
+        client.token = hub.mint_token(&format!("fleet-{owner}")).unwrap();
+        clients.push(client);
+    }
     let mut out = Vec::new();
     for chunk in (0..n).collect::<Vec<_>>().chunks(32) {
         let mut tasks = tokio::task::JoinSet::new();
-        for _ in chunk {
-            let client = client.clone();
+        for &i in chunk {
+            // Round robin over the owners, so concurrent creates are mostly other owners'.
+            let client = clients[i % clients.len()].clone();
             tasks.spawn(async move {
                 let (status, body) = client
                     .api("POST", "/workspaces", Some(serde_json::json!({})))
@@ -429,11 +446,11 @@ async fn create(hub: &TestHub, n: usize) -> Vec<serde_json::Value> {
     out
 }
 
-async fn fleet(n: usize, endpoints: usize) {
+async fn fleet(n: usize, endpoints: usize, heartbeat: Duration) {
     let options = || HubOptions {
         provider: "manual".into(),
-        heartbeat_interval: Duration::from_secs(2),
-        heartbeat_timeout: Duration::from_secs(6),
+        heartbeat_interval: heartbeat,
+        heartbeat_timeout: heartbeat * 3,
         enrollment_ttl: Some(Duration::from_secs(3600)),
         config: format!(
             "[quotas]\nmax_workspaces = {}\nmax_running = {}\n",
@@ -471,9 +488,14 @@ async fn fleet(n: usize, endpoints: usize) {
         ));
     }
 
-    let mut c = Cluster::start_with(3, "drain_timeout = \"30s\"", options())
-        .await
-        .unwrap();
+    let mut c = Cluster::start_with(
+        3,
+        // Housekeeping at its usual pace, not the tests' quick one.
+        "drain_timeout = \"30s\"\nreconcile_interval = \"60s\"",
+        options(),
+    )
+    .await
+    .unwrap();
     let created = create(c.any(), n).await;
     let (links, _stops, _dirs) = launch(&created, endpoints).await;
     until_all_up(&links, "three replicas").await;
@@ -505,15 +527,31 @@ async fn fleet(n: usize, endpoints: usize) {
     let cpu = survivors.iter().map(|&p| cpu_secs(p)).sum::<f64>() - cpu0;
     let moved = reconnects(&links, &before, killed);
     let (p50, p99) = p50_p99(moved.clone());
+    // Where the time goes: until the agent noticed, then until it was connected again.
+    let (noticed, again): (Vec<Duration>, Vec<Duration>) = links
+        .iter()
+        .zip(&before)
+        .filter_map(|(l, &n)| {
+            let l = l.lock().unwrap();
+            let (lost, connected) = (l.lost?, l.connected?);
+            (l.connects > n && lost >= killed)
+                .then(|| (lost - killed, connected.saturating_duration_since(lost)))
+        })
+        .unzip();
+    let ((n50, n99), (a50, a99)) = (p50_p99(noticed), p50_p99(again));
     rows.push((
         format!(
             "3 replicas: SIGKILL one, its {} agents connected again on the others (from the kill)",
             moved.len()
         ),
         format!(
-            "p50 {:.0} / p99 {:.0} ms; {:.0} µs survivors' CPU per reconnect",
+            "p50 {:.0} / p99 {:.0} ms (noticed p50 {:.0} / p99 {:.0} ms, then connected p50 {:.0} / p99 {:.0} ms); {:.0} µs survivors' CPU per reconnect",
             p50,
             p99,
+            n50,
+            n99,
+            a50,
+            a99,
             cpu * 1e6 / moved.len().max(1) as f64
         ),
     ));
@@ -547,7 +585,10 @@ async fn fleet(n: usize, endpoints: usize) {
         ),
     ));
 
-    println!("\nreplicas: a fleet of {n} agents\n");
+    println!(
+        "\nreplicas: a fleet of {n} agents on {endpoints} endpoints, heartbeats every {:?}\n",
+        heartbeat
+    );
     println!("| figure | value |");
     println!("|---|---|");
     for (what, value) in rows {

@@ -653,12 +653,20 @@ async fn control_session(
         conn.clone(),
         epoch,
     );
-    crate::links::peers::hold(hub, workspace_id, epoch).await;
     tracing::info!(%remote, workspace = %workspace_id, agent_version = %hello.agent_version, "agent connected");
     let mut touches = Touches::new(workspace, session);
-    // Connection time first, so a workspace that reads READY also says when it connected.
-    touches.record(hub, Instant::now(), false).await;
-    mark_ready(hub, workspace).await;
+    // The store learns of the connection (its route, its time, READY) while the heartbeats
+    // already run: a hub waiting on a slow store must still answer them, or its agents give
+    // up on it, and a fleet arriving at once (a replica's death) would never settle.
+    let first = touches.due(hub, Instant::now(), false);
+    let mut writing: Option<StoreWrite<'_>> = Some(Box::pin(async move {
+        crate::links::peers::hold(hub, workspace_id, epoch).await;
+        // Connection time first, so a workspace that reads READY also says when it connected.
+        if let Some((wall, active)) = first {
+            touch(hub, workspace_id, Some(wall), active).await;
+        }
+        mark_ready(hub, workspace).await;
+    }));
     // The repository, on every connect: the agent does nothing if it is there already.
     if let Some(repo) = &workspace.metadata.repo
         && protocol_version >= protocol::ACTIVITY_SINCE_VERSION
@@ -671,7 +679,20 @@ async fn control_session(
         send_msg(&mut send, &ControlMsg::Checkout(checkout)).await?;
     }
 
-    let result = heartbeat_loop(hub, conn, protocol_version, &mut touches, &mut send, recv).await;
+    let result = heartbeat_loop(
+        hub,
+        conn,
+        protocol_version,
+        &mut touches,
+        &mut writing,
+        &mut send,
+        recv,
+    )
+    .await;
+    // What is being written lands before what the leaving connection writes.
+    if let Some(write) = writing.take() {
+        write.await;
+    }
     touches.collect(hub);
     let removed = hub.agents.remove(workspace_id, session);
     if removed == Some(true) {
@@ -760,8 +781,10 @@ impl Touches {
         }
     }
 
-    /// `force` writes now whatever the interval (the agent is leaving).
-    async fn record(&mut self, hub: &Hub, now: Instant, force: bool) {
+    /// What to write now, if anything: the connection time (at most once per
+    /// [`LAST_CONNECTED_WRITE_INTERVAL`], or now if `force`: the agent is leaving) with the
+    /// activity not written yet. It counts as written from here on.
+    fn due(&mut self, hub: &Hub, now: Instant, force: bool) -> Option<(i64, Option<i64>)> {
         let wall = now_ms();
         self.collect(hub);
         if !force
@@ -769,14 +792,29 @@ impl Touches {
                 .written
                 .is_some_and(|at| now.duration_since(at) < LAST_CONNECTED_WRITE_INTERVAL)
         {
-            return;
+            return None;
         }
         self.written = Some(now);
         let active = self.pending_active.take();
         self.written_active = self.written_active.max(active);
-        if let Err(e) = hub.store.touch(self.id, Some(wall), active).await {
-            tracing::warn!(workspace = %self.id, error = %e, "record last connection");
+        Some((wall, active))
+    }
+
+    /// Writes what is [`due`](Self::due).
+    async fn record(&mut self, hub: &Hub, now: Instant, force: bool) {
+        if let Some((wall, active)) = self.due(hub, now, force) {
+            touch(hub, self.id, Some(wall), active).await;
         }
+    }
+}
+
+/// A store write a control session makes beside its heartbeats.
+type StoreWrite<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Records the agent's connection time and activity.
+async fn touch(hub: &Hub, id: Uuid, connected_at: Option<i64>, active: Option<i64>) {
+    if let Err(e) = hub.store.touch(id, connected_at, active).await {
+        tracing::warn!(workspace = %id, error = %e, "record last connection");
     }
 }
 
@@ -842,11 +880,14 @@ impl ReportBudget {
     }
 }
 
-async fn heartbeat_loop(
-    hub: &Hub,
+/// Serves the control stream until the connection ends. `writing` is the store write in
+/// flight (one at a time, in order); the loop goes on answering while it lands.
+async fn heartbeat_loop<'a>(
+    hub: &'a Hub,
     conn: &quinn::Connection,
     protocol_version: u16,
     touches: &mut Touches,
+    writing: &mut Option<StoreWrite<'a>>,
     send: &mut quinn::SendStream,
     recv: &mut FramedRecv,
 ) -> Result<(), LinkError> {
@@ -926,7 +967,14 @@ async fn heartbeat_loop(
                     Some(_) => return Err(protocol::ProtocolError::Unexpected("handshake message after hello").into()),
                     None => return Ok(()),
                 }
-                touches.record(hub, now, false).await;
+                if writing.is_none()
+                    && let Some((wall, active)) = touches.due(hub, now, false)
+                {
+                    *writing = Some(Box::pin(touch(hub, workspace_id, Some(wall), active)));
+                }
+            }
+            () = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
+                *writing = None;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let now = Instant::now();
