@@ -100,8 +100,17 @@ impl Cluster {
     /// config (a `reconcile_interval` there replaces the tests' quick one), `options.config`
     /// more tables (it goes last).
     pub async fn start_with(count: usize, top: &str, options: HubOptions) -> Result<Self> {
+        Self::start_on(SharedStore::firestore("cluster")?, count, top, options).await
+    }
+
+    /// The same on a given `store`.
+    pub async fn start_on(
+        store: SharedStore,
+        count: usize,
+        top: &str,
+        options: HubOptions,
+    ) -> Result<Self> {
         LoadBalancer::nginx()?;
-        let store = SharedStore::firestore("cluster")?;
         let identity = tempfile::Builder::new().prefix("wsh-identity-").tempdir()?;
         generate_identity(identity.path())?;
         let workspaces = tempfile::Builder::new()

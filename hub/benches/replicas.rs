@@ -13,7 +13,7 @@
 //! single hub after its SIGKILL and restart in the same run.
 //!
 //! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M] [--agents N]
-//! [--endpoints E] [--fleet-only 1] [--heartbeat-ms H]`
+//! [--endpoints E] [--fleet-only 1] [--heartbeat-ms H] [--store firestore|sqlite]`
 
 use futures_util::{SinkExt, StreamExt};
 use harness::replicas::{Cluster, SharedStore, generate_identity, replica_config};
@@ -35,6 +35,9 @@ struct Args {
     fleet_only: bool,
     /// The fleet's heartbeat interval (the timeout is three of them).
     heartbeat: Duration,
+    /// The replicas' shared store for the fleet: `firestore` (the emulator) or `sqlite`
+    /// (one file the three processes share).
+    store: String,
 }
 
 fn parse_args() -> Args {
@@ -45,6 +48,7 @@ fn parse_args() -> Args {
         "--endpoints",
         "--fleet-only",
         "--heartbeat-ms",
+        "--store",
     ]);
     Args {
         samples: a.num("--samples", 2000, 20),
@@ -53,6 +57,7 @@ fn parse_args() -> Args {
         endpoints: a.num("--endpoints", 256, 6),
         fleet_only: a.num("--fleet-only", 0u8, 0) != 0,
         heartbeat: Duration::from_millis(a.num("--heartbeat-ms", 2000, 2000)),
+        store: a.all("--store").pop().unwrap_or_else(|| "firestore".into()),
     }
 }
 
@@ -139,7 +144,7 @@ async fn run(args: Args) {
     if !args.fleet_only {
         hop(&args).await;
     }
-    fleet(args.agents, args.endpoints, args.heartbeat).await;
+    fleet(&args).await;
 }
 
 /// The peer hop: each figure through the replica holding the agent and through the other.
@@ -446,7 +451,12 @@ async fn create(hub: &TestHub, n: usize) -> Vec<serde_json::Value> {
     out
 }
 
-async fn fleet(n: usize, endpoints: usize, heartbeat: Duration) {
+async fn fleet(args: &Args) {
+    let (n, endpoints, heartbeat) = (args.agents, args.endpoints, args.heartbeat);
+    let store = match args.store.as_str() {
+        "sqlite" => SharedStore::sqlite().unwrap(),
+        _ => SharedStore::firestore("bench-fleet").expect("Firestore emulator"),
+    };
     let options = || HubOptions {
         provider: "manual".into(),
         heartbeat_interval: heartbeat,
@@ -488,7 +498,8 @@ async fn fleet(n: usize, endpoints: usize, heartbeat: Duration) {
         ));
     }
 
-    let mut c = Cluster::start_with(
+    let mut c = Cluster::start_on(
+        store,
         3,
         // Housekeeping at its usual pace, not the tests' quick one.
         "drain_timeout = \"30s\"\nreconcile_interval = \"60s\"",
@@ -586,8 +597,8 @@ async fn fleet(n: usize, endpoints: usize, heartbeat: Duration) {
     ));
 
     println!(
-        "\nreplicas: a fleet of {n} agents on {endpoints} endpoints, heartbeats every {:?}\n",
-        heartbeat
+        "\nreplicas: a fleet of {n} agents on {endpoints} endpoints, heartbeats every {:?}, replicas on {}\n",
+        heartbeat, args.store
     );
     println!("| figure | value |");
     println!("|---|---|");

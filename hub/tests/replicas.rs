@@ -515,3 +515,136 @@ async fn a_stop_asked_of_another_replica_ends_the_agents_connection_on_its_holde
     );
     agent.stop().await.unwrap();
 }
+
+/// A TCP relay to `upstream` whose answers come back `delay` late while `slow` is set.
+async fn slow_relay(
+    upstream: String,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    delay: Duration,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            // Each answer is held for `delay` from when it came (a latency, not a
+            // bandwidth limit: answers keep flowing meanwhile).
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let slow = slow.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+                    let due = tokio::time::Instant::now()
+                        + if slow.load(std::sync::atomic::Ordering::Relaxed) {
+                            delay
+                        } else {
+                            Duration::ZERO
+                        };
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((due, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if client_write.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Every answer of the store half a second late (each of the connection's store writes
+/// nearly the heartbeat timeout, all of them together more):
+/// the hub still answers the heartbeats of an agent that connects meanwhile, and the
+/// connection's store writes land when the store answers.
+#[tokio::test]
+async fn a_hub_waiting_on_a_slow_store_still_answers_its_agents_heartbeats() {
+    let store = SharedStore::firestore("slow-store").expect("Firestore emulator");
+    let SharedStore::Firestore { emulator, .. } = &store else {
+        unreachable!()
+    };
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = slow_relay(
+        emulator.host.clone(),
+        slow.clone(),
+        Duration::from_millis(500),
+    )
+    .await;
+    let identity = tempfile::tempdir().unwrap();
+    hub::base::identity::Identity::generate_files(identity.path()).unwrap();
+    let hub = TestHub::start_with(HubOptions {
+        provider: "manual".into(),
+        heartbeat_interval: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_millis(600),
+        // A replica (a peer address): each connection's route is written to the store.
+        config: format!(
+            "peer_addr = \"127.0.0.1:0\"\n{}",
+            replica_config(&store, identity.path(), "replica-slow")
+                .replace(&emulator.host, &relay.to_string())
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    let (config, dir) = harness::agent_config(&ws).unwrap();
+    let mut first = harness::InProcessAgent::start_with(config.clone(), dir);
+    first
+        .wait_event(Duration::from_secs(30), |e| {
+            matches!(e, agent::AgentEvent::Connected)
+        })
+        .await
+        .unwrap();
+    hub.wait_for(&id, Duration::from_secs(30), |w| w["status"] == "READY")
+        .await
+        .unwrap();
+    first.stop().await.unwrap();
+
+    // The same agent again (its identity kept), now that the store is slow: its
+    // connection's route and time take seconds to write.
+    slow.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = hub.log().len();
+    let mut again = harness::InProcessAgent::start_with(config, tempfile::tempdir().unwrap());
+    let connected = again
+        .wait_event(Duration::from_secs(30), |e| {
+            matches!(e, agent::AgentEvent::Connected)
+        })
+        .await;
+    assert!(
+        connected.is_ok(),
+        "{connected:?}\n{}",
+        &hub.log()[written..]
+    );
+    let dropped = again
+        .wait_event(Duration::from_secs(6), |e| {
+            matches!(e, agent::AgentEvent::Disconnected(_))
+        })
+        .await;
+    assert!(
+        dropped.is_err(),
+        "the agent dropped its connection: {dropped:?}\n{}",
+        &hub.log()[written..]
+    );
+    assert!(
+        !hub.log()[written..].contains("heartbeat timed out"),
+        "{}",
+        &hub.log()[written..]
+    );
+    slow.store(false, std::sync::atomic::Ordering::Relaxed);
+    again.stop().await.unwrap();
+    drop(first);
+}
