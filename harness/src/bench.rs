@@ -85,6 +85,25 @@ impl BenchArgs {
     }
 }
 
+/// `count` client endpoints on loopback, each with `buffer` bytes of socket buffers, pooled
+/// for many in-process agents (fleet benchmarks).
+pub fn endpoint_pool(count: usize, buffer: usize) -> std::sync::Arc<agent::EndpointPool> {
+    agent::EndpointPool::new(
+        (0..count)
+            .map(|_| {
+                let socket = link::bind_udp("127.0.0.1:0".parse().unwrap(), buffer).unwrap();
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    std::sync::Arc::new(quinn::TokioRuntime),
+                )
+                .unwrap()
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::BenchArgs;

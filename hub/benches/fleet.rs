@@ -143,19 +143,7 @@ impl Fleet {
 }
 
 async fn launch_fleet(workspaces: &[serde_json::Value], args: &Args) -> Fleet {
-    let endpoints = (0..args.endpoints)
-        .map(|_| {
-            let socket = link::bind_udp("127.0.0.1:0".parse().unwrap(), 16 << 20).unwrap();
-            quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .unwrap()
-        })
-        .collect();
-    let pool = agent::EndpointPool::new(endpoints);
+    let pool = harness::bench::endpoint_pool(args.endpoints, 16 << 20);
     let sem = Arc::new(tokio::sync::Semaphore::new(args.launch_concurrency));
     let mut times = Vec::new();
     let mut agents = Vec::new();

@@ -302,20 +302,7 @@ async fn launch(
     Vec<CancellationToken>,
     Vec<tempfile::TempDir>,
 ) {
-    let pool = agent::EndpointPool::new(
-        (0..endpoints)
-            .map(|_| {
-                let socket = link::bind_udp("127.0.0.1:0".parse().unwrap(), 4 << 20).unwrap();
-                quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    None,
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )
-                .unwrap()
-            })
-            .collect(),
-    );
+    let pool = harness::bench::endpoint_pool(endpoints, 4 << 20);
     let starting = Arc::new(tokio::sync::Semaphore::new(128));
     let (mut links, mut stops, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
     for ws in created {
