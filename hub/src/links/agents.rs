@@ -773,11 +773,8 @@ impl Touches {
     /// Writes the activity not written yet, if any (not the connection time).
     async fn record_activity(&mut self, hub: &Hub) {
         let active = self.pending_active.take();
-        if active <= self.written_active {
-            return;
-        }
-        if let Err(e) = hub.store.touch(self.id, None, active).await {
-            tracing::warn!(workspace = %self.id, error = %e, "record last activity");
+        if active > self.written_active {
+            touch(hub, self.id, None, active).await;
         }
     }
 
@@ -811,10 +808,10 @@ impl Touches {
 /// A store write a control session makes beside its heartbeats.
 type StoreWrite<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
-/// Records the agent's connection time and activity.
+/// Records the agent's connection time, its activity, or both.
 async fn touch(hub: &Hub, id: Uuid, connected_at: Option<i64>, active: Option<i64>) {
     if let Err(e) = hub.store.touch(id, connected_at, active).await {
-        tracing::warn!(workspace = %id, error = %e, "record last connection");
+        tracing::warn!(workspace = %id, error = %e, "record last connection or activity");
     }
 }
 
