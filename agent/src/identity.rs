@@ -18,7 +18,7 @@ const CERT_FILE: &str = "agent.crt.der";
 /// A key and the certificate for it.
 pub struct Identity {
     pub cert_der: Vec<u8>,
-    key_pkcs8: Vec<u8>,
+    pub(crate) key_pkcs8: Vec<u8>,
 }
 
 impl std::fmt::Debug for Identity {

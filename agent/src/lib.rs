@@ -9,6 +9,7 @@
 
 pub mod checkout;
 pub mod config;
+pub mod direct;
 pub mod forward;
 pub mod identity;
 pub mod ports;
@@ -276,10 +277,21 @@ impl Agent {
         let client = identity
             .client_config(&self.config)
             .map_err(|e| AgentError::Config(e.to_string()))?;
+        // Direct clients, on an agent with a socket of its own.
+        let direct = match &self.shared {
+            Some(_) => None,
+            None => direct::Direct::new(
+                &identity.cert_der,
+                &identity.key_pkcs8,
+                &self.config.hub_cas,
+            )
+            .inspect_err(|why| tracing::info!(%why, "no direct connections"))
+            .ok(),
+        };
         // Refusals in a row answered by a quick retry (see `QUICK_RETRIES`).
         let mut refusals = 0;
         loop {
-            match session::connect_and_serve(self, &client, &shutdown).await {
+            match session::connect_and_serve(self, &client, direct.as_ref(), &shutdown).await {
                 session::End::Shutdown => return Ok(()),
                 session::End::Fatal(e) => return Err(e),
                 session::End::Moving => {

@@ -1,13 +1,16 @@
 //! One connection to the hub: the control stream (hello, heartbeats) and the streams the
 //! hub opens, until the link is lost or the agent shuts down.
 
+use crate::direct::{Direct, purpose_of};
 use crate::identity::connect;
 use crate::{Agent, AgentError, AgentEvent};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::close::CloseCode;
 use protocol::control::{Activity, ControlMsg, Hello, HelloRefusal};
+use protocol::direct::Credential;
 use protocol::liveness::Liveness;
 use protocol::stream::{ControlOpen, StreamHeader, StreamRefusal, StreamRefused, StreamReply};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,6 +61,7 @@ fn hostname() -> String {
 pub async fn connect_and_serve(
     agent: &Agent,
     client: &quinn::ClientConfig,
+    direct: Option<&Arc<Direct>>,
     shutdown: &CancellationToken,
 ) -> End {
     let endpoint = agent.endpoint();
@@ -70,7 +74,26 @@ pub async fn connect_and_serve(
         _ = shutdown.cancelled() => return End::Shutdown,
     };
     let streams = TaskTracker::new();
-    let end = serve(agent, &conn, &streams, shutdown).await;
+    let services = Services {
+        sessions: agent.sessions.clone(),
+        forwards: agent.forwards.clone(),
+        sync: agent.sync.clone(),
+        direct: direct.map(|d| (d.clone(), endpoint.clone(), conn.remote_address())),
+    };
+    // Direct clients, on the same socket, while this session lasts (each connection then
+    // lives until its client goes).
+    let accepting = direct.map(|d| {
+        endpoint.set_server_config(Some(d.server_config()));
+        let only_clients = Services {
+            direct: None,
+            ..services.clone()
+        };
+        tokio::spawn(d.clone().accept(endpoint.clone(), only_clients))
+    });
+    let end = serve(agent, &conn, &streams, &services, shutdown).await;
+    if let Some(task) = accepting {
+        task.abort();
+    }
     match end {
         End::Shutdown => conn.close(
             quinn::VarInt::from_u32(CloseCode::Normal.code()),
@@ -81,11 +104,6 @@ pub async fn connect_and_serve(
         // drain time runs out; a shutdown ends it at once.
         End::Moving => {
             let shutdown = shutdown.clone();
-            let (sessions, forwards, sync) = (
-                agent.sessions.clone(),
-                agent.forwards.clone(),
-                agent.sync.clone(),
-            );
             tokio::spawn(async move {
                 streams.close();
                 let close = |why: &'static [u8]| {
@@ -96,7 +114,7 @@ pub async fn connect_and_serve(
                         // One the hub opened just before it asked the agent to move.
                         stream = conn.accept_bi() => match stream {
                             Ok((send, recv)) => {
-                                streams.spawn(serve_stream(sessions.clone(), forwards.clone(), sync.clone(), send, recv));
+                                streams.spawn(serve_stream(services.clone(), None, send, recv));
                             }
                             Err(_) => break,
                         },
@@ -117,6 +135,7 @@ async fn serve(
     agent: &Agent,
     conn: &quinn::Connection,
     streams: &TaskTracker,
+    services: &Services,
     shutdown: &CancellationToken,
 ) -> End {
     let (mut send, mut recv) = match hello(conn).await {
@@ -173,6 +192,11 @@ async fn serve(
                         live.on_sent(now);
                     }
                     Ok(Some(ControlMsg::Pong(_))) => live.on_heard(now),
+                    Ok(Some(ControlMsg::Observed(seen))) => {
+                        if let Some((direct, ..)) = &services.direct {
+                            direct.observed(&seen.addr);
+                        }
+                    }
                     Ok(Some(ControlMsg::Move(moving))) => {
                         tracing::info!(drain_ms = moving.drain_ms, "hub asks to move");
                         return End::Moving;
@@ -247,7 +271,7 @@ async fn serve(
             }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(agent.sessions.clone(), agent.forwards.clone(), agent.sync.clone(), send, recv));
+                    streams.spawn(serve_stream(services.clone(), None, send, recv));
                 }
                 Err(e) => return closed(&e, true),
             },
@@ -318,14 +342,36 @@ async fn hello(
     }
 }
 
-/// A stream the hub opened: its header says what it is for.
-async fn serve_stream(
-    sessions: std::sync::Arc<crate::pty::Sessions>,
-    forwards: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    sync: filesync::serve::Options,
+/// What the agent serves on streams opened towards it.
+#[derive(Clone)]
+pub struct Services {
+    pub sessions: Arc<crate::pty::Sessions>,
+    /// TCP forwards and sync sessions open right now.
+    pub forwards: Arc<std::sync::atomic::AtomicUsize>,
+    pub sync: filesync::serve::Options,
+    /// Direct connections, with the socket and the hub address of the session: only on
+    /// streams from the hub.
+    pub direct: Option<(Arc<Direct>, quinn::Endpoint, std::net::SocketAddr)>,
+}
+
+fn refusal(reason: StreamRefusal, message: String) -> StreamReply {
+    StreamReply::Refused(StreamRefused { reason, message })
+}
+
+/// A stream the hub (`credential: None`) or a direct client opened: its header says what
+/// it is for, and a direct client's credential must allow it.
+pub(crate) async fn serve_stream(
+    services: Services,
+    credential: Option<Arc<Credential>>,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
+    let Services {
+        sessions,
+        forwards,
+        sync,
+        direct,
+    } = services;
     let mut recv = FramedRecv::new(recv);
     let header = match recv.expect::<StreamHeader>().await {
         Ok(header) => header,
@@ -339,7 +385,24 @@ async fn serve_stream(
             return;
         }
     };
+    if let Some(credential) = &credential
+        && !purpose_of(&header).is_some_and(|p| credential.allows(p))
+    {
+        let message = format!(
+            "stream type {} is not allowed on this direct connection",
+            protocol::Message::tag(&header)
+        );
+        let _ = send_msg(&mut send, &refusal(StreamRefusal::Unauthorized, message)).await;
+        let _ = send.finish();
+        return;
+    }
     let result = match header {
+        StreamHeader::Direct(open) if direct.is_some() => {
+            let Some((direct, endpoint, hub)) = direct else {
+                return;
+            };
+            direct.punch(open, &endpoint, hub, send).await
+        }
         StreamHeader::Pty(_) => {
             let accepted = StreamReply::Accepted(protocol::stream::Accepted {});
             match send_msg(&mut send, &accepted).await {

@@ -5,6 +5,7 @@
 //! in raw mode (when it is one), window resizes are forwarded, and if the link drops the
 //! CLI reconnects and resumes at the offset after the last byte it printed.
 
+use crate::path::Paths;
 use anyhow::{Context, Result, anyhow, bail};
 use link::{FramedRecv, send_msg};
 use protocol::client::{ClientHello, ClientMsg};
@@ -22,8 +23,15 @@ pub struct Hub {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// A QUIC connection that carries streams to one workspace's agent: to the hub, which
+/// relays them (`direct: false`), or to the agent itself ([`crate::path`]).
 pub struct Link {
-    conn: quinn::Connection,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) direct: bool,
+    /// The socket it runs on (a direct connection goes out of the same one).
+    pub(crate) endpoint: quinn::Endpoint,
+    /// The hub's CA bundle (DER), which issued the agents' certificates too.
+    pub(crate) cas: Vec<Vec<u8>>,
 }
 
 impl Hub {
@@ -79,7 +87,12 @@ impl Hub {
         )
         .await?;
         match recv.expect::<ClientMsg>().await? {
-            ClientMsg::Welcome(_) => Ok(Link { conn }),
+            ClientMsg::Welcome(_) => Ok(Link {
+                conn,
+                direct: false,
+                endpoint,
+                cas: hub_cas,
+            }),
             ClientMsg::Refused(r) => bail!("hub refused: {}", r.message),
             ClientMsg::Hello(_) => bail!("unexpected reply from hub"),
         }
@@ -118,14 +131,15 @@ impl Link {
     ) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<u8>)> {
         let (mut send, recv) = self.conn.open_bi().await?;
         let mut recv = FramedRecv::new(recv);
-        send_msg(
-            &mut send,
-            &StreamHeader::ClientTcpForward(protocol::stream::ClientTcpForwardOpen {
+        let header = if self.direct {
+            StreamHeader::TcpForward(protocol::stream::TcpForwardOpen { port })
+        } else {
+            StreamHeader::ClientTcpForward(protocol::stream::ClientTcpForwardOpen {
                 workspace_id: workspace.to_owned(),
                 port,
-            }),
-        )
-        .await?;
+            })
+        };
+        send_msg(&mut send, &header).await?;
         match recv.expect::<StreamReply>().await? {
             StreamReply::Accepted(_) => {
                 let (recv, mut decoder) = recv.into_parts();
@@ -143,11 +157,17 @@ impl Link {
     ) -> Result<(quinn::SendStream, FramedRecv)> {
         let (mut send, recv) = self.conn.open_bi().await?;
         let mut recv = FramedRecv::new(recv);
-        let open = protocol::stream::ClientSyncOpen {
-            workspace_id: workspace.to_owned(),
-            root: root.to_owned(),
+        let header = if self.direct {
+            StreamHeader::Sync(protocol::stream::SyncOpen {
+                root: root.to_owned(),
+            })
+        } else {
+            StreamHeader::ClientSync(protocol::stream::ClientSyncOpen {
+                workspace_id: workspace.to_owned(),
+                root: root.to_owned(),
+            })
         };
-        send_msg(&mut send, &StreamHeader::ClientSync(open)).await?;
+        send_msg(&mut send, &header).await?;
         match recv.expect::<StreamReply>().await? {
             StreamReply::Accepted(_) => Ok((send, recv)),
             StreamReply::Refused(r) if r.reason == StreamRefusal::Unavailable => Err(refused(r)),
@@ -158,22 +178,22 @@ impl Link {
         }
     }
 
-    /// Whether the connection to the hub is gone.
-    pub fn is_closed(&self) -> bool {
-        self.conn.close_reason().is_some()
-    }
-
     /// Opens a PTY stream on `workspace` and sends `first`; returns the agent's answer.
-    async fn pty(&self, workspace: &str, first: PtyMsg) -> Result<(quinn::SendStream, FramedRecv)> {
+    pub(crate) async fn pty(
+        &self,
+        workspace: &str,
+        first: PtyMsg,
+    ) -> Result<(quinn::SendStream, FramedRecv)> {
         let (mut send, recv) = self.conn.open_bi().await?;
         let mut recv = FramedRecv::new(recv);
-        send_msg(
-            &mut send,
-            &StreamHeader::ClientPty(ClientPtyOpen {
+        let header = if self.direct {
+            StreamHeader::Pty(protocol::stream::PtyOpen {})
+        } else {
+            StreamHeader::ClientPty(ClientPtyOpen {
                 workspace_id: workspace.to_owned(),
-            }),
-        )
-        .await?;
+            })
+        };
+        send_msg(&mut send, &header).await?;
         send_msg(&mut send, &first).await?;
         match recv.expect::<StreamReply>().await? {
             StreamReply::Accepted(_) => Ok((send, recv)),
@@ -183,9 +203,9 @@ impl Link {
 }
 
 /// `wsh sessions`: the workspace's terminal sessions.
-pub async fn sessions(hub: &Hub, workspace: &str) -> Result<Vec<PtySessionInfo>> {
-    let link = hub.connect().await?;
-    let (_send, mut recv) = link.pty(workspace, PtyMsg::List(PtyList {})).await?;
+pub async fn sessions(paths: &Paths) -> Result<Vec<PtySessionInfo>> {
+    let link = paths.link().await?;
+    let (_send, mut recv) = link.pty(&paths.workspace, PtyMsg::List(PtyList {})).await?;
     match recv.expect::<PtyMsg>().await? {
         PtyMsg::Sessions(s) => Ok(s.sessions),
         PtyMsg::Error(e) => bail!("{}", e.message),
@@ -229,12 +249,7 @@ fn window_size() -> (u16, u16) {
 }
 
 /// `wsh attach`: returns the process's exit status.
-pub async fn attach(
-    hub: &Hub,
-    workspace: &str,
-    session: Option<String>,
-    command: Vec<String>,
-) -> Result<i32> {
+pub async fn attach(paths: &Paths, session: Option<String>, command: Vec<String>) -> Result<i32> {
     // Keystrokes come from a blocking reader thread.
     let (input_tx, mut input_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
     std::thread::spawn(move || {
@@ -274,10 +289,16 @@ pub async fn attach(
             rows,
         });
         let attempt = async {
-            let link = hub.connect().await?;
-            link.pty(workspace, open).await
+            let link = paths.link().await?;
+            match link.pty(&paths.workspace, open).await {
+                Ok(streams) => Ok((link, streams)),
+                Err(e) => {
+                    paths.failed(&link).await;
+                    Err(e)
+                }
+            }
         };
-        let (mut send, mut recv) = match attempt.await {
+        let (link, (mut send, mut recv)) = match attempt.await {
             Ok(streams) => streams,
             Err(e) if (offset.is_some() || e.is::<Moved>()) && failures < 60 => {
                 // We were attached before: the hub or the network is coming back.
@@ -289,9 +310,19 @@ pub async fn attach(
             Err(e) => return Err(e),
         };
         failures = 0;
+        // Set when a better path came up: this stream ends and the next one resumes on it
+        // at the offset printed so far.
+        let mut moving = false;
+        let mut changes = paths.changes();
         let outcome: Result<Option<i32>> = async {
             loop {
                 tokio::select! {
+                    Ok(()) = changes.changed() => {
+                        if session.is_some() && !paths.prefers(&link) {
+                            moving = true;
+                            return Ok(None);
+                        }
+                    }
                     msg = recv.next::<PtyMsg>() => match msg? {
                         Some(PtyMsg::Opened(o)) => session = Some(o.session),
                         Some(PtyMsg::Output(o)) => {
@@ -331,7 +362,9 @@ pub async fn attach(
         .await;
         match outcome {
             Ok(Some(code)) => return Ok(code),
+            Ok(None) if moving => continue,
             Ok(None) | Err(_) if session.is_some() => {
+                paths.failed(&link).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

@@ -2,12 +2,15 @@
 //! connection to the hub (which splices each stream to the agent). No inbound port is
 //! opened on the workspace.
 
-use crate::attach::{Hub, Link};
+use crate::path::Paths;
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Mutex;
+
+/// How long commands with one long stream (`proxy`, `sync`) wait for a direct path before
+/// starting on the relay.
+pub const SETTLE: Duration = Duration::from_millis(1500);
 
 /// One `-L`-style forward: a local address to a port inside the workspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,56 +48,31 @@ impl std::str::FromStr for Spec {
     }
 }
 
-/// The QUIC link, opened on first use and again after it dies.
-struct Shared {
-    hub: Hub,
-    link: Mutex<Option<Arc<Link>>>,
-}
-
-impl Shared {
-    async fn link(&self) -> Result<Arc<Link>> {
-        let mut link = self.link.lock().await;
-        if let Some(l) = link.as_ref().filter(|l| !l.is_closed()) {
-            return Ok(l.clone());
-        }
-        let fresh = Arc::new(self.hub.connect().await?);
-        *link = Some(fresh.clone());
-        Ok(fresh)
-    }
-
-    /// A forward stream to `port`. When the hub replica answers that the agent moved (or
-    /// that it is leaving), a new connection looks for it again, for up to 10 s.
-    async fn forward(
-        &self,
-        workspace: &str,
-        port: u16,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<u8>)> {
-        for _ in 0..50 {
-            let link = self.link().await?;
-            match link.forward(workspace, port).await {
-                Err(e) if e.is::<crate::attach::Moved>() => {
-                    let mut current = self.link.lock().await;
-                    if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link)) {
-                        *current = None;
-                    }
-                    drop(current);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                result => return result,
+/// A forward stream to `port`. When the hub replica answers that the agent moved (or
+/// that it is leaving), a new connection looks for it again, for up to 10 s; when the
+/// direct path turns out dead under it, the relay carries it.
+async fn open(paths: &Paths, port: u16) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<u8>)> {
+    for _ in 0..50 {
+        let link = paths.link().await?;
+        match link.forward(&paths.workspace, port).await {
+            Err(e) if e.is::<crate::attach::Moved>() => {
+                paths.failed(&link).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            Err(_) if link.direct && link.conn.close_reason().is_some() => {
+                paths.failed(&link).await;
+            }
+            result => return result,
         }
-        bail!("the workspace's agent did not come back")
     }
+    bail!("the workspace's agent did not come back")
 }
 
 /// `wsh forward`: listens on every spec's local address until interrupted.
-pub async fn forward(hub: Hub, workspace: &str, specs: &[Spec]) -> Result<()> {
-    let shared = Arc::new(Shared {
-        hub,
-        link: Mutex::new(None),
-    });
-    // Fail early on a bad token or workspace, before listening.
-    shared.link().await?;
+pub async fn forward(paths: Arc<Paths>, specs: &[Spec]) -> Result<()> {
+    // Fail early on a bad token or hub, before listening.
+    paths.link().await?;
+    let workspace = &paths.workspace;
     let mut tasks = tokio::task::JoinSet::new();
     for spec in specs {
         let listener = tokio::net::TcpListener::bind(spec.local)
@@ -105,23 +83,23 @@ pub async fn forward(hub: Hub, workspace: &str, specs: &[Spec]) -> Result<()> {
             listener.local_addr()?,
             spec.remote
         );
-        let (shared, workspace, remote) = (shared.clone(), workspace.to_owned(), spec.remote);
+        let (paths, remote) = (paths.clone(), spec.remote);
         tasks.spawn(async move {
             loop {
                 let Ok((tcp, peer)) = listener.accept().await else {
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
-                let (shared, workspace) = (shared.clone(), workspace.clone());
+                let paths = paths.clone();
                 tokio::spawn(async move {
                     let result = async {
-                        let (send, recv, early) = shared.forward(&workspace, remote).await?;
+                        let (send, recv, early) = open(&paths, remote).await?;
                         let (read, write) = tcp.into_split();
                         link::splice(read, write, send, recv, &early).await?;
                         anyhow::Ok(())
                     };
                     if let Err(e) = result.await {
-                        eprintln!("{peer} -> {workspace}:{remote}: {e}");
+                        eprintln!("{peer} -> {}:{remote}: {e}", paths.workspace);
                     }
                 });
             }
@@ -134,10 +112,11 @@ pub async fn forward(hub: Hub, workspace: &str, specs: &[Spec]) -> Result<()> {
 }
 
 /// `wsh proxy`: joins stdin and stdout to a port (for OpenSSH's `ProxyCommand`).
-pub async fn proxy(hub: Hub, workspace: &str, port: u16) -> Result<()> {
+pub async fn proxy(paths: &Paths, port: u16) -> Result<()> {
     anyhow::ensure!(port != 0, "port must be 1-65535");
-    let link = hub.connect().await?;
-    let (send, recv, early) = link.forward(workspace, port).await?;
+    // One long connection: worth waiting a moment for the direct path.
+    paths.settled_link(SETTLE).await?;
+    let (send, recv, early) = open(paths, port).await?;
     link::splice(tokio::io::stdin(), tokio::io::stdout(), send, recv, &early).await?;
     Ok(())
 }

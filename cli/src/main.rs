@@ -7,6 +7,7 @@
 
 mod attach;
 mod forward;
+mod path;
 mod sync;
 
 use anyhow::{Context, Result, bail};
@@ -31,6 +32,14 @@ struct Cli {
     /// Print raw JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// How terminals, forwards and sync reach the agent: `direct` (one hop, brokered by
+    /// the hub), `relay` (through the hub), or `auto` (direct when a path is found, the
+    /// relay meanwhile and when none is).
+    #[arg(long, env = "WSH_PATH", value_enum, default_value_t, global = true)]
+    path: path::Mode,
+    /// Print each change of path (direct or relay, with its round-trip time) to stderr.
+    #[arg(long, global = true)]
+    show_path: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -322,11 +331,15 @@ async fn main() -> Result<()> {
         hub: cli.hub,
         token: cli.token.clone().or_else(saved_token),
     };
-    let quic_hub = |ca_file| attach::Hub {
-        http: client.http.clone(),
-        url: client.hub.clone(),
-        token: client.token.clone().unwrap_or_default(),
-        ca_file,
+    let (mode, show_path) = (cli.path, cli.show_path);
+    let paths = |workspace: &str, ca_file| {
+        let hub = attach::Hub {
+            http: client.http.clone(),
+            url: client.hub.clone(),
+            token: client.token.clone().unwrap_or_default(),
+            ca_file,
+        };
+        path::Paths::new(hub, workspace, mode, show_path)
     };
     let output = match cli.command {
         Command::Attach {
@@ -335,7 +348,7 @@ async fn main() -> Result<()> {
             ca_file,
             command,
         } => {
-            let code = attach::attach(&quic_hub(ca_file), &workspace, session, command).await?;
+            let code = attach::attach(&paths(&workspace, ca_file), session, command).await?;
             std::process::exit(code);
         }
         Command::Forward {
@@ -343,7 +356,7 @@ async fn main() -> Result<()> {
             specs,
             ca_file,
         } => {
-            return forward::forward(quic_hub(ca_file), &workspace, &specs).await;
+            return forward::forward(paths(&workspace, ca_file), &specs).await;
         }
         Command::Sync { status: true, .. } => return sync::status(cli.json),
         Command::Sync {
@@ -362,8 +375,10 @@ async fn main() -> Result<()> {
                 (0.0..=1.0).contains(&max_delete),
                 "--max-delete is a fraction from 0 to 1"
             );
+            let workspace = workspace.unwrap_or_default();
+            let paths = paths(&workspace, ca_file);
             let args = sync::Args {
-                workspace: workspace.unwrap_or_default(),
+                workspace,
                 local: local.unwrap_or_default(),
                 remote,
                 once,
@@ -372,7 +387,7 @@ async fn main() -> Result<()> {
                 max_delete,
                 yes,
             };
-            let code = sync::sync(quic_hub(ca_file), args, cli.json).await?;
+            let code = sync::sync(paths, args, cli.json).await?;
             std::process::exit(code);
         }
         Command::Proxy {
@@ -380,10 +395,10 @@ async fn main() -> Result<()> {
             port,
             ca_file,
         } => {
-            return forward::proxy(quic_hub(ca_file), &workspace, port).await;
+            return forward::proxy(&paths(&workspace, ca_file), port).await;
         }
         Command::Sessions { workspace, ca_file } => {
-            let list = attach::sessions(&quic_hub(ca_file), &workspace).await?;
+            let list = attach::sessions(&paths(&workspace, ca_file)).await?;
             if cli.json {
                 let rows: Vec<Value> = list
                     .iter()

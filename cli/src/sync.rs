@@ -6,7 +6,8 @@
 //! After the first pass, file events on either side (or a periodic rescan) start the next
 //! one. A lost link is re-opened and the sync goes on from the ancestor.
 
-use crate::attach::Hub;
+use crate::attach::Link;
+use crate::path::Paths;
 use anyhow::{Context, Result, bail};
 use filesync::transfer::Tx;
 use filesync::tree::{HashCache, Incoming, Root};
@@ -21,6 +22,7 @@ use protocol::sync::{
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -786,13 +788,26 @@ enum Outcome {
 
 /// One link's worth of syncing: open the stream, then passes until done or the link dies.
 async fn run_link(
-    hub: &Hub,
+    paths: &Paths,
     d: &mut Driver,
     watcher: &Watcher,
     patterns: &[String],
 ) -> Result<Outcome> {
     d.phase = "connecting";
-    let link = hub.connect().await?;
+    let link = paths.settled_link(crate::forward::SETTLE).await?;
+    let result = run_on(&link, d, watcher, patterns).await;
+    if result.is_err() {
+        paths.failed(&link).await;
+    }
+    result
+}
+
+async fn run_on(
+    link: &Link,
+    d: &mut Driver,
+    watcher: &Watcher,
+    patterns: &[String],
+) -> Result<Outcome> {
     let (send, recv) = link.sync(&d.args.workspace, &d.root_name).await?;
     let mut tx = Tx::new(send);
     let known = (!d.remote.is_empty()).then(|| protocol::sync::digest(&d.remote));
@@ -944,7 +959,7 @@ fn print_summary(t: &Totals, json: bool) {
 }
 
 /// `wsh sync`: runs until interrupted (or one reconciliation with `--once`).
-pub async fn sync(hub: Hub, args: Args, json: bool) -> Result<i32> {
+pub async fn sync(paths: Arc<Paths>, args: Args, json: bool) -> Result<i32> {
     let root_name = remote_root(&args)?;
     std::fs::create_dir_all(&args.local)
         .with_context(|| format!("create {}", args.local.display()))?;
@@ -1005,7 +1020,7 @@ pub async fn sync(hub: Hub, args: Args, json: bool) -> Result<i32> {
         protocol::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let outcome = loop {
         let result = tokio::select! {
-            r = run_link(&hub, &mut d, &watcher, &patterns) => r,
+            r = run_link(&paths, &mut d, &watcher, &patterns) => r,
             _ = tokio::signal::ctrl_c() => Ok(Outcome::Interrupted),
         };
         match result {

@@ -153,6 +153,45 @@ pub struct FileConfig {
     /// Where the hub's CA, ticket and reset keys come from; `dev` generates them in the
     /// state folder when this is absent, `serve` refuses to start without it.
     pub identity: Option<crate::base::identity::IdentityConfig>,
+    /// Direct connections between CLIs and agents.
+    pub direct: DirectPolicy,
+}
+
+/// Who may have direct (one-hop) connections to their workspaces' agents; everyone else
+/// stays on the relay through the hub.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectPolicy {
+    /// Off: the hub brokers no direct session.
+    pub enabled: bool,
+    /// Users who stay relayed even when enabled: subjects, or `@example.com` for everyone
+    /// whose verified e-mail is in that domain (a team).
+    pub relay_only: Vec<String>,
+}
+
+impl Default for DirectPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            relay_only: Vec::new(),
+        }
+    }
+}
+
+impl DirectPolicy {
+    /// May this user have direct sessions?
+    pub fn allows(&self, subject: &str, email: Option<&str>) -> bool {
+        self.enabled && !matches_user(&self.relay_only, subject, email)
+    }
+}
+
+/// Whether `list` names this subject, or the domain of this verified e-mail (`@domain`).
+fn matches_user(list: &[String], subject: &str, email: Option<&str>) -> bool {
+    let domain = email.and_then(|e| e.rsplit_once('@')).map(|(_, d)| d);
+    list.iter().any(|a| match a.strip_prefix('@') {
+        Some(wanted) => domain.is_some_and(|d| d.eq_ignore_ascii_case(wanted)),
+        None => a == subject,
+    })
 }
 
 impl Default for FileConfig {
@@ -196,6 +235,7 @@ impl Default for FileConfig {
             replica_id: None,
             peer_addr: None,
             identity: None,
+            direct: DirectPolicy::default(),
         }
     }
 }
@@ -249,6 +289,7 @@ pub struct Config {
     pub replica_id: Option<String>,
     pub peer_addr: Option<String>,
     pub identity: Option<crate::base::identity::IdentityConfig>,
+    pub direct: DirectPolicy,
 }
 
 impl Config {
@@ -449,16 +490,13 @@ impl Config {
             replica_id: file.replica_id,
             peer_addr: file.peer_addr,
             identity: file.identity,
+            direct: file.direct,
         })
     }
 
     /// Team mode: is this subject (with this verified e-mail) an admin?
     pub fn is_admin(&self, subject: &str, email: Option<&str>) -> bool {
-        let domain = email.and_then(|e| e.rsplit_once('@')).map(|(_, d)| d);
-        self.admins.iter().any(|a| match a.strip_prefix('@') {
-            Some(admin_domain) => domain.is_some_and(|d| d.eq_ignore_ascii_case(admin_domain)),
-            None => a == subject,
-        })
+        matches_user(&self.admins, subject, email)
     }
 
     /// The QUIC idle timeout: a backstop well past the heartbeat timeout.

@@ -163,6 +163,53 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// How long a direct connection (CLI <-> agent) may stay silent before it counts as dead;
+/// the CLI sends keep-alives every fifth of it, so a cut path is noticed within this and
+/// the session moves to the relay.
+pub const DIRECT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An agent's server config for direct clients: presents the agent's certificate, requires
+/// a client certificate issued by one of `client_cas` (what it allows is the caller's to
+/// check), ALPN `wsh-direct/1`, no session tickets (each connection is a fresh credential).
+pub fn direct_server_config(
+    cert_der: Vec<u8>,
+    key_pkcs8: Vec<u8>,
+    client_cas: &[Vec<u8>],
+) -> Result<quinn::ServerConfig, rustls::Error> {
+    let provider = crypto_provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(client_cas)?,
+        provider.clone(),
+    )
+    .build()
+    .map_err(quic_tls_error)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(cert_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8)),
+        )?;
+    tls.alpn_protocols = vec![protocol::ALPN_DIRECT.to_vec()];
+    tls.send_tls13_tickets = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls_error)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport_config(DIRECT_IDLE_TIMEOUT, AGENT_ACCEPTS_STREAMS));
+    Ok(cfg)
+}
+
+/// A CLI's config for a direct connection: trusts only `cas`, presents the direct
+/// credential `identity` (DER cert, DER key), ALPN `wsh-direct/1`, keep-alives every
+/// fifth of [`DIRECT_IDLE_TIMEOUT`]. The agent never opens streams towards the CLI.
+pub fn direct_client_config(
+    cas: &[Vec<u8>],
+    identity: (Vec<u8>, Vec<u8>),
+) -> Result<quinn::ClientConfig, rustls::Error> {
+    let mut t = transport(DIRECT_IDLE_TIMEOUT, 0);
+    t.keep_alive_interval(Some(DIRECT_IDLE_TIMEOUT / 5));
+    client_with_transport(cas, Some(identity), protocol::ALPN_DIRECT, Arc::new(t))
+}
+
 /// CLI connections send a QUIC keep-alive this often: an idle terminal must not let the
 /// connection time out (agents have application heartbeats instead).
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(5);
@@ -258,6 +305,21 @@ pub fn bind_udp(
     let _ = state.set_recv_buffer_size((&socket).into(), buffer_bytes);
     let _ = state.set_send_buffer_size((&socket).into(), buffer_bytes);
     Ok(socket)
+}
+
+/// The local address this machine sends from towards `to` (no packet is sent): the address
+/// a peer on the same network reaches it at.
+pub fn local_ip_towards(to: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let to = SocketAddr::new(to.ip().to_canonical(), to.port());
+    let bind: SocketAddr = if to.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(to).ok()?;
+    Some(socket.local_addr().ok()?.ip().to_canonical()).filter(|ip| !ip.is_unspecified())
 }
 
 /// The application protocol (ALPN) the connection negotiated.

@@ -35,7 +35,17 @@ crate::tagged_messages! {
         /// streams already open on this connection go on until they end, then the agent
         /// closes it, or until the hub closes it at the end of its drain time.
         12 => Move(Move),
+        /// Hub -> agent (version 5+), after the welcome: the agent's address as the hub
+        /// sees it (its NAT's mapping), the first candidate it offers direct clients.
+        13 => Observed(Observed),
     }
+}
+
+/// See [`ControlMsg::Observed`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// `ip:port`.
+    pub addr: String,
 }
 
 /// See [`ControlMsg::Move`].

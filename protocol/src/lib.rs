@@ -15,6 +15,7 @@ pub mod bootstrap;
 pub mod client;
 pub mod close;
 pub mod control;
+pub mod direct;
 pub mod enroll;
 pub mod error;
 pub mod frame;
@@ -31,7 +32,7 @@ pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};
 pub use message::Message;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The first version with [`control::Activity`] reports.
 pub const ACTIVITY_SINCE_VERSION: u16 = 2;
@@ -42,6 +43,10 @@ pub const PORTS_SINCE_VERSION: u16 = 3;
 
 /// The first version with [`control::Move`]: a leaving hub replica moves its agents.
 pub const MOVE_SINCE_VERSION: u16 = 4;
+
+/// The first version with direct connections: [`control::Observed`] and
+/// [`stream::StreamHeader::Direct`] towards agents, `ClientDirect` from clients.
+pub const DIRECT_SINCE_VERSION: u16 = 5;
 
 /// The oldest protocol version this build still accepts from a peer (N-1).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {
@@ -58,3 +63,6 @@ pub const ALPN_CLIENT: &[u8] = b"wsh-client/1";
 
 /// ALPN for connections between replicas of one hub (mutual TLS, replica certificates).
 pub const ALPN_PEER: &[u8] = b"wsh-peer/1";
+
+/// ALPN for direct connections (CLI -> agent, mutual TLS with a direct credential).
+pub const ALPN_DIRECT: &[u8] = b"wsh-direct/1";

@@ -41,7 +41,42 @@ crate::tagged_messages! {
         /// workspaces. It answers one [`PeerMsg::AgentViews`](crate::peer::PeerMsg) and
         /// finishes the stream.
         11 => PeerAgentViews(PeerAgentViewsOpen),
+        /// CLI -> hub (version 5+): a direct session on a workspace
+        /// ([`crate::direct`]). The hub answers [`StreamReply::Accepted`] and a
+        /// [`DirectMsg::Offer`](crate::direct::DirectMsg), or a refusal.
+        12 => ClientDirect(ClientDirectOpen),
+        /// Hub -> agent (version 5+): a client at these addresses is about to connect
+        /// directly; send packets towards them from the socket that dials the hub (so the
+        /// agent's NAT lets the client's packets in), and answer [`StreamReply::Accepted`]
+        /// and [`DirectMsg::Candidates`](crate::direct::DirectMsg).
+        13 => Direct(DirectOpen),
     }
+}
+
+/// Asks the hub for a direct session.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientDirectOpen {
+    pub workspace_id: String,
+    /// A certificate signing request for the CLI's own key (at most 4 KiB).
+    pub csr_der: Vec<u8>,
+    /// The addresses the CLI knows for its socket (its local ones); the hub puts the one
+    /// it sees first.
+    pub candidates: crate::direct::Candidates,
+}
+
+impl std::fmt::Debug for ClientDirectOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientDirectOpen")
+            .field("workspace_id", &self.workspace_id)
+            .field("candidates", &self.candidates)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tells the agent where a direct client is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectOpen {
+    pub client: crate::direct::Candidates,
 }
 
 /// At most this many workspaces per [`PeerAgentViewsOpen`].

@@ -354,9 +354,16 @@ fn encoding_refuses_frames_over_the_limit() {
 /// Tags are part of the wire contract: changing one breaks every deployed agent.
 #[test]
 fn tags_are_stable() {
-    assert_eq!(ControlMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    assert_eq!(
+        ControlMsg::TAGS,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    );
+    assert_eq!(protocol::direct::DirectMsg::TAGS, &[1, 2]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
-    assert_eq!(StreamHeader::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    assert_eq!(
+        StreamHeader::TAGS,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    );
     assert_eq!(protocol::peer::PeerMsg::TAGS, &[1, 2, 3]);
     assert_eq!(
         protocol::sync::SyncMsg::TAGS,

@@ -209,11 +209,59 @@ impl HubCa {
         params
             .distinguished_name
             .push(DnType::CommonName, workspace_id);
+        // A client towards the hub; a server towards direct clients, under a name they check.
+        let name = protocol::direct::agent_server_name(workspace_id);
+        params.subject_alt_names = vec![SanType::DnsName(
+            name.try_into()
+                .map_err(|e: rcgen::Error| CsrError(e.to_string()))?,
+        )];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        self.sign_csr(csr, params, Duration::minutes(5), AGENT_CERT_VALIDITY)
+    }
+
+    /// Signs a direct-connection client's CSR: a certificate whose URIs carry
+    /// `credential`, client auth only, valid for
+    /// [`protocol::direct::CREDENTIAL_VALIDITY_SECS`].
+    pub fn sign_direct(
+        &self,
+        csr_der: &[u8],
+        credential: &protocol::direct::Credential,
+    ) -> Result<Vec<u8>, CsrError> {
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| CsrError(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("direct:{}", credential.workspace_id),
+        );
+        params.subject_alt_names = credential
+            .to_uris()
+            .into_iter()
+            .map(|u| u.try_into().map(SanType::URI))
+            .collect::<Result<_, _>>()
+            .map_err(|e: rcgen::Error| CsrError(e.to_string()))?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let validity = Duration::seconds(protocol::direct::CREDENTIAL_VALIDITY_SECS as i64);
+        self.sign_csr(csr, params, Duration::minutes(1), validity)
+    }
+
+    /// Signs `params` for the CSR's public key (nothing else of the request is taken):
+    /// valid from `before` ago for `validity`, a random serial.
+    fn sign_csr(
+        &self,
+        csr: CertificateSigningRequestParams,
+        mut params: CertificateParams,
+        before: Duration,
+        validity: Duration,
+    ) -> Result<Vec<u8>, CsrError> {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + AGENT_CERT_VALIDITY;
+        params.not_before = now - before;
+        params.not_after = now + validity;
         params.serial_number = Some(SerialNumber::from_slice(&random_bytes::<16>()));
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)

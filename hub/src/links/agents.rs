@@ -636,6 +636,12 @@ async fn control_session(
     };
     let protocol_version = welcome.protocol_version;
     send_msg(&mut send, &ControlMsg::Welcome(welcome)).await?;
+    if protocol_version >= protocol::DIRECT_SINCE_VERSION {
+        let observed = protocol::control::Observed {
+            addr: crate::links::clients::canonical(remote).to_string(),
+        };
+        send_msg(&mut send, &ControlMsg::Observed(observed)).await?;
+    }
 
     let epoch = crate::links::peers::new_epoch();
     let session = hub.agents.insert(

@@ -3,6 +3,7 @@
 //! opens to that workspace's agent. The hub checks ownership once per stream and never
 //! reads what flows through the splice.
 
+use crate::base::workspace::Workspace;
 use crate::domain::auth::Caller;
 use crate::links::agents::{
     CONTROL_FRAME_LIMIT, FIRST_MESSAGE_TIMEOUT, close, close_for, finish_and_flush, refuse_stream,
@@ -11,9 +12,14 @@ use crate::{Hub, domain::auth};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::client::{ClientMsg, ClientRefusal, ClientRefused, ClientWelcome};
 use protocol::close::CloseCode;
-use protocol::stream::{PtyOpen, StreamHeader, StreamRefusal, SyncOpen, TcpForwardOpen};
+use protocol::direct::{Candidates, Credential, DirectMsg, DirectOffer, MAX_CANDIDATES, Purpose};
+use protocol::stream::{
+    ClientDirectOpen, DirectOpen, PtyOpen, StreamHeader, StreamRefusal, StreamReply, SyncOpen,
+    TcpForwardOpen,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::timeout;
 use uuid::Uuid;
 
@@ -30,7 +36,7 @@ pub async fn client_connection(hub: &Arc<Hub>, conn: quinn::Connection, remote: 
         tokio::select! {
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(client_stream(hub.clone(), caller.clone(), send, recv));
+                    tokio::spawn(client_stream(hub.clone(), caller.clone(), remote, send, recv));
                 }
                 Err(_) => return,
             },
@@ -84,6 +90,7 @@ async fn authenticate(hub: &Hub, conn: &quinn::Connection) -> Result<Option<Call
 async fn client_stream(
     hub: Arc<Hub>,
     caller: Caller,
+    remote: SocketAddr,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -119,6 +126,9 @@ async fn client_stream(
             open.workspace_id,
             StreamHeader::Sync(SyncOpen { root: open.root }),
         ),
+        StreamHeader::ClientDirect(open) => {
+            return broker_direct(&hub, &caller, remote, open, send).await;
+        }
         _ => {
             return refuse_stream(
                 &mut send,
@@ -128,15 +138,7 @@ async fn client_stream(
             .await;
         }
     };
-    // A workspace that is not the caller's reads exactly like one that does not exist.
-    let owned = match Uuid::parse_str(&workspace_id) {
-        Ok(id) => match hub.store.get_workspace(id).await {
-            Ok(ws) => caller.authorize(ws).ok(),
-            Err(_) => None,
-        },
-        Err(_) => None,
-    };
-    let Some(ws) = owned else {
+    let Some(ws) = owned_workspace(&hub, &caller, &workspace_id).await else {
         return refuse_stream(
             &mut send,
             StreamRefusal::Unauthorized,
@@ -156,6 +158,162 @@ async fn client_stream(
     if let Err(e) = splice(agent, &to_agent, send, recv, cut).await {
         tracing::debug!(workspace = %ws.id, error = %e, "client stream ended");
     }
+}
+
+/// The caller's workspace `id`. A workspace that is not the caller's reads exactly like
+/// one that does not exist.
+async fn owned_workspace(hub: &Hub, caller: &Caller, id: &str) -> Option<Workspace> {
+    let id = Uuid::parse_str(id).ok()?;
+    caller
+        .authorize(hub.store.get_workspace(id).await.ok()?)
+        .ok()
+}
+
+/// How long the agent may take to answer a direct-session request.
+const DIRECT_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A `ClientDirect` stream: checks policy and ownership, has the agent punch towards the
+/// client, signs the client's credential, and answers with the agent's candidates.
+async fn broker_direct(
+    hub: &Hub,
+    caller: &Caller,
+    remote: SocketAddr,
+    open: ClientDirectOpen,
+    mut send: quinn::SendStream,
+) {
+    let refused = match direct_offer(hub, caller, remote, open).await {
+        Ok(offer) => {
+            let accepted = StreamReply::Accepted(protocol::stream::Accepted {});
+            if send_msg(&mut send, &accepted).await.is_ok()
+                && send_msg(&mut send, &DirectMsg::Offer(offer)).await.is_ok()
+            {
+                finish_and_flush(&mut send).await;
+            }
+            return;
+        }
+        Err(refused) => refused,
+    };
+    refuse_stream(&mut send, refused.0, refused.1).await;
+}
+
+async fn direct_offer(
+    hub: &Hub,
+    caller: &Caller,
+    remote: SocketAddr,
+    open: ClientDirectOpen,
+) -> Result<DirectOffer, (StreamRefusal, &'static str)> {
+    if !hub
+        .config
+        .direct
+        .allows(&caller.owner_id, caller.email.as_deref())
+    {
+        return Err((
+            StreamRefusal::Unauthorized,
+            "direct connections are off for this user: the relay carries the session",
+        ));
+    }
+    let bad = (StreamRefusal::BadHeader, "bad direct-session request");
+    let mut client = open.candidates.parse().ok_or(bad)?;
+    if open.csr_der.len() > MAX_CSR_LEN {
+        return Err(bad);
+    }
+    let ws = owned_workspace(hub, caller, &open.workspace_id)
+        .await
+        .ok_or((StreamRefusal::Unauthorized, "workspace not found"))?;
+    let unavailable = (
+        StreamRefusal::Unavailable,
+        "the workspace's agent is not connected",
+    );
+    let agent = crate::links::peers::agent_path_waiting(hub, &ws)
+        .await
+        .ok_or(unavailable)?;
+    // The client's address as seen from here goes first: it is the mapping its NAT made.
+    let seen = canonical(remote);
+    client.retain(|a| *a != seen);
+    client.insert(0, seen);
+    client.truncate(MAX_CANDIDATES);
+    let credential = Credential {
+        user: caller.owner_id.clone(),
+        workspace_id: ws.id.to_string(),
+        purposes: Purpose::ALL.to_vec(),
+    };
+    // Signed by the CA every agent trusts (the retiring one during a rotation).
+    let cert_der = hub
+        .identity
+        .server_ca()
+        .sign_direct(&open.csr_der, &credential)
+        .map_err(|_| (StreamRefusal::BadHeader, "bad certificate signing request"))?;
+    let agent_candidates = match timeout(DIRECT_ANSWER_TIMEOUT, ask_agent(&agent, client)).await {
+        Ok(Ok(Some(candidates))) => candidates,
+        Ok(Ok(None)) => {
+            return Err((
+                StreamRefusal::Unsupported,
+                "the workspace's agent does not take direct connections",
+            ));
+        }
+        Ok(Err(_)) | Err(_) => return Err(unavailable),
+    };
+    tracing::info!(
+        owner = %caller.owner_id,
+        workspace = %ws.id,
+        client = %seen,
+        agent = ?agent_candidates.addrs.first(),
+        "direct session brokered"
+    );
+    Ok(DirectOffer {
+        cert_der,
+        server_name: protocol::direct::agent_server_name(&ws.id.to_string()),
+        agent: agent_candidates,
+    })
+}
+
+/// At most this many bytes of CSR in a direct-session request.
+const MAX_CSR_LEN: usize = 4096;
+
+/// An IPv4 address rather than its IPv6-mapped form (a dual-stack socket reports those).
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Tells the agent where the client is; `None` if it does not take direct connections
+/// (an older agent refuses the stream).
+async fn ask_agent(
+    agent: &crate::links::peers::AgentPath,
+    client: Vec<SocketAddr>,
+) -> Result<Option<Candidates>, LinkError> {
+    let (mut send, recv) = agent.open_bi().await?;
+    let open = DirectOpen {
+        client: Candidates {
+            addrs: client.iter().map(ToString::to_string).collect(),
+        },
+    };
+    send_msg(&mut send, &StreamHeader::Direct(open)).await?;
+    let _ = send.finish();
+    let mut recv = FramedRecv::with_limit(recv, CONTROL_FRAME_LIMIT);
+    match recv.expect::<StreamReply>().await? {
+        StreamReply::Accepted(_) => {}
+        StreamReply::Refused(r) if r.reason == StreamRefusal::Unsupported => return Ok(None),
+        StreamReply::Refused(r) => {
+            return Err(
+                protocol::ProtocolError::Unexpected(if r.reason == StreamRefusal::Moved {
+                    "agent moved"
+                } else {
+                    "agent refused"
+                })
+                .into(),
+            );
+        }
+    }
+    let DirectMsg::Candidates(candidates) = recv.expect::<DirectMsg>().await? else {
+        return Err(protocol::ProtocolError::Unexpected("expected candidates").into());
+    };
+    // Checked here too: what reaches the client is well formed.
+    let addrs = candidates
+        .parse()
+        .ok_or(protocol::ProtocolError::Unexpected("bad candidates"))?;
+    Ok(Some(Candidates {
+        addrs: addrs.iter().map(ToString::to_string).collect(),
+    }))
 }
 
 /// When a stream to an agent through a leaving replica ends. Terminals and sync sessions
