@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod firestore;
+pub mod netns;
 pub mod nginx;
 pub mod oidc;
 pub mod raw_agent;
@@ -134,6 +135,8 @@ pub struct HubOptions {
     pub config: String,
     /// Extra environment variables for the hub process (fault injection).
     pub env: Vec<(String, String)>,
+    /// The address the hub listens on (HTTP and QUIC); 127.0.0.1 by default.
+    pub host: Option<std::net::IpAddr>,
 }
 
 impl Default for HubOptions {
@@ -145,6 +148,7 @@ impl Default for HubOptions {
             enrollment_ttl: None,
             config: String::new(),
             env: Vec::new(),
+            host: None,
         }
     }
 }
@@ -509,10 +513,13 @@ async fn spawn_hub(
     let (http, quic) = match addrs {
         Some(l) => (l.http.to_string(), l.quic.to_string()),
         // Ports a restart can have again (see `stable_port`).
-        None => (
-            format!("127.0.0.1:{}", stable_port()?),
-            format!("127.0.0.1:{}", stable_port()?),
-        ),
+        None => {
+            let host = options.host.unwrap_or([127, 0, 0, 1].into());
+            (
+                std::net::SocketAddr::new(host, stable_port()?).to_string(),
+                std::net::SocketAddr::new(host, stable_port()?).to_string(),
+            )
+        }
     };
     let log = std::fs::OpenOptions::new()
         .create(true)
