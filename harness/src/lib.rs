@@ -6,6 +6,7 @@
 //! running test; if one is missing it is built first.
 
 pub mod bench;
+pub mod direct;
 pub mod firestore;
 pub mod netns;
 pub mod nginx;

@@ -4,6 +4,7 @@
 
 use crate::TestHub;
 use link::{FramedRecv, send_msg};
+use protocol::client::{ClientHello, ClientMsg};
 use protocol::control::{ControlMsg, Hello};
 use protocol::stream::{ControlOpen, StreamHeader};
 use std::time::Duration;
@@ -22,6 +23,28 @@ pub async fn hub_cas(hub: &TestHub) -> Vec<Vec<u8>> {
         .await
         .unwrap();
     link::parse_ca_bundle(&pem).unwrap()
+}
+
+/// A CLI's connection to the hub (ALPN `wsh-client/1`), authenticated with the dev token.
+pub async fn client_connection(hub: &TestHub) -> anyhow::Result<quinn::Connection> {
+    let cas = hub_cas(hub).await;
+    let conn = client_endpoint()
+        .connect_with(
+            link::cli_client_config(&cas)?,
+            hub.listening.quic,
+            "localhost",
+        )?
+        .await?;
+    let (mut send, recv) = conn.open_bi().await?;
+    let hello = ClientHello {
+        protocol_version: protocol::PROTOCOL_VERSION,
+        token: hub.token.clone(),
+    };
+    send_msg(&mut send, &ClientMsg::Hello(hello)).await?;
+    match FramedRecv::new(recv).expect::<ClientMsg>().await? {
+        ClientMsg::Welcome(_) => Ok(conn),
+        other => anyhow::bail!("hub answered {other:?}"),
+    }
 }
 
 pub fn client_endpoint() -> quinn::Endpoint {

@@ -439,33 +439,44 @@ async fn run(args: Args) {
     );
     wait_listening(blast).await;
     let direct = harness::bench::download(blast).await;
-    let local = free_port();
-    let _forward = Reaped(
-        wsh(&hub)
-            .args(["forward", &id, &format!("{local}:{blast}")])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(local).await;
-    let forwarded = harness::bench::download(local).await;
-    println!("\n| bulk TCP, {} MiB | MiB/s | vs direct |", args.mib);
-    println!("|---|---|---|");
-    println!("| direct | {direct:.0} | |");
-    println!(
-        "| wsh forward | {forwarded:.0} | {:.0} % |",
-        forwarded / direct * 100.0
-    );
-    if let (Some(ssh), Some(_)) = (&ssh, &sshd) {
+    // `wsh forward` through the hub, then in one hop to the agent.
+    let mut forwarded = Vec::new();
+    for path in ["relay", "direct"] {
         let local = free_port();
-        tunnels.push(ssh_tunnel(ssh, local, blast));
-        wait_listening(local).await;
-        let via_ssh = harness::bench::download(local).await;
-        println!(
-            "| OpenSSH -L | {via_ssh:.0} | {:.0} % |",
-            via_ssh / direct * 100.0
+        let _forward = Reaped(
+            wsh(&hub)
+                .args(["--path", path, "forward", &id, &format!("{local}:{blast}")])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
         );
-    } else {
-        println!("| OpenSSH -L | not measured | |");
+        wait_listening(local).await;
+        forwarded.push((path, harness::bench::download(local).await));
+    }
+    let via_ssh = match (&ssh, &sshd) {
+        (Some(ssh), Some(_)) => {
+            let local = free_port();
+            tunnels.push(ssh_tunnel(ssh, local, blast));
+            wait_listening(local).await;
+            Some(harness::bench::download(local).await)
+        }
+        _ => None,
+    };
+    println!(
+        "\n| bulk TCP, {} MiB | MiB/s | vs direct TCP | vs OpenSSH -L |",
+        args.mib
+    );
+    println!("|---|---|---|---|");
+    println!("| direct TCP | {direct:.0} | | |");
+    for (path, mibs) in forwarded {
+        let vs_ssh = via_ssh.map_or("-".into(), |s| format!("{:.2}x", mibs / s));
+        println!(
+            "| wsh forward, {path} | {mibs:.0} | {:.0} % | {vs_ssh} |",
+            mibs / direct * 100.0
+        );
+    }
+    match via_ssh {
+        Some(s) => println!("| OpenSSH -L | {s:.0} | {:.0} % | |", s / direct * 100.0),
+        None => println!("| OpenSSH -L | not measured | | |"),
     }
 }

@@ -11,7 +11,6 @@
 
 use harness::{HubOptions, TestHub};
 use link::{FramedRecv, send_msg};
-use protocol::client::{ClientHello, ClientMsg};
 use protocol::pty::{PtyInput, PtyMsg, PtyOpenRequest};
 use protocol::stream::{ClientPtyOpen, StreamHeader, StreamReply};
 use std::io::{Read, Write};
@@ -141,31 +140,6 @@ fn raw_bulk(command: &[&str]) -> Throughput {
 // ---------------------------------------------------------------------------------------
 // Direct QUIC through the hub (what `wsh attach` does)
 
-async fn quic_connect(hub: &TestHub) -> quinn::Connection {
-    let cfg = link::cli_client_config(&harness::raw_agent::hub_cas(hub).await).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(cfg, hub.listening.quic, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    send_msg(
-        &mut send,
-        &ClientMsg::Hello(ClientHello {
-            protocol_version: protocol::PROTOCOL_VERSION,
-            token: hub.token.clone(),
-        }),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(
-        FramedRecv::new(recv).expect::<ClientMsg>().await.unwrap(),
-        ClientMsg::Welcome(_)
-    ));
-    conn
-}
-
 struct QuicPty {
     send: quinn::SendStream,
     recv: FramedRecv,
@@ -173,16 +147,21 @@ struct QuicPty {
 }
 
 async fn quic_open(conn: &quinn::Connection, workspace: &str, open: PtyOpenRequest) -> QuicPty {
+    let header = StreamHeader::ClientPty(ClientPtyOpen {
+        workspace_id: workspace.into(),
+    });
+    quic_open_with(conn, &header, open).await
+}
+
+/// A PTY stream with `header`: `ClientPty` to the hub, `Pty` to the agent itself.
+async fn quic_open_with(
+    conn: &quinn::Connection,
+    header: &StreamHeader,
+    open: PtyOpenRequest,
+) -> QuicPty {
     let (mut send, recv) = conn.open_bi().await.unwrap();
     let mut recv = FramedRecv::new(recv);
-    send_msg(
-        &mut send,
-        &StreamHeader::ClientPty(ClientPtyOpen {
-            workspace_id: workspace.into(),
-        }),
-    )
-    .await
-    .unwrap();
+    send_msg(&mut send, header).await.unwrap();
     send_msg(&mut send, &PtyMsg::Open(open)).await.unwrap();
     assert!(matches!(
         recv.expect::<StreamReply>().await.unwrap(),
@@ -435,7 +414,9 @@ async fn run(args: Args) {
     hub.wait_for(&id, Duration::from_secs(30), |w| !w["agent"].is_null())
         .await
         .unwrap();
-    let conn = quic_connect(&hub).await;
+    let conn = harness::raw_agent::client_connection(&hub).await.unwrap();
+    let cas = harness::raw_agent::hub_cas(&hub).await;
+    let direct = harness::direct::connect(&conn, &cas, &id).await.unwrap();
     let sshd = start_sshd();
 
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -463,6 +444,10 @@ async fn run(args: Args) {
     eprintln!("... echo: QUIC");
     let mut q = quic_open(&conn, &id, command(&["cat"])).await;
     let quic = q.echo(args.samples).await;
+    eprintln!("... echo: QUIC, direct");
+    let pty = StreamHeader::Pty(protocol::stream::PtyOpen {});
+    let mut d = quic_open_with(&direct, &pty, command(&["cat"])).await;
+    let quic_direct = d.echo(args.samples).await;
     eprintln!("... echo: WebSocket");
     // Each path types into a fresh `cat` (the line discipline echoes every key; no newline
     // is ever sent, so each key produces exactly one echoed byte).
@@ -589,6 +574,21 @@ async fn run(args: Args) {
         ms(quic.p99),
         ms(quic.p50.saturating_sub(raw.p50))
     );
+    println!(
+        "| QUIC direct to the agent (wsh attach, direct path) | {} / {} | +{} |",
+        ms(quic_direct.p50),
+        ms(quic_direct.p99),
+        ms(quic_direct.p50.saturating_sub(raw.p50))
+    );
+    if let Some(s) = &ssh {
+        let added = |l: &Latency| l.p50.saturating_sub(raw.p50).as_secs_f64();
+        let ssh_added = added(s).max(1e-6);
+        println!(
+            "| added p50 / OpenSSH's added p50 | relayed {:.2}x, direct {:.2}x | target: relayed <= 1, direct <= 0.5 |",
+            added(&quic) / ssh_added,
+            added(&quic_direct) / ssh_added
+        );
+    }
     println!(
         "| WebSocket via hub (browser) | {} / {} | +{} |",
         ms(ws_lat.p50),

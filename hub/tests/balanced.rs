@@ -134,6 +134,8 @@ async fn every_client_reaches_any_agent_through_the_load_balancer() {
         let mut child = hub
             .wsh()
             .unwrap()
+            // The relay through the replicas is what this tests.
+            .env("WSH_PATH", "relay")
             .args(["attach", &id])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -198,6 +200,8 @@ async fn every_client_reaches_any_agent_through_the_load_balancer() {
     let _forward = Reaped(
         hub.wsh()
             .unwrap()
+            // The relay through the replicas is what this tests.
+            .env("WSH_PATH", "relay")
             .args(["forward", &id, &format!("{local}:{port}")])
             .stdin(Stdio::null())
             .stderr(Stdio::null())
@@ -228,6 +232,7 @@ async fn every_client_reaches_any_agent_through_the_load_balancer() {
             .args(ssh.client_options())
             .args(["-o", &proxy])
             .env("WSH_HUB", hub.url(""))
+            .env("WSH_PATH", "relay")
             .env("WSH_TOKEN", &hub.token)
             .args([
                 &format!("{}@workspace", harness::sshd::user()),
@@ -255,6 +260,8 @@ async fn every_client_reaches_any_agent_through_the_load_balancer() {
     let out = hub
         .wsh()
         .unwrap()
+        // The relay through the replicas is what this tests.
+        .env("WSH_PATH", "relay")
         .env("XDG_STATE_HOME", state.path())
         .args(["sync", "--once", &id])
         .arg(local_dir.path())
@@ -373,6 +380,8 @@ async fn a_rolling_restart_loses_no_terminal_byte_nor_sync_change_and_every_requ
     let _sync = Reaped(
         hub.wsh()
             .unwrap()
+            // The relay through the replicas is what this tests.
+            .env("WSH_PATH", "relay")
             .env("XDG_STATE_HOME", state.path())
             .args(["sync", &id])
             .arg(local_dir.path())

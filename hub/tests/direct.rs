@@ -4,11 +4,8 @@
 
 use harness::{HubOptions, TestHub};
 use link::{FramedRecv, send_msg};
-use protocol::client::{ClientHello, ClientMsg};
-use protocol::direct::{Candidates, Credential, DirectMsg, DirectOffer, Purpose};
-use protocol::stream::{
-    ClientDirectOpen, DirectOpen, PtyOpen, StreamHeader, StreamReply, TcpForwardOpen,
-};
+use protocol::direct::{Candidates, Credential, DirectOffer, Purpose};
+use protocol::stream::{DirectOpen, PtyOpen, StreamHeader, StreamReply, TcpForwardOpen};
 use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
@@ -166,52 +163,8 @@ fn credential_cert(
 
 /// Asks the hub for a direct session as `wsh` does; returns the offer and the key.
 async fn broker(hub: &TestHub, workspace: &str) -> (DirectOffer, Vec<u8>) {
-    let cas =
-        link::parse_ca_bundle(&std::fs::read_to_string(hub.state_dir.join("ca.pem")).unwrap())
-            .unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(
-            link::cli_client_config(&cas).unwrap(),
-            hub.listening.quic,
-            "localhost",
-        )
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let mut recv = FramedRecv::new(recv);
-    let hello = ClientHello {
-        protocol_version: protocol::PROTOCOL_VERSION,
-        token: hub.token.clone(),
-    };
-    send_msg(&mut send, &ClientMsg::Hello(hello)).await.unwrap();
-    assert!(matches!(
-        recv.expect::<ClientMsg>().await.unwrap(),
-        ClientMsg::Welcome(_)
-    ));
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let mut recv = FramedRecv::new(recv);
-    let open = ClientDirectOpen {
-        workspace_id: workspace.into(),
-        csr_der: csr.der().to_vec(),
-        candidates: Candidates::default(),
-    };
-    send_msg(&mut send, &StreamHeader::ClientDirect(open))
-        .await
-        .unwrap();
-    assert!(matches!(
-        recv.expect::<StreamReply>().await.unwrap(),
-        StreamReply::Accepted(_)
-    ));
-    let DirectMsg::Offer(offer) = recv.expect::<DirectMsg>().await.unwrap() else {
-        panic!("no offer")
-    };
-    (offer, key.serialize_der())
+    let conn = harness::raw_agent::client_connection(hub).await.unwrap();
+    harness::direct::offer(&conn, workspace).await.unwrap()
 }
 
 /// Connects to the agent with `identity` (or none) and opens one stream with `header`;

@@ -5,7 +5,6 @@
 
 use harness::TestHub;
 use link::{FramedRecv, send_msg};
-use protocol::client::{ClientHello, ClientMsg};
 use protocol::stream::{ClientSyncOpen, StreamHeader, StreamReply};
 use protocol::sync::delta::Op;
 use protocol::sync::{
@@ -361,7 +360,9 @@ async fn a_running_sync_follows_both_sides_counts_as_activity_and_survives_a_hub
     write(&e.local.join("start.txt"), b"start\n");
     let child = e
         .wsh()
-        .args(["sync", &e.id])
+        // Through the relay: what this follows is the hub dying under it (a direct
+        // session would not notice).
+        .args(["--path", "relay", "sync", &e.id])
         .arg(&e.local)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -449,28 +450,7 @@ struct Raw {
 impl Raw {
     async fn open(hub: &TestHub, id: &str, root: &str) -> Raw {
         link::install_crypto_provider();
-        let ca = harness::raw_agent::hub_cas(hub).await;
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = endpoint
-            .connect_with(
-                link::cli_client_config(&ca).unwrap(),
-                hub.listening.quic,
-                "localhost",
-            )
-            .unwrap()
-            .await
-            .unwrap();
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        let mut recv = FramedRecv::new(recv);
-        let hello = ClientHello {
-            protocol_version: protocol::PROTOCOL_VERSION,
-            token: hub.token.clone(),
-        };
-        send_msg(&mut send, &ClientMsg::Hello(hello)).await.unwrap();
-        assert!(matches!(
-            recv.expect::<ClientMsg>().await.unwrap(),
-            ClientMsg::Welcome(_)
-        ));
+        let conn = harness::raw_agent::client_connection(hub).await.unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();
         let mut recv = FramedRecv::new(recv);
         let open = ClientSyncOpen {
