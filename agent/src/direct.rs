@@ -26,6 +26,17 @@ pub struct Direct {
     punch: quinn::ClientConfig,
     /// The agent's address as the hub saw it, per connection.
     observed: Mutex<Option<SocketAddr>>,
+    /// The direct clients connected now (for the hub: who uses which path).
+    clients: tokio::sync::watch::Sender<Vec<Client>>,
+}
+
+/// A direct client, while it is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    id: usize,
+    user: String,
+    addr: SocketAddr,
+    since: std::time::Instant,
 }
 
 impl std::fmt::Debug for Direct {
@@ -77,7 +88,35 @@ impl Direct {
             server,
             punch,
             observed: Mutex::new(None),
+            clients: tokio::sync::watch::Sender::new(Vec::new()),
         }))
+    }
+
+    /// Wakes when direct clients come or go; marked changed at once if there are any, so
+    /// a new session with the hub reports them.
+    pub fn clients_changed(&self) -> tokio::sync::watch::Receiver<Vec<Client>> {
+        let mut rx = self.clients.subscribe();
+        if !rx.borrow().is_empty() {
+            rx.mark_changed();
+        }
+        rx
+    }
+
+    /// The report of the direct clients connected now.
+    pub fn clients_report(&self) -> protocol::control::DirectClients {
+        let now = std::time::Instant::now();
+        let clients = self.clients.borrow();
+        protocol::control::DirectClients {
+            clients: clients
+                .iter()
+                .take(protocol::control::MAX_DIRECT_CLIENTS)
+                .map(|c| protocol::control::DirectClient {
+                    user: c.user.clone(),
+                    addr: c.addr.to_string(),
+                    connected_ago_ms: now.duration_since(c.since).as_millis() as u64,
+                })
+                .collect(),
+        }
     }
 
     pub fn server_config(&self) -> quinn::ServerConfig {
@@ -141,6 +180,7 @@ impl Direct {
             let (this, services) = (self.clone(), services.clone());
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
+                let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                     Ok(Ok(conn)) => this.serve(conn, remote, services).await,
                     Ok(Err(e)) => tracing::info!(%remote, error = %e, "direct client refused"),
@@ -164,6 +204,16 @@ impl Direct {
             return;
         };
         tracing::info!(%remote, user = %credential.user, "direct client connected");
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.clients.send_modify(|c| {
+            c.push(Client {
+                id,
+                user: credential.user.clone(),
+                addr: remote,
+                since: std::time::Instant::now(),
+            })
+        });
         let credential = Arc::new(credential);
         while let Ok((send, recv)) = conn.accept_bi().await {
             tokio::spawn(crate::session::serve_stream(
@@ -173,6 +223,7 @@ impl Direct {
                 recv,
             ));
         }
+        self.clients.send_modify(|c| c.retain(|c| c.id != id));
         tracing::info!(%remote, user = %credential.user, "direct client gone");
     }
 }

@@ -175,6 +175,12 @@ async fn serve(
         p.mark_changed();
     }
     let mut ports_sent: Option<crate::ports::PortTable> = None;
+    // Direct clients, for the hub to show (protocol 5+).
+    let mut direct_clients = services
+        .direct
+        .as_ref()
+        .filter(|_| welcome.protocol_version >= protocol::DIRECT_SINCE_VERSION)
+        .map(|(direct, ..)| (direct.clone(), direct.clients_changed()));
     let mut checkout = agent.checkout.subscribe();
     // The hub learns the checkout's state again after every reconnect.
     checkout.mark_changed();
@@ -239,6 +245,19 @@ async fn serve(
                         return lost(e, true);
                     }
                     live.on_sent(now);
+                }
+            }
+            changed = async { direct_clients.as_mut()?.1.changed().await.ok() }, if direct_clients.is_some() => {
+                let Some(()) = changed else {
+                    direct_clients = None;
+                    continue;
+                };
+                let report = direct_clients.as_ref().map(|(direct, _)| direct.clients_report());
+                if let Some(report) = report {
+                    if let Err(e) = send_msg(&mut send, &ControlMsg::DirectClients(report)).await {
+                        return lost(e, true);
+                    }
+                    live.on_sent(Instant::now());
                 }
             }
             changed = checkout.changed(), if activity.is_some() => {

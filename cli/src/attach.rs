@@ -311,20 +311,26 @@ pub async fn attach(paths: &Paths, session: Option<String>, command: Vec<String>
         };
         failures = 0;
         // Set when a better path came up: this stream ends and the next one resumes on it
-        // at the offset printed so far.
+        // at the offset printed so far, once there is one (a joined session's screen may
+        // still be coming).
         let mut moving = false;
         let mut changes = paths.changes();
         let outcome: Result<Option<i32>> = async {
             loop {
+                if !paths.prefers(&link) && session.is_some() && offset.is_some() {
+                    moving = true;
+                    return Ok(None);
+                }
                 tokio::select! {
-                    Ok(()) = changes.changed() => {
-                        if session.is_some() && !paths.prefers(&link) {
-                            moving = true;
-                            return Ok(None);
-                        }
-                    }
+                    Ok(()) = changes.changed() => {}
                     msg = recv.next::<PtyMsg>() => match msg? {
-                        Some(PtyMsg::Opened(o)) => session = Some(o.session),
+                        Some(PtyMsg::Opened(o)) => {
+                            // A session this attach created: its output starts at 0.
+                            if session.is_none() {
+                                offset = Some(0);
+                            }
+                            session = Some(o.session);
+                        }
                         Some(PtyMsg::Output(o)) => {
                             stdout.write_all(&o.bytes)?;
                             stdout.flush()?;

@@ -543,6 +543,12 @@ async fn spawn_hub(
     if let Some(ttl) = options.enrollment_ttl {
         cmd.args(["--enrollment-ttl", &ms(ttl)]);
     }
+    // Its agents' shells start in an empty home: a test never depends on the machine
+    // user's dotfiles (a login shell that runs a version manager's hook, waiting on a lock
+    // some killed shell left behind, stalled every terminal test once).
+    let home = state_dir.with_file_name("home");
+    std::fs::create_dir_all(&home)?;
+    cmd.env("HOME", &home);
     cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
     if !options.config.is_empty() {
         let path = state_dir.join("hub.toml");

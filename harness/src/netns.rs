@@ -273,6 +273,7 @@ impl Lab {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
+            .env("HOME", dir)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;

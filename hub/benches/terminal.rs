@@ -625,4 +625,86 @@ async fn run(args: Args) {
         replayed as f64 / (1 << 20) as f64,
         ms(replay_time)
     );
+
+    eprintln!("... to a prompt");
+    // A new process to the first output of a remote command, each path; and how long the
+    // direct path took to find after the relay was up.
+    let runs = if args.samples >= 100 { 10 } else { 2 };
+    let wsh = |path: &str| {
+        let mut cmd = tokio::process::Command::from(hub.wsh().unwrap());
+        cmd.args([
+            "--path",
+            path,
+            "--show-path",
+            "attach",
+            &id,
+            "--",
+            "echo",
+            "ready",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let relayed = to_prompt(runs, || wsh("relay")).await;
+    let direct = to_prompt(runs, || wsh("direct")).await;
+    let found: Vec<Duration> = direct
+        .1
+        .iter()
+        .filter_map(|err| {
+            let ms = err.split("found in ").nth(1)?.split(' ').next()?;
+            Some(Duration::from_millis(ms.parse().ok()?))
+        })
+        .collect();
+    println!();
+    println!("| to a prompt (new process to first output, median of {runs}) | value |");
+    println!("|---|---|");
+    println!("| wsh attach, relayed | {} |", ms(relayed.0));
+    println!("| wsh attach, direct | {} |", ms(direct.0));
+    if let Some(s) = &sshd {
+        let ssh = to_prompt(runs, || {
+            let mut cmd = ssh_command(s, "echo ready");
+            cmd.stderr(std::process::Stdio::piped());
+            cmd
+        })
+        .await;
+        println!("| ssh -tt (OpenSSH) | {} |", ms(ssh.0));
+    }
+    if !found.is_empty() {
+        println!(
+            "| relay up to direct path found (broker, punch, handshake), median | {} |",
+            ms(median(found))
+        );
+    }
+}
+
+/// Runs `command` `runs` times; the median time to its first output, and each run's stderr.
+async fn to_prompt(
+    runs: usize,
+    command: impl Fn() -> tokio::process::Command,
+) -> (Duration, Vec<String>) {
+    let mut times = Vec::new();
+    let mut errs = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut child = command().kill_on_drop(true).spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut buf = [0u8; 256];
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("ready") {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "no output");
+            seen.extend(&buf[..n]);
+        }
+        times.push(t.elapsed());
+        let out = child.wait_with_output().await.unwrap();
+        errs.push(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    (median(times), errs)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
 }

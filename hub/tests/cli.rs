@@ -288,6 +288,6 @@ async fn wsh_attach_survives_a_hub_restart_without_losing_output() {
     assert_eq!(
         lines,
         (1..=30).collect::<Vec<_>>(),
-        "every line exactly once: {text}"
+        "every line exactly once: {text:?}"
     );
 }

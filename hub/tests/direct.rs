@@ -53,6 +53,42 @@ async fn terminals_forwards_and_sync_go_direct_and_the_policy_can_keep_users_on_
         "the bytes went to the agent itself"
     );
 
+    // While a direct client is connected, the workspace says so (its owner and admins see
+    // which sessions are direct); when it goes, so does the entry.
+    let waiting = harness::Reaped(
+        hub.wsh()
+            .unwrap()
+            .args(["--path", "direct", "attach", &id, "--", "sleep", "60"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let shown = hub
+        .wait_for(&id, Duration::from_secs(20), |w| {
+            w["agent"]["direct_clients"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .await
+        .unwrap();
+    let client = &shown["agent"]["direct_clients"][0];
+    assert_eq!(client["user"], "dev", "{shown}");
+    assert!(
+        client["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{shown}"
+    );
+    assert!(client["connected_at"].as_i64().unwrap() > 0, "{shown}");
+    drop(waiting);
+    hub.wait_for(&id, Duration::from_secs(20), |w| {
+        w["agent"]["direct_clients"] == serde_json::json!([])
+    })
+    .await
+    .unwrap();
+
     // A forward and OpenSSH-style proxying, direct only.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

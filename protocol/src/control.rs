@@ -38,7 +38,30 @@ crate::tagged_messages! {
         /// Hub -> agent (version 5+), after the welcome: the agent's address as the hub
         /// sees it (its NAT's mapping), the first candidate it offers direct clients.
         13 => Observed(Observed),
+        /// Agent -> hub (version 5+): the direct clients connected right now (the whole
+        /// list, at most [`MAX_DIRECT_CLIENTS`]), on every change and after each reconnect.
+        14 => DirectClients(DirectClients),
     }
+}
+
+/// At most this many entries in a [`DirectClients`] report.
+pub const MAX_DIRECT_CLIENTS: usize = 64;
+
+/// See [`ControlMsg::DirectClients`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DirectClients {
+    pub clients: Vec<DirectClient>,
+}
+
+/// One direct client of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectClient {
+    /// The user its credential names.
+    pub user: String,
+    /// Where it connects from (`ip:port`, as the agent sees it).
+    pub addr: String,
+    /// How long ago it connected, in milliseconds (the agent's clock).
+    pub connected_ago_ms: u64,
 }
 
 /// See [`ControlMsg::Observed`].

@@ -16,6 +16,37 @@ pub struct AgentInfo {
     pub last_input_at: Option<i64>,
     /// The repository checkout, as the agent last reported it.
     pub checkout: Option<CheckoutView>,
+    /// CLIs connected to the agent directly (one hop, not through the hub), as it last
+    /// reported them.
+    pub direct_clients: Vec<DirectClientView>,
+}
+
+/// A CLI connected to the agent directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct DirectClientView {
+    /// The user its credential names.
+    pub user: String,
+    /// Where it connects from, as the agent sees it.
+    pub address: String,
+    /// When it connected, in the hub's clock (Unix ms).
+    pub connected_at: i64,
+}
+
+impl DirectClientView {
+    /// The agent's report, bounded (entries, lengths), in the hub's clock.
+    pub fn from_report(report: &protocol::control::DirectClients, now: i64) -> Vec<Self> {
+        report
+            .clients
+            .iter()
+            .take(protocol::control::MAX_DIRECT_CLIENTS)
+            .map(|c| Self {
+                user: c.user.chars().take(256).collect(),
+                address: c.addr.chars().take(64).collect(),
+                connected_at: now
+                    .saturating_sub(i64::try_from(c.connected_ago_ms).unwrap_or(i64::MAX)),
+            })
+            .collect()
+    }
 }
 
 /// A repository checkout's state, as the API shows it.

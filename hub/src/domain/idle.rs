@@ -203,6 +203,7 @@ mod tests {
             attached_clients: attached,
             last_input_at,
             checkout: None,
+            direct_clients: Vec::new(),
         }
     }
 

@@ -333,6 +333,19 @@ impl Registry {
         }
     }
 
+    /// Records an agent's report of its direct clients on its live entry.
+    fn set_direct_clients(
+        &self,
+        id: Uuid,
+        session: u64,
+        report: &protocol::control::DirectClients,
+    ) {
+        let clients = crate::domain::agent::DirectClientView::from_report(report, now_ms());
+        if let Some(c) = self.lock().get_mut(&id).filter(|c| c.session == session) {
+            c.info.direct_clients = clients;
+        }
+    }
+
     /// Records an agent's activity report on its live entry.
     fn set_activity(&self, id: Uuid, session: u64, report: protocol::control::Activity) {
         let now = now_ms();
@@ -655,6 +668,7 @@ async fn control_session(
             attached_clients: 0,
             last_input_at: None,
             checkout: None,
+            direct_clients: Vec::new(),
         },
         conn.clone(),
         epoch,
@@ -936,6 +950,10 @@ async fn heartbeat_loop<'a>(
                     Some(ControlMsg::Activity(report)) => {
                         live.on_heard(now);
                         hub.agents.set_activity(workspace_id, touches.session, report);
+                    }
+                    Some(ControlMsg::DirectClients(report)) => {
+                        live.on_heard(now);
+                        hub.agents.set_direct_clients(workspace_id, touches.session, &report);
                     }
                     Some(ControlMsg::CheckoutStatus(status)) => {
                         live.on_heard(now);
