@@ -129,6 +129,32 @@ fn quic_tls_error(e: impl std::fmt::Display) -> rustls::Error {
     rustls::Error::General(format!("quic tls config: {e}"))
 }
 
+/// TLS 1.3 presenting `cert_chain`/`key_pkcs8`, taking client certificates issued by one of
+/// `client_cas`: required, or optional (the application decides what clients without one
+/// may do).
+fn tls_server(
+    cert_chain: Vec<Vec<u8>>,
+    key_pkcs8: Vec<u8>,
+    client_cas: &[Vec<u8>],
+    require_client_cert: bool,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = crypto_provider();
+    let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(client_cas)?,
+        provider.clone(),
+    );
+    if !require_client_cert {
+        verifier = verifier.allow_unauthenticated();
+    }
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier.build().map_err(quic_tls_error)?)
+        .with_single_cert(
+            cert_chain.into_iter().map(CertificateDer::from).collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8)),
+        )
+}
+
 /// A server: presents `cert_chain`/`key_pkcs8`; accepts client certificates issued by any
 /// of `client_cas` (DER), and clients with none (the application decides what those may do).
 /// Sessions resume from `tickets`, which every server holding the same secret can open.
@@ -140,21 +166,7 @@ pub fn server_config(
     idle_timeout: Duration,
     tickets: Arc<SharedTickets>,
 ) -> Result<quinn::ServerConfig, rustls::Error> {
-    let provider = crypto_provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots(client_cas)?,
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(quic_tls_error)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            cert_chain.into_iter().map(CertificateDer::from).collect(),
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8)),
-        )?;
+    let mut tls = tls_server(cert_chain, key_pkcs8, client_cas, false)?;
     tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     tls.ticketer = tickets;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls_error)?;
@@ -176,20 +188,7 @@ pub fn direct_server_config(
     key_pkcs8: Vec<u8>,
     client_cas: &[Vec<u8>],
 ) -> Result<quinn::ServerConfig, rustls::Error> {
-    let provider = crypto_provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots(client_cas)?,
-        provider.clone(),
-    )
-    .build()
-    .map_err(quic_tls_error)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![CertificateDer::from(cert_der)],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8)),
-        )?;
+    let mut tls = tls_server(vec![cert_der], key_pkcs8, client_cas, true)?;
     tls.alpn_protocols = vec![protocol::ALPN_DIRECT.to_vec()];
     tls.send_tls13_tickets = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(quic_tls_error)?;
