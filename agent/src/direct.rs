@@ -229,11 +229,8 @@ impl Direct {
 }
 
 async fn refuse(mut send: quinn::SendStream, why: &str) -> Result<(), link::LinkError> {
-    let refused = protocol::stream::StreamRefused {
-        reason: protocol::stream::StreamRefusal::BadHeader,
-        message: why.into(),
-    };
-    send_msg(&mut send, &protocol::stream::StreamReply::Refused(refused)).await?;
+    let refused = crate::session::refusal(protocol::stream::StreamRefusal::BadHeader, why.into());
+    send_msg(&mut send, &refused).await?;
     let _ = send.finish();
     Ok(())
 }

@@ -373,7 +373,7 @@ pub struct Services {
     pub direct: Option<(Arc<Direct>, quinn::Endpoint, std::net::SocketAddr)>,
 }
 
-fn refusal(reason: StreamRefusal, message: String) -> StreamReply {
+pub(crate) fn refusal(reason: StreamRefusal, message: String) -> StreamReply {
     StreamReply::Refused(StreamRefused { reason, message })
 }
 

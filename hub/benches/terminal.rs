@@ -674,7 +674,7 @@ async fn run(args: Args) {
     if !found.is_empty() {
         println!(
             "| relay up to direct path found (broker, punch, handshake), median | {} |",
-            ms(median(found))
+            ms(latency(found).p50)
         );
     }
 }
@@ -701,10 +701,5 @@ async fn to_prompt(
         let out = child.wait_with_output().await.unwrap();
         errs.push(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    (median(times), errs)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+    (latency(times).p50, errs)
 }

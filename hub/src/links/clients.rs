@@ -181,7 +181,7 @@ async fn broker_direct(
     open: ClientDirectOpen,
     mut send: quinn::SendStream,
 ) {
-    let refused = match direct_offer(hub, caller, remote, open).await {
+    match direct_offer(hub, caller, remote, open).await {
         Ok(offer) => {
             let accepted = StreamReply::Accepted(protocol::stream::Accepted {});
             if send_msg(&mut send, &accepted).await.is_ok()
@@ -189,11 +189,9 @@ async fn broker_direct(
             {
                 finish_and_flush(&mut send).await;
             }
-            return;
         }
-        Err(refused) => refused,
-    };
-    refuse_stream(&mut send, refused.0, refused.1).await;
+        Err((reason, message)) => refuse_stream(&mut send, reason, message).await,
+    }
 }
 
 async fn direct_offer(
@@ -293,15 +291,8 @@ async fn ask_agent(
     match recv.expect::<StreamReply>().await? {
         StreamReply::Accepted(_) => {}
         StreamReply::Refused(r) if r.reason == StreamRefusal::Unsupported => return Ok(None),
-        StreamReply::Refused(r) => {
-            return Err(
-                protocol::ProtocolError::Unexpected(if r.reason == StreamRefusal::Moved {
-                    "agent moved"
-                } else {
-                    "agent refused"
-                })
-                .into(),
-            );
+        StreamReply::Refused(_) => {
+            return Err(protocol::ProtocolError::Unexpected("agent refused").into());
         }
     }
     let DirectMsg::Candidates(candidates) = recv.expect::<DirectMsg>().await? else {
