@@ -249,7 +249,7 @@ fn credential_of(cert_der: &[u8]) -> Option<Credential> {
 pub fn purpose_of(header: &StreamHeader) -> Option<Purpose> {
     match header {
         StreamHeader::Pty(_) => Some(Purpose::Pty),
-        StreamHeader::TcpForward(_) => Some(Purpose::Forward),
+        StreamHeader::TcpForward(_) | StreamHeader::Forward(_) => Some(Purpose::Forward),
         StreamHeader::Sync(_) => Some(Purpose::Sync),
         _ => None,
     }

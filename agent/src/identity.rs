@@ -188,6 +188,9 @@ pub async fn enroll(
                     r.message
                 )));
             }
+            StreamReply::Forwarding(_) => {
+                return Err(EnrollError::Retry("unexpected answer to enrollment".into()));
+            }
         }
         match recv.expect::<EnrollMsg>().await? {
             EnrollMsg::Issued(issued) => Ok(issued.cert_der),

@@ -72,7 +72,7 @@ pub struct Agent {
     /// Listening ports, from the watcher thread (started by [`Agent::run`]).
     ports: Option<tokio::sync::watch::Receiver<ports::PortTable>>,
     /// TCP forwards and sync sessions open right now (they count as use of the workspace).
-    forwards: Arc<std::sync::atomic::AtomicUsize>,
+    forwards: Arc<forward::Forwards>,
     /// Where sync roots live and who owns what sync writes.
     sync: filesync::serve::Options,
 }

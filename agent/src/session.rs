@@ -238,7 +238,7 @@ async fn serve(
             _ = activity_tick.tick(), if activity.is_some() => {
                 let (attached, last_input) = agent.sessions.activity();
                 // Open forwards (previews, `wsh forward`) are use of the workspace too.
-                let attached = attached + agent.forwards.load(std::sync::atomic::Ordering::Relaxed);
+                let attached = attached + agent.forwards.open();
                 let now = Instant::now();
                 if let Some(report) = activity.as_mut().and_then(|a| a.poll(now, attached, last_input)) {
                     if let Err(e) = send_msg(&mut send, &ControlMsg::Activity(report)).await {
@@ -358,6 +358,9 @@ async fn hello(
             format!("control stream refused: {}", r.message),
             false,
         ))),
+        StreamReply::Forwarding(_) => {
+            Ok(Err(lost("unexpected answer to the control stream", false)))
+        }
     }
 }
 
@@ -365,8 +368,8 @@ async fn hello(
 #[derive(Clone)]
 pub struct Services {
     pub sessions: Arc<crate::pty::Sessions>,
-    /// TCP forwards and sync sessions open right now.
-    pub forwards: Arc<std::sync::atomic::AtomicUsize>,
+    /// TCP forwards and sync sessions open right now, and the resumable forwards.
+    pub forwards: Arc<crate::forward::Forwards>,
     pub sync: filesync::serve::Options,
     /// Direct connections, with the socket and the hub address of the session: only on
     /// streams from the hub.
@@ -430,9 +433,12 @@ pub(crate) async fn serve_stream(
             }
         }
         StreamHeader::TcpForward(open) => crate::forward::serve(open, send, recv, forwards).await,
+        StreamHeader::Forward(open) => {
+            crate::forward::serve_resumable(open, send, recv, forwards).await
+        }
         StreamHeader::Sync(open) => {
             // A running sync is use of the workspace, like an open forward.
-            let _busy = crate::forward::Busy::new(forwards);
+            let _busy = forwards.busy();
             filesync::serve::serve(open.root, sync, send, recv).await
         }
         other => {

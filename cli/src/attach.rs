@@ -9,6 +9,7 @@ use crate::path::Paths;
 use anyhow::{Context, Result, anyhow, bail};
 use link::{FramedRecv, send_msg};
 use protocol::client::{ClientHello, ClientMsg};
+use protocol::forward::Resume;
 use protocol::pty::{PtyInput, PtyList, PtyMsg, PtyOpenRequest, PtyResize, PtySessionInfo};
 use protocol::stream::{ClientPtyOpen, StreamHeader, StreamRefusal, StreamReply};
 use rustix::termios;
@@ -104,13 +105,36 @@ impl Hub {
 #[derive(Debug)]
 pub struct Moved(pub String);
 
-impl std::fmt::Display for Moved {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A forward stream the agent accepted.
+pub struct ForwardStream {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    /// Bytes of the connection that came with the answer.
+    pub early: Vec<u8>,
+    /// `None` for a plain forward (an older hub or agent).
+    pub resumable: Option<protocol::stream::Forwarding>,
 }
 
-impl std::error::Error for Moved {}
+/// The hub or agent does not know the stream header (it is older than this CLI), or
+/// found it malformed.
+#[derive(Debug)]
+pub struct UnknownHeader(pub String);
+
+/// The forwarded connection a resume names is gone.
+#[derive(Debug)]
+pub struct Gone(pub String);
+
+macro_rules! message_error {
+    ($($t:ident),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl std::error::Error for $t {}
+    )*};
+}
+message_error!(Moved, UnknownHeader, Gone);
 
 /// A refused stream as an error; [`Moved`] when a new connection may succeed.
 fn refused(r: protocol::stream::StreamRefused) -> anyhow::Error {
@@ -122,30 +146,62 @@ fn refused(r: protocol::stream::StreamRefused) -> anyhow::Error {
 }
 
 impl Link {
-    /// Opens a TCP forward to `port` of `workspace`; returns the stream once the agent
-    /// has connected to the port, with the first bytes of the connection if any came along.
+    /// Opens a TCP forward to `port` of `workspace` (or resumes one); returns the stream
+    /// once the agent has connected to the port, with the first bytes of the connection if
+    /// any came along. An older hub or agent opens a plain forward instead.
     pub async fn forward(
         &self,
         workspace: &str,
         port: u16,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<u8>)> {
-        let (mut send, recv) = self.conn.open_bi().await?;
-        let mut recv = FramedRecv::new(recv);
-        let header = if self.direct {
-            StreamHeader::TcpForward(protocol::stream::TcpForwardOpen { port })
+        resume: Option<Resume>,
+    ) -> Result<ForwardStream> {
+        let resumable = if self.direct {
+            StreamHeader::Forward(protocol::stream::ForwardOpen { port, resume })
         } else {
-            StreamHeader::ClientTcpForward(protocol::stream::ClientTcpForwardOpen {
+            StreamHeader::ClientForward(protocol::stream::ClientForwardOpen {
                 workspace_id: workspace.to_owned(),
                 port,
+                resume,
             })
         };
-        send_msg(&mut send, &header).await?;
-        match recv.expect::<StreamReply>().await? {
-            StreamReply::Accepted(_) => {
-                let (recv, mut decoder) = recv.into_parts();
-                Ok((send, recv, decoder.take_buffered()))
+        match self.open_forward(&resumable).await {
+            Err(e) if resume.is_none() && e.is::<UnknownHeader>() => {
+                let plain = if self.direct {
+                    StreamHeader::TcpForward(protocol::stream::TcpForwardOpen { port })
+                } else {
+                    StreamHeader::ClientTcpForward(protocol::stream::ClientTcpForwardOpen {
+                        workspace_id: workspace.to_owned(),
+                        port,
+                    })
+                };
+                self.open_forward(&plain).await
             }
-            StreamReply::Refused(r) => Err(refused(r)),
+            result => result,
+        }
+    }
+
+    async fn open_forward(&self, header: &StreamHeader) -> Result<ForwardStream> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let mut recv = FramedRecv::new(recv);
+        send_msg(&mut send, header).await?;
+        let reply = recv.expect::<StreamReply>().await?;
+        let (recv, mut decoder) = recv.into_parts();
+        let stream = |resumable| ForwardStream {
+            send,
+            recv,
+            early: decoder.take_buffered(),
+            resumable,
+        };
+        match reply {
+            StreamReply::Accepted(_) => Ok(stream(None)),
+            StreamReply::Forwarding(f) => Ok(stream(Some(f))),
+            StreamReply::Refused(r) => Err(match r.reason {
+                StreamRefusal::BadHeader | StreamRefusal::Unsupported => {
+                    UnknownHeader(r.message).into()
+                }
+                StreamRefusal::Gone => Gone(r.message).into(),
+                _ => refused(r),
+            }),
         }
     }
 
@@ -175,6 +231,7 @@ impl Link {
                 e if e.is::<Moved>() => Err(e),
                 e => Err(crate::sync::Fatal(e.to_string()).into()),
             },
+            StreamReply::Forwarding(_) => bail!("unexpected answer to a sync stream"),
         }
     }
 
@@ -198,6 +255,7 @@ impl Link {
         match recv.expect::<StreamReply>().await? {
             StreamReply::Accepted(_) => Ok((send, recv)),
             StreamReply::Refused(r) => Err(refused(r)),
+            StreamReply::Forwarding(_) => bail!("unexpected answer to a terminal stream"),
         }
     }
 }

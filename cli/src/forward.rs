@@ -1,12 +1,20 @@
-//! `wsh forward` and `wsh proxy`: TCP to ports inside a workspace, over the CLI's QUIC
-//! connection to the hub (which splices each stream to the agent). No inbound port is
-//! opened on the workspace.
+//! `wsh forward` and `wsh proxy`: TCP to ports inside a workspace, over a direct QUIC
+//! connection to the agent or through the hub (which splices each stream to the agent).
+//! No inbound port is opened on the workspace.
+//!
+//! Each connection is resumable (`protocol::forward`): when its stream breaks (the direct
+//! path died, the hub replica went away), it is picked up on whatever path works now,
+//! without a byte lost; neither end of the TCP connection notices.
 
+use crate::attach::{ForwardStream, Gone, Link, Moved};
 use crate::path::Paths;
 use anyhow::{Context, Result, bail};
+use link::forward::{Ended, Pipe};
+use protocol::forward::{RESUME_GRACE_SECS, Resume};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How long commands with one long stream (`proxy`, `sync`) wait for a direct path before
 /// starting on the relay.
@@ -48,24 +56,85 @@ impl std::str::FromStr for Spec {
     }
 }
 
-/// A forward stream to `port`. When the hub replica answers that the agent moved (or
-/// that it is leaving), a new connection looks for it again, for up to 10 s; when the
-/// direct path turns out dead under it, the relay carries it.
-async fn open(paths: &Paths, port: u16) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<u8>)> {
-    for _ in 0..50 {
+/// How long a new forward stream may look for the agent (moved to another replica, or the
+/// direct path dead under it).
+const OPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// A forward stream to `port` (or a resume), on the path [`Paths::link`] picks. When the
+/// hub replica answers that the agent moved (or that it is leaving), or the path turns out
+/// dead, it tries again on a new one: for [`OPEN_WAIT`], or for a resume as long as the
+/// agent keeps the connection.
+async fn open(
+    paths: &Paths,
+    port: u16,
+    resume: Option<Resume>,
+) -> Result<(Arc<Link>, ForwardStream)> {
+    let wait = match resume {
+        None => OPEN_WAIT,
+        Some(_) => Duration::from_secs(RESUME_GRACE_SECS),
+    };
+    let deadline = Instant::now() + wait;
+    loop {
         let link = paths.link().await?;
-        match link.forward(&paths.workspace, port).await {
-            Err(e) if e.is::<crate::attach::Moved>() => {
-                paths.failed(&link).await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        let e = match link.forward(&paths.workspace, port, resume).await {
+            Ok(stream) => return Ok((link, stream)),
+            Err(e) => e,
+        };
+        let dead = link.conn.close_reason().is_some();
+        if e.is::<Moved>() || dead {
+            paths.failed(&link).await;
+        } else if resume.is_none() || e.is::<Gone>() {
+            return Err(e);
+        }
+        if Instant::now() >= deadline {
+            return Err(e.context("the workspace's agent did not come back"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Carries one local connection to `port`: over a resumable forward when the agent offers
+/// one, picked up on any path when its stream breaks; over a plain one otherwise.
+async fn carry<R, W>(paths: &Paths, port: u16, read: R, write: W) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (mut link, mut stream) = open(paths, port, None).await?;
+    let Some(forwarding) = stream.resumable.take() else {
+        let ForwardStream {
+            send, recv, early, ..
+        } = stream;
+        link::splice(read, write, send, recv, &early).await?;
+        return Ok(());
+    };
+    let token = forwarding.token;
+    let mut pipe = Pipe::new(read, write);
+    loop {
+        let ForwardStream {
+            send, recv, early, ..
+        } = stream;
+        match pipe.run(send, recv, &early).await {
+            Ended::Done => return Ok(()),
+            Ended::Failed(e) => return Err(e.into()),
+            Ended::Broken(why) => {
+                if link.conn.close_reason().is_some() {
+                    paths.failed(&link).await;
+                }
+                let resume = Resume {
+                    token,
+                    received: pipe.received(),
+                };
+                (link, stream) = open(paths, port, Some(resume)).await.with_context(|| {
+                    format!("the connection broke ({why}) and could not resume")
+                })?;
+                let Some(forwarding) = stream.resumable.take() else {
+                    bail!("the agent answered a resume with a plain forward");
+                };
+                pipe.resume(forwarding.received)?;
             }
-            Err(_) if link.direct && link.conn.close_reason().is_some() => {
-                paths.failed(&link).await;
-            }
-            result => return result,
         }
     }
-    bail!("the workspace's agent did not come back")
 }
 
 /// `wsh forward`: listens on every spec's local address until interrupted.
@@ -92,13 +161,8 @@ pub async fn forward(paths: Arc<Paths>, specs: &[Spec]) -> Result<()> {
                 let _ = tcp.set_nodelay(true);
                 let paths = paths.clone();
                 tokio::spawn(async move {
-                    let result = async {
-                        let (send, recv, early) = open(&paths, remote).await?;
-                        let (read, write) = tcp.into_split();
-                        link::splice(read, write, send, recv, &early).await?;
-                        anyhow::Ok(())
-                    };
-                    if let Err(e) = result.await {
+                    let (read, write) = tcp.into_split();
+                    if let Err(e) = carry(&paths, remote, read, write).await {
                         eprintln!("{peer} -> {}:{remote}: {e}", paths.workspace);
                     }
                 });
@@ -116,9 +180,7 @@ pub async fn proxy(paths: &Paths, port: u16) -> Result<()> {
     anyhow::ensure!(port != 0, "port must be 1-65535");
     // One long connection: worth waiting a moment for the direct path.
     paths.settled_link(SETTLE).await?;
-    let (send, recv, early) = open(paths, port).await?;
-    link::splice(tokio::io::stdin(), tokio::io::stdout(), send, recv, &early).await?;
-    Ok(())
+    carry(paths, port, tokio::io::stdin(), tokio::io::stdout()).await
 }
 
 #[cfg(test)]

@@ -254,6 +254,7 @@ impl Paths {
                     _ => anyhow!("{}", r.message),
                 });
             }
+            StreamReply::Forwarding(_) => bail!("unexpected answer from the hub"),
         }
         let DirectMsg::Offer(offer) = recv.expect::<DirectMsg>().await? else {
             bail!("unexpected answer from the hub");

@@ -22,6 +22,7 @@ pub async fn offer(conn: &quinn::Connection, workspace: &str) -> Result<(DirectO
     match recv.expect::<StreamReply>().await? {
         StreamReply::Accepted(_) => {}
         StreamReply::Refused(r) => bail!("direct session refused: {}", r.message),
+        StreamReply::Forwarding(_) => bail!("unexpected answer to a direct-session request"),
     }
     let DirectMsg::Offer(offer) = recv.expect::<DirectMsg>().await? else {
         bail!("no offer");

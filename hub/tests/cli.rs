@@ -291,3 +291,76 @@ async fn wsh_attach_survives_a_hub_restart_without_losing_output() {
         "every line exactly once: {text:?}"
     );
 }
+
+/// An echo server on a free loopback port (the process provider's agents run on this host).
+async fn echo_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.into_split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_forwarded_connection_through_the_hub_survives_a_hub_restart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut hub = TestHub::start().await.unwrap();
+    let id = hub.ready_workspace().await.unwrap();
+    let remote = echo_server().await;
+    let local = harness::free_port();
+    let forward = Command::new(harness::binary("wsh").unwrap())
+        .args([
+            "--path",
+            "relay",
+            "forward",
+            &id,
+            &format!("{local}:{remote}"),
+        ])
+        .env("WSH_HUB", hub.url(""))
+        .env("WSH_TOKEN", &hub.token)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let forward = harness::Reaped(forward);
+    let mut tcp = None;
+    for _ in 0..100 {
+        if let Ok(t) = tokio::net::TcpStream::connect(("127.0.0.1", local)).await {
+            tcp = Some(t);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut read, mut write) = tcp.expect("the forward listens").into_split();
+    // 200 chunks of 64 KiB, all different, written while the echo comes back; the hub is
+    // killed and started again after the 50th.
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        read.read_to_end(&mut got).await.map(|_| got)
+    });
+    let mut sent = Vec::new();
+    for i in 0..200u32 {
+        let chunk = harness::pseudo_bytes(64 * 1024, i.into());
+        write.write_all(&chunk).await.unwrap();
+        sent.extend(chunk);
+        if i == 50 {
+            hub.kill();
+            hub.start_again().await.unwrap();
+        }
+    }
+    write.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(120), reader)
+        .await
+        .expect("the echo ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "every byte once, in order");
+    drop(forward);
+}

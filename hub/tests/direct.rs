@@ -5,7 +5,10 @@
 use harness::{HubOptions, TestHub};
 use link::{FramedRecv, send_msg};
 use protocol::direct::{Candidates, Credential, DirectOffer, Purpose};
-use protocol::stream::{DirectOpen, PtyOpen, StreamHeader, StreamReply, TcpForwardOpen};
+use protocol::forward::{ForwardToken, Resume};
+use protocol::stream::{
+    DirectOpen, ForwardOpen, PtyOpen, StreamHeader, StreamReply, TcpForwardOpen,
+};
 use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
@@ -256,6 +259,7 @@ async fn the_agent_refuses_every_credential_but_a_valid_one_for_itself_and_what_
     let refused_for = |r: Result<StreamReply, String>| match r {
         Ok(StreamReply::Refused(r)) => format!("{:?}", r.reason),
         Ok(StreamReply::Accepted(_)) => "accepted".into(),
+        Ok(StreamReply::Forwarding(_)) => "forwarding".into(),
         Err(e) => e,
     };
 
@@ -264,6 +268,19 @@ async fn the_agent_refuses_every_credential_but_a_valid_one_for_itself_and_what_
     assert_eq!(
         refused_for(try_stream(&hub, &offer, Some(valid.clone()), pty()).await),
         "accepted"
+    );
+    // A resume names a connection this client opened: an unknown (or guessed) token
+    // reaches nothing.
+    let resume = StreamHeader::Forward(ForwardOpen {
+        port: 22,
+        resume: Some(Resume {
+            token: ForwardToken([7; 16]),
+            received: 0,
+        }),
+    });
+    assert_eq!(
+        refused_for(try_stream(&hub, &offer, Some(valid.clone()), resume).await),
+        "Gone"
     );
     // A client cannot make the agent punch or open anything but what a credential names.
     let punch = StreamHeader::Direct(DirectOpen {
@@ -311,9 +328,18 @@ async fn the_agent_refuses_every_credential_but_a_valid_one_for_itself_and_what_
         "accepted"
     );
     assert_eq!(
-        refused_for(try_stream(&hub, &offer, Some(cert), forward()).await),
+        refused_for(try_stream(&hub, &offer, Some(cert.clone()), forward()).await),
         "Unauthorized",
         "a terminal-only credential opens no forward"
+    );
+    let resumable = StreamHeader::Forward(ForwardOpen {
+        port: 22,
+        resume: None,
+    });
+    assert_eq!(
+        refused_for(try_stream(&hub, &offer, Some(cert), resumable).await),
+        "Unauthorized",
+        "nor a resumable one"
     );
     let expired = credential_cert(&ca, &pty_only, -1);
     let r = try_stream(&hub, &offer, Some(expired), pty()).await;

@@ -35,11 +35,16 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<String>> {
 
 impl Wsh {
     fn start(lab: &Lab, hub: &TestHub, args: &[&str]) -> Self {
-        let mut child = lab
-            .command(Site::Client, harness::binary("wsh").unwrap())
-            .args(args)
+        let mut wsh = lab.command(Site::Client, harness::binary("wsh").unwrap());
+        wsh.args(args)
             .env("WSH_HUB", hub.url(""))
-            .env("WSH_TOKEN", &hub.token)
+            .env("WSH_TOKEN", &hub.token);
+        Self::spawn(wsh)
+    }
+
+    /// Any program, its output collected the same way.
+    fn spawn(mut command: std::process::Command) -> Self {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -74,7 +79,73 @@ impl Wsh {
     fn lines(&self) -> Vec<u32> {
         numbered_lines(&self.stdout.lock().unwrap(), "line-")
     }
+
+    /// Waits until stdout says `what`.
+    async fn wait_stdout(&self, what: &str, within: Duration) {
+        let start = Instant::now();
+        while !self.stdout.lock().unwrap().contains(what) {
+            assert!(
+                start.elapsed() < within,
+                "no {what:?} within {within:?}; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// How many lines of stdout start with `prefix`.
+    fn count(&self, prefix: &str) -> usize {
+        let out = self.stdout.lock().unwrap();
+        out.lines().filter(|l| l.starts_with(prefix)).count()
+    }
+
+    /// Waits until more than `than` lines of stdout start with `prefix`; returns the count.
+    async fn wait_more(&self, prefix: &str, than: usize, within: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            let n = self.count(prefix);
+            if n > than {
+                return n;
+            }
+            assert!(
+                start.elapsed() < within,
+                "no more than {than} {prefix:?} lines within {within:?}; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
+
+/// An echo server on 127.0.0.1:`port` (Python, one thread per connection).
+const ECHO_SERVER: &str = "import socket,sys,threading\n\
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+s.bind(('127.0.0.1',int(sys.argv[1]))); s.listen()\n\
+def echo(c):\n\
+\twhile True:\n\
+\t\td=c.recv(65536)\n\
+\t\tif not d: break\n\
+\t\tc.sendall(d)\n\
+\tc.close()\n\
+while True:\n\
+\tc,_=s.accept(); threading.Thread(target=echo,args=(c,),daemon=True).start()\n";
+
+/// One TCP connection to 127.0.0.1:`port` held open until the file `stop` exists: every
+/// 50 ms a numbered line (every 10th padded to 100 kB) goes out and must come back whole;
+/// prints `echo-N` for each, then `closed` once a half-close came back as EOF.
+const ECHO_CLIENT: &str = "import os,socket,sys,time\n\
+port,stop=int(sys.argv[1]),sys.argv[2]\n\
+for i in range(100):\n\
+\ttry: c=socket.create_connection(('127.0.0.1',port),timeout=60); break\n\
+\texcept ConnectionRefusedError: time.sleep(0.2)\n\
+c.settimeout(60); f=c.makefile('rb'); n=0\n\
+while not os.path.exists(stop):\n\
+\tn+=1; line=b'%d %s\\n'%(n,b'x'*(100000 if n%10==0 else 10))\n\
+\tc.sendall(line); got=f.readline()\n\
+\tassert got==line,(n,len(got))\n\
+\tprint('echo-%d'%n,flush=True); time.sleep(0.05)\n\
+c.shutdown(socket.SHUT_WR); assert f.read()==b''\n\
+print('closed',flush=True)\n";
 
 fn tail(s: &str) -> String {
     s.chars()
@@ -144,7 +215,17 @@ async fn a_session_goes_direct_through_two_nats_falls_back_to_the_relay_when_cut
         .spawn()
         .unwrap();
     let _server = Reaped(server);
-    let forward = Wsh::start(&lab, &hub, &["--show-path", "forward", &id, "18081:18080"]);
+    let echo_server = lab
+        .command(Site::Agent, "python3")
+        .args(["-c", ECHO_SERVER, "18083"])
+        .spawn()
+        .unwrap();
+    let _echo_server = Reaped(echo_server);
+    let forward = Wsh::start(
+        &lab,
+        &hub,
+        &["--show-path", "forward", &id, "18081:18080", "18082:18083"],
+    );
     forward
         .wait_stderr(&direct_to, 1, Duration::from_secs(20))
         .await;
@@ -167,6 +248,12 @@ async fn a_session_goes_direct_through_two_nats_falls_back_to_the_relay_when_cut
     };
     let (status, err) = fetch();
     assert_eq!(status, "200", "{err}");
+    // A TCP connection held open through the forward, across every move below.
+    let stop = dir.path().join("stop-echo");
+    let mut client = lab.command(Site::Client, "python3");
+    client.args(["-c", ECHO_CLIENT, "18082", stop.to_str().unwrap()]);
+    let echo = Wsh::spawn(client);
+    let echoed = echo.wait_more("echo-", 5, Duration::from_secs(20)).await;
 
     // The direct path is cut (UDP between the two NATs dropped): both move to the relay;
     // a request made meanwhile is carried, late but whole.
@@ -194,6 +281,15 @@ async fn a_session_goes_direct_through_two_nats_falls_back_to_the_relay_when_cut
         attach.lines().len() > on_relay && on_relay > before,
         "output goes on through the relay"
     );
+    // The held connection was picked up by the relay.
+    let echo_on_relay = echo.count("echo-");
+    let echoed = echo
+        .wait_more(
+            "echo-",
+            echo_on_relay.max(echoed) + 5,
+            Duration::from_secs(20),
+        )
+        .await;
 
     // The path comes back, and so does the session.
     lab.cut(false).unwrap();
@@ -202,6 +298,24 @@ async fn a_session_goes_direct_through_two_nats_falls_back_to_the_relay_when_cut
         .await;
     let (status, err) = fetch();
     assert_eq!(status, "200", "{err}");
+    // The held connection still echoes (new connections go direct; it stays where it is),
+    // and ends cleanly: its half-close comes back as EOF.
+    let echoed = echo
+        .wait_more("echo-", echoed + 5, Duration::from_secs(20))
+        .await;
+    std::fs::write(&stop, "").unwrap();
+    echo.wait_stdout("closed", Duration::from_secs(20)).await;
+    let lost = forward.stderr.lock().unwrap().clone();
+    assert!(
+        !lost.contains(":18083: "),
+        "no forwarded connection failed:\n{lost}"
+    );
+    assert!(echoed > 15, "{echoed}");
+    assert!(
+        agent_log().contains("forwarded connection resumed"),
+        "the held connection moved to the relay:\n{}",
+        agent_log()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Not a byte lost or repeated across the moves.

@@ -16,6 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod forward;
 mod tickets;
 pub use tickets::SharedTickets;
 
@@ -62,6 +63,12 @@ pub const HUB_ACCEPTS_STREAMS: u32 = 8;
 /// previews, sync sessions).
 pub const AGENT_ACCEPTS_STREAMS: u32 = 256;
 
+/// How many bytes of one stream a receiver takes before its application reads them
+/// (quinn's default). Resumable forwards keep as many sent bytes as two such windows hold
+/// (a relayed path), with room to spare.
+pub const STREAM_WINDOW: u32 = 1_250_000;
+const _: () = assert!(protocol::forward::REPLAY_CAPACITY as u64 >= 4 * STREAM_WINDOW as u64);
+
 /// Transport settings: an idle timeout longer than the application heartbeat timeout
 /// (heartbeats are the liveness signal; this is a backstop), the number of bidirectional
 /// streams the peer may open, no unidirectional streams, no datagrams.
@@ -71,6 +78,7 @@ pub fn transport_config(idle_timeout: Duration, peer_streams: u32) -> Arc<quinn:
 
 fn transport(idle_timeout: Duration, peer_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(STREAM_WINDOW.into());
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
     t.max_concurrent_bidi_streams(peer_streams.into());
     t.max_concurrent_uni_streams(0u32.into());

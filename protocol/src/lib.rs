@@ -18,6 +18,7 @@ pub mod control;
 pub mod direct;
 pub mod enroll;
 pub mod error;
+pub mod forward;
 pub mod frame;
 pub mod handshake;
 pub mod liveness;
@@ -32,7 +33,7 @@ pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};
 pub use message::Message;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The first version with [`control::Activity`] reports.
 pub const ACTIVITY_SINCE_VERSION: u16 = 2;
@@ -47,6 +48,12 @@ pub const MOVE_SINCE_VERSION: u16 = 4;
 /// The first version with direct connections: [`control::Observed`] and
 /// [`stream::StreamHeader::Direct`] towards agents, `ClientDirect` from clients.
 pub const DIRECT_SINCE_VERSION: u16 = 5;
+
+/// The first version with resumable forwards ([`stream::StreamHeader::Forward`] and
+/// `ClientForward`, [`stream::StreamReply::Forwarding`]). A CLI opens them without knowing
+/// the agent's version: an older hub or agent refuses the unknown header (`BadHeader`),
+/// and the CLI falls back to a plain `TcpForward`.
+pub const RESUME_SINCE_VERSION: u16 = 6;
 
 /// The oldest protocol version this build still accepts from a peer (N-1).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

@@ -50,7 +50,33 @@ crate::tagged_messages! {
         /// agent's NAT lets the client's packets in), and answer [`StreamReply::Accepted`]
         /// and [`DirectMsg::Candidates`](crate::direct::DirectMsg).
         13 => Direct(DirectOpen),
+        /// Hub or direct client -> agent (version 6+): a resumable TCP forward
+        /// ([`crate::forward`]). The agent answers [`StreamReply::Forwarding`] (or a
+        /// refusal, [`StreamRefusal::Gone`] for a resume it cannot honour), then raw bytes
+        /// flow as on a [`StreamHeader::TcpForward`] stream.
+        14 => Forward(ForwardOpen),
+        /// CLI -> hub (version 6+): a resumable TCP forward through the hub, spliced to a
+        /// [`StreamHeader::Forward`] stream to the agent.
+        15 => ClientForward(ClientForwardOpen),
     }
+}
+
+/// Opens a resumable TCP forward (or resumes one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardOpen {
+    /// The port inside the workspace (loopback); 0 is refused. For a resume, the port the
+    /// connection was opened to.
+    pub port: u16,
+    /// `None` for a new connection.
+    pub resume: Option<crate::forward::Resume>,
+}
+
+/// Opens (or resumes) a resumable TCP forward through the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientForwardOpen {
+    pub workspace_id: String,
+    pub port: u16,
+    pub resume: Option<crate::forward::Resume>,
 }
 
 /// Asks the hub for a direct session.
@@ -158,7 +184,20 @@ crate::tagged_messages! {
     pub enum StreamReply {
         1 => Accepted(Accepted),
         2 => Refused(StreamRefused),
+        /// The answer to a [`StreamHeader::Forward`] (version 6+): the connection is open
+        /// (or picked up again); raw bytes follow.
+        3 => Forwarding(Forwarding),
     }
+}
+
+/// A resumable forward is open on this stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarding {
+    /// Names the connection for a later resume.
+    pub token: crate::forward::ForwardToken,
+    /// How many bytes of the connection the agent has taken from its streams so far (0 for
+    /// a new one): the client sends again what follows.
+    pub received: u64,
 }
 
 /// The stream is open; its own messages follow.
@@ -187,4 +226,7 @@ pub enum StreamRefusal {
     /// The workspace's agent is not here any more (it moved to another hub replica, or
     /// this replica is leaving): find it again, through a new connection for a client.
     Moved,
+    /// (Version 6+.) The forwarded connection a resume names is gone: it ended, waited
+    /// longer than its grace, or the resume asked for bytes no longer held.
+    Gone,
 }

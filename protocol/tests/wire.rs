@@ -148,7 +148,29 @@ fn header() -> impl Strategy<Value = StreamHeader> {
         proptest::collection::vec("[a-f0-9-]{0,36}", 0..4).prop_map(|workspace_ids| {
             StreamHeader::PeerAgentViews(protocol::stream::PeerAgentViewsOpen { workspace_ids })
         }),
+        (any::<u16>(), proptest::option::of(resume())).prop_map(|(port, resume)| {
+            StreamHeader::Forward(protocol::stream::ForwardOpen { port, resume })
+        }),
+        (
+            "[a-f0-9-]{0,36}",
+            any::<u16>(),
+            proptest::option::of(resume())
+        )
+            .prop_map(|(workspace_id, port, resume)| {
+                StreamHeader::ClientForward(protocol::stream::ClientForwardOpen {
+                    workspace_id,
+                    port,
+                    resume,
+                })
+            }),
     ]
+}
+
+fn resume() -> impl Strategy<Value = protocol::forward::Resume> {
+    (any::<[u8; 16]>(), any::<u64>()).prop_map(|(token, received)| protocol::forward::Resume {
+        token: protocol::forward::ForwardToken(token),
+        received,
+    })
 }
 
 fn pty_msg() -> impl Strategy<Value = PtyMsg> {
@@ -209,11 +231,16 @@ fn reply() -> impl Strategy<Value = StreamReply> {
                 Just(StreamRefusal::Unauthorized),
                 Just(StreamRefusal::BadHeader),
                 Just(StreamRefusal::Unavailable),
-                Just(StreamRefusal::Moved)
+                Just(StreamRefusal::Moved),
+                Just(StreamRefusal::Gone)
             ],
             ".{0,40}"
         )
             .prop_map(|(reason, message)| StreamReply::Refused(StreamRefused { reason, message })),
+        resume().prop_map(|r| StreamReply::Forwarding(protocol::stream::Forwarding {
+            token: r.token,
+            received: r.received
+        })),
     ]
 }
 
@@ -362,7 +389,7 @@ fn tags_are_stable() {
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
     assert_eq!(
         StreamHeader::TAGS,
-        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
     );
     assert_eq!(protocol::peer::PeerMsg::TAGS, &[1, 2, 3]);
     assert_eq!(
@@ -370,7 +397,7 @@ fn tags_are_stable() {
         &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
     );
     assert_eq!(protocol::client::ClientMsg::TAGS, &[1, 2, 3]);
-    assert_eq!(StreamReply::TAGS, &[1, 2]);
+    assert_eq!(StreamReply::TAGS, &[1, 2, 3]);
     assert_eq!(PtyMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
     let ping = encode_frame(&ControlMsg::Ping(Ping { seq: 7 })).unwrap();
     assert_eq!(ping, vec![0, 0, 0, 2, 4, 7]);

@@ -715,6 +715,9 @@ async fn connect(agent: crate::links::peers::AgentPath, port: u16) -> Result<Sen
                 format!("nothing answers on port {port}: {}", r.message),
             ));
         }
+        Ok(Ok(StreamReply::Forwarding(_))) => {
+            return Err(bad_gateway("agent_unreachable", "unexpected answer".into()));
+        }
         Ok(Err(e)) => return Err(bad_gateway("agent_unreachable", e.to_string())),
         Err(_) => {
             return Err(ApiError::new(

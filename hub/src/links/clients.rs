@@ -14,8 +14,8 @@ use protocol::client::{ClientMsg, ClientRefusal, ClientRefused, ClientWelcome};
 use protocol::close::CloseCode;
 use protocol::direct::{Candidates, Credential, DirectMsg, DirectOffer, MAX_CANDIDATES, Purpose};
 use protocol::stream::{
-    ClientDirectOpen, DirectOpen, PtyOpen, StreamHeader, StreamRefusal, StreamReply, SyncOpen,
-    TcpForwardOpen,
+    ClientDirectOpen, DirectOpen, ForwardOpen, PtyOpen, StreamHeader, StreamRefusal, StreamReply,
+    SyncOpen, TcpForwardOpen,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,7 +119,14 @@ async fn client_stream(
             open.workspace_id,
             StreamHeader::TcpForward(TcpForwardOpen { port: open.port }),
         ),
-        StreamHeader::ClientTcpForward(_) => {
+        StreamHeader::ClientForward(open) if open.port != 0 => (
+            open.workspace_id,
+            StreamHeader::Forward(ForwardOpen {
+                port: open.port,
+                resume: open.resume,
+            }),
+        ),
+        StreamHeader::ClientTcpForward(_) | StreamHeader::ClientForward(_) => {
             return refuse_stream(&mut send, StreamRefusal::BadHeader, "port 0").await;
         }
         StreamHeader::ClientSync(open) => (
@@ -291,7 +298,7 @@ async fn ask_agent(
     match recv.expect::<StreamReply>().await? {
         StreamReply::Accepted(_) => {}
         StreamReply::Refused(r) if r.reason == StreamRefusal::Unsupported => return Ok(None),
-        StreamReply::Refused(_) => {
+        StreamReply::Refused(_) | StreamReply::Forwarding(_) => {
             return Err(protocol::ProtocolError::Unexpected("agent refused").into());
         }
     }

@@ -493,13 +493,16 @@ async fn peer_stream(
     // The opener's own header to the agent: only the kinds users open go through.
     let inner = match timeout(FIRST_MESSAGE_TIMEOUT, recv.expect::<StreamHeader>()).await {
         Ok(Ok(
-            h @ (StreamHeader::Pty(_) | StreamHeader::TcpForward(_) | StreamHeader::Sync(_)),
+            h @ (StreamHeader::Pty(_)
+            | StreamHeader::TcpForward(_)
+            | StreamHeader::Forward(_)
+            | StreamHeader::Sync(_)),
         )) => h,
         _ => {
             return refuse_stream(
                 &mut send,
                 StreamRefusal::BadHeader,
-                "a PeerAgent stream carries a Pty, TcpForward or Sync stream",
+                "a PeerAgent stream carries a Pty, TcpForward, Forward or Sync stream",
             )
             .await;
         }
