@@ -248,7 +248,8 @@ fn credential_of(cert_der: &[u8]) -> Option<Credential> {
 /// Which stream types a credential must allow for this header (`None`: never direct).
 pub fn purpose_of(header: &StreamHeader) -> Option<Purpose> {
     match header {
-        StreamHeader::Pty(_) => Some(Purpose::Pty),
+        // A command runs with the same power as a terminal.
+        StreamHeader::Pty(_) | StreamHeader::Exec(_) => Some(Purpose::Pty),
         StreamHeader::TcpForward(_) | StreamHeader::Forward(_) => Some(Purpose::Forward),
         StreamHeader::Sync(_) => Some(Purpose::Sync),
         _ => None,

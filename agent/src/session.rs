@@ -78,6 +78,7 @@ pub async fn connect_and_serve(
         sessions: agent.sessions.clone(),
         forwards: agent.forwards.clone(),
         sync: agent.sync.clone(),
+        run_as: agent.config.run_as.clone(),
         direct: direct.map(|d| (d.clone(), endpoint.clone(), conn.remote_address())),
     };
     // Direct clients, on the same socket, while this session lasts (each connection then
@@ -374,6 +375,8 @@ pub struct Services {
     /// Direct connections, with the socket and the hub address of the session: only on
     /// streams from the hub.
     pub direct: Option<(Arc<Direct>, quinn::Endpoint, std::net::SocketAddr)>,
+    /// The workspace user commands run as (when the agent is root).
+    pub run_as: Option<String>,
 }
 
 pub(crate) fn refusal(reason: StreamRefusal, message: String) -> StreamReply {
@@ -393,6 +396,7 @@ pub(crate) async fn serve_stream(
         forwards,
         sync,
         direct,
+        run_as,
     } = services;
     let mut recv = FramedRecv::new(recv);
     let header = match recv.expect::<StreamHeader>().await {
@@ -435,6 +439,18 @@ pub(crate) async fn serve_stream(
         StreamHeader::TcpForward(open) => crate::forward::serve(open, send, recv, forwards).await,
         StreamHeader::Forward(open) => {
             crate::forward::serve_resumable(open, send, recv, forwards).await
+        }
+        StreamHeader::Exec(_) => {
+            // A running command is use of the workspace.
+            let _busy = forwards.busy();
+            let accepted = StreamReply::Accepted(protocol::stream::Accepted {});
+            match send_msg(&mut send, &accepted).await {
+                Ok(()) => {
+                    let workdir = crate::checkout::workdir(run_as.as_deref());
+                    crate::exec::serve(run_as.as_deref(), &workdir, &mut send, &mut recv).await
+                }
+                Err(e) => Err(e),
+            }
         }
         StreamHeader::Sync(open) => {
             // A running sync is use of the workspace, like an open forward.

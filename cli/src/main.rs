@@ -6,6 +6,7 @@
 //! [`attach`] and [`forward`].
 
 mod attach;
+mod exec;
 mod forward;
 mod path;
 mod sync;
@@ -99,6 +100,28 @@ enum Command {
         ca_file: Option<std::path::PathBuf>,
         /// Command to run instead of the login shell.
         #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Run a command in a workspace without a terminal: `wsh exec <ws> -- make test`.
+    /// Stdin is passed in, stdout and stderr kept apart, and wsh exits with the command's
+    /// status (128 + a signal's number, 124 if `--timeout` passed).
+    Exec {
+        workspace: String,
+        /// Set an environment variable (NAME=VALUE; repeatable).
+        #[arg(short = 'e', long = "env", value_parser = exec::env_pair)]
+        env: Vec<(String, String)>,
+        /// The working folder (absolute, or relative to the workspace folder).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Kill the command after this long (e.g. `30s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Do not read stdin (the command's is empty), like `ssh -n`.
+        #[arg(short = 'n', long)]
+        no_stdin: bool,
+        #[arg(long, env = "WSH_CA")]
+        ca_file: Option<std::path::PathBuf>,
+        #[arg(last = true, required = true)]
         command: Vec<String>,
     },
     /// List a workspace's terminal sessions.
@@ -349,6 +372,25 @@ async fn main() -> Result<()> {
             command,
         } => {
             let code = attach::attach(&paths(&workspace, ca_file), session, command).await?;
+            std::process::exit(code);
+        }
+        Command::Exec {
+            workspace,
+            env,
+            cwd,
+            timeout,
+            no_stdin,
+            ca_file,
+            command,
+        } => {
+            let args = exec::Args {
+                command,
+                env,
+                cwd,
+                timeout,
+                no_stdin,
+            };
+            let code = exec::exec(&paths(&workspace, ca_file), args).await?;
             std::process::exit(code);
         }
         Command::Forward {

@@ -110,6 +110,19 @@ pub fn numbered_lines(text: &str, prefix: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Resident set size of a process, in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Deterministic bytes that do not compress or repeat in blocks (xorshift), for file
 /// contents in tests and benchmarks.
 pub fn pseudo_bytes(len: usize, seed: u64) -> Vec<u8> {

@@ -49,19 +49,6 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Resident set size of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// CPU time (user + system) of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -231,7 +218,7 @@ async fn agent_footprint(hub: &TestHub) -> Option<(u64, u64)> {
         .await
         .ok()?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss = rss_kib(child.id());
+    let rss = harness::rss_kib(child.id());
     let _ = child.kill();
     let _ = child.wait();
     Some((size, rss))
@@ -306,7 +293,7 @@ async fn run(args: Args) {
     let workspaces = create_workspaces(&hub, n).await;
     let create_elapsed = created.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let base_rss = rss_kib(hub.listening.pid);
+    let base_rss = harness::rss_kib(hub.listening.pid);
 
     let launched = Instant::now();
     let fleet = launch_fleet(&workspaces, &args).await;
@@ -332,7 +319,7 @@ async fn run(args: Args) {
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let idle_cpu =
         (cpu_ticks(hub.listening.pid) - cpu0) as f64 / TICKS_PER_SEC / t0.elapsed().as_secs_f64();
-    let rss = rss_kib(hub.listening.pid);
+    let rss = harness::rss_kib(hub.listening.pid);
     let per_agent_kib = rss.saturating_sub(base_rss) as f64 / n as f64;
     let (_, list) = hub.api("GET", "/workspaces", None).await.unwrap();
     let connected_in_api = list
@@ -361,7 +348,7 @@ async fn run(args: Args) {
         .map(|t| t.lock().unwrap().connected[1].saturating_duration_since(back))
         .collect();
     reconnect.sort();
-    let rss_after = rss_kib(hub.listening.pid);
+    let rss_after = harness::rss_kib(hub.listening.pid);
 
     // An outage: the hub is down for 3 s before it comes back.
     tokio::time::sleep(Duration::from_secs(3)).await;

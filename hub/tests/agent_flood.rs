@@ -18,15 +18,6 @@ use std::time::{Duration, Instant};
 /// How long each flood lasts.
 const FLOOD: Duration = Duration::from_secs(6);
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// CPU time the process used, in clock ticks (user + system).
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -156,7 +147,7 @@ fn rss_sampler(pid: u32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> 
     tokio::spawn(async move {
         let mut peak = 0;
         while !stop.load(Ordering::Relaxed) {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(harness::rss_kib(pid));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         peak
@@ -274,7 +265,7 @@ async fn flood_round(flooders: usize) -> (f64, Duration) {
     let ids: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
     let frames = flood_frames();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let base = rss_kib(pid);
+    let base = harness::rss_kib(pid);
 
     let started = Instant::now();
     let cpu0 = (cpu_ticks(pid), cpu_ticks(std::process::id()));

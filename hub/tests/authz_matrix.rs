@@ -142,6 +142,7 @@ async fn body_for(hub: &TestHub, method: &str, path: &str) -> Option<Value> {
         ("post", "/tokens") => Some(json!({"name": "matrix"})),
         ("post", "/workspaces/{id}/tickets") => Some(json!({"purpose": "terminal"})),
         ("post", "/workspaces/{id}/keep-awake") => Some(json!({"seconds": 60})),
+        ("post", "/workspaces/{id}/exec") => Some(json!({"argv": ["true"]})),
         ("put", "/workspaces/{id}/ports/{port}/sharing") => Some(json!({"visibility": "public"})),
         ("post", "/workspaces/{id}/ports/{port}/links") => Some(json!({})),
         ("post", "/login/device/token") => Some(json!({"device_code": "unknown"})),
@@ -309,25 +310,45 @@ async fn terminals_events_and_cli_sessions_admit_only_owner_and_admin() {
             }
         }
 
-        // The CLI's QUIC session.
-        let mut cmd = Command::new(harness::binary("wsh").unwrap());
-        cmd.args(["sessions", &id])
-            .env("WSH_HUB", hub.url(""))
-            .env("XDG_CONFIG_HOME", hub.state_dir.join("no-config"))
-            .env_remove("WSH_TOKEN");
+        // The exec WebSocket, likewise.
+        let exec = format!("ws://{}/workspaces/{id}/exec", hub.listening.http);
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                exec.as_str(),
+            )
+            .unwrap();
         if let Some(token) = callers.token(&hub, who) {
-            cmd.env("WSH_TOKEN", token);
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
         }
-        let out = cmd.output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.success(),
-            matches!(who, Who::Owner | Who::Admin),
-            "wsh sessions as {who:?}: {err}"
-        );
-        if who == Who::Member {
-            assert!(err.contains("not found"), "{err}");
-            assert!(!err.contains("dev"), "the owner leaks: {err}");
+        let got = match tokio_tungstenite::connect_async(req).await {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => res.status().as_u16(),
+            Err(e) => panic!("{who:?}: {e}"),
+        };
+        assert_eq!(got, want, "exec socket as {who:?}");
+
+        // The CLI's QUIC sessions: a terminal listing and a command.
+        for args in [&["sessions", &id][..], &["exec", &id, "-n", "--", "true"]] {
+            let mut cmd = Command::new(harness::binary("wsh").unwrap());
+            cmd.args(args)
+                .env("WSH_HUB", hub.url(""))
+                .env("XDG_CONFIG_HOME", hub.state_dir.join("no-config"))
+                .env_remove("WSH_TOKEN");
+            if let Some(token) = callers.token(&hub, who) {
+                cmd.env("WSH_TOKEN", token);
+            }
+            let out = cmd.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.success(),
+                matches!(who, Who::Owner | Who::Admin),
+                "wsh {args:?} as {who:?}: {err}"
+            );
+            if who == Who::Member {
+                assert!(err.contains("not found"), "{err}");
+                assert!(!err.contains("dev"), "the owner leaks: {err}");
+            }
         }
     }
     // A ticket for one workspace opens no other.

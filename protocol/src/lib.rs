@@ -18,6 +18,7 @@ pub mod control;
 pub mod direct;
 pub mod enroll;
 pub mod error;
+pub mod exec;
 pub mod forward;
 pub mod frame;
 pub mod handshake;

@@ -58,7 +58,23 @@ crate::tagged_messages! {
         /// CLI -> hub (version 6+): a resumable TCP forward through the hub, spliced to a
         /// [`StreamHeader::Forward`] stream to the agent.
         15 => ClientForward(ClientForwardOpen),
+        /// Hub or direct client -> agent (version 6+): run one command without a terminal
+        /// ([`crate::exec`]). The agent answers [`StreamReply::Accepted`]; `ExecMsg`s follow.
+        16 => Exec(ExecOpen),
+        /// CLI -> hub (version 6+): an exec stream on a workspace, spliced to an
+        /// [`StreamHeader::Exec`] stream to the agent.
+        17 => ClientExec(ClientExecOpen),
     }
+}
+
+/// Opens an exec stream; the first [`ExecMsg`](crate::exec::ExecMsg) says what to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExecOpen {}
+
+/// Opens an exec stream from the CLI through the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientExecOpen {
+    pub workspace_id: String,
 }
 
 /// Opens a resumable TCP forward (or resumes one).

@@ -68,6 +68,10 @@ pub fn app(hub: AppState) -> Router {
         )
         .route("/workspaces/{id}/keep-awake", post(keep_awake))
         .route("/workspaces/{id}/tickets", post(create_ticket))
+        .route(
+            "/workspaces/{id}/exec",
+            post(crate::edge::exec::exec).get(crate::edge::exec::exec_socket),
+        )
         .route("/cleanup", post(cleanup))
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/login", get(crate::edge::session::login))
@@ -266,7 +270,8 @@ pub struct ErrorDetail {
         crate::edge::device::start, crate::edge::device::approve, crate::edge::device::poll,
         crate::edge::session::login, crate::edge::session::callback, crate::edge::session::once,
         crate::edge::session::whoami, crate::edge::session::logout,
-        crate::edge::terminal::terminal, crate::edge::preview::path_form
+        crate::edge::terminal::terminal, crate::edge::preview::path_form,
+        crate::edge::exec::exec
     ),
     modifiers(&BearerAuth, &Aliases)
 )]

@@ -14,8 +14,8 @@ use protocol::client::{ClientMsg, ClientRefusal, ClientRefused, ClientWelcome};
 use protocol::close::CloseCode;
 use protocol::direct::{Candidates, Credential, DirectMsg, DirectOffer, MAX_CANDIDATES, Purpose};
 use protocol::stream::{
-    ClientDirectOpen, DirectOpen, ForwardOpen, PtyOpen, StreamHeader, StreamRefusal, StreamReply,
-    SyncOpen, TcpForwardOpen,
+    ClientDirectOpen, DirectOpen, ExecOpen, ForwardOpen, PtyOpen, StreamHeader, StreamRefusal,
+    StreamReply, SyncOpen, TcpForwardOpen,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -129,6 +129,7 @@ async fn client_stream(
         StreamHeader::ClientTcpForward(_) | StreamHeader::ClientForward(_) => {
             return refuse_stream(&mut send, StreamRefusal::BadHeader, "port 0").await;
         }
+        StreamHeader::ClientExec(open) => (open.workspace_id, StreamHeader::Exec(ExecOpen {})),
         StreamHeader::ClientSync(open) => (
             open.workspace_id,
             StreamHeader::Sync(SyncOpen { root: open.root }),

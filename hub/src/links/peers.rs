@@ -496,13 +496,14 @@ async fn peer_stream(
             h @ (StreamHeader::Pty(_)
             | StreamHeader::TcpForward(_)
             | StreamHeader::Forward(_)
+            | StreamHeader::Exec(_)
             | StreamHeader::Sync(_)),
         )) => h,
         _ => {
             return refuse_stream(
                 &mut send,
                 StreamRefusal::BadHeader,
-                "a PeerAgent stream carries a Pty, TcpForward, Forward or Sync stream",
+                "a PeerAgent stream carries a Pty, TcpForward, Forward, Exec or Sync stream",
             )
             .await;
         }
