@@ -45,13 +45,18 @@ impl Ssh {
             .port();
         // Privilege separation needs this folder (systemd creates it on a normal boot).
         std::fs::create_dir_all("/run/sshd").ok();
+        // Sessions get an empty home, as the test harness's agents do: the shell sshd runs
+        // a command through reads no rc file of this machine's user (a `pyenv init` there
+        // costs 150 ms per command), so both sides run the same thing.
+        std::fs::create_dir(d.join("home"))?;
         let config = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
              PermitRootLogin yes\nPasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {}\n\
-             Subsystem sftp internal-sftp\n",
+             Subsystem sftp internal-sftp\nSetEnv HOME={}\n",
             d.join("host").display(),
             d.join("authorized_keys").display(),
-            d.join("sshd.pid").display()
+            d.join("sshd.pid").display(),
+            d.join("home").display()
         );
         std::fs::write(d.join("sshd_config"), config)?;
         Ok(Self { dir, port, sshd })
