@@ -251,7 +251,8 @@ pub fn purpose_of(header: &StreamHeader) -> Option<Purpose> {
         // A command runs with the same power as a terminal.
         StreamHeader::Pty(_) | StreamHeader::Exec(_) => Some(Purpose::Pty),
         StreamHeader::TcpForward(_) | StreamHeader::Forward(_) => Some(Purpose::Forward),
-        StreamHeader::Sync(_) => Some(Purpose::Sync),
+        // The files API reaches what sync reaches.
+        StreamHeader::Sync(_) | StreamHeader::Files(_) => Some(Purpose::Sync),
         _ => None,
     }
 }

@@ -11,6 +11,7 @@ pub mod checkout;
 pub mod config;
 pub mod direct;
 pub mod exec;
+pub mod files;
 pub mod forward;
 pub mod identity;
 pub mod ports;

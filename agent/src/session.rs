@@ -452,6 +452,15 @@ pub(crate) async fn serve_stream(
                 Err(e) => Err(e),
             }
         }
+        StreamHeader::Files(_) => {
+            // File use is use of the workspace.
+            let _busy = forwards.busy();
+            let accepted = StreamReply::Accepted(protocol::stream::Accepted {});
+            match send_msg(&mut send, &accepted).await {
+                Ok(()) => crate::files::serve(&sync, &mut send, recv).await,
+                Err(e) => Err(e),
+            }
+        }
         StreamHeader::Sync(open) => {
             // A running sync is use of the workspace, like an open forward.
             let _busy = forwards.busy();

@@ -543,7 +543,7 @@ impl Root {
 
     /// The full path of a checked relative path whose folders are all real folders.
     /// Missing folders are fine (the path does not exist); a link or file on the way is not.
-    fn resolve(&self, path: &str) -> Result<PathBuf, OpError> {
+    pub fn resolve(&self, path: &str) -> Result<PathBuf, OpError> {
         check_path(path)?;
         let mut full = self.dir.clone();
         let mut parts = path.split('/').peekable();
@@ -819,6 +819,78 @@ impl Root {
                 format!("{path:?} does not exist"),
             )),
         }
+    }
+
+    /// Opens a regular file for reading without hashing it (the files API streams it).
+    pub fn open_read(&self, path: &str) -> Result<(File, fs::Metadata), OpError> {
+        let full = self.resolve(path)?;
+        // Never blocks on a FIFO put there meanwhile (regular files ignore O_NONBLOCK).
+        let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags.bits() as i32)
+            .open(&full)
+            .map_err(|e| io(path, e))?;
+        let meta = file.metadata().map_err(|e| io(path, e))?;
+        if !meta.is_file() {
+            return Err(OpError::new(
+                if meta.is_dir() {
+                    OpErrorCode::Changed
+                } else {
+                    OpErrorCode::Unsupported
+                },
+                format!("{path:?} is not a file"),
+            ));
+        }
+        Ok((file, meta))
+    }
+
+    /// Creates the missing folders on the way to `path` (not `path` itself), each owned
+    /// like the rest of the tree.
+    pub fn create_parents(&self, path: &str) -> Result<(), OpError> {
+        let full = self.resolve(path)?;
+        let mut missing: Vec<&Path> = full
+            .ancestors()
+            .skip(1)
+            .take_while(|d| *d != self.dir && !d.exists())
+            .collect();
+        missing.reverse();
+        for d in missing {
+            match fs::create_dir(d) {
+                Ok(()) => self.chown(d)?,
+                // Another writer made it meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(path, e)),
+            }
+        }
+        // What exists now must still be real folders all the way.
+        self.resolve(path).map(|_| ())
+    }
+
+    /// Moves a received file into place over whatever file is there (the last complete
+    /// write wins), with `mode`, modified now.
+    pub fn commit_over(&mut self, incoming: Incoming, mode: u32) -> Result<Node, OpError> {
+        let path = incoming.path.clone();
+        let hash = Hash(*incoming.hasher.finalize().as_bytes());
+        let full = self.resolve(&path)?;
+        let file = incoming.tmp.as_file();
+        file.set_permissions(fs::Permissions::from_mode(mode & 0o777))
+            .map_err(|e| io(&path, e))?;
+        self.chown(incoming.tmp.path())?;
+        if matches!(fs::symlink_metadata(&full), Ok(m) if m.is_dir()) {
+            return Err(OpError::new(
+                OpErrorCode::Changed,
+                format!("{path:?} is a folder"),
+            ));
+        }
+        incoming
+            .tmp
+            .persist(&full)
+            .map_err(|e| io(&path, e.error))?;
+        let meta = fs::symlink_metadata(&full).map_err(|e| io(&path, e))?;
+        let stat = Stat::of(&meta);
+        self.cache.0.insert(path, (stat, hash));
+        Ok(stat.node(hash))
     }
 
     /// The block signature of a file of the tree.

@@ -143,6 +143,9 @@ async fn body_for(hub: &TestHub, method: &str, path: &str) -> Option<Value> {
         ("post", "/workspaces/{id}/tickets") => Some(json!({"purpose": "terminal"})),
         ("post", "/workspaces/{id}/keep-awake") => Some(json!({"seconds": 60})),
         ("post", "/workspaces/{id}/exec") => Some(json!({"argv": ["true"]})),
+        ("post", "/workspaces/{id}/files" | "/workspaces/{id}/files/{path}") => {
+            Some(json!({"action": "mkdir"}))
+        }
         ("put", "/workspaces/{id}/ports/{port}/sharing") => Some(json!({"visibility": "public"})),
         ("post", "/workspaces/{id}/ports/{port}/links") => Some(json!({})),
         ("post", "/login/device/token") => Some(json!({"device_code": "unknown"})),

@@ -19,6 +19,7 @@ pub mod direct;
 pub mod enroll;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod forward;
 pub mod frame;
 pub mod handshake;

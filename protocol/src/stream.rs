@@ -64,8 +64,15 @@ crate::tagged_messages! {
         /// CLI -> hub (version 6+): an exec stream on a workspace, spliced to an
         /// [`StreamHeader::Exec`] stream to the agent.
         17 => ClientExec(ClientExecOpen),
+        /// Hub -> agent (version 6+): one file operation ([`crate::files`]). The agent
+        /// answers [`StreamReply::Accepted`]; `FileMsg`s (and raw bytes) follow.
+        18 => Files(FilesOpen),
     }
 }
+
+/// Opens a files stream; the first [`FileMsg`](crate::files::FileMsg) says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FilesOpen {}
 
 /// Opens an exec stream; the first [`ExecMsg`](crate::exec::ExecMsg) says what to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -389,10 +389,13 @@ fn tags_are_stable() {
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);
     assert_eq!(
         StreamHeader::TAGS,
-        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+        &[
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
+        ]
     );
     assert_eq!(protocol::peer::PeerMsg::TAGS, &[1, 2, 3]);
     assert_eq!(protocol::exec::ExecMsg::TAGS, &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(protocol::files::FileMsg::TAGS, &[1, 2, 3, 4]);
     assert_eq!(
         protocol::sync::SyncMsg::TAGS,
         &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]

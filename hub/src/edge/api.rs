@@ -69,6 +69,20 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/keep-awake", post(keep_awake))
         .route("/workspaces/{id}/tickets", post(create_ticket))
         .route(
+            "/workspaces/{id}/files",
+            get(crate::edge::files::get)
+                .put(crate::edge::files::put)
+                .delete(crate::edge::files::delete)
+                .post(crate::edge::files::post),
+        )
+        .route(
+            "/workspaces/{id}/files/{*rest}",
+            get(crate::edge::files::get)
+                .put(crate::edge::files::put)
+                .delete(crate::edge::files::delete)
+                .post(crate::edge::files::post),
+        )
+        .route(
             "/workspaces/{id}/exec",
             post(crate::edge::exec::exec).get(crate::edge::exec::exec_socket),
         )
@@ -271,14 +285,16 @@ pub struct ErrorDetail {
         crate::edge::session::login, crate::edge::session::callback, crate::edge::session::once,
         crate::edge::session::whoami, crate::edge::session::logout,
         crate::edge::terminal::terminal, crate::edge::preview::path_form,
-        crate::edge::exec::exec
+        crate::edge::exec::exec, crate::edge::exec::exec_socket, crate::edge::files::get, crate::edge::files::put,
+        crate::edge::files::delete, crate::edge::files::post
     ),
     modifiers(&BearerAuth, &Aliases)
 )]
 pub struct ApiDoc;
 
 /// The routes served at a second path, documented at both (with their own operation ids).
-const ALIASES: [(&str, &str); 3] = [
+const ALIASES: [(&str, &str); 4] = [
+    ("/workspaces/{id}/files", "/workspaces/{id}/files/{path}"),
     ("/terminal/{id}", "/workspaces/{id}/terminal"),
     ("/preview/{id}", "/workspaces/{id}/events"),
     ("/preview/{id}/{port}", "/preview/{id}/{port}/{path}"),

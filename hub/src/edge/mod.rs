@@ -5,6 +5,7 @@ pub mod api;
 pub mod caller;
 pub mod device;
 pub mod exec;
+pub mod files;
 pub mod oidc;
 pub mod preview;
 pub mod session;
