@@ -1,11 +1,12 @@
-//! Exec benchmark: `wsh exec <ws> -- true` round trips against `ssh host true` (a new
-//! connection each time, and through an OpenSSH ControlMaster connection), commands per
-//! second from concurrent API clients against the same through the ControlMaster, and bulk
-//! output through the HTTP API (with the hub's and the agent's peak RSS) against `ssh host
-//! head -c`. Every peer is measured in the same run, on the same machine.
+//! Programs benchmark (exec and files): `wsh exec <ws> -- true` round trips against `ssh
+//! host true` (a new connection each time, and through an OpenSSH ControlMaster
+//! connection), commands per second from concurrent API clients against the same through
+//! the ControlMaster, bulk output through the HTTP API (with the hub's and the agent's peak
+//! RSS) against `ssh host head -c`, and a file up and down through the files API against
+//! `scp` of the same file. Every peer is measured in the same run, on the same machine.
 //!
-//! `cargo bench -p workspace-hub --bench exec -- [--samples N] [--clients C] [--commands K]
-//! [--output-mib M]`
+//! `cargo bench -p workspace-hub --bench programs -- [--samples N] [--clients C]
+//! [--commands K] [--output-mib M] [--file-mib F]`
 
 use harness::{Reaped, TestHub};
 use serde_json::json;
@@ -19,16 +20,23 @@ struct Args {
     clients: usize,
     commands: usize,
     output_mib: u64,
+    file_mib: u64,
 }
 
 fn parse_args() -> Args {
-    let a =
-        harness::bench::BenchArgs::parse(&["--samples", "--clients", "--commands", "--output-mib"]);
+    let a = harness::bench::BenchArgs::parse(&[
+        "--samples",
+        "--clients",
+        "--commands",
+        "--output-mib",
+        "--file-mib",
+    ]);
     Args {
         samples: a.num("--samples", 100, 3),
         clients: a.num("--clients", 16, 4),
         commands: a.num("--commands", 2000, 16),
         output_mib: a.num("--output-mib", 1024, 8),
+        file_mib: a.num("--file-mib", 1024, 8),
     }
 }
 
@@ -129,7 +137,7 @@ async fn run(args: Args) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("# Exec benchmark\n");
+    println!("# Programs benchmark: exec and files\n");
 
     // Round trips: a new process each time, as a script would run them.
     let n = args.samples;
@@ -271,5 +279,84 @@ async fn run(args: Args) {
     println!(
         "| `ssh host head -c` through a ControlMaster connection | {:.0} | | |",
         mibs(via_ssh)
+    );
+
+    // A file up and down: the files API against scp (through the ControlMaster).
+    let mib = args.file_mib;
+    let local = tempfile::tempdir().unwrap();
+    let source = local.path().join("up.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&source).unwrap();
+        for i in 0..mib {
+            f.write_all(&harness::pseudo_bytes(1 << 20, i)).unwrap();
+        }
+    }
+    let url = hub.url(&format!("/workspaces/{id}/files/bench/up.bin"));
+    let start = Instant::now();
+    let body = reqwest::Body::from(tokio::fs::File::open(&source).await.unwrap());
+    let res = hub
+        .http
+        .put(&url)
+        .bearer_auth(&hub.token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let api_up = start.elapsed();
+    let start = Instant::now();
+    let mut res = hub
+        .http
+        .get(&url)
+        .bearer_auth(&hub.token)
+        .send()
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        got += chunk.len() as u64;
+    }
+    assert_eq!(got, mib << 20);
+    let api_down = start.elapsed();
+    let remote = hub.workspace_dir(&id).join("bench/scp.bin");
+    let scp = |from: String, to: String| {
+        let start = Instant::now();
+        let out = Command::new("scp")
+            .args(ssh.client_options())
+            .args(["-P", &ssh.port.to_string()])
+            .args(&mux)
+            .args([from, to])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        start.elapsed()
+    };
+    let scp_up = scp(
+        source.display().to_string(),
+        format!("{target}:{}", remote.display()),
+    );
+    let scp_down = scp(
+        format!("{target}:{}", remote.display()),
+        local.path().join("down.bin").display().to_string(),
+    );
+    let rate = |d: Duration| mib as f64 / d.as_secs_f64();
+    println!("\n| a {mib} MiB file | up MiB/s | down MiB/s | up / scp | down / scp |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| files API (`PUT` / `GET /workspaces/:id/files/...`) | {:.0} | {:.0} | {:.2}x | {:.2}x |",
+        rate(api_up),
+        rate(api_down),
+        rate(api_up) / rate(scp_up),
+        rate(api_down) / rate(scp_down)
+    );
+    println!(
+        "| `scp` through a ControlMaster connection | {:.0} | {:.0} | | |",
+        rate(scp_up),
+        rate(scp_down)
     );
 }
