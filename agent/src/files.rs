@@ -364,18 +364,27 @@ async fn write(
     });
     let (mut stream, mut decoder) = recv.into_parts();
     let early = decoder.take_buffered();
+    // Bytes go to the disk thread in chunks of at least half of `CHUNK` (a sender's small
+    // frames would otherwise cost a thread wake-up each).
     let pump = async {
-        if !early.is_empty() && tx.send(early).await.is_err() {
-            return;
-        }
+        let mut buf = early;
         loop {
             match stream.read_chunk(CHUNK, true).await {
                 Ok(Some(chunk)) => {
-                    if tx.send(chunk.bytes.to_vec()).await.is_err() {
+                    buf.extend_from_slice(&chunk.bytes);
+                    if buf.len() >= CHUNK / 2
+                        && tx
+                            .send(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK)))
+                            .await
+                            .is_err()
+                    {
                         return;
                     }
                 }
                 Ok(None) => {
+                    if !buf.is_empty() && tx.send(buf).await.is_err() {
+                        return;
+                    }
                     let _ = tx.send(Vec::new()).await;
                     return;
                 }

@@ -155,6 +155,43 @@ pub struct FileConfig {
     pub identity: Option<crate::base::identity::IdentityConfig>,
     /// Direct connections between CLIs and agents.
     pub direct: DirectPolicy,
+    /// Where workspace events are POSTed, if anywhere.
+    pub webhooks: Option<WebhookConfig>,
+}
+
+/// The receiver of workspace events (`[webhooks]`, `links::webhooks`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// An http(s) URL.
+    pub url: String,
+    /// Signs every delivery (HMAC-SHA256); at least 16 bytes.
+    pub secret: Secret,
+    /// The event types to send (`status`, `port`, `checkout`, `deleted`); all when empty.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+impl WebhookConfig {
+    fn check(&self) -> Result<()> {
+        let url = reqwest::Url::parse(&self.url)
+            .map_err(|e| anyhow::anyhow!("webhooks.url {:?}: {e}", self.url))?;
+        ensure!(
+            matches!(url.scheme(), "http" | "https") && url.host().is_some(),
+            "webhooks.url must be an http(s) URL with a host"
+        );
+        ensure!(
+            self.secret.expose().len() >= 16,
+            "webhooks.secret must be at least 16 bytes"
+        );
+        for kind in &self.events {
+            ensure!(
+                ["status", "port", "checkout", "deleted"].contains(&kind.as_str()),
+                "webhooks.events: {kind:?} is not one of status, port, checkout, deleted"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Who may have direct (one-hop) connections to their workspaces' agents; everyone else
@@ -236,6 +273,7 @@ impl Default for FileConfig {
             peer_addr: None,
             identity: None,
             direct: DirectPolicy::default(),
+            webhooks: None,
         }
     }
 }
@@ -290,10 +328,14 @@ pub struct Config {
     pub peer_addr: Option<String>,
     pub identity: Option<crate::base::identity::IdentityConfig>,
     pub direct: DirectPolicy,
+    pub webhooks: Option<WebhookConfig>,
 }
 
 impl Config {
     pub fn from_file(file: FileConfig) -> Result<Self> {
+        if let Some(hooks) = &file.webhooks {
+            hooks.check()?;
+        }
         ensure!(
             !file.server_names.is_empty(),
             "server_names must not be empty"
@@ -491,6 +533,7 @@ impl Config {
             peer_addr: file.peer_addr,
             identity: file.identity,
             direct: file.direct,
+            webhooks: file.webhooks,
         })
     }
 
@@ -530,6 +573,35 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("no_such_field = 1").is_err());
         let wildcard: FileConfig = toml::from_str("quic_addr = \"0.0.0.0:7443\"").unwrap();
         assert!(Config::from_file(wildcard).is_err());
+    }
+
+    #[test]
+    fn webhooks_need_a_url_a_long_secret_and_known_events() {
+        let config = |body: &str| {
+            let file: FileConfig = toml::from_str(&format!("[webhooks]\n{body}")).unwrap();
+            Config::from_file(file).map(|c| c.webhooks.unwrap().events)
+        };
+        let secret = "secret = \"0123456789abcdef\"";
+        assert_eq!(
+            config(&format!(
+                "url = \"https://example.com/h\"\n{secret}\nevents = [\"port\"]"
+            ))
+            .unwrap(),
+            vec!["port".to_owned()]
+        );
+        assert!(config(&format!("url = \"ftp://example.com/h\"\n{secret}")).is_err());
+        assert!(config(&format!("url = \"not a url\"\n{secret}")).is_err());
+        assert!(config("url = \"https://example.com/h\"\nsecret = \"short\"").is_err());
+        assert!(
+            config(&format!(
+                "url = \"https://example.com/h\"\n{secret}\nevents = [\"nope\"]"
+            ))
+            .is_err()
+        );
+        // The secret never shows in debug output.
+        let file: FileConfig =
+            toml::from_str(&format!("[webhooks]\nurl = \"https://e.com\"\n{secret}")).unwrap();
+        assert!(!format!("{file:?}").contains("0123456789abcdef"));
     }
 
     #[test]

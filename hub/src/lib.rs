@@ -454,6 +454,7 @@ pub async fn run(
         hub.events.forward_to(tx);
         tasks.spawn(peers::forward_events(hub.clone(), rx));
     }
+    links::webhooks::start(&hub);
     // Idle preview connections are closed so they stop counting as use of a workspace.
     let pool_hub = hub.clone();
     tasks.spawn(async move {

@@ -257,3 +257,13 @@ pub struct UnknownLink;
 pub fn instance_name(id: Uuid) -> String {
     format!("ws-{}", &id.simple().to_string()[..20])
 }
+
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}

@@ -46,6 +46,8 @@ pub struct Events {
     feeds: Feeds,
     /// Where events that happen here also go (the other replicas), if anywhere.
     forward: std::sync::OnceLock<tokio::sync::mpsc::Sender<Arc<WorkspaceEvent>>>,
+    /// Where events that happen here also go for webhooks, if configured.
+    hooks: std::sync::OnceLock<tokio::sync::mpsc::Sender<Arc<WorkspaceEvent>>>,
 }
 
 /// Events waiting to be forwarded to the other replicas; more are dropped (their
@@ -58,11 +60,22 @@ impl Events {
         let _ = self.forward.set(tx);
     }
 
+    /// Also hands every event that happens here to `tx` (webhooks); when it is full, the
+    /// event is dropped for it (and counted in the log).
+    pub fn hook_to(&self, tx: tokio::sync::mpsc::Sender<Arc<WorkspaceEvent>>) {
+        let _ = self.hooks.set(tx);
+    }
+
     /// Sends an event that happened here to the workspace's subscribers (and to the other
-    /// replicas' through the forward); nobody watching costs nothing.
+    /// replicas' through the forward, and to webhooks); nobody watching costs nothing.
     pub fn publish(&self, event: WorkspaceEvent) {
         if let Some(tx) = self.forward.get() {
             let _ = tx.try_send(Arc::new(event.clone()));
+        }
+        if let Some(tx) = self.hooks.get()
+            && tx.try_send(Arc::new(event.clone())).is_err()
+        {
+            tracing::warn!(workspace = %event.workspace_id, kind = event.kind, "webhook queue full: event dropped");
         }
         self.publish_here(event);
     }

@@ -1,6 +1,7 @@
 //! The HTTP API and web UI. [`app`] builds the router; [`ApiError`] is the one error type,
 //! rendered as `{"error": {"code", "message"}}` with the matching status.
 
+pub use crate::base::workspace::rfc3339;
 use crate::base::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
 use crate::domain::agent::AgentInfo;
 use crate::domain::auth::Caller;
@@ -495,16 +496,6 @@ pub struct WorkspaceView {
     pub agent_config: Option<String>,
 }
 
-pub fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// The workspaces as the API shows them, with their agents wherever they are connected.
 async fn views(hub: &crate::Hub, list: Vec<Workspace>) -> Vec<WorkspaceView> {
     let ids: Vec<Uuid> = list.iter().map(|ws| ws.id).collect();
@@ -951,27 +942,9 @@ async fn snapshot(
 }
 
 fn sse_event(hub: &Hub, ev: &WorkspaceEvent) -> Event {
-    let mut data = json!({
-        "workspace_id": ev.workspace_id,
-        "status": ev.status,
-        "reason": ev.reason,
-        "at": rfc3339(ev.at),
-    });
-    let data = match &ev.detail {
-        Detail::None => data.to_string(),
-        Detail::Json(detail) => {
-            data["detail"] = detail.clone();
-            data.to_string()
-        }
-        // The list as the registry rendered it (once per change, for every subscriber).
-        Detail::Ports => {
-            let head = data.to_string();
-            let head = head.strip_suffix('}').unwrap_or(&head);
-            let ports = hub.agents.ports_json(ev.workspace_id);
-            format!(r#"{head},"detail":{{"state":"all","ports":{ports}}}}}"#)
-        }
-    };
-    Event::default().event(ev.kind).data(data)
+    Event::default()
+        .event(ev.kind)
+        .data(crate::links::webhooks::event_data(hub, ev))
 }
 
 /// The `ports` array of an SSE `port` event from a `GET /workspaces/{id}/ports` body.
