@@ -730,11 +730,19 @@ impl Root {
         if matches!(now, Some(Node::Dir)) {
             self.clear(&path, &full, now.as_ref())?;
         }
-        incoming
-            .tmp
-            .persist(&full)
-            .map_err(|e| io(&path, e.error))?;
-        let meta = fs::symlink_metadata(&full).map_err(|e| io(&path, e))?;
+        self.persist(incoming, path, &full, hash)
+    }
+
+    /// Renames a finished incoming file over `full` and remembers its hash.
+    fn persist(
+        &mut self,
+        incoming: Incoming,
+        path: String,
+        full: &Path,
+        hash: Hash,
+    ) -> Result<Node, OpError> {
+        incoming.tmp.persist(full).map_err(|e| io(&path, e.error))?;
+        let meta = fs::symlink_metadata(full).map_err(|e| io(&path, e))?;
         let stat = Stat::of(&meta);
         self.cache.0.insert(path, (stat, hash));
         Ok(stat.node(hash))
@@ -883,14 +891,7 @@ impl Root {
                 format!("{path:?} is a folder"),
             ));
         }
-        incoming
-            .tmp
-            .persist(&full)
-            .map_err(|e| io(&path, e.error))?;
-        let meta = fs::symlink_metadata(&full).map_err(|e| io(&path, e))?;
-        let stat = Stat::of(&meta);
-        self.cache.0.insert(path, (stat, hash));
-        Ok(stat.node(hash))
+        self.persist(incoming, path, &full, hash)
     }
 
     /// The block signature of a file of the tree.
