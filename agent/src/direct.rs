@@ -139,7 +139,12 @@ impl Direct {
         mut send: quinn::SendStream,
     ) -> Result<(), link::LinkError> {
         let Some(client) = open.client.parse() else {
-            return refuse(send, "bad candidates").await;
+            return crate::session::refuse(
+                &mut send,
+                protocol::stream::StreamRefusal::BadHeader,
+                "bad candidates".into(),
+            )
+            .await;
         };
         // QUIC Initials towards each candidate open this side's NAT for the client's
         // packets; they are never answered (the client takes no connections).
@@ -226,13 +231,6 @@ impl Direct {
         self.clients.send_modify(|c| c.retain(|c| c.id != id));
         tracing::info!(%remote, user = %credential.user, "direct client gone");
     }
-}
-
-async fn refuse(mut send: quinn::SendStream, why: &str) -> Result<(), link::LinkError> {
-    let refused = crate::session::refusal(protocol::stream::StreamRefusal::BadHeader, why.into());
-    send_msg(&mut send, &refused).await?;
-    let _ = send.finish();
-    Ok(())
 }
 
 /// The credential of a client certificate the TLS layer verified against the hub CA.

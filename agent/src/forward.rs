@@ -8,11 +8,12 @@
 //! names the token picks it up where the bytes stopped. A plain `TcpForward` stream (the
 //! hub's previews, older clients) lives and dies with its stream.
 
+use crate::session::refuse;
 use link::forward::{Ended, Pipe};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::forward::{ForwardToken, RESUME_GRACE_SECS};
 use protocol::stream::{
-    Accepted, ForwardOpen, Forwarding, StreamRefusal, StreamRefused, StreamReply, TcpForwardOpen,
+    Accepted, ForwardOpen, Forwarding, StreamRefusal, StreamReply, TcpForwardOpen,
 };
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -41,20 +42,6 @@ async fn connect(port: u16) -> std::io::Result<TcpStream> {
         }
     }
     Err(last)
-}
-
-async fn refuse(
-    send: &mut quinn::SendStream,
-    reason: StreamRefusal,
-    message: String,
-) -> Result<(), LinkError> {
-    send_msg(
-        send,
-        &StreamReply::Refused(StreamRefused { reason, message }),
-    )
-    .await?;
-    let _ = send.finish();
-    Ok(())
 }
 
 /// Connects to `port` for a forward stream, or answers why not.

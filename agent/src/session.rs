@@ -383,6 +383,17 @@ pub(crate) fn refusal(reason: StreamRefusal, message: String) -> StreamReply {
     StreamReply::Refused(StreamRefused { reason, message })
 }
 
+/// Answers a stream with a refusal and finishes it.
+pub(crate) async fn refuse(
+    send: &mut quinn::SendStream,
+    reason: StreamRefusal,
+    message: String,
+) -> Result<(), LinkError> {
+    send_msg(send, &refusal(reason, message)).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
 /// A stream the hub (`credential: None`) or a direct client opened: its header says what
 /// it is for, and a direct client's credential must allow it.
 pub(crate) async fn serve_stream(
@@ -402,12 +413,7 @@ pub(crate) async fn serve_stream(
     let header = match recv.expect::<StreamHeader>().await {
         Ok(header) => header,
         Err(e) => {
-            let refused = StreamRefused {
-                reason: StreamRefusal::BadHeader,
-                message: e.to_string(),
-            };
-            let _ = send_msg(&mut send, &StreamReply::Refused(refused)).await;
-            let _ = send.finish();
+            let _ = refuse(&mut send, StreamRefusal::BadHeader, e.to_string()).await;
             return;
         }
     };
@@ -418,8 +424,7 @@ pub(crate) async fn serve_stream(
             "stream type {} is not allowed on this direct connection",
             protocol::Message::tag(&header)
         );
-        let _ = send_msg(&mut send, &refusal(StreamRefusal::Unauthorized, message)).await;
-        let _ = send.finish();
+        let _ = refuse(&mut send, StreamRefusal::Unauthorized, message).await;
         return;
     }
     let result = match header {
@@ -467,16 +472,11 @@ pub(crate) async fn serve_stream(
             filesync::serve::serve(open.root, sync, send, recv).await
         }
         other => {
-            let refused = StreamRefused {
-                reason: StreamRefusal::Unsupported,
-                message: format!(
-                    "stream type {} is not supported by this agent",
-                    protocol::Message::tag(&other)
-                ),
-            };
-            let _ = send_msg(&mut send, &StreamReply::Refused(refused)).await;
-            let _ = send.finish();
-            Ok(())
+            let message = format!(
+                "stream type {} is not supported by this agent",
+                protocol::Message::tag(&other)
+            );
+            refuse(&mut send, StreamRefusal::Unsupported, message).await
         }
     };
     if let Err(e) = result {

@@ -108,11 +108,9 @@ async fn run(args: Args) {
         cmd
     };
     let wsh = |command: &[&str]| {
-        let mut cmd = Command::new(harness::binary("wsh").unwrap());
+        let mut cmd = hub.wsh().unwrap();
         cmd.args(["--path", "relay", "exec", &id, "-n", "--"])
-            .args(command)
-            .env("WSH_HUB", hub.url(""))
-            .env("WSH_TOKEN", &hub.token);
+            .args(command);
         cmd
     };
     // An OpenSSH master connection for the multiplexed rows.

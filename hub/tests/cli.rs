@@ -315,7 +315,9 @@ async fn a_forwarded_connection_through_the_hub_survives_a_hub_restart() {
     let id = hub.ready_workspace().await.unwrap();
     let remote = echo_server().await;
     let local = harness::free_port();
-    let forward = Command::new(harness::binary("wsh").unwrap())
+    let forward = hub
+        .wsh()
+        .unwrap()
         .args([
             "--path",
             "relay",
@@ -323,8 +325,6 @@ async fn a_forwarded_connection_through_the_hub_survives_a_hub_restart() {
             &id,
             &format!("{local}:{remote}"),
         ])
-        .env("WSH_HUB", hub.url(""))
-        .env("WSH_TOKEN", &hub.token)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

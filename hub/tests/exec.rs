@@ -394,12 +394,10 @@ async fn wsh_exec_passes_the_status_on_and_works_in_pipes() {
     let hub = TestHub::start().await.unwrap();
     let id = hub.ready_workspace().await.unwrap();
     let wsh = |args: &[&str]| {
-        let mut cmd = Command::new(harness::binary("wsh").unwrap());
+        let mut cmd = hub.wsh().unwrap();
         cmd.arg("exec")
             .arg(&id)
             .args(args)
-            .env("WSH_HUB", hub.url(""))
-            .env("WSH_TOKEN", &hub.token)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -14,6 +14,7 @@
 
 use crate::AppState;
 use crate::domain::auth::Caller;
+use crate::edge::agent_unreachable;
 use crate::edge::api::{ApiError, ValidJson};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -25,7 +26,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use futures_util::{SinkExt, StreamExt};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::exec::{ExecData, ExecFailure, ExecMsg, ExecSignal, ExecStart, ExecStdinEnd};
-use protocol::stream::{ExecOpen, StreamHeader, StreamRefusal, StreamReply};
+use protocol::stream::{ExecOpen, StreamHeader};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -124,54 +125,16 @@ async fn start_command(
     id: &str,
     start: ExecStart,
 ) -> Result<(quinn::SendStream, FramedRecv, u32), ApiError> {
-    let id = Uuid::parse_str(id).map_err(|_| ApiError::not_found("workspace"))?;
-    let workspace = caller.authorize(hub.store.get_workspace(id).await?)?;
-    let agent = crate::links::peers::agent_path_waiting(hub, &workspace)
-        .await
-        .ok_or_else(|| ApiError::agent_offline(workspace.status))?;
-    let unreachable =
-        |e: LinkError| ApiError::new(StatusCode::BAD_GATEWAY, "agent_unreachable", e.to_string());
-    let (mut send, recv) = agent.open_bi().await.map_err(unreachable)?;
-    let mut recv = FramedRecv::new(recv);
-    send_msg(&mut send, &StreamHeader::Exec(ExecOpen {}))
-        .await
-        .map_err(unreachable)?;
-    send_msg(&mut send, &ExecMsg::Start(start))
-        .await
-        .map_err(unreachable)?;
-    match recv.expect::<StreamReply>().await.map_err(unreachable)? {
-        StreamReply::Accepted(_) => {}
-        StreamReply::Refused(r) if r.reason == StreamRefusal::Moved => {
-            return Err(ApiError::retry_later("agent_moved", r.message));
-        }
-        StreamReply::Refused(r)
-            if matches!(
-                r.reason,
-                StreamRefusal::BadHeader | StreamRefusal::Unsupported
-            ) =>
-        {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "agent_outdated",
-                "the workspace's agent predates exec: start the workspace again to update it",
-            ));
-        }
-        StreamReply::Refused(r) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "agent_unreachable",
-                r.message,
-            ));
-        }
-        StreamReply::Forwarding(_) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "agent_unreachable",
-                "unexpected answer",
-            ));
-        }
-    }
-    match recv.expect::<ExecMsg>().await.map_err(unreachable)? {
+    let (send, mut recv) = crate::edge::agent_stream(
+        hub,
+        &caller,
+        id,
+        StreamHeader::Exec(ExecOpen {}),
+        &ExecMsg::Start(start),
+        "exec",
+    )
+    .await?;
+    match recv.expect::<ExecMsg>().await.map_err(agent_unreachable)? {
         ExecMsg::Started(s) => Ok((send, recv, s.pid)),
         ExecMsg::Failed(f) => {
             let status = match f.reason {
@@ -180,11 +143,7 @@ async fn start_command(
             };
             Err(ApiError::new(status, failure_code(f.reason), f.message))
         }
-        _ => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "agent_unreachable",
-            "unexpected answer",
-        )),
+        _ => Err(agent_unreachable("unexpected answer")),
     }
 }
 
@@ -333,11 +292,7 @@ async fn socket_session(hub: AppState, caller: Caller, id: String, socket: WebSo
             Ok((mut send, recv, pid)) => match stdin {
                 Some(bytes) => match feed(&mut send, &bytes).await {
                     Ok(()) => Ok((send, recv, pid)),
-                    Err(e) => Err(ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "agent_unreachable",
-                        e.to_string(),
-                    )),
+                    Err(e) => Err(agent_unreachable(e)),
                 },
                 None => Ok((send, recv, pid)),
             },

@@ -7,16 +7,16 @@
 
 use crate::AppState;
 use crate::domain::auth::Caller;
+use crate::edge::agent_unreachable;
 use crate::edge::api::{ApiError, ValidJson};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use link::{FramedRecv, send_msg};
+use link::FramedRecv;
 use protocol::files::{FileError, FileErrorCode, FileInfo, FileKind, FileMsg, FileRequest};
-use protocol::stream::{FilesOpen, StreamHeader, StreamRefusal, StreamReply};
+use protocol::stream::{FilesOpen, StreamHeader};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 /// What is at a path.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -121,10 +121,6 @@ fn error(e: FileError) -> ApiError {
     ApiError::new(status, code, e.message)
 }
 
-fn unreachable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(StatusCode::BAD_GATEWAY, "agent_unreachable", e.to_string())
-}
-
 /// A files stream to the caller's workspace's agent, with `request` sent.
 async fn open(
     hub: &AppState,
@@ -132,45 +128,15 @@ async fn open(
     id: &str,
     request: FileRequest,
 ) -> Result<(quinn::SendStream, FramedRecv), ApiError> {
-    let id = Uuid::parse_str(id).map_err(|_| ApiError::not_found("workspace"))?;
-    let workspace = caller.authorize(hub.store.get_workspace(id).await?)?;
-    let agent = crate::links::peers::agent_path_waiting(hub, &workspace)
-        .await
-        .ok_or_else(|| ApiError::agent_offline(workspace.status))?;
-    let (mut send, recv) = agent.open_bi().await.map_err(unreachable)?;
-    let mut recv = FramedRecv::new(recv);
-    send_msg(&mut send, &StreamHeader::Files(FilesOpen {}))
-        .await
-        .map_err(unreachable)?;
-    send_msg(&mut send, &FileMsg::Request(request))
-        .await
-        .map_err(unreachable)?;
-    match recv.expect::<StreamReply>().await.map_err(unreachable)? {
-        StreamReply::Accepted(_) => Ok((send, recv)),
-        StreamReply::Refused(r) if r.reason == StreamRefusal::Moved => {
-            Err(ApiError::retry_later("agent_moved", r.message))
-        }
-        StreamReply::Refused(r)
-            if matches!(
-                r.reason,
-                StreamRefusal::BadHeader | StreamRefusal::Unsupported
-            ) =>
-        {
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "agent_outdated",
-                "the workspace's agent predates the files API: start the workspace again to update it",
-            ))
-        }
-        StreamReply::Refused(r) => Err(unreachable(r.message)),
-        StreamReply::Forwarding(_) => Err(unreachable("unexpected answer")),
-    }
+    let header = StreamHeader::Files(FilesOpen {});
+    let first = FileMsg::Request(request);
+    crate::edge::agent_stream(hub, caller, id, header, &first, "the files API").await
 }
 
 /// The agent's one answer as JSON.
 async fn answer(recv: &mut FramedRecv, created: bool) -> Result<Response, ApiError> {
     json(
-        recv.expect::<FileMsg>().await.map_err(unreachable)?,
+        recv.expect::<FileMsg>().await.map_err(agent_unreachable)?,
         created,
     )
 }
@@ -191,7 +157,7 @@ fn json(msg: FileMsg, created: bool) -> Result<Response, ApiError> {
         })
         .into_response()),
         FileMsg::Error(e) => Err(error(e)),
-        FileMsg::Request(_) => Err(unreachable("unexpected answer")),
+        FileMsg::Request(_) => Err(agent_unreachable("unexpected answer")),
     }
 }
 
@@ -226,7 +192,7 @@ pub async fn get(
         FileRequest::Read { path: p.path }
     };
     let (_send, mut recv) = open(&hub, &caller, &p.id, request).await?;
-    let info = match recv.expect::<FileMsg>().await.map_err(unreachable)? {
+    let info = match recv.expect::<FileMsg>().await.map_err(agent_unreachable)? {
         FileMsg::Info(info) if !query.stat => info,
         // Everything but content: JSON.
         other => return json(other, false),
@@ -287,9 +253,9 @@ pub async fn put(
     let upload = async {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| ApiError::invalid(format!("body: {e}")))?;
-            send.write_chunk(chunk).await.map_err(unreachable)?;
+            send.write_chunk(chunk).await.map_err(agent_unreachable)?;
         }
-        send.finish().map_err(unreachable)?;
+        send.finish().map_err(agent_unreachable)?;
         Ok::<_, ApiError>(())
     };
     let answered = tokio::select! {
