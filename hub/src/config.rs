@@ -157,6 +157,8 @@ pub struct FileConfig {
     pub direct: DirectPolicy,
     /// Where workspace events are POSTed, if anywhere.
     pub webhooks: Option<WebhookConfig>,
+    /// Host apps that embed the hub.
+    pub embed: EmbedConfig,
 }
 
 /// The receiver of workspace events (`[webhooks]`, `links::webhooks`).
@@ -191,6 +193,38 @@ impl WebhookConfig {
             );
         }
         Ok(())
+    }
+}
+
+/// Host apps that embed the hub (`[embed]`): their pages may frame `/embed/terminal/{id}`
+/// and call the exec and files API with browser tokens. Nothing else opens to them.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbedConfig {
+    /// Origins (`https://app.example.com`, `http://localhost:3000`): scheme, host and port,
+    /// no path, no wildcard.
+    pub allowed_origins: Vec<String>,
+}
+
+impl EmbedConfig {
+    fn check(&self) -> Result<()> {
+        for origin in &self.allowed_origins {
+            let url = reqwest::Url::parse(origin)
+                .map_err(|e| anyhow::anyhow!("embed.allowed_origins {origin:?}: {e}"))?;
+            ensure!(
+                matches!(url.scheme(), "http" | "https")
+                    && url.host().is_some()
+                    && url.origin().ascii_serialization() == *origin,
+                "embed.allowed_origins {origin:?} must be an origin: http(s)://host[:port], \
+                 nothing after it"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether a request's `Origin` is one of the allowed.
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allowed_origins.iter().any(|o| o == origin)
     }
 }
 
@@ -274,6 +308,7 @@ impl Default for FileConfig {
             identity: None,
             direct: DirectPolicy::default(),
             webhooks: None,
+            embed: EmbedConfig::default(),
         }
     }
 }
@@ -329,6 +364,7 @@ pub struct Config {
     pub identity: Option<crate::base::identity::IdentityConfig>,
     pub direct: DirectPolicy,
     pub webhooks: Option<WebhookConfig>,
+    pub embed: EmbedConfig,
 }
 
 impl Config {
@@ -336,6 +372,7 @@ impl Config {
         if let Some(hooks) = &file.webhooks {
             hooks.check()?;
         }
+        file.embed.check()?;
         ensure!(
             !file.server_names.is_empty(),
             "server_names must not be empty"
@@ -534,6 +571,7 @@ impl Config {
             identity: file.identity,
             direct: file.direct,
             webhooks: file.webhooks,
+            embed: file.embed,
         })
     }
 
@@ -573,6 +611,28 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("no_such_field = 1").is_err());
         let wildcard: FileConfig = toml::from_str("quic_addr = \"0.0.0.0:7443\"").unwrap();
         assert!(Config::from_file(wildcard).is_err());
+    }
+
+    #[test]
+    fn embed_origins_are_bare_origins() {
+        let check = |origins: &str| {
+            let file: FileConfig =
+                toml::from_str(&format!("[embed]\nallowed_origins = [{origins}]")).unwrap();
+            Config::from_file(file).map(|c| c.embed)
+        };
+        let ok = check("\"https://app.example.com\", \"http://127.0.0.1:3000\"").unwrap();
+        assert!(ok.allows("http://127.0.0.1:3000"));
+        assert!(!ok.allows("http://127.0.0.1:3001"));
+        for bad in [
+            "\"*\"",
+            "\"https://app.example.com/\"",
+            "\"https://app.example.com/path\"",
+            "\"ftp://app.example.com\"",
+            "\"https://APP.example.com\"",
+            "\"null\"",
+        ] {
+            assert!(check(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

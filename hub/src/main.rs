@@ -206,7 +206,7 @@ async fn async_main(cli: Cli) -> Result<()> {
             .await?;
             println!(
                 "{}",
-                hub::domain::auth::mint_api_token(&hub, &owner, None, &name, None).await?
+                hub::domain::auth::mint_api_token(&hub, &owner, None, &name, None, None).await?
             );
             Ok(())
         }
@@ -226,7 +226,8 @@ async fn dev_token(config: &Config) -> Result<String> {
         CancellationToken::new(),
     )
     .await?;
-    let token = hub::domain::auth::mint_api_token(&hub, "dev", None, "dev mode", None).await?;
+    let token =
+        hub::domain::auth::mint_api_token(&hub, "dev", None, "dev mode", None, None).await?;
     hub::base::fsutil::write_private(&path, token.as_bytes())?;
     Ok(token)
 }

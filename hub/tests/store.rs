@@ -384,6 +384,7 @@ async fn conformance(store: Arc<dyn Store>) {
         name: "laptop".into(),
         expires_at: Some(99),
         email: Some("alice@example.com".into()),
+        service: None,
     };
     store.insert_api_token("th", &token).await.unwrap();
     assert_eq!(
@@ -391,11 +392,17 @@ async fn conformance(store: Arc<dyn Store>) {
         Some(token.clone())
     );
     assert_eq!(store.find_api_token("other").await.unwrap(), None);
+    // A service token's grant round-trips.
     let ci = ApiToken {
         name: "ci".into(),
+        service: Some(hub::store::ServiceGrant {
+            owner_prefix: "user-".into(),
+            scopes: vec![hub::store::Scope::Workspaces, hub::store::Scope::Exec],
+        }),
         ..token.clone()
     };
     store.insert_api_token("th2", &ci).await.unwrap();
+    assert_eq!(store.find_api_token("th2").await.unwrap(), Some(ci.clone()));
     assert_eq!(
         store.list_api_tokens("alice").await.unwrap(),
         vec![("th2".to_owned(), ci), ("th".to_owned(), token)]

@@ -10,6 +10,7 @@ use crate::base::ca;
 use crate::base::workspace::{Workspace, now_ms};
 use crate::domain::error::{Error, Kind};
 use crate::store::ApiToken;
+pub use crate::store::{Scope, ServiceGrant};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
@@ -23,6 +24,31 @@ pub struct Caller {
     pub email: Option<String>,
     /// Team mode: an admin (listed in `admins`) sees and acts on every workspace.
     pub admin: bool,
+    /// What the credential reaches.
+    pub grant: Grant,
+}
+
+/// What a caller's credential reaches. Only a user's own token (or session) reaches every
+/// route; the others are held to the routes of their scopes (`edge::caller::route_scope`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// A user's API token or browser session.
+    User,
+    /// A host app's service token acting for `owner_id` (named in `X-Wsh-Owner`).
+    Service(ServiceGrant),
+    /// A browser token: one workspace, one purpose, until it expires.
+    Ticket { workspace: Uuid, purpose: Purpose },
+}
+
+impl Grant {
+    /// Whether the credential reaches a route of `scope`.
+    pub fn reaches(&self, scope: Scope) -> bool {
+        match self {
+            Grant::User => true,
+            Grant::Service(s) => s.scopes.contains(&scope),
+            Grant::Ticket { purpose, .. } => purpose.scope() == scope,
+        }
+    }
 }
 
 impl Caller {
@@ -68,14 +94,105 @@ impl Failures {
     }
 }
 
-/// The one place an API token becomes a [`Caller`] (HTTP, WebSocket and the CLI's QUIC).
-/// Failures are counted per client address; past `auth_failures_per_minute`, the address
-/// gets `429` without its token being looked at.
+/// The one place a user's API token becomes a [`Caller`] (HTTP, WebSocket and the CLI's
+/// QUIC). Failures are counted per client address; past `auth_failures_per_minute`, the
+/// address gets `429` without its token being looked at. A service token is refused here:
+/// it acts only through [`authenticate_service`], naming an owner.
 pub async fn authenticate(
     hub: &crate::Hub,
     token: &str,
     peer: Option<IpAddr>,
 ) -> Result<Caller, Error> {
+    let record = lookup(hub, token, peer).await?;
+    if record.service.is_some() {
+        return Err(Error::new(
+            Kind::Forbidden,
+            "service_token",
+            "a service token acts through the HTTP API and names an owner in X-Wsh-Owner",
+        ));
+    }
+    Ok(Caller {
+        admin: hub
+            .config
+            .is_admin(&record.owner_id, record.email.as_deref()),
+        owner_id: record.owner_id,
+        email: record.email,
+        grant: Grant::User,
+    })
+}
+
+/// A service token acting for `owner` (the `X-Wsh-Owner` header) on a route of `scope`.
+/// The owner id must start with the token's `owner_prefix`, the scope must be one of its
+/// scopes, and the admin who created it must still be an admin.
+pub async fn authenticate_service(
+    hub: &crate::Hub,
+    token: &str,
+    peer: Option<IpAddr>,
+    owner: Option<&str>,
+    scope: Option<Scope>,
+) -> Result<Caller, Error> {
+    let record = lookup(hub, token, peer).await?;
+    let Some(grant) = record.service else {
+        return Err(Error::unauthorized("invalid token"));
+    };
+    if !hub
+        .config
+        .is_admin(&record.owner_id, record.email.as_deref())
+    {
+        return Err(Error::unauthorized(
+            "this service token's creator is no longer an admin",
+        ));
+    }
+    if !scope.is_some_and(|s| grant.scopes.contains(&s)) {
+        return Err(Error::new(
+            Kind::Forbidden,
+            "scope",
+            "this service token's scopes do not include this route",
+        ));
+    }
+    let owner = owner.ok_or_else(|| {
+        Error::new(
+            Kind::Invalid,
+            "owner_required",
+            "a service token names the owner it acts for in X-Wsh-Owner",
+        )
+    })?;
+    check_owner_id(owner)?;
+    if !owner.starts_with(&grant.owner_prefix) {
+        return Err(Error::new(
+            Kind::Forbidden,
+            "owner_not_allowed",
+            "this service token may act only for owner ids with its owner_prefix",
+        ));
+    }
+    Ok(Caller {
+        owner_id: owner.to_owned(),
+        email: None,
+        admin: false,
+        grant: Grant::Service(grant),
+    })
+}
+
+/// An owner id a service token names: 1 to 128 of `A-Z a-z 0-9 . _ @ + -`.
+pub fn check_owner_id(owner: &str) -> Result<(), Error> {
+    let ok = !owner.is_empty()
+        && owner.len() <= 128
+        && owner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Kind::Invalid,
+            "bad_owner",
+            "X-Wsh-Owner must be 1 to 128 of A-Z a-z 0-9 . _ @ + -",
+        ))
+    }
+}
+
+/// Looks a token up, with rate limiting of failures per address.
+async fn lookup(hub: &crate::Hub, token: &str, peer: Option<IpAddr>) -> Result<ApiToken, Error> {
     let now = Instant::now();
     let limit = hub.config.auth_failures_per_minute;
     if peer.is_some_and(|ip| hub.auth_failures.blocked(ip, now, limit)) {
@@ -94,7 +211,7 @@ pub async fn authenticate(
     result
 }
 
-async fn check_token(hub: &crate::Hub, token: &str) -> Result<Caller, Error> {
+async fn check_token(hub: &crate::Hub, token: &str) -> Result<ApiToken, Error> {
     if token.is_empty() {
         return Err(Error::unauthorized("missing bearer token"));
     }
@@ -110,13 +227,7 @@ async fn check_token(hub: &crate::Hub, token: &str) -> Result<Caller, Error> {
     if record.expires_at.is_some_and(|at| at <= now_ms()) {
         return Err(Error::unauthorized("token expired"));
     }
-    Ok(Caller {
-        admin: hub
-            .config
-            .is_admin(&record.owner_id, record.email.as_deref()),
-        owner_id: record.owner_id,
-        email: record.email,
-    })
+    Ok(record)
 }
 
 /// Hash under which enrollment and API tokens are stored: hex SHA-256, never the token.
@@ -124,16 +235,23 @@ pub fn token_hash(token: &str) -> String {
     ca::fingerprint(token.as_bytes())
 }
 
-/// Mints a new API token for `owner_id` (signed in with `email`, if verified); only its
-/// hash is stored. Returns the token.
+/// Mints a new API token for `owner_id` (signed in with `email`, if verified), or with
+/// `service`, a service token created by that admin; only its hash is stored. Returns the
+/// token.
 pub async fn mint_api_token(
     hub: &crate::Hub,
     owner_id: &str,
     email: Option<&str>,
     name: &str,
     expires_at: Option<i64>,
+    service: Option<ServiceGrant>,
 ) -> anyhow::Result<String> {
-    let token = format!("wsh_{}", ca::hex(&ca::random_bytes::<24>()));
+    let kind = if service.is_some() {
+        "wsh_svc_"
+    } else {
+        "wsh_"
+    };
+    let token = format!("{kind}{}", ca::hex(&ca::random_bytes::<24>()));
     hub.store
         .insert_api_token(
             &token_hash(&token),
@@ -142,32 +260,62 @@ pub async fn mint_api_token(
                 email: email.map(str::to_owned),
                 name: name.to_owned(),
                 expires_at,
+                service,
             },
         )
         .await?;
     Ok(token)
 }
 
-/// What a session ticket lets its bearer open.
+/// What a ticket (a browser token) lets its bearer open, on one workspace.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Purpose {
-    /// The terminal WebSocket of one workspace.
+    /// Its terminal WebSocket (and the embeddable terminal page).
     Terminal,
+    /// Its port previews (`/preview/{id}/{port}?ticket=`).
+    Preview,
+    /// Its exec API.
+    Exec,
+    /// Its files API.
+    Files,
 }
 
 impl Purpose {
+    pub const ALL: [Purpose; 4] = [
+        Purpose::Terminal,
+        Purpose::Preview,
+        Purpose::Exec,
+        Purpose::Files,
+    ];
+
+    /// In the signed payload; distinct from the preview cookie's and entry tickets' own.
     fn as_str(self) -> &'static str {
         match self {
             Purpose::Terminal => "terminal",
+            Purpose::Preview => "preview-open",
+            Purpose::Exec => "exec",
+            Purpose::Files => "files",
+        }
+    }
+
+    /// The routes it reaches.
+    pub fn scope(self) -> Scope {
+        match self {
+            Purpose::Terminal => Scope::Terminal,
+            Purpose::Preview => Scope::Preview,
+            Purpose::Exec => Scope::Exec,
+            Purpose::Files => Scope::Files,
         }
     }
 }
 
-/// How long a ticket is good for: long enough to open a connection, no longer.
+/// How long a ticket is good for by default: long enough to open a connection.
 pub const TICKET_TTL_MS: i64 = 60_000;
+/// The longest a ticket may be asked to live (an embedded page reconnects with it).
+pub const TICKET_MAX_TTL_MS: i64 = 3_600_000;
 
 /// Scoped session tickets: short-lived, bound to one workspace and one purpose, signed with
 /// the hub's ticket key (HMAC-SHA256). Browsers put them in WebSocket URLs instead of their
@@ -190,14 +338,15 @@ impl Tickets {
         }
     }
 
-    /// A ticket for `owner` to open `purpose` on `workspace` until `now + TICKET_TTL_MS`.
-    pub fn issue(&self, workspace: Uuid, owner: &str, purpose: Purpose, now: i64) -> (String, i64) {
-        self.issue_scoped(
-            &workspace.to_string(),
-            owner,
-            purpose.as_str(),
-            now + TICKET_TTL_MS,
-        )
+    /// A ticket for `owner` to open `purpose` on `workspace` until `expires`.
+    pub fn issue(
+        &self,
+        workspace: Uuid,
+        owner: &str,
+        purpose: Purpose,
+        expires: i64,
+    ) -> (String, i64) {
+        self.issue_scoped(&workspace.to_string(), owner, purpose.as_str(), expires)
     }
 
     /// A ticket for `owner` to use `purpose` on `scope` (`[0-9a-z:-]`) until `expires`.
@@ -290,8 +439,12 @@ mod tests {
     fn tickets_are_bound_to_workspace_purpose_and_time() {
         let tickets = Tickets::new(&[1; 32]);
         let ws = Uuid::new_v4();
-        let (t, exp) = tickets.issue(ws, "alice@example.com", Purpose::Terminal, 1_000);
-        assert_eq!(exp, 1_000 + TICKET_TTL_MS);
+        let (t, exp) = tickets.issue(ws, "alice@example.com", Purpose::Terminal, 61_000);
+        assert_eq!(exp, 61_000);
+        assert!(
+            tickets.verify(&t, ws, Purpose::Exec, 2_000).is_err(),
+            "another purpose"
+        );
         let owner = tickets.verify(&t, ws, Purpose::Terminal, 2_000).unwrap();
         assert_eq!(owner, "alice@example.com");
         assert!(

@@ -103,7 +103,15 @@ pub fn app(hub: AppState) -> Router {
             get(crate::edge::terminal::terminal),
         )
         .route("/terminal/{id}", get(crate::edge::terminal::terminal))
+        .route(
+            "/embed/terminal/{id}",
+            get(crate::edge::embed::terminal_page),
+        )
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            crate::edge::embed::cors,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             hub.clone(),
@@ -287,9 +295,9 @@ pub struct ErrorDetail {
         crate::edge::session::whoami, crate::edge::session::logout,
         crate::edge::terminal::terminal, crate::edge::preview::path_form,
         crate::edge::exec::exec, crate::edge::exec::exec_socket, crate::edge::files::get, crate::edge::files::put,
-        crate::edge::files::delete, crate::edge::files::post
+        crate::edge::files::delete, crate::edge::files::post, crate::edge::embed::terminal_page
     ),
-    modifiers(&BearerAuth, &Aliases)
+    modifiers(&BearerAuth, &Scoped, &Aliases)
 )]
 pub struct ApiDoc;
 
@@ -309,18 +317,7 @@ impl utoipa::Modify for Aliases {
             let Some(mut item) = openapi.paths.paths.get(of).cloned() else {
                 continue;
             };
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.options,
-                &mut item.head,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for op in operations(&mut item) {
                 op.operation_id = op.operation_id.take().map(|id| format!("{id}_alias"));
                 op.description = Some(format!("The same as `{of}`."));
                 if let Some(params) = &mut op.parameters {
@@ -333,6 +330,81 @@ impl utoipa::Modify for Aliases {
             openapi.paths.paths.insert(alias.to_owned(), item);
         }
     }
+}
+
+/// Every route that takes credentials (answers 401) also answers 403 to a service or
+/// browser token that does not reach it; those with a scope (`edge::caller::route_scope`)
+/// take the `X-Wsh-Owner` header of service tokens.
+struct Scoped;
+
+impl utoipa::Modify for Scoped {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::{RefOr, ResponseBuilder};
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let scope = crate::edge::caller::route_scope(&path.replace("{path}", "{*rest}"));
+            for op in operations(item) {
+                if !op.responses.responses.contains_key("401") {
+                    continue;
+                }
+                let forbidden = if scope.is_some() {
+                    "A service token without this route's scope, or acting for an owner id \
+                     outside its `owner_prefix` (`scope`, `owner_not_allowed`), or a browser \
+                     token for another purpose (`scope`)"
+                } else {
+                    "A service or browser token: they do not reach this route (`scope`)"
+                };
+                op.responses
+                    .responses
+                    .entry("403".into())
+                    .or_insert_with(|| {
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description(forbidden)
+                                .content(
+                                    "application/json",
+                                    utoipa::openapi::ContentBuilder::new()
+                                        .schema(Some(utoipa::openapi::Ref::from_schema_name(
+                                            "ErrorBody",
+                                        )))
+                                        .build(),
+                                )
+                                .build(),
+                        )
+                    });
+                if scope.is_some() {
+                    op.parameters.get_or_insert_with(Vec::new).push(RefOr::T(
+                        ParameterBuilder::new()
+                            .name("X-Wsh-Owner")
+                            .parameter_in(ParameterIn::Header)
+                            .description(Some(
+                                "With a service token: the owner id it acts for (1 to 128 of \
+                                 `A-Z a-z 0-9 . _ @ + -`, starting with its `owner_prefix`); \
+                                 missing is `400 owner_required`",
+                            ))
+                            .build(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The operations of a path, whatever their method.
+fn operations(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.options,
+        &mut item.head,
+        &mut item.patch,
+    ]
+    .into_iter()
+    .flatten()
 }
 
 /// Whether the alias path lacks the parameter `name` of the path it stands for.
@@ -391,17 +463,25 @@ async fn not_found() -> ApiError {
 }
 
 #[utoipa::path(get, path = "/", tag = "meta", responses((status = 200, description = "The web UI", content_type = "text/html", body = String)))]
-async fn index() -> Html<&'static str> {
-    Html(include_str!("web/index.html"))
+async fn index() -> impl IntoResponse {
+    // Framed by no one: a host app embeds `/embed/terminal/{id}`, never the web UI.
+    (
+        [(
+            axum::http::header::CONTENT_SECURITY_POLICY,
+            "frame-ancestors 'none'",
+        )],
+        Html(include_str!("web/index.html")),
+    )
 }
 
 /// The front-end files embedded in the binary.
-#[utoipa::path(get, path = "/assets/{file}", tag = "meta", params(("file" = String, Path, description = "`xterm.js`, `addon-fit.js` or `xterm.css`")), responses((status = 200, description = "The file", content((String = "text/javascript"), (String = "text/css"))), (status = 404, description = "No such asset", body = ErrorBody)))]
+#[utoipa::path(get, path = "/assets/{file}", tag = "meta", params(("file" = String, Path, description = "`xterm.js`, `addon-fit.js`, `xterm.css` or `terminal.js`")), responses((status = 200, description = "The file", content((String = "text/javascript"), (String = "text/css"))), (status = 404, description = "No such asset", body = ErrorBody)))]
 async fn asset(Path(file): Path<String>) -> Result<Response, ApiError> {
     let (body, content_type): (&'static [u8], &str) = match file.as_str() {
         "xterm.js" => (include_bytes!("web/vendor/xterm.js"), "text/javascript"),
         "addon-fit.js" => (include_bytes!("web/vendor/addon-fit.js"), "text/javascript"),
         "xterm.css" => (include_bytes!("web/vendor/xterm.css"), "text/css"),
+        "terminal.js" => (include_bytes!("web/terminal.js"), "text/javascript"),
         _ => return Err(ApiError::not_found("asset")),
     };
     Ok((
@@ -974,27 +1054,44 @@ async fn workspace_ports(
 #[serde(deny_unknown_fields)]
 pub struct TicketRequest {
     pub purpose: crate::domain::auth::Purpose,
+    /// Lifetime in seconds: 1 to 3600, default 60. A browser token is reusable until then
+    /// (an embedded terminal reconnects with it).
+    pub expires_in_secs: Option<u64>,
 }
 
-/// A scoped session ticket: one workspace, one purpose, one minute.
+/// A browser token (ticket): one workspace, one purpose, until `expires_at`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TicketView {
     pub ticket: String,
     pub expires_at: String,
 }
 
-#[utoipa::path(post, path = "/workspaces/{id}/tickets", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), request_body = TicketRequest, responses((status = 201, description = "A ticket for the terminal WebSocket (`?ticket=`)", body = TicketView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(post, path = "/workspaces/{id}/tickets", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), request_body = TicketRequest,
+    description = "A browser token bound to this workspace and one purpose: `terminal` (the terminal WebSocket's `?ticket=`, `/embed/terminal/{id}#ticket=`), `preview` (`/preview/{id}/{port}/?ticket=`), `exec` and `files` (`Authorization: Bearer <ticket>`, or `?ticket=` on a GET, from the origins in `[embed] allowed_origins` too). It opens nothing else. A service token needs the `tickets` scope and the purpose's own.",
+    responses((status = 201, description = "The ticket", body = TicketView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 403, description = "A service token without the purpose's scope (`scope`)", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn create_ticket(
     State(hub): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     ValidJson(req): ValidJson<TicketRequest>,
 ) -> Result<(StatusCode, Json<TicketView>), ApiError> {
+    let ttl_ms = match req.expires_in_secs {
+        None => crate::domain::auth::TICKET_TTL_MS,
+        Some(secs @ 1..=3600) => secs as i64 * 1000,
+        Some(_) => return Err(ApiError::invalid("expires_in_secs must be 1 to 3600")),
+    };
     // Ownership is checked once, here; the ticket carries the owner, not the admin right.
     let ws = owned(&hub, &caller, &id).await?;
+    if !caller.grant.reaches(req.purpose.scope()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "scope",
+            "this service token's scopes do not include the ticket's purpose",
+        ));
+    }
     let (ticket, expires) = hub
         .tickets
-        .issue(ws.id, &ws.owner_id, req.purpose, now_ms());
+        .issue(ws.id, &ws.owner_id, req.purpose, now_ms() + ttl_ms);
     Ok((
         StatusCode::CREATED,
         Json(TicketView {
@@ -1012,6 +1109,10 @@ pub struct CreateToken {
     pub name: String,
     /// Lifetime in seconds; default 90 days, at most 365 days.
     pub expires_in_secs: Option<u64>,
+    /// Admins only: a service token for a host app's backend, which acts for the owner ids
+    /// it names in `X-Wsh-Owner` (with this prefix) on the routes of its scopes, within
+    /// each owner's quotas.
+    pub service: Option<crate::store::ServiceGrant>,
 }
 
 /// An API token as listed: never the secret itself.
@@ -1021,6 +1122,9 @@ pub struct TokenView {
     pub id: String,
     pub name: String,
     pub expires_at: Option<String>,
+    /// A service token's grant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<crate::store::ServiceGrant>,
     /// Only in the response that creates it, once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -1049,6 +1153,29 @@ async fn create_token(
             "expires_in_secs must be between 60 and {MAX_TOKEN_SECS}"
         )));
     }
+    if let Some(service) = &req.service {
+        if !caller.admin {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "admin_only",
+                "only an admin creates service tokens",
+            ));
+        }
+        let prefix = &service.owner_prefix;
+        if prefix.is_empty()
+            || prefix.len() > 64
+            || crate::domain::auth::check_owner_id(prefix).is_err()
+        {
+            return Err(ApiError::invalid(
+                "service.owner_prefix must be 1 to 64 of A-Z a-z 0-9 . _ @ + -",
+            ));
+        }
+        if service.scopes.is_empty() {
+            return Err(ApiError::invalid(
+                "service.scopes must name at least one scope",
+            ));
+        }
+    }
     let expires_at = now_ms() + secs as i64 * 1000;
     let token = crate::domain::auth::mint_api_token(
         &hub,
@@ -1056,6 +1183,7 @@ async fn create_token(
         caller.email.as_deref(),
         &req.name,
         Some(expires_at),
+        req.service.clone(),
     )
     .await
     .map_err(|e| ApiError::internal("mint token", e))?;
@@ -1065,6 +1193,7 @@ async fn create_token(
             id: token_hash(&token),
             name: req.name,
             expires_at: Some(rfc3339(expires_at)),
+            service: req.service,
             token: Some(token),
         }),
     ))
@@ -1083,6 +1212,7 @@ async fn list_tokens(
                 id,
                 name: t.name,
                 expires_at: t.expires_at.map(rfc3339),
+                service: t.service,
                 token: None,
             })
             .collect(),

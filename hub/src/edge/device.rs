@@ -223,6 +223,7 @@ pub async fn poll(
         email.as_deref(),
         "wsh login",
         Some(expires_at),
+        None,
     )
     .await
     .map_err(|e| ApiError::internal("mint token", e))?;

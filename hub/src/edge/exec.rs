@@ -229,10 +229,12 @@ fn line(value: &Value) -> Result<String, std::convert::Infallible> {
 /// `GET /workspaces/:id/exec`: the WebSocket form.
 #[utoipa::path(get, path = "/workspaces/{id}/exec", tag = "exec", security(("bearer" = [])),
     description = "The WebSocket form of exec. The first message (text) is the request, as the POST body (`stdin` and `stdin_base64` go in first; without them stdin stays open). Then binary messages are stdin, text ones `{\"type\":\"stdin_end\"}` or `{\"type\":\"signal\",\"signal\":\"TERM\"}` (HUP, INT, QUIT, KILL, USR1, USR2, TERM, CONT, STOP). The events of the POST form come back as text messages, the last one `exit` (or `error`), then the socket closes. A bad request is an `error` event (`invalid_request`, `program_not_found`, ...). Closing the socket kills the command.",
-    params(("id" = String, Path, description = "Workspace id (UUID)")),
+    params(("id" = String, Path, description = "Workspace id (UUID)"),
+        ("ticket" = Option<String>, Query, description = "A browser token (purpose `exec`) instead of a bearer token: browsers cannot set headers on a WebSocket")),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody),
+        (status = 403, description = "A service or browser token without this scope (`scope`)", body = crate::edge::api::ErrorBody),
         (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody),
         (status = 426, description = "Not a WebSocket upgrade (`upgrade_required`)", body = crate::edge::api::ErrorBody)))]
 pub async fn exec_socket(

@@ -67,6 +67,8 @@ pub struct GetQuery {
     /// Answer what is at the path (JSON) instead of its content.
     #[serde(default)]
     pub stat: bool,
+    /// A browser token (purpose `files`) instead of a bearer token: a plain link downloads.
+    pub ticket: Option<String>,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

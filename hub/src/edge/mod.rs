@@ -4,6 +4,7 @@
 pub mod api;
 pub mod caller;
 pub mod device;
+pub mod embed;
 pub mod exec;
 pub mod files;
 pub mod oidc;

@@ -245,9 +245,7 @@ pub async fn by_host(State(hub): State<AppState>, req: Request, next: Next) -> R
 }
 
 fn query_param(req: &Request, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(req.uri().query()?.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
+    crate::edge::caller::query_param(req.uri().query(), name)
 }
 
 async fn subdomain(hub: AppState, id: Uuid, port: u16, req: Request) -> Result<Response, ApiError> {
@@ -379,7 +377,15 @@ pub async fn path_form(
 
     // API clients: a bearer token, proxied right here.
     if let Some(token) = bearer(req.headers()) {
-        let caller = crate::domain::auth::authenticate(&hub, token, peer).await?;
+        let caller = crate::edge::caller::token_caller(
+            &hub,
+            req.headers(),
+            token,
+            peer,
+            Some(crate::domain::auth::Scope::Preview),
+            Some(id),
+        )
+        .await?;
         let ws = hub.store.get_workspace(id).await?;
         let ws = match caller.authorize(ws.clone()) {
             Ok(ws) => ws,
@@ -417,6 +423,12 @@ pub async fn path_form(
                 ApiError::unauthorized("this share link is unknown, revoked or expired")
             })?;
         format!("link:{}", link.id)
+    } else if let Some(ticket) = query_param(&req, "ticket") {
+        // A browser token for this workspace's previews (a host app's page links here).
+        let owner =
+            hub.tickets
+                .verify(&ticket, id, crate::domain::auth::Purpose::Preview, now_ms())?;
+        format!("owner:{owner}")
     } else if visibility == Visibility::Public {
         return Ok(redirect(&format!("{origin}{rest}")));
     } else {
@@ -443,7 +455,7 @@ pub async fn path_form(
         .split_once('?')
         .map(|(path, query)| {
             let kept: Vec<_> = url::form_urlencoded::parse(query.as_bytes())
-                .filter(|(k, _)| k != "share")
+                .filter(|(k, _)| k != "share" && k != "ticket")
                 .collect();
             if kept.is_empty() {
                 path.to_owned()

@@ -99,6 +99,7 @@ async fn start_session(
         email,
         "browser session",
         Some(expires_at),
+        None,
     )
     .await
     .map_err(|e| ApiError::internal("start session", e))?;

@@ -12,7 +12,7 @@
 //! - text, client -> server: JSON `{"type": "resize", "cols", "rows"}` or `{"type": "close"}`.
 
 use crate::AppState;
-use crate::domain::auth::{Caller, Purpose};
+use crate::domain::auth::Caller;
 use crate::edge::api::ApiError;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -79,28 +79,14 @@ enum ClientControl {
         (status = 503, description = "The workspace is READY but its agent is between hub replicas (`agent_offline`, with `Retry-After`)", body = crate::edge::api::ErrorBody)))]
 pub async fn terminal(
     State(hub): State<AppState>,
-    caller: Option<Caller>,
+    caller: Caller,
     Path(id): Path<String>,
     query: Result<Query<TerminalQuery>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
-    let ticket = query.as_ref().ok().and_then(|q| q.ticket.clone());
     // A bearer token (CLI, scripts) or a ticket for this workspace's terminal (browsers).
-    // A ticket was issued only after the ownership check, for this workspace alone.
-    let workspace = match (caller, ticket) {
-        (Some(caller), _) => caller.authorize(hub.store.get_workspace(id).await?)?,
-        (None, Some(ticket)) => {
-            hub.tickets.verify(
-                &ticket,
-                id,
-                Purpose::Terminal,
-                crate::base::workspace::now_ms(),
-            )?;
-            hub.store.get_workspace(id).await?
-        }
-        (None, None) => return Err(ApiError::unauthorized("missing bearer token or ticket")),
-    };
+    let workspace = caller.authorize(hub.store.get_workspace(id).await?)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let ws = ws.map_err(|e| {
         ApiError::new(

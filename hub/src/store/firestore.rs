@@ -121,6 +121,20 @@ struct ApiTokenDoc {
     expires_at: Option<i64>,
     #[serde(default)]
     email: Option<String>,
+    #[serde(default)]
+    service: Option<super::ServiceGrant>,
+}
+
+impl From<ApiTokenDoc> for ApiToken {
+    fn from(d: ApiTokenDoc) -> Self {
+        ApiToken {
+            owner_id: d.owner_id,
+            name: d.name,
+            expires_at: d.expires_at,
+            email: d.email,
+            service: d.service,
+        }
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -586,18 +600,14 @@ impl Store for FirestoreStore {
             name: token.name.clone(),
             expires_at: token.expires_at,
             email: token.email.clone(),
+            service: token.service.clone(),
         };
         self.insert(API_TOKENS, token_hash, &doc).await
     }
 
     async fn find_api_token(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError> {
         let doc: Option<ApiTokenDoc> = self.get(API_TOKENS, token_hash).await?;
-        Ok(doc.map(|d| ApiToken {
-            owner_id: d.owner_id,
-            name: d.name,
-            expires_at: d.expires_at,
-            email: d.email,
-        }))
+        Ok(doc.map(ApiToken::from))
     }
 
     async fn list_api_tokens(&self, owner_id: &str) -> Result<Vec<(String, ApiToken)>, StoreError> {
@@ -614,15 +624,7 @@ impl Store for FirestoreStore {
         for doc in &docs {
             let hash = doc_id(doc);
             let d: ApiTokenDoc = FirestoreDb::deserialize_doc_to(doc).map_err(backend)?;
-            out.push((
-                hash,
-                ApiToken {
-                    owner_id: d.owner_id,
-                    name: d.name,
-                    expires_at: d.expires_at,
-                    email: d.email,
-                },
-            ));
+            out.push((hash, ApiToken::from(d)));
         }
         out.sort_by(|a, b| (&a.1.name, &a.0).cmp(&(&b.1.name, &b.0)));
         Ok(out)

@@ -87,6 +87,38 @@ pub struct ApiToken {
     pub expires_at: Option<i64>,
     /// The verified e-mail its owner signed in with (team mode's `@domain` admins).
     pub email: Option<String>,
+    /// A service token's grant (created by an admin, `owner_id` then names that admin).
+    pub service: Option<ServiceGrant>,
+}
+
+/// What a service token may do: act for any owner id that starts with `owner_prefix`, on
+/// the routes its `scopes` name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceGrant {
+    /// The owner ids it may name in `X-Wsh-Owner` start with this (1 to 64 characters).
+    pub owner_prefix: String,
+    pub scopes: Vec<Scope>,
+}
+
+/// A part of the API a service token (or, for the four purposes, a browser token) reaches.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Create, list, read, stop, start and delete workspaces; ports, sharing, keep-awake.
+    Workspaces,
+    /// Terminal sessions.
+    Terminal,
+    /// Port previews.
+    Preview,
+    /// Commands (`/exec`).
+    Exec,
+    /// The files API.
+    Files,
+    /// Browser tokens (`POST /workspaces/{id}/tickets`), for the purposes it also holds.
+    Tickets,
 }
 
 /// A hub replica as the others find it: its peer address, while its registration lives.

@@ -68,9 +68,31 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     owner_id TEXT NOT NULL,
     name TEXT NOT NULL,
     expires_at INTEGER,
-    email TEXT
+    email TEXT,
+    service TEXT
 );
 "#;
+
+/// An `api_tokens` row from column `at` on: owner_id, name, expires_at, email, service.
+fn token_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<ApiToken> {
+    let service: Option<String> = r.get(at + 4)?;
+    Ok(ApiToken {
+        owner_id: r.get(at)?,
+        name: r.get(at + 1)?,
+        expires_at: r.get(at + 2)?,
+        email: r.get(at + 3)?,
+        service: service
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    at + 4,
+                    rusqlite::types::Type::Text,
+                    e.into(),
+                )
+            })?,
+    })
+}
 
 /// SQLite-backed [`Store`].
 #[derive(Clone)]
@@ -153,17 +175,19 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
                 .map_err(backend)?;
         }
     }
-    let has_email: bool = conn
-        .query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('api_tokens') WHERE name = 'email'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(backend)?
-        > 0;
-    if !has_email {
-        conn.execute_batch("ALTER TABLE api_tokens ADD COLUMN email TEXT")
-            .map_err(backend)?;
+    for (name, ty) in [("email", "TEXT"), ("service", "TEXT")] {
+        let have: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('api_tokens') WHERE name = ?1",
+                [name],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(backend)?
+            > 0;
+        if !have {
+            conn.execute_batch(&format!("ALTER TABLE api_tokens ADD COLUMN {name} {ty}"))
+                .map_err(backend)?;
+        }
     }
     Ok(())
 }
@@ -539,16 +563,23 @@ impl Store for SqliteStore {
     async fn insert_api_token(&self, token_hash: &str, token: &ApiToken) -> Result<(), StoreError> {
         let token_hash = token_hash.to_owned();
         let token = token.clone();
+        let service = token
+            .service
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(backend)?;
         self.with(move |conn| {
             conn.execute(
-                "INSERT INTO api_tokens (token_hash, owner_id, name, expires_at, email) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO api_tokens (token_hash, owner_id, name, expires_at, email, service) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     token_hash,
                     token.owner_id,
                     token.name,
                     token.expires_at,
-                    token.email
+                    token.email,
+                    service
                 ],
             )
             .map_err(backend)?;
@@ -561,16 +592,10 @@ impl Store for SqliteStore {
         let token_hash = token_hash.to_owned();
         self.with(move |conn| {
             conn.query_row(
-                "SELECT owner_id, name, expires_at, email FROM api_tokens WHERE token_hash = ?1",
+                "SELECT owner_id, name, expires_at, email, service FROM api_tokens \
+                 WHERE token_hash = ?1",
                 params![token_hash],
-                |r| {
-                    Ok(ApiToken {
-                        owner_id: r.get(0)?,
-                        name: r.get(1)?,
-                        expires_at: r.get(2)?,
-                        email: r.get(3)?,
-                    })
-                },
+                |r| token_row(r, 0),
             )
             .optional()
             .map_err(backend)
@@ -583,22 +608,12 @@ impl Store for SqliteStore {
         self.with(move |conn| {
             let mut stmt = conn
                 .prepare(
-                    "SELECT token_hash, owner_id, name, expires_at, email FROM api_tokens \
-                     WHERE owner_id = ?1 ORDER BY name, token_hash",
+                    "SELECT token_hash, owner_id, name, expires_at, email, service \
+                     FROM api_tokens WHERE owner_id = ?1 ORDER BY name, token_hash",
                 )
                 .map_err(backend)?;
             let rows = stmt
-                .query_map(params![owner], |r| {
-                    Ok((
-                        r.get(0)?,
-                        ApiToken {
-                            owner_id: r.get(1)?,
-                            name: r.get(2)?,
-                            expires_at: r.get(3)?,
-                            email: r.get(4)?,
-                        },
-                    ))
-                })
+                .query_map(params![owner], |r| Ok((r.get(0)?, token_row(r, 1)?)))
                 .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
