@@ -363,23 +363,41 @@ async fn browser_tokens_open_one_purpose_on_one_workspace_until_they_expire() {
         );
         assert!(!body.to_string().contains("user-7"), "{body}");
     }
-    // A preview token is traded for the preview's own entry, and nothing more.
-    let preview = mint(id.clone(), "preview", 600).await;
-    let res = reqwest::Client::builder()
+    // A preview token is traded for the preview's own entry and cookie, which lasts no
+    // longer than the token did.
+    let preview = mint(id.clone(), "preview", 2).await;
+    let plain = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .resolve(&format!("3000-{id}.localhost"), hub.listening.http)
         .build()
-        .unwrap()
+        .unwrap();
+    let res = plain
         .get(hub.url(&format!("/preview/{id}/3000/?ticket={preview}")))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 303);
-    let to = res.headers()["location"].to_str().unwrap();
+    let to = res.headers()["location"].to_str().unwrap().to_owned();
     assert!(to.contains("/__wsh/auth?ticket="), "{to}");
     assert!(
         !to.contains(&preview),
         "the browser token is not passed on: {to}"
     );
+    let res = plain.get(&to).send().await.unwrap();
+    assert_eq!(res.status(), 303);
+    let cookie = res.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let origin = to.split("/__wsh/").next().unwrap().to_owned();
+    let open = || {
+        plain
+            .get(format!("{origin}/"))
+            .header("cookie", &cookie)
+            .send()
+    };
+    // Nothing listens on the port: the hub let the request through to it.
+    assert_eq!(open().await.unwrap().status(), 502);
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert_eq!(open().await.unwrap().status(), 401);
 
     // An expired one opens nothing.
     let short = mint(id.clone(), "exec", 1).await;

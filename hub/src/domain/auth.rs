@@ -398,6 +398,11 @@ impl Tickets {
         self.verify_scoped(ticket, &workspace.to_string(), purpose.as_str(), now)
     }
 
+    /// When a ticket expires, as its payload says (check it with `verify` first).
+    pub fn expiry(ticket: &str) -> Option<i64> {
+        ticket.split('.').nth(2)?.parse().ok()
+    }
+
     /// [`Tickets::verify`] for tickets from [`Tickets::issue_scoped`].
     pub fn verify_scoped(
         &self,

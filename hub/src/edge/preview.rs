@@ -215,6 +215,10 @@ fn port_param(s: &str) -> Result<u16, ApiError> {
 fn grounds_hold(hub: &Hub, ws: &Workspace, port: u16, grounds: &str) -> bool {
     let now = now_ms();
     match grounds.split_once(':') {
+        Some(("until", rest)) => rest.split_once(':').is_some_and(|(until, grounds)| {
+            until.parse::<i64>().is_ok_and(|until| until > now)
+                && grounds_hold(hub, ws, port, grounds)
+        }),
         Some(("owner", sub)) => sub == ws.owner_id,
         Some(("admin", sub)) => hub.config.admins.iter().any(|a| a == sub) || sub == ws.owner_id,
         Some(("user", _)) => ws.sharing.visibility(port) != Visibility::Private,
@@ -428,7 +432,9 @@ pub async fn path_form(
         let owner =
             hub.tickets
                 .verify(&ticket, id, crate::domain::auth::Purpose::Preview, now_ms())?;
-        format!("owner:{owner}")
+        // The preview cookie lasts no longer than the browser token did.
+        let until = crate::domain::auth::Tickets::expiry(&ticket).unwrap_or_default();
+        format!("until:{until}:owner:{owner}")
     } else if visibility == Visibility::Public {
         return Ok(redirect(&format!("{origin}{rest}")));
     } else {
