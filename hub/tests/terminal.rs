@@ -514,3 +514,40 @@ async fn full_screen_programs_reattach_exactly() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_named_session_is_attached_or_created_like_tmux_new_a() {
+    let hub = TestHub::start().await.unwrap();
+    let id = hub.ready_workspace().await.unwrap();
+    // The first client to name it creates it; the next attaches to the same one.
+    let mut a = Client::connect(&hub, &id, "session=main").await;
+    assert_eq!(a.session, "main");
+    a.type_text("echo one-$((1+1))\n").await;
+    assert!(a.read_until(|s| s.contains("one-2")).await);
+    let mut b = Client::connect(&hub, &id, "session=main").await;
+    assert_eq!(b.session, "main");
+    b.type_text("echo two-$((2+2))\n").await;
+    assert!(a.read_until(|s| s.contains("two-4")).await);
+    assert!(b.read_until(|s| s.contains("two-4")).await);
+    let list = hub.wsh().unwrap().args(["sessions", &id]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(list.matches("main").count(), 1, "{list}");
+
+    // A name that breaks the rules is refused, and resuming a name that is not running
+    // (an offset) does not create it.
+    for query in ["session=bad%2Fname", "session=other&offset=7"] {
+        let mut ws = open(&hub, &id, query).await;
+        match frame(&mut ws).await {
+            Frame::Event(e) => assert_eq!(e["type"], "error", "{query}: {e}"),
+            other => panic!("{query}: {other:?}"),
+        }
+    }
+
+    // Once its process exits, the name starts a new session.
+    a.type_text("exit 4\n").await;
+    assert!(!a.read_until(|_| false).await);
+    let mut c = Client::connect(&hub, &id, "session=main").await;
+    c.type_text("echo three-$((1+2))\n").await;
+    assert!(c.read_until(|s| s.contains("three-3")).await);
+    assert!(!c.seen.windows(5).any(|w| w == b"two-4"), "a fresh session");
+}

@@ -40,7 +40,9 @@ crate::tagged_messages! {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PtyOpenRequest {
-    /// The session to attach to; `None` creates one from the fields below.
+    /// The session to attach to; `None` creates one from the fields below. A name (1 to
+    /// 64 of `A-Z a-z 0-9 . _ -`) without an offset attaches, or creates the session by
+    /// that name (older agents answer `NoSuchSession`).
     pub session: Option<String>,
     /// The offset after the last byte this client saw; `None` for a fresh client.
     pub offset: Option<u64>,

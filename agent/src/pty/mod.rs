@@ -37,6 +37,8 @@ pub enum PtyError {
     BadSize { cols: u16, rows: u16 },
     #[error("no such session")]
     NoSuchSession,
+    #[error("a session name is 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadName,
     #[error("the session's process has exited with status {code}")]
     Exited { code: i32 },
     #[error("start the process: {0}")]
@@ -456,15 +458,41 @@ impl Sessions {
     /// Starts a new session (as the workspace user, when the agent is root and one is set).
     pub fn create(&self, spec: &SpawnSpec) -> Result<Arc<PtySession>, PtyError> {
         let id = format!("s{:016x}", rand::random::<u64>());
+        let session = self.spawn(id.clone(), spec)?;
+        lock(&self.map).insert(id, session.clone());
+        Ok(session)
+    }
+
+    /// The session named `name` if it is running, else a new one by that name (`tmux new
+    /// -A -s name`); `true` when it was created. A name is 1 to 64 of `A-Z a-z 0-9 . _ -`.
+    pub fn get_or_create(
+        &self,
+        name: &str,
+        spec: impl FnOnce() -> Result<SpawnSpec, PtyError>,
+    ) -> Result<(Arc<PtySession>, bool), PtyError> {
+        if !valid_name(name) {
+            return Err(PtyError::BadName);
+        }
+        // Held while spawning, so two clients naming the same new session get one.
+        let mut map = lock(&self.map);
+        if let Some(s) = map.get(name).filter(|s| s.exit_code().is_none()) {
+            return Ok((s.clone(), false));
+        }
+        let session = self.spawn(name.to_owned(), &spec()?)?;
+        if let Some(old) = map.insert(name.to_owned(), session.clone()) {
+            old.kill();
+        }
+        Ok((session, true))
+    }
+
+    fn spawn(&self, id: String, spec: &SpawnSpec) -> Result<Arc<PtySession>, PtyError> {
         let mut spec = spec.clone();
         if let Some(user) = &self.run_as
             && rustix::process::geteuid().is_root()
         {
             spec.command = as_user(user, &spec.command);
         }
-        let session = PtySession::spawn(id.clone(), &spec, self.ring_capacity)?;
-        lock(&self.map).insert(id, session.clone());
-        Ok(session)
+        PtySession::spawn(id, &spec, self.ring_capacity)
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<PtySession>, PtyError> {
@@ -523,6 +551,14 @@ impl Sessions {
         session.kill();
         Ok(())
     }
+}
+
+/// A session name a client may choose.
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 impl Drop for Sessions {

@@ -16,6 +16,7 @@ fn error_msg(e: &PtyError) -> PtyMsg {
         PtyError::BadSize { .. } => PtyErrorCode::BadSize,
         PtyError::NoSuchSession => PtyErrorCode::NoSuchSession,
         PtyError::Exited { .. } => PtyErrorCode::Exited,
+        PtyError::BadName => PtyErrorCode::BadRequest,
         PtyError::Spawn(_) | PtyError::Io(_) => PtyErrorCode::SpawnFailed,
     };
     PtyMsg::Error(protocol::pty::PtyError {
@@ -31,15 +32,25 @@ fn bad_request(message: &str) -> PtyMsg {
     })
 }
 
-fn open(sessions: &Sessions, req: &PtyOpenRequest) -> Result<Arc<super::PtySession>, PtyError> {
-    match &req.session {
-        Some(id) => sessions.get(id),
-        None => sessions.create(&SpawnSpec {
+/// The session a client asked for, and whether it was created for it: none named creates
+/// one; a name without an offset attaches, or creates the session by that name; a name
+/// with an offset (a client resuming) attaches only.
+fn open(
+    sessions: &Sessions,
+    req: &PtyOpenRequest,
+) -> Result<(Arc<super::PtySession>, bool), PtyError> {
+    let spec = || {
+        Ok(SpawnSpec {
             command: req.command.clone(),
             env: req.env.clone(),
             cwd: req.cwd.clone().map(Into::into),
             size: Size::new(req.cols, req.rows)?,
-        }),
+        })
+    };
+    match (&req.session, req.offset) {
+        (None, _) => Ok((sessions.create(&spec()?)?, true)),
+        (Some(name), None) => sessions.get_or_create(name, spec),
+        (Some(id), Some(_)) => Ok((sessions.get(id)?, false)),
     }
 }
 
@@ -75,7 +86,7 @@ pub async fn serve(
             return Ok(());
         }
     };
-    let session = match open(&sessions, &req) {
+    let (session, created) = match open(&sessions, &req) {
         Ok(s) => s,
         Err(e) => {
             send_msg(send, &error_msg(&e)).await?;
@@ -94,11 +105,7 @@ pub async fn serve(
     )
     .await?;
     // The creator of a session reads it from its first byte; others as they asked.
-    let offset = if req.session.is_none() {
-        Some(0)
-    } else {
-        req.offset
-    };
+    let offset = if created { Some(0) } else { req.offset };
     let mut attachment = session.attach(offset);
     loop {
         tokio::select! {
