@@ -614,6 +614,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_and_validates() {
+        let file: FileConfig = toml::from_str(include_str!("../../hub.example.toml")).unwrap();
+        let config = Config::from_file(file).unwrap();
+        assert!(config.identity.is_some());
+        assert!(config.webhooks.is_some());
+        assert_eq!(config.embed.allowed_origins, ["https://app.example.com"]);
+        assert!(config.direct.enabled);
+    }
+
+    #[test]
     fn embed_origins_are_bare_origins() {
         let check = |origins: &str| {
             let file: FileConfig =

@@ -1,5 +1,6 @@
 //! cloud-init user-data for workspace VMs, one renderer for every provider that boots
-//! images (GCE, qemu).
+//! images (GCE, qemu), from the template `cloud-init/user-data.json` (embedded at build
+//! time; see `cloud-init/README.md`).
 //!
 //! The document is JSON after the `#cloud-config` line (JSON is YAML's flow style, and
 //! cloud-init reads it as such), built with `serde_json` and with every non-ASCII character
@@ -8,8 +9,6 @@
 //! address, the pinned CA, the single-use enrollment token) is written on every boot, by
 //! `bootcmd`, into a memory-only tmpfs at [`CONFIG_DIR`]: it reaches the shell only as a
 //! positional argument (`"$1"`), never as script text. Then the agent's unit is started.
-
-use serde_json::json;
 
 /// The memory-only folder the agent's config lives in (mode 0700, root only).
 pub const CONFIG_DIR: &str = "/run/workspace-agent";
@@ -27,29 +26,43 @@ pub enum RenderError {
     TooLarge(usize),
     #[error("the agent config contains a NUL byte")]
     Nul,
+    #[error("cloud-init/user-data.json is not JSON with one {PLACEHOLDER}")]
+    Template,
 }
+
+/// The template, with [`PLACEHOLDER`] where the agent's config goes.
+const TEMPLATE: &str = include_str!("../../../cloud-init/user-data.json");
+/// The JSON string in [`TEMPLATE`] replaced, as a value, by the agent's config.
+const PLACEHOLDER: &str = "@AGENT_CONFIG@";
 
 /// The user-data that writes `agent_config` (TOML) to [`CONFIG_PATH`] and starts the agent.
 pub fn render(agent_config: &str) -> Result<String, RenderError> {
     if agent_config.contains('\0') {
         return Err(RenderError::Nul);
     }
-    let script = format!(
-        "umask 077 && mkdir -p {CONFIG_DIR} && \
-         {{ mountpoint -q {CONFIG_DIR} || mount -t tmpfs -o mode=0700,size=1m tmpfs {CONFIG_DIR}; }} && \
-         printf '%s' \"$1\" > {CONFIG_PATH}.tmp && mv {CONFIG_PATH}.tmp {CONFIG_PATH}"
-    );
-    let doc = json!({
-        // Every boot: /run is empty after a reboot, and the config never touches a disk.
-        "bootcmd": [["/bin/sh", "-c", script, "workspace-agent-config", agent_config]],
-        // First boot: the unit is enabled in the image; start it without waiting for it.
-        "runcmd": [["systemctl", "start", "--no-block", AGENT_UNIT]],
-    });
+    let mut doc: serde_json::Value =
+        serde_json::from_str(TEMPLATE).map_err(|_| RenderError::Template)?;
+    if fill(&mut doc, agent_config) != 1 {
+        return Err(RenderError::Template);
+    }
     let out = format!("#cloud-config\n{}\n", ascii_only(&doc.to_string()));
     if out.len() > MAX_USER_DATA {
         return Err(RenderError::TooLarge(out.len()));
     }
     Ok(out)
+}
+
+/// Replaces every string equal to [`PLACEHOLDER`] with `value`; returns how many.
+fn fill(doc: &mut serde_json::Value, value: &str) -> usize {
+    match doc {
+        serde_json::Value::String(s) if s == PLACEHOLDER => {
+            *s = value.to_owned();
+            1
+        }
+        serde_json::Value::Array(items) => items.iter_mut().map(|v| fill(v, value)).sum(),
+        serde_json::Value::Object(map) => map.values_mut().map(|v| fill(v, value)).sum(),
+        _ => 0,
+    }
 }
 
 /// Escapes every character outside printable ASCII. YAML reads NEL, LS and PS as line breaks
@@ -84,5 +97,24 @@ mod tests {
             render(&"x".repeat(MAX_USER_DATA)),
             Err(RenderError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn the_template_writes_where_the_constants_say() {
+        let script = serde_json::from_str::<serde_json::Value>(TEMPLATE).unwrap()["bootcmd"][0][2]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(script.contains(&format!(
+            "mount -t tmpfs -o mode=0700,size=1m tmpfs {CONFIG_DIR}"
+        )));
+        assert!(script.contains(&format!("mv {CONFIG_PATH}.tmp {CONFIG_PATH}")));
+        assert!(
+            script.contains("\"$1\""),
+            "the config reaches the shell only as $1"
+        );
+        // A config that is the placeholder itself is still written once, verbatim.
+        let out = render(PLACEHOLDER).unwrap();
+        assert_eq!(out.matches(PLACEHOLDER).count(), 1);
     }
 }
