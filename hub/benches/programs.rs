@@ -283,13 +283,17 @@ async fn run(args: Args) {
     let mib = args.file_mib;
     let local = tempfile::tempdir().unwrap();
     let source = local.path().join("up.bin");
-    {
+    let want = {
         use std::io::Write;
         let mut f = std::fs::File::create(&source).unwrap();
+        let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for i in 0..mib {
-            f.write_all(&harness::pseudo_bytes(1 << 20, i)).unwrap();
+            let chunk = harness::pseudo_bytes(1 << 20, i);
+            hash.update(&chunk);
+            f.write_all(&chunk).unwrap();
         }
-    }
+        hash.finish().as_ref().to_vec()
+    };
     let url = hub.url(&format!("/workspaces/{id}/files/bench/up.bin"));
     let start = Instant::now();
     let body = reqwest::Body::from(tokio::fs::File::open(&source).await.unwrap());
@@ -312,10 +316,17 @@ async fn run(args: Args) {
         .await
         .unwrap();
     let mut got = 0u64;
+    let mut hash = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     while let Some(chunk) = res.chunk().await.unwrap() {
         got += chunk.len() as u64;
+        hash.update(&chunk);
     }
     assert_eq!(got, mib << 20);
+    assert_eq!(
+        hash.finish().as_ref(),
+        want,
+        "the round trip changed the file"
+    );
     let api_down = start.elapsed();
     let remote = hub.workspace_dir(&id).join("bench/scp.bin");
     let scp = |from: String, to: String| {

@@ -499,11 +499,22 @@ async fn fleet(args: &Args) {
     until_all_up(&links, "three replicas").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // SIGKILL one replica: its agents notice (heartbeat timeout) and land on the others.
+    // SIGKILL one replica, the one holding the most agents (the balancer may have given
+    // another none): its agents notice (heartbeat timeout) and land on the others.
+    let mut held = vec![0usize; c.replicas.len()];
+    for ws in &created {
+        if let Some(i) = c.holder(ws["id"].as_str().unwrap_or_default()) {
+            held[i] += 1;
+        }
+    }
+    let victim = (0..held.len()).max_by_key(|&i| held[i]).unwrap_or(0);
     let before = connects(&links);
-    let survivors: Vec<u32> = c.replicas[1..].iter().map(|r| r.listening.pid).collect();
+    let survivors: Vec<u32> = (0..c.replicas.len())
+        .filter(|&i| i != victim)
+        .map(|i| c.replicas[i].listening.pid)
+        .collect();
     let cpu0: f64 = survivors.iter().map(|&p| cpu_secs(p)).sum();
-    c.replicas[0].kill();
+    c.replicas[victim].kill();
     let killed = Instant::now();
     // Agents notice within the heartbeat timeout, each on its own clock: done once all are
     // up and no new reconnect has come for longer than that.
@@ -553,7 +564,7 @@ async fn fleet(args: &Args) {
             cpu * 1e6 / moved.len().max(1) as f64
         ),
     ));
-    c.replicas[0].start_again().await.unwrap();
+    c.replicas[victim].start_again().await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // A rolling restart: each replica in turn drains (its agents move), exits and starts.
