@@ -51,6 +51,10 @@ enum Command {
     List,
     /// Create a workspace.
     Create {
+        /// Unique among your workspaces (default: the repository's name); every command
+        /// takes it where it takes the id.
+        #[arg(long)]
+        name: Option<String>,
         #[arg(long)]
         zone: Option<String>,
         #[arg(long)]
@@ -90,7 +94,8 @@ enum Command {
     /// Sign in: approve a code in the hub's web UI (or pass `--token`); the token is kept in
     /// `~/.config/wsh/token` (mode 0600) for later commands.
     Login,
-    /// Open a terminal in a workspace (a new session, or `--session` to re-attach).
+    /// Open a terminal in a workspace: a new session, or `--session NAME` to attach to the
+    /// session by that name, creating it when none runs (`tmux new -A -s NAME`).
     Attach {
         workspace: String,
         #[arg(long)]
@@ -172,6 +177,19 @@ enum Command {
         #[arg(long, env = "WSH_CA")]
         ca_file: Option<std::path::PathBuf>,
     },
+    /// Print the URL of a port's preview, good in a browser for an hour without signing
+    /// in there (it carries a browser token for this workspace's previews alone).
+    Open {
+        workspace: String,
+        port: u16,
+        /// Open it in the browser too (`xdg-open`, or `$BROWSER`).
+        #[arg(long, short)]
+        browser: bool,
+    },
+    /// Print a shell completion script: `wsh completions bash > /etc/bash_completion.d/wsh`,
+    /// `wsh completions zsh > "${fpath[1]}/_wsh"`, `wsh completions fish >
+    /// ~/.config/fish/completions/wsh.fish`.
+    Completions { shell: clap_complete::Shell },
     /// Join stdin and stdout to a port inside a workspace, for OpenSSH:
     /// `ssh -o ProxyCommand='wsh proxy <ws> 22' user@workspace`.
     Proxy {
@@ -213,6 +231,26 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+/// A port's preview URL with a one-hour browser token (purpose `preview`): the hub trades
+/// it for the preview's own origin and cookie, which lasts as long as the token.
+async fn open_url(client: &Client, workspace: &str, port: u16) -> Result<String> {
+    anyhow::ensure!(port != 0, "port must be 1 to 65535");
+    let ticket = client
+        .call(
+            reqwest::Method::POST,
+            &format!("/workspaces/{workspace}/tickets"),
+            Some(json!({"purpose": "preview", "expires_in_secs": 3600})),
+        )
+        .await?;
+    let ticket = ticket["ticket"]
+        .as_str()
+        .context("the hub sent no ticket")?;
+    Ok(format!(
+        "{}/preview/{workspace}/{port}/?ticket={ticket}",
+        client.hub.trim_end_matches('/')
+    ))
 }
 
 /// Where `wsh login` keeps the token.
@@ -329,10 +367,14 @@ async fn keep_awake_while(client: &Client, id: &str, command: &[String]) -> Resu
 }
 
 fn print_workspaces(list: &[Value]) {
-    println!("{:<38} {:<13} {:<10} CREATED", "ID", "STATUS", "AGENT");
+    println!(
+        "{:<20} {:<38} {:<13} {:<10} CREATED",
+        "NAME", "ID", "STATUS", "AGENT"
+    );
     for ws in list {
         println!(
-            "{:<38} {:<13} {:<10} {}",
+            "{:<20} {:<38} {:<13} {:<10} {}",
+            ws["name"].as_str().filter(|n| !n.is_empty()).unwrap_or("-"),
             ws["id"].as_str().unwrap_or(""),
             ws["status"].as_str().unwrap_or(""),
             if ws["agent"].is_null() {
@@ -466,6 +508,27 @@ async fn main() -> Result<()> {
             }
             return Ok(());
         }
+        Command::Open {
+            workspace,
+            port,
+            browser,
+        } => {
+            let url = open_url(&client, &workspace, port).await?;
+            println!("{url}");
+            if browser {
+                let opener = std::env::var("BROWSER").unwrap_or_else(|_| "xdg-open".into());
+                std::process::Command::new(&opener)
+                    .arg(&url)
+                    .status()
+                    .with_context(|| format!("run {opener}"))?;
+            }
+            return Ok(());
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "wsh", &mut std::io::stdout());
+            return Ok(());
+        }
         Command::List => {
             client
                 .call(reqwest::Method::GET, "/workspaces", None)
@@ -522,6 +585,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::Create {
+            name,
             zone,
             machine_type,
             image_tag,
@@ -531,6 +595,7 @@ async fn main() -> Result<()> {
         } => {
             let mut body = json!({ "metadata": {} });
             for (key, value) in [
+                ("name", name),
                 ("zone", zone),
                 ("machine_type", machine_type),
                 ("image_tag", image_tag),

@@ -176,6 +176,26 @@ async fn wsh_creates_waits_and_lists() {
     let (ok, out, _) = wsh(&hub, &["list"]);
     assert!(ok);
     assert!(out.contains(id) && out.contains("READY"), "{out}");
+    // Named after its repository; the name works wherever the id does.
+    assert_eq!(ws["name"], "r");
+    assert!(out.contains("r ") && out.contains("NAME"), "{out}");
+    let (ok, out, err) = wsh(&hub, &["show", "r", "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(id), "{out}");
+    let (ok, out, err) = wsh(&hub, &["exec", "r", "--", "echo", "by-name"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "by-name\n");
+    // The next one from the same repository is r-2; a name asked for and taken is refused.
+    let (ok, out, err) = wsh(
+        &hub,
+        &["create", "--repo", "https://example.com/r.git", "--json"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"name\": \"r-2\""), "{out}");
+    let (ok, _, err) = wsh(&hub, &["create", "--name", "r"]);
+    assert!(!ok && err.contains("name_taken"), "{err}");
+    let (ok, _, err) = wsh(&hub, &["create", "--name", "Bad_Name"]);
+    assert!(!ok && err.contains("invalid_request"), "{err}");
 
     let (ok, _, err) = wsh(&hub, &["show", "00000000-0000-4000-8000-000000000000"]);
     assert!(!ok);
@@ -363,4 +383,54 @@ async fn a_forwarded_connection_through_the_hub_survives_a_hub_restart() {
     assert_eq!(got.len(), sent.len());
     assert!(got == sent, "every byte once, in order");
     drop(forward);
+}
+
+#[tokio::test]
+async fn wsh_open_prints_a_preview_url_that_enters_and_completions_cover_every_shell() {
+    let hub = TestHub::start_manual().await.unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap();
+    let (ok, out, err) = wsh(&hub, &["open", id, "3000"]);
+    assert!(ok, "{err}");
+    let url = out.trim();
+    let prefix = hub.url(&format!("/preview/{id}/3000/?ticket=wst_"));
+    assert!(url.starts_with(&prefix), "{url}");
+    // The URL needs no sign-in: the hub sends the browser on to the preview's origin.
+    let res = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    assert!(
+        res.headers()["location"]
+            .to_str()
+            .unwrap()
+            .contains("/__wsh/auth?ticket=")
+    );
+    // Not for a workspace that is not the caller's, nor for port 0.
+    let (ok, _, err) = wsh(&hub, &["open", &uuid_like(), "3000"]);
+    assert!(!ok && err.contains("not_found"), "{err}");
+    let (ok, _, _) = wsh(&hub, &["open", id, "0"]);
+    assert!(!ok);
+
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef wsh"),
+        ("fish", "complete -c wsh"),
+    ] {
+        let (ok, out, err) = wsh(&hub, &["completions", shell]);
+        assert!(ok, "{shell}: {err}");
+        assert!(out.contains(marker), "{shell}: {out}");
+        for sub in ["attach", "exec", "forward", "sync", "open"] {
+            assert!(out.contains(sub), "{shell} completes {sub}");
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    "00000000-0000-4000-8000-000000000000".to_owned()
 }

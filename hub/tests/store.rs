@@ -12,6 +12,7 @@ fn workspace(owner: &str, created_at: i64) -> Workspace {
     let id = Uuid::new_v4();
     Workspace {
         id,
+        name: String::new(),
         owner_id: owner.into(),
         instance_name: format!("ws-{}", &id.simple().to_string()[..20]),
         zone: "local".into(),
@@ -62,6 +63,46 @@ async fn conformance(store: Arc<dyn Store>) {
     assert_eq!(store.list_workspaces(None).await.unwrap().len(), 3);
     assert_eq!(store.count_workspaces("alice").await.unwrap(), (2, 2));
     assert_eq!(store.count_workspaces("nobody").await.unwrap(), (0, 0));
+    // Names: unique per owner (another owner may reuse one), found by owner and name.
+    let mut named = workspace("alice", 3_000);
+    named.name = "api".into();
+    store.insert_workspace(&named, Limits::NONE).await.unwrap();
+    let mut again = workspace("alice", 3_100);
+    again.name = "api".into();
+    assert!(matches!(
+        store.insert_workspace(&again, Limits::NONE).await,
+        Err(StoreError::NameTaken(n)) if n == "api"
+    ));
+    let mut bobs = workspace("bob", 3_200);
+    bobs.name = "api".into();
+    store.insert_workspace(&bobs, Limits::NONE).await.unwrap();
+    assert_eq!(
+        store.find_workspace_by_name("alice", "api").await.unwrap(),
+        named
+    );
+    assert_eq!(
+        store.find_workspace_by_name("bob", "api").await.unwrap(),
+        bobs
+    );
+    assert!(matches!(
+        store.find_workspace_by_name("carol", "api").await,
+        Err(StoreError::NotFound)
+    ));
+    // A deleted workspace's name is free again.
+    let gone = |id| {
+        let store = store.clone();
+        async move {
+            store
+                .transition(id, &[Status::Provisioning], Status::Deleting, None)
+                .await
+                .unwrap();
+            store.delete_workspace(id).await.unwrap();
+        }
+    };
+    gone(named.id).await;
+    gone(bobs.id).await;
+    store.insert_workspace(&again, Limits::NONE).await.unwrap();
+    gone(again.id).await;
     assert!(
         store
             .list_workspaces(Some("nobody"))

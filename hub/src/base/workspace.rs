@@ -102,6 +102,10 @@ pub struct Metadata {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workspace {
     pub id: Uuid,
+    /// Unique among its owner's workspaces ([`check_name`]); empty for workspaces created
+    /// before names existed.
+    #[serde(default)]
+    pub name: String,
     pub owner_id: String,
     pub instance_name: String,
     pub zone: String,
@@ -230,6 +234,46 @@ pub fn now_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rules_and_defaults_come_from_the_repository() {
+        for good in ["api", "a", "web-2", "a1-b2"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        let uuid = "abcdef01-2345-4678-9abc-def012345678";
+        for bad in [
+            "",
+            "Api",
+            "1api",
+            "api-",
+            "a_b",
+            "a.b",
+            "a/b",
+            uuid,
+            &"a".repeat(41),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        let id = Uuid::parse_str("0123abcd-0000-4000-8000-000000000000").unwrap();
+        let name = |repo: Option<&str>, attempt| default_name(repo, id, attempt);
+        assert_eq!(name(Some("https://github.com/acme/api.git"), 0), "api");
+        assert_eq!(
+            name(Some("git@github.com:acme/Web_App.git"), 1),
+            "web-app-2"
+        );
+        assert_eq!(name(Some("https://example.com/x/123"), 0), "ws-123");
+        assert_eq!(name(Some("https://example.com/x/api"), 10), "api-0123abcd");
+        assert_eq!(name(None, 0), "ws-0123ab");
+        let long = name(Some(&"x".repeat(100)), 9);
+        assert_eq!(long.len(), MAX_NAME);
+        assert!(long.ends_with("-10"));
+        for repo in ["", "/", "---", "https://h/a..b", "https://h/ä"] {
+            let name = name(Some(repo), 0);
+            assert!(check_name(&name).is_ok(), "{repo:?} -> {name:?}");
+        }
+    }
+
     use super::Status::*;
 
     #[test]
@@ -251,6 +295,71 @@ mod tests {
 /// A share link that is not there (to remove).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnknownLink;
+
+/// The longest workspace name.
+pub const MAX_NAME: usize = 40;
+
+/// A workspace name: 1 to [`MAX_NAME`] of `a-z 0-9 -`, starting with a letter, not ending
+/// with `-`, and never a UUID (so a path segment is one or the other).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = (1..=MAX_NAME).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && Uuid::parse_str(name).is_err();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "name must be 1 to {MAX_NAME} of a-z 0-9 -, start with a letter and not end with -"
+        ))
+    }
+}
+
+/// How many default names a create tries: the repository's, then `-2` to `-10`, then one
+/// with the id in it.
+pub const DEFAULT_NAME_TRIES: usize = 11;
+
+/// The name a workspace gets when none is asked for: the repository's (`acme/api.git` ->
+/// `api`; `api-2`... on later `attempt`s, then `api-<8 hex of the id>`), else
+/// `ws-<6 hex of the id>`.
+pub fn default_name(repo: Option<&str>, id: Uuid, attempt: usize) -> String {
+    let last = repo
+        .and_then(|r| r.trim_end_matches('/').rsplit(['/', ':']).next())
+        .map(|last| {
+            last.strip_suffix(".git")
+                .unwrap_or(last)
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let mut base = String::new();
+    for c in last.chars() {
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && (base.is_empty() || base.ends_with('-'))) {
+            base.push(c);
+        }
+    }
+    let hex = id.simple().to_string();
+    let mut base = base.trim_matches('-').to_owned();
+    if base.is_empty() {
+        base = format!("ws-{}", &hex[..6]);
+    } else if !base.starts_with(|c: char| c.is_ascii_lowercase()) {
+        base = format!("ws-{base}");
+    }
+    let suffix = match attempt {
+        0 => String::new(),
+        n if n + 1 < DEFAULT_NAME_TRIES => format!("-{}", n + 1),
+        _ => format!("-{}", &hex[..8]),
+    };
+    base.truncate(MAX_NAME - suffix.len());
+    format!("{}{suffix}", base.trim_end_matches('-'))
+}
 
 /// The provider's name for a workspace's instance (GCE's rules: a letter, then up to 62 of
 /// `[a-z0-9-]`).

@@ -57,6 +57,21 @@ impl Caller {
         (!self.admin).then_some(self.owner_id.as_str())
     }
 
+    /// The workspace `key` names (its id, or the name of one of the caller's own) if the
+    /// caller may act on it; anything else reads as not found.
+    pub async fn workspace(&self, hub: &crate::Hub, key: &str) -> Result<Workspace, Error> {
+        let ws = match Uuid::parse_str(key) {
+            Ok(id) => hub.store.get_workspace(id).await?,
+            Err(_) if crate::base::workspace::check_name(key).is_ok() => {
+                hub.store
+                    .find_workspace_by_name(&self.owner_id, key)
+                    .await?
+            }
+            Err(_) => return Err(Error::not_found("workspace")),
+        };
+        self.authorize(ws)
+    }
+
     /// The one ownership check: a non-owner learns nothing, not even that it exists.
     pub fn authorize(&self, ws: Workspace) -> Result<Workspace, Error> {
         if self.admin || ws.owner_id == self.owner_id {

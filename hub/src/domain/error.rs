@@ -92,6 +92,7 @@ impl From<StoreError> for Error {
             StoreError::AlreadyExists => {
                 Error::new(Kind::Conflict, "already_exists", "already exists")
             }
+            StoreError::NameTaken(_) => Error::new(Kind::Conflict, "name_taken", e.to_string()),
             StoreError::Backend(e) => Error::internal("store", e),
         }
     }

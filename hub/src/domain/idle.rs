@@ -171,6 +171,7 @@ mod tests {
     fn ws(status: Status, updated_at: i64) -> Workspace {
         Workspace {
             id: Uuid::nil(),
+            name: "x".into(),
             owner_id: "a".into(),
             instance_name: "ws-x".into(),
             zone: "local".into(),

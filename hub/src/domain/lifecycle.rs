@@ -4,7 +4,9 @@
 //! background; the reconciler finishes whatever a crash interrupted. Every status change is
 //! published as a [`WorkspaceEvent`] (the SSE stream at `/workspaces/:id/events`).
 
-use crate::base::workspace::{IdlePolicy, Metadata, Status, Workspace, now_ms};
+use crate::base::workspace::{
+    DEFAULT_NAME_TRIES, IdlePolicy, Metadata, Status, Workspace, default_name, now_ms,
+};
 use crate::domain::auth::token_hash;
 use crate::domain::error::{Error, Kind};
 use crate::domain::events::{Detail, WorkspaceEvent};
@@ -68,6 +70,8 @@ impl Hub {
 /// What a create asks for, already validated by the API.
 #[derive(Debug, Clone, Default)]
 pub struct CreateRequest {
+    /// Checked by the caller (`base::workspace::check_name`); default from the repository.
+    pub name: Option<String>,
     pub zone: Option<String>,
     pub machine_type: Option<String>,
     pub image_tag: Option<String>,
@@ -152,8 +156,9 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
         max_lifetime: asked.max_lifetime.min(defaults.max_lifetime),
     });
     let now = now_ms();
-    let ws = Workspace {
+    let mut ws = Workspace {
         id,
+        name: String::new(),
         owner_id: owner.to_owned(),
         instance_name: crate::base::workspace::instance_name(id),
         zone: req.zone.unwrap_or_else(|| cfg.default_zone.clone()),
@@ -172,13 +177,26 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
         metadata: req.metadata,
         sharing: Default::default(),
     };
-    match hub.store.insert_workspace(&ws, limits).await {
-        Ok(()) => {}
-        // The same idempotency key, raced: the other request created it.
-        Err(StoreError::AlreadyExists) if req.idempotency_key.is_some() => {
-            return Ok(existing(hub.store.get_workspace(id).await?));
+    // A name asked for is taken or not; a default one tries the next suffix.
+    let mut attempt = 0;
+    loop {
+        ws.name = match &req.name {
+            Some(name) => name.clone(),
+            None => default_name(ws.metadata.repo.as_deref(), id, attempt),
+        };
+        match hub.store.insert_workspace(&ws, limits).await {
+            Ok(()) => break,
+            // The same idempotency key, raced: the other request created it.
+            Err(StoreError::AlreadyExists) if req.idempotency_key.is_some() => {
+                return Ok(existing(hub.store.get_workspace(id).await?));
+            }
+            Err(StoreError::NameTaken(_))
+                if req.name.is_none() && attempt + 1 < DEFAULT_NAME_TRIES =>
+            {
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => return Err(e.into()),
     }
     hub.publish(id, "status", Some(ws.status), None);
     if let Some(token) = req.git_token {

@@ -527,6 +527,10 @@ async fn version(State(hub): State<AppState>) -> Json<serde_json::Value> {
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWorkspace {
+    /// Unique among your workspaces: 1 to 40 of a-z 0-9 -, starting with a letter. Default:
+    /// the repository's name (`acme/api.git` -> `api`, then `api-2`, ...), else `ws`. Every
+    /// path that takes the workspace id takes this name too.
+    pub name: Option<String>,
     pub zone: Option<String>,
     pub machine_type: Option<String>,
     pub image_tag: Option<String>,
@@ -552,6 +556,8 @@ pub struct IdleRequest {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WorkspaceView {
     pub id: Uuid,
+    /// Unique among its owner's workspaces; empty for one created before names existed.
+    pub name: String,
     pub owner_id: String,
     pub instance_name: String,
     pub zone: String,
@@ -597,6 +603,7 @@ fn view(hub: &crate::Hub, ws: Workspace, remote: Option<serde_json::Value>) -> W
             .and_then(|info| serde_json::to_value(info).ok())
             .or(remote),
         id: ws.id,
+        name: ws.name,
         owner_id: ws.owner_id,
         instance_name: ws.instance_name,
         zone: ws.zone,
@@ -699,6 +706,9 @@ fn check_branch(branch: &str) -> Result<(), ApiError> {
 
 impl CreateWorkspace {
     fn validate(&self) -> Result<(), ApiError> {
+        if let Some(name) = &self.name {
+            crate::base::workspace::check_name(name).map_err(ApiError::invalid)?;
+        }
         if let Some(zone) = &self.zone {
             check_name("zone", zone, 63)?;
         }
@@ -740,7 +750,7 @@ async fn list_workspaces(
     Ok(Json(views(&hub, list).await))
 }
 
-#[utoipa::path(get, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "The workspace", body = WorkspaceView), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 200, description = "The workspace", body = WorkspaceView), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn get_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -750,15 +760,9 @@ async fn get_workspace(
     Ok(Json(views(&hub, vec![ws]).await.remove(0)))
 }
 
-/// The workspace id from the path; anything that is not a UUID is simply not found.
-fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id).map_err(|_| ApiError::not_found("workspace"))
-}
-
-/// Loads a workspace the caller may act on.
+/// Loads a workspace the caller may act on, by id or by the name of one of theirs.
 async fn owned(hub: &crate::Hub, caller: &Caller, id: &str) -> Result<Workspace, ApiError> {
-    let id = parse_id(id)?;
-    Ok(caller.authorize(hub.store.get_workspace(id).await?)?)
+    Ok(caller.workspace(hub, id).await?)
 }
 
 /// Checks an `Idempotency-Key` header: 1 to 255 visible ASCII characters.
@@ -799,6 +803,7 @@ async fn create_workspace(
         &hub,
         &caller.owner_id,
         CreateRequest {
+            name: req.name,
             zone: req.zone,
             machine_type: req.machine_type,
             image_tag: req.image_tag,
@@ -819,7 +824,7 @@ async fn create_workspace(
     Ok((status, Json(body)))
 }
 
-#[utoipa::path(delete, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 202, description = "Deleting: DELETING, then gone", body = WorkspaceView), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/workspaces/{id}", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 202, description = "Deleting: DELETING, then gone", body = WorkspaceView), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn delete_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -830,7 +835,7 @@ async fn delete_workspace(
     Ok((StatusCode::ACCEPTED, Json(view(&hub, ws, None))))
 }
 
-#[utoipa::path(post, path = "/workspaces/{id}/stop", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 202, description = "Stopping: STOPPING, then SUSPENDED", body = WorkspaceView), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(post, path = "/workspaces/{id}/stop", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 202, description = "Stopping: STOPPING, then SUSPENDED", body = WorkspaceView), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn stop_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -841,7 +846,7 @@ async fn stop_workspace(
     Ok((StatusCode::ACCEPTED, Json(view(&hub, ws, None))))
 }
 
-#[utoipa::path(post, path = "/workspaces/{id}/start", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 202, description = "Starting: STARTING, then READY", body = WorkspaceView), (status = 403, description = "Quota exceeded", body = ErrorBody), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(post, path = "/workspaces/{id}/start", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 202, description = "Starting: STARTING, then READY", body = WorkspaceView), (status = 403, description = "Quota exceeded", body = ErrorBody), (status = 409, description = "Not allowed in the current state", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn start_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -876,7 +881,7 @@ pub struct ActivityView {
     pub delete_at: Option<String>,
 }
 
-#[utoipa::path(get, path = "/workspaces/{id}/status", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Live status and idle verdict", body = StatusView), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/status", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 200, description = "Live status and idle verdict", body = StatusView), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_status(
     State(hub): State<AppState>,
     caller: Caller,
@@ -917,7 +922,7 @@ pub struct KeepAwake {
     pub seconds: u64,
 }
 
-#[utoipa::path(post, path = "/workspaces/{id}/keep-awake", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), request_body = KeepAwake, responses((status = 200, description = "Lease taken (or released with 0)", body = WorkspaceView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 409, description = "Being deleted", body = ErrorBody), (status = 415, description = "Not JSON", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(post, path = "/workspaces/{id}/keep-awake", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), request_body = KeepAwake, responses((status = 200, description = "Lease taken (or released with 0)", body = WorkspaceView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 409, description = "Being deleted", body = ErrorBody), (status = 415, description = "Not JSON", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn keep_awake(
     State(hub): State<AppState>,
     caller: Caller,
@@ -930,7 +935,7 @@ async fn keep_awake(
 }
 
 /// `GET /workspaces/:id/events`: the current status, then every change, as SSE.
-#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `checkout`, `port` (detail: state `all` with ports, or `opened`/`updated`/`closed` with one port), `deleted`; `lagged` (data: events missed) when the client fell behind, followed by a fresh `status` and `port` `all` snapshot; also at `/preview/{id}`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `checkout`, `port` (detail: state `all` with ports, or `opened`/`updated`/`closed` with one port), `deleted`; `lagged` (data: events missed) when the client fell behind, followed by a fresh `status` and `port` `all` snapshot; also at `/preview/{id}`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_events(
     State(hub): State<AppState>,
     caller: Caller,
@@ -1035,7 +1040,7 @@ fn port_list(ports: &serde_json::Value) -> serde_json::Value {
         .unwrap_or_default()
 }
 
-#[utoipa::path(get, path = "/workspaces/{id}/ports", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), responses((status = 200, description = "Listening ports, as the agent reports them (empty while it is not connected)", body = crate::links::agents::Ports), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/ports", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 200, description = "Listening ports, as the agent reports them (empty while it is not connected)", body = crate::links::agents::Ports), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_ports(
     State(hub): State<AppState>,
     caller: Caller,
@@ -1066,7 +1071,7 @@ pub struct TicketView {
     pub expires_at: String,
 }
 
-#[utoipa::path(post, path = "/workspaces/{id}/tickets", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)")), request_body = TicketRequest,
+#[utoipa::path(post, path = "/workspaces/{id}/tickets", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), request_body = TicketRequest,
     description = "A browser token bound to this workspace and one purpose: `terminal` (the terminal WebSocket's `?ticket=`, `/embed/terminal/{id}#ticket=`), `preview` (`/preview/{id}/{port}/?ticket=`), `exec` and `files` (`Authorization: Bearer <ticket>`, or `?ticket=` on a GET, from the origins in `[embed] allowed_origins` too). It opens nothing else. A service token needs the `tickets` scope and the purpose's own.",
     responses((status = 201, description = "The ticket", body = TicketView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 403, description = "A service token without the purpose's scope (`scope`)", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn create_ticket(

@@ -30,7 +30,6 @@ use protocol::stream::{ExecOpen, StreamHeader};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use uuid::Uuid;
 
 /// The stream error code the hub resets an exec stream with when its client is gone.
 const GONE: quinn::VarInt = quinn::VarInt::from_u32(1);
@@ -168,7 +167,7 @@ fn lost(e: impl std::fmt::Display) -> Value {
 
 #[utoipa::path(post, path = "/workspaces/{id}/exec", tag = "exec", security(("bearer" = [])),
     description = "Runs a command in the workspace as the workspace user, without a terminal. The answer streams NDJSON (`application/x-ndjson`), one event per line: `{\"type\":\"started\",\"pid\"}`, then `{\"type\":\"stdout\"|\"stderr\",\"data\":<base64>}` as the command writes, then `{\"type\":\"exit\",\"code\",\"signal\",\"timed_out\"}` (or `{\"type\":\"error\",\"code\":\"agent_lost\"}` if the agent went away). Output waits for the reader: a slow reader slows the command. Closing the response kills the command. A GET upgraded to a WebSocket streams stdin too: send the request as the first (text) message, then binary messages for stdin, `{\"type\":\"stdin_end\"}` and `{\"type\":\"signal\",\"signal\":\"TERM\"}`; events come back as text messages. Running commands count as use of the workspace.",
-    params(("id" = String, Path, description = "Workspace id (UUID)")),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")),
     request_body = ExecRequest,
     responses(
         (status = 200, description = "The command runs; its events follow, one JSON object per line", content_type = "application/x-ndjson", body = String),
@@ -229,7 +228,7 @@ fn line(value: &Value) -> Result<String, std::convert::Infallible> {
 /// `GET /workspaces/:id/exec`: the WebSocket form.
 #[utoipa::path(get, path = "/workspaces/{id}/exec", tag = "exec", security(("bearer" = [])),
     description = "The WebSocket form of exec. The first message (text) is the request, as the POST body (`stdin` and `stdin_base64` go in first; without them stdin stays open). Then binary messages are stdin, text ones `{\"type\":\"stdin_end\"}` or `{\"type\":\"signal\",\"signal\":\"TERM\"}` (HUP, INT, QUIT, KILL, USR1, USR2, TERM, CONT, STOP). The events of the POST form come back as text messages, the last one `exit` (or `error`), then the socket closes. A bad request is an `error` event (`invalid_request`, `program_not_found`, ...). Closing the socket kills the command.",
-    params(("id" = String, Path, description = "Workspace id (UUID)"),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"),
         ("ticket" = Option<String>, Query, description = "A browser token (purpose `exec`) instead of a bearer token: browsers cannot set headers on a WebSocket")),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
@@ -244,8 +243,7 @@ pub async fn exec_socket(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Who may is decided before anything else, so a stranger learns nothing.
-    let uuid = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
-    caller.authorize(hub.store.get_workspace(uuid).await?)?;
+    caller.workspace(&hub, &id).await?;
     let ws = ws.map_err(|e| {
         ApiError::new(
             StatusCode::UPGRADE_REQUIRED,

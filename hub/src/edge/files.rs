@@ -173,7 +173,7 @@ pub struct IdAndPath {
 
 #[utoipa::path(get, path = "/workspaces/{id}/files/{path}", tag = "files", security(("bearer" = [])),
     description = "A file's content (streamed, `application/octet-stream`, with `Content-Length`), a folder's listing (JSON `ListingView`), or with `stat=true` what is at the path (JSON `FileView`). Paths are relative to the workspace folder (`/workspaces/{id}/files` is the folder itself, where only GET succeeds); `..`, links on the way and special files are refused. Reading a file that shrinks meanwhile ends the response early (an incomplete body).",
-    params(("id" = String, Path, description = "Workspace id (UUID)"), ("path" = String, Path, description = "Relative path (may hold `/`)"), GetQuery),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("path" = String, Path, description = "Relative path (may hold `/`)"), GetQuery),
     responses(
         (status = 200, description = "The content, the listing, or the stat", body = ListingView),
         (status = 400, description = "A path that breaks the rules (`bad_path`), or a bad query", body = crate::edge::api::ErrorBody),
@@ -222,7 +222,7 @@ pub async fn get(
 
 #[utoipa::path(put, path = "/workspaces/{id}/files/{path}", tag = "files", security(("bearer" = [])),
     description = "Writes a file from the request body (streamed, any size): into a temporary file beside the target, renamed over it once the body is complete, so a reader sees the old content or the new, never a mix, and of concurrent writers the last to finish wins. An interrupted upload changes nothing.",
-    params(("id" = String, Path, description = "Workspace id (UUID)"), ("path" = String, Path, description = "Relative path (may hold `/`)"), PutQuery),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("path" = String, Path, description = "Relative path (may hold `/`)"), PutQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses(
         (status = 201, description = "Written; what is there now", body = FileView),
@@ -279,7 +279,7 @@ pub async fn put(
 
 #[utoipa::path(delete, path = "/workspaces/{id}/files/{path}", tag = "files", security(("bearer" = [])),
     description = "Removes a file, a link (not what it points to) or an empty folder; with `recursive=true`, a folder and everything in it (links inside are removed, never followed).",
-    params(("id" = String, Path, description = "Workspace id (UUID)"), ("path" = String, Path, description = "Relative path (may hold `/`)"), DeleteQuery),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("path" = String, Path, description = "Relative path (may hold `/`)"), DeleteQuery),
     responses(
         (status = 200, description = "Removed; what was there", body = FileView),
         (status = 400, description = "A path that breaks the rules (`bad_path`)", body = crate::edge::api::ErrorBody),
@@ -304,7 +304,7 @@ pub async fn delete(
 
 #[utoipa::path(post, path = "/workspaces/{id}/files/{path}", tag = "files", security(("bearer" = [])),
     description = "Creates a folder (`{\"action\":\"mkdir\",\"parents\":true}`) or moves what is at the path (`{\"action\":\"move\",\"to\":\"new/path\",\"overwrite\":false}`; a file at `to` is replaced in one step with `overwrite`, a folder never).",
-    params(("id" = String, Path, description = "Workspace id (UUID)"), ("path" = String, Path, description = "Relative path (may hold `/`)")),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("path" = String, Path, description = "Relative path (may hold `/`)")),
     request_body = FileAction,
     responses(
         (status = 200, description = "Done; what is at the (new) path", body = FileView),

@@ -35,8 +35,7 @@ pub async fn agent_stream<M: protocol::Message>(
     first: &M,
     feature: &str,
 ) -> Result<(quinn::SendStream, FramedRecv), ApiError> {
-    let id = uuid::Uuid::parse_str(id).map_err(|_| ApiError::not_found("workspace"))?;
-    let workspace = caller.authorize(hub.store.get_workspace(id).await?)?;
+    let workspace = caller.workspace(hub, id).await?;
     let agent = crate::links::peers::agent_path_waiting(hub, &workspace)
         .await
         .ok_or_else(|| ApiError::agent_offline(workspace.status))?;

@@ -812,12 +812,11 @@ async fn owned_port(
     id: &str,
     port: &str,
 ) -> Result<(Workspace, u16), ApiError> {
-    let id = Uuid::parse_str(id).map_err(|_| ApiError::not_found("workspace"))?;
-    let ws = caller.authorize(hub.store.get_workspace(id).await?)?;
+    let ws = caller.workspace(hub, id).await?;
     Ok((ws, port_param(port)?))
 }
 
-#[utoipa::path(get, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), responses((status = 200, description = "Who may open the port's preview", body = PortSharing), (status = 400, description = "Bad port", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, description = "Port")), responses((status = 200, description = "Who may open the port's preview", body = PortSharing), (status = 400, description = "Bad port", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn get_sharing(
     State(hub): State<AppState>,
     caller: crate::domain::auth::Caller,
@@ -827,7 +826,7 @@ pub async fn get_sharing(
     Ok(axum::Json(sharing_view(&hub, &ws, port)))
 }
 
-#[utoipa::path(put, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), request_body = SetSharing, responses((status = 200, description = "Updated", body = PortSharing), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
+#[utoipa::path(put, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, description = "Port")), request_body = SetSharing, responses((status = 200, description = "Updated", body = PortSharing), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn set_sharing(
     State(hub): State<AppState>,
     caller: crate::domain::auth::Caller,
@@ -855,7 +854,7 @@ pub struct CreateLink {
     pub expires_in_secs: Option<u64>,
 }
 
-#[utoipa::path(post, path = "/workspaces/{id}/ports/{port}/links", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port")), request_body = CreateLink, responses((status = 201, description = "A share link (its URL is shown only now)", body = ShareLinkView), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
+#[utoipa::path(post, path = "/workspaces/{id}/ports/{port}/links", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, description = "Port")), request_body = CreateLink, responses((status = 201, description = "A share link (its URL is shown only now)", body = ShareLinkView), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn create_link(
     State(hub): State<AppState>,
     caller: crate::domain::auth::Caller,
@@ -895,7 +894,7 @@ pub async fn create_link(
     ))
 }
 
-#[utoipa::path(delete, path = "/workspaces/{id}/ports/{port}/links/{link}", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port"), ("link" = String, Path, description = "Share link id")), responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace or link", body = crate::edge::api::ErrorBody)))]
+#[utoipa::path(delete, path = "/workspaces/{id}/ports/{port}/links/{link}", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, description = "Port"), ("link" = String, Path, description = "Share link id")), responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace or link", body = crate::edge::api::ErrorBody)))]
 pub async fn revoke_link(
     State(hub): State<AppState>,
     caller: crate::domain::auth::Caller,

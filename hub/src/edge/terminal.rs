@@ -25,7 +25,6 @@ use protocol::pty::{PtyClose, PtyInput, PtyMsg, PtyOpenRequest, PtyResize};
 use protocol::stream::{PtyOpen, StreamHeader, StreamRefusal, StreamReply};
 use serde::Deserialize;
 use serde_json::json;
-use uuid::Uuid;
 
 /// Largest WebSocket message a browser may send (keystrokes and pastes).
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
@@ -68,7 +67,7 @@ enum ClientControl {
 /// a bad query) tells a stranger nothing either.
 #[utoipa::path(get, path = "/workspaces/{id}/terminal", tag = "terminals", security(("bearer" = [])),
     description = "A WebSocket to a terminal session in the workspace (browsers pass `ticket`, others a bearer token). Messages: binary server→client `kind (1 byte) ++ offset (u64 BE) ++ bytes` (0 output, 1 a piece of the screen snapshot with more to come, 2 its last piece); text server→client JSON `opened`, `truncated`, `exit`, `error`; binary client→server keystrokes; text client→server JSON `{\"type\":\"resize\",\"cols\",\"rows\"}` or `{\"type\":\"close\"}`. Close code 1012 means the hub (replica) is restarting: reconnect with `offset`.",
-    params(("id" = String, Path, description = "Workspace id (UUID)"), TerminalQuery),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), TerminalQuery),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Bad query (`session` length, `cols`, `rows`, `offset`)", body = crate::edge::api::ErrorBody),
@@ -84,9 +83,9 @@ pub async fn terminal(
     query: Result<Query<TerminalQuery>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("workspace"))?;
     // A bearer token (CLI, scripts) or a ticket for this workspace's terminal (browsers).
-    let workspace = caller.authorize(hub.store.get_workspace(id).await?)?;
+    let workspace = caller.workspace(&hub, &id).await?;
+    let id = workspace.id;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let ws = ws.map_err(|e| {
         ApiError::new(

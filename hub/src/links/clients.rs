@@ -21,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::timeout;
-use uuid::Uuid;
 
 /// Serves one CLI connection.
 pub async fn client_connection(hub: &Arc<Hub>, conn: quinn::Connection, remote: SocketAddr) {
@@ -168,13 +167,10 @@ async fn client_stream(
     }
 }
 
-/// The caller's workspace `id`. A workspace that is not the caller's reads exactly like
-/// one that does not exist.
+/// The caller's workspace `id` (or the name of one of theirs). A workspace that is not
+/// the caller's reads exactly like one that does not exist.
 async fn owned_workspace(hub: &Hub, caller: &Caller, id: &str) -> Option<Workspace> {
-    let id = Uuid::parse_str(id).ok()?;
-    caller
-        .authorize(hub.store.get_workspace(id).await.ok()?)
-        .ok()
+    caller.workspace(hub, id).await.ok()
 }
 
 /// How long the agent may take to answer a direct-session request.

@@ -180,6 +180,22 @@ fn lost_race(e: &FirestoreError) -> bool {
 }
 
 impl FirestoreStore {
+    /// The owner's workspace named `name`, if any.
+    async fn by_name(&self, owner_id: &str, name: &str) -> Result<Option<Workspace>, StoreError> {
+        let found: Vec<Workspace> = self
+            .db
+            .fluent()
+            .select()
+            .from(WORKSPACES)
+            .filter(|q| q.for_all([q.field("owner_id").eq(owner_id), q.field("name").eq(name)]))
+            .limit(1)
+            .obj()
+            .query()
+            .await
+            .map_err(backend)?;
+        Ok(found.into_iter().next())
+    }
+
     pub async fn connect(config: &FirestoreConfig) -> Result<Self, StoreError> {
         let options = FirestoreDbOptions::new(config.project.clone())
             .with_request_timeout(Duration::from_secs(30));
@@ -339,9 +355,12 @@ impl FirestoreStore {
 impl Store for FirestoreStore {
     async fn insert_workspace(&self, ws: &Workspace, limits: Limits) -> Result<(), StoreError> {
         let id = ws.id.to_string();
-        if limits == Limits::NONE {
+        if limits == Limits::NONE && ws.name.is_empty() {
             return self.insert(WORKSPACES, &id, ws).await;
         }
+        // Creates of one owner serialize on the owner's counter (its update time is the
+        // commit's precondition), so the quota count and the name check below both hold
+        // when the commit succeeds.
         let owner_key = crate::base::ca::fingerprint(ws.owner_id.as_bytes());
         for round in 0..MAX_CREATE_ATTEMPTS {
             retry_pause(round).await;
@@ -350,10 +369,18 @@ impl Store for FirestoreStore {
             let (owner, precondition) = self.read_versioned::<OwnerDoc>(OWNERS, &owner_key).await?;
             let creates = owner.map_or(0, |o| o.creates);
             let (total, running) = self.count_workspaces(&ws.owner_id).await?;
-            if let Err(over) = limits.admit(total, running) {
+            let taken = match ws.name.as_str() {
+                "" => false,
+                name => self.by_name(&ws.owner_id, name).await?.is_some(),
+            };
+            let refused = limits
+                .admit(total, running)
+                .err()
+                .or_else(|| taken.then(|| StoreError::NameTaken(ws.name.clone())));
+            if let Some(refused) = refused {
                 return match self.get::<Workspace>(WORKSPACES, &id).await? {
                     Some(_) => Err(StoreError::AlreadyExists),
-                    None => Err(over),
+                    None => Err(refused),
                 };
             }
             let mut tx = self.db.begin_transaction().await.map_err(backend)?;
@@ -396,6 +423,16 @@ impl Store for FirestoreStore {
 
     async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError> {
         self.get(WORKSPACES, &id.to_string())
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    async fn find_workspace_by_name(
+        &self,
+        owner_id: &str,
+        name: &str,
+    ) -> Result<Workspace, StoreError> {
+        self.by_name(owner_id, name)
             .await?
             .ok_or(StoreError::NotFound)
     }

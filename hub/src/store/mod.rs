@@ -57,6 +57,9 @@ pub enum StoreError {
     Conflict { current: Status },
     #[error("already exists")]
     AlreadyExists,
+    /// The owner already has a workspace by this name.
+    #[error("you already have a workspace named {0}")]
+    NameTaken(String),
     /// A create would take its owner past a limit.
     #[error("you have {count} {what}; the limit is {limit}")]
     OverQuota {
@@ -176,9 +179,16 @@ impl Limits {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Inserts a new (running) workspace if its owner stays within `limits`, counted
-    /// atomically with the insert; `OverQuota` if not, `AlreadyExists` if the id is taken.
+    /// atomically with the insert; `OverQuota` if not, `AlreadyExists` if the id is taken,
+    /// `NameTaken` if the owner has a workspace by its name.
     async fn insert_workspace(&self, ws: &Workspace, limits: Limits) -> Result<(), StoreError>;
     async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError>;
+    /// The owner's workspace named `name`.
+    async fn find_workspace_by_name(
+        &self,
+        owner_id: &str,
+        name: &str,
+    ) -> Result<Workspace, StoreError>;
     /// The owner's workspaces, or all of them for `None`; newest first.
     async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError>;
     /// How many workspaces the owner has, and how many of them are running

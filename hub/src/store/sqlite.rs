@@ -153,7 +153,8 @@ impl SqliteStore {
 }
 
 /// Columns added after the first schema, with their types; added to older files on open.
-const ADDED_COLUMNS: [(&str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str); 5] = [
+    ("name", "TEXT NOT NULL DEFAULT ''"),
     ("last_active_at", "INTEGER"),
     ("keep_awake_until", "INTEGER"),
     ("idle", "TEXT NOT NULL DEFAULT '{}'"),
@@ -175,6 +176,11 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
                 .map_err(backend)?;
         }
     }
+    // Names are looked up (and checked unique) per owner.
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS workspaces_owner_name ON workspaces(owner_id, name)",
+    )
+    .map_err(backend)?;
     for (name, ty) in [("email", "TEXT"), ("service", "TEXT")] {
         let have: bool = conn
             .query_row(
@@ -194,7 +200,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 
 const WS_COLUMNS: &str = "id, owner_id, instance_name, zone, image_tag, machine_type, status, \
     status_reason, created_at, updated_at, last_connected_at, metadata, last_active_at, \
-    keep_awake_until, idle, sharing";
+    keep_awake_until, idle, sharing, name";
 
 fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
     let conv = |i: usize, e: String| {
@@ -223,6 +229,7 @@ fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
         keep_awake_until: row.get(13)?,
         idle: serde_json::from_str::<IdlePolicy>(&idle).map_err(|e| conv(14, e.to_string()))?,
         sharing: serde_json::from_str(&sharing).map_err(|e| conv(15, e.to_string()))?,
+        name: row.get(16)?,
     })
 }
 
@@ -235,6 +242,20 @@ fn get_ws(conn: &Connection, id: Uuid) -> Result<Workspace, StoreError> {
     .optional()
     .map_err(backend)?
     .ok_or(StoreError::NotFound)
+}
+
+fn find_by_name(
+    conn: &Connection,
+    owner_id: &str,
+    name: &str,
+) -> Result<Option<Workspace>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {WS_COLUMNS} FROM workspaces WHERE owner_id = ?1 AND name = ?2"),
+        params![owner_id, name],
+        row_to_workspace,
+    )
+    .optional()
+    .map_err(backend)
 }
 
 /// A `replicas` row: `id, peer_addr, expires_at`.
@@ -272,11 +293,14 @@ impl Store for SqliteStore {
             }
             let (total, running) = count_ws(&tx, &ws.owner_id)?;
             limits.admit(total, running)?;
+            if !ws.name.is_empty() && find_by_name(&tx, &ws.owner_id, &ws.name)?.is_some() {
+                return Err(StoreError::NameTaken(ws.name.clone()));
+            }
             let metadata = serde_json::to_string(&ws.metadata).map_err(backend)?;
             let idle = serde_json::to_string(&ws.idle).map_err(backend)?;
             let sharing = serde_json::to_string(&ws.sharing).map_err(backend)?;
             let res = tx.execute(
-                &format!("INSERT INTO workspaces ({WS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
+                &format!("INSERT INTO workspaces ({WS_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
                 params![
                     ws.id.to_string(),
                     ws.owner_id,
@@ -294,6 +318,7 @@ impl Store for SqliteStore {
                     ws.keep_awake_until,
                     idle,
                     sharing,
+                    ws.name,
                 ],
             );
             match res {
@@ -311,6 +336,16 @@ impl Store for SqliteStore {
 
     async fn get_workspace(&self, id: Uuid) -> Result<Workspace, StoreError> {
         self.with(move |conn| get_ws(conn, id)).await
+    }
+
+    async fn find_workspace_by_name(
+        &self,
+        owner_id: &str,
+        name: &str,
+    ) -> Result<Workspace, StoreError> {
+        let (owner, name) = (owner_id.to_owned(), name.to_owned());
+        self.with(move |conn| find_by_name(conn, &owner, &name)?.ok_or(StoreError::NotFound))
+            .await
     }
 
     async fn list_workspaces(&self, owner_id: Option<&str>) -> Result<Vec<Workspace>, StoreError> {
