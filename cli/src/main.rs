@@ -9,6 +9,7 @@ mod attach;
 mod exec;
 mod forward;
 mod path;
+mod ssh;
 mod sync;
 
 use anyhow::{Context, Result, bail};
@@ -186,6 +187,29 @@ enum Command {
         #[arg(long, short)]
         browser: bool,
     },
+    /// Log in to a workspace with OpenSSH (its sshd, on loopback inside it, reached through
+    /// the agent): `wsh ssh api`, `wsh ssh api -- make test`.
+    Ssh {
+        workspace: String,
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// A command to run instead of a login shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Write a managed block of `Host <name>.wsh` entries to your OpenSSH config, so that
+    /// `ssh api.wsh`, `scp`, `rsync -e ssh`, VS Code Remote-SSH and JetBrains Gateway reach
+    /// your workspaces; run it again after creating workspaces (it replaces its block in
+    /// place), `--remove` takes the block out.
+    ConfigSsh {
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// The OpenSSH config to edit.
+        #[arg(long, default_value = "~/.ssh/config")]
+        ssh_config: String,
+        #[arg(long)]
+        remove: bool,
+    },
     /// Print a shell completion script: `wsh completions bash > /etc/bash_completion.d/wsh`,
     /// `wsh completions zsh > "${fpath[1]}/_wsh"`, `wsh completions fish >
     /// ~/.config/fish/completions/wsh.fish`.
@@ -198,6 +222,46 @@ enum Command {
         #[arg(long, env = "WSH_CA")]
         ca_file: Option<std::path::PathBuf>,
     },
+}
+
+/// How ssh logs in to a workspace's sshd.
+#[derive(clap::Args)]
+struct SshArgs {
+    /// The sshd's port inside the workspace.
+    #[arg(long, default_value_t = 22)]
+    port: u16,
+    /// The user to log in as (default: OpenSSH's).
+    #[arg(long)]
+    user: Option<String>,
+    /// The private key to log in with (default: OpenSSH's).
+    #[arg(long)]
+    identity_file: Option<std::path::PathBuf>,
+}
+
+impl SshArgs {
+    /// Workspace host keys go to `wsh_known_hosts` beside the config they belong to.
+    fn options(self, hub: &str, config_dir: &std::path::Path) -> ssh::Options {
+        ssh::Options {
+            hub: hub.trim_end_matches('/').to_owned(),
+            port: self.port,
+            user: self.user,
+            identity_file: self
+                .identity_file
+                .map(|p| std::path::absolute(&p).unwrap_or(p)),
+            known_hosts: config_dir.join("wsh_known_hosts"),
+        }
+    }
+}
+
+/// `~/` at the start of a path, from `HOME`.
+fn home_path(path: &str) -> Result<std::path::PathBuf> {
+    match path.strip_prefix("~/") {
+        Some(rest) => Ok(std::path::Path::new(
+            &std::env::var_os("HOME").context("HOME is not set")?,
+        )
+        .join(rest)),
+        None => Ok(path.into()),
+    }
 }
 
 struct Client {
@@ -479,7 +543,9 @@ async fn main() -> Result<()> {
             port,
             ca_file,
         } => {
-            return forward::proxy(&paths(&workspace, ca_file), port).await;
+            // As OpenSSH passes it (`%n` of `Host *.wsh`): names hold no dot.
+            let workspace = workspace.strip_suffix(".wsh").unwrap_or(&workspace);
+            return forward::proxy(&paths(workspace, ca_file), port).await;
         }
         Command::Sessions { workspace, ca_file } => {
             let list = attach::sessions(&paths(&workspace, ca_file)).await?;
@@ -522,6 +588,63 @@ async fn main() -> Result<()> {
                     .status()
                     .with_context(|| format!("run {opener}"))?;
             }
+            return Ok(());
+        }
+        Command::Ssh {
+            workspace,
+            ssh,
+            command,
+        } => {
+            let options = ssh.options(&client.hub, &home_path("~/.ssh")?);
+            ssh::exec(&options, &workspace, &command, client.token.as_deref())?;
+            return Ok(());
+        }
+        Command::ConfigSsh {
+            ssh,
+            ssh_config,
+            remove,
+        } => {
+            let path = home_path(&ssh_config)?;
+            let dir = path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .to_owned();
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+            };
+            let block = if remove {
+                None
+            } else {
+                // Names are the caller's own (an admin lists everyone's workspaces).
+                let me = client.call(reqwest::Method::GET, "/session", None).await?;
+                let list = client
+                    .call(reqwest::Method::GET, "/workspaces", None)
+                    .await?;
+                let names: Vec<String> = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|ws| ws["owner_id"] == me["owner_id"])
+                    .filter_map(|ws| ws["name"].as_str().filter(|n| !n.is_empty()))
+                    .map(str::to_owned)
+                    .collect();
+                Some(ssh::block(&ssh.options(&client.hub, &dir), &names)?)
+            };
+            let updated = ssh::update(&text, block.as_deref());
+            if updated != text {
+                ssh::write(&path, &updated)?;
+            }
+            eprintln!(
+                "{} {}",
+                if remove {
+                    "Took the wsh block out of"
+                } else {
+                    "Wrote the wsh block to"
+                },
+                path.display()
+            );
             return Ok(());
         }
         Command::Completions { shell } => {

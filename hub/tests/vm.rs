@@ -191,6 +191,28 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
             .rfind(|v| !v.starts_with('$'))
             .unwrap_or("?")
     );
+    // The guest's sshd listens on loopback only: reached through the agent, never the network.
+    let sshd = {
+        let start = Instant::now();
+        loop {
+            let (_, ports) = hub
+                .api("GET", &format!("/workspaces/{id}/ports"), None)
+                .await
+                .unwrap();
+            let found = ports["ports"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+                .find(|p| p["port"] == 22)
+                .cloned();
+            if let Some(p) = found {
+                break p;
+            }
+            assert!(start.elapsed() < BOOT, "no sshd port reported: {ports}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    assert_eq!(sshd["loopback_only"], true, "{sshd}");
     // `wsh sync` into the guest: files land in the user's home, owned by the user, with
     // their executable bit.
     let local = tempfile::tempdir().unwrap();

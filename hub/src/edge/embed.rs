@@ -60,8 +60,15 @@ pub async fn cors(State(hub): State<AppState>, req: Request, next: Next) -> Resp
         .get(header::ORIGIN)
         .filter(|o| o.to_str().is_ok_and(|o| hub.config.embed.allows(o)))
         .cloned();
-    let Some(origin) = origin.filter(|_| embeddable) else {
+    if !embeddable {
         return next.run(req).await;
+    }
+    let Some(origin) = origin else {
+        // The answer depends on the Origin: caches must not give it to an allowed one.
+        let mut res = next.run(req).await;
+        res.headers_mut()
+            .append(header::VARY, HeaderValue::from_static("origin"));
+        return res;
     };
     let preflight = req.method() == Method::OPTIONS
         && req

@@ -1,12 +1,13 @@
 // The browser terminal, shared by the web UI and the embeddable page (/embed/terminal/:id).
 //
-// wshTerminal(host, status, id, getTicket) opens the workspace's terminal in `host` and
-// returns { close() }. `getTicket()` resolves to a terminal ticket for each (re)connection.
+// wshTerminal(host, status, id, getTicket, name) opens the workspace's terminal in `host`
+// and returns { close() }. `getTicket()` resolves to a terminal ticket for each
+// (re)connection. With `name`, the session by that name (created if none runs).
 // The session id is remembered per workspace, so a reload (or a new tab) re-attaches to
 // the same session: the agent sends the current screen first. After a network blip the
 // socket reconnects with the offset of the last byte it showed, and the agent sends
 // exactly the bytes after it.
-function wshTerminal(host, status, id, getTicket) {
+function wshTerminal(host, status, id, getTicket, name) {
   // A third-party iframe may be denied storage: then the session lives as long as the page.
   let storage;
   try { storage = window.sessionStorage; storage.length; } catch (e) {
@@ -19,8 +20,8 @@ function wshTerminal(host, status, id, getTicket) {
   term.loadAddon(fit);
   term.open(host);
   fit.fit();
-  const key = 'session:' + id;
-  const state = { session: storage.getItem(key), offset: null, closed: false, ws: null, retry: 200 };
+  const key = 'session:' + id + (name ? ':' + name : '');
+  const state = { session: name || storage.getItem(key), offset: null, closed: false, ws: null, retry: 200 };
   const encoder = new TextEncoder();
 
   function retryLater() {
@@ -55,7 +56,7 @@ function wshTerminal(host, status, id, getTicket) {
         else if (ev.type === 'exit') { state.closed = true; storage.removeItem(key); term.write('\r\n[process exited with status ' + ev.code + ']\r\n'); status.textContent = 'exited'; }
         else if (ev.type === 'error') {
           status.textContent = ev.code + ': ' + ev.message;
-          if (ev.code === 'NoSuchSession') { storage.removeItem(key); state.session = null; state.offset = null; ws.close(); }
+          if (ev.code === 'NoSuchSession') { storage.removeItem(key); state.session = name || null; state.offset = null; ws.close(); }
         }
         return;
       }
