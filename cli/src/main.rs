@@ -332,27 +332,8 @@ fn saved_token() -> Option<String> {
 }
 
 fn save_token(token: &str) -> Result<std::path::PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let path = token_path().context("no HOME or XDG_CONFIG_HOME to keep the token in")?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("create {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    file.write_all(token.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    ssh::write_private(&path, token.as_bytes())?;
     Ok(path)
 }
 
@@ -634,7 +615,7 @@ async fn main() -> Result<()> {
             };
             let updated = ssh::update(&text, block.as_deref());
             if updated != text {
-                ssh::write(&path, &updated)?;
+                ssh::write_private(&path, updated.as_bytes())?;
             }
             eprintln!(
                 "{} {}",

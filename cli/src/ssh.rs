@@ -102,8 +102,9 @@ pub fn update(text: &str, block: Option<&str>) -> String {
     }
 }
 
-/// Writes `text` to the config file: a private file, replaced in one rename.
-pub fn write(path: &Path, text: &str) -> Result<()> {
+/// Writes a private file (0600, its folder 0700 if new), replaced in one rename: the ssh
+/// config and `wsh login`'s token.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -121,7 +122,7 @@ pub fn write(path: &Path, text: &str) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("write {}", tmp.display()))?;
-    file.write_all(text.as_bytes())?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("replace {}", path.display()))
 }

@@ -296,19 +296,24 @@ mod tests {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnknownLink;
 
+/// 1 to `max` of `a-z 0-9 -`, a letter first, not ending with `-` (names, zones, machine
+/// types).
+pub fn is_label(value: &str, max: usize) -> bool {
+    (1..=max).contains(&value.len())
+        && value.starts_with(|c: char| c.is_ascii_lowercase())
+        && !value.ends_with('-')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// The longest workspace name.
 pub const MAX_NAME: usize = 40;
 
 /// A workspace name: 1 to [`MAX_NAME`] of `a-z 0-9 -`, starting with a letter, not ending
 /// with `-`, and never a UUID (so a path segment is one or the other).
 pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = (1..=MAX_NAME).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && !name.ends_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && Uuid::parse_str(name).is_err();
+    let ok = is_label(name, MAX_NAME) && Uuid::parse_str(name).is_err();
     if ok {
         Ok(())
     } else {

@@ -623,14 +623,7 @@ fn view(hub: &crate::Hub, ws: Workspace, remote: Option<serde_json::Value>) -> W
 
 /// Checks a name-like field: 1..=max chars of `[a-z0-9-]`, starting with a letter.
 fn check_name(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
-    let ok = !value.is_empty()
-        && value.len() <= max
-        && value.starts_with(|c: char| c.is_ascii_lowercase())
-        && !value.ends_with('-')
-        && value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
+    if crate::base::workspace::is_label(value, max) {
         Ok(())
     } else {
         Err(ApiError::invalid(format!(

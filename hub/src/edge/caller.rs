@@ -64,20 +64,25 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .contains_key(axum::http::header::AUTHORIZATION);
         if has_bearer || query_ticket.is_some() {
-            let id = RawPathParams::from_request_parts(parts, hub)
-                .await
-                .ok()
-                .and_then(|params| {
-                    params
-                        .iter()
-                        .find(|(k, _)| *k == "id")
-                        .and_then(|(_, v)| Uuid::parse_str(v).ok())
-                });
-            let token = match &query_ticket {
-                Some(t) if !has_bearer => t.as_str(),
-                _ => bearer(&parts.headers).unwrap_or_default(),
+            let token = match query_ticket {
+                Some(t) if !has_bearer => t,
+                _ => bearer(&parts.headers).unwrap_or_default().to_owned(),
             };
-            return token_caller(hub, &parts.headers, token, peer, scope, id).await;
+            // Only a browser token is bound to the workspace in the path.
+            let id = if token.starts_with("wst_") {
+                RawPathParams::from_request_parts(parts, hub)
+                    .await
+                    .ok()
+                    .and_then(|params| {
+                        params
+                            .iter()
+                            .find(|(k, _)| *k == "id")
+                            .and_then(|(_, v)| Uuid::parse_str(v).ok())
+                    })
+            } else {
+                None
+            };
+            return token_caller(hub, &parts.headers, &token, peer, scope, id).await;
         }
         let Some(session) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(ApiError::unauthorized(
