@@ -25,6 +25,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(
     run_as: Option<&str>,
     workdir: &Path,
+    env: &[(String, Option<String>)],
     send: &mut quinn::SendStream,
     recv: &mut FramedRecv,
 ) -> Result<(), LinkError> {
@@ -47,7 +48,7 @@ pub async fn serve(
         let why = format!("{}: no such folder", cwd.display());
         return fail(send, ExecFailure::NoSuchFolder, why).await;
     }
-    let mut child = match command(&start, run_as, &cwd).spawn() {
+    let mut child = match command(&start, run_as, env, &cwd).spawn() {
         Ok(child) => child,
         Err(e) => {
             let reason = match e.kind() {
@@ -172,14 +173,26 @@ pub async fn serve(
     Ok(())
 }
 
-/// The command, as the workspace user when the agent is root and one is set.
-fn command(start: &ExecStart, run_as: Option<&str>, cwd: &PathBuf) -> tokio::process::Command {
+/// The command, as the workspace user when the agent is root and one is set, with the
+/// workspace's environment (`env`, its dev container's) and then the client's.
+fn command(
+    start: &ExecStart,
+    run_as: Option<&str>,
+    env: &[(String, Option<String>)],
+    cwd: &PathBuf,
+) -> tokio::process::Command {
     let mut argv: Vec<&str> = Vec::new();
     if let Some(user) = run_as.filter(|_| rustix::process::geteuid().is_root()) {
         argv.extend(["runuser", "-u", user, "--"]);
     }
     argv.extend(start.argv.iter().map(String::as_str));
     let mut cmd = tokio::process::Command::new(argv[0]);
+    for (name, value) in env {
+        match value {
+            Some(value) => cmd.env(name, value),
+            None => cmd.env_remove(name),
+        };
+    }
     cmd.args(&argv[1..])
         .envs(start.env.iter().map(|(k, v)| (k, v)))
         .current_dir(cwd)

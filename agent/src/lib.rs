@@ -9,6 +9,7 @@
 
 pub mod checkout;
 pub mod config;
+pub mod devcontainer;
 pub mod direct;
 pub mod exec;
 pub mod files;
@@ -17,6 +18,7 @@ pub mod identity;
 pub mod ports;
 pub mod pty;
 pub mod session;
+pub mod setup;
 
 use crate::config::AgentConfig;
 use crate::identity::Identity;
@@ -77,6 +79,9 @@ pub struct Agent {
     forwards: Arc<forward::Forwards>,
     /// Where sync roots live and who owns what sync writes.
     sync: filesync::serve::Options,
+    /// SSH keys, dotfiles and the dev container (reported to the hub on change and
+    /// reconnect).
+    setup: Arc<setup::Setup>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -103,7 +108,7 @@ fn sync_options(run_as: Option<&str>) -> filesync::serve::Options {
 }
 
 /// A user's uid and gid from `/etc/passwd`.
-fn user_ids(user: &str) -> Option<(u32, u32)> {
+pub(crate) fn user_ids(user: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|line| {
         let mut fields = line.split(':');
@@ -182,6 +187,11 @@ impl Agent {
             ports: None,
             forwards: Arc::default(),
             sync: sync_options(config.run_as.as_deref()),
+            setup: Arc::new(setup::Setup::new(
+                checkout::workdir(config.run_as.as_deref()),
+                config.run_as.clone(),
+                config.state_dir.clone(),
+            )),
             config,
         }
     }
@@ -247,8 +257,25 @@ impl Agent {
                 }
             }
         });
+        // A finished checkout (this start's, or one from an earlier boot that the hub's
+        // request finds there) starts the dev container.
+        let mut checkout = self.checkout.subscribe();
+        let setup = self.setup.clone();
+        let dev_container = tokio::spawn(async move {
+            while checkout.changed().await.is_ok() {
+                let done = checkout
+                    .borrow_and_update()
+                    .as_ref()
+                    .filter(|s| s.state == protocol::control::CheckoutState::Done)
+                    .map(|s| std::path::PathBuf::from(&s.path));
+                if let Some(path) = done {
+                    setup.checked_out(path);
+                }
+            }
+        });
         let result = self.run_link(shutdown).await;
         reaper.abort();
+        dev_container.abort();
         result
     }
 

@@ -79,6 +79,7 @@ pub async fn connect_and_serve(
         forwards: agent.forwards.clone(),
         sync: agent.sync.clone(),
         run_as: agent.config.run_as.clone(),
+        setup: agent.setup.clone(),
         direct: direct.map(|d| (d.clone(), endpoint.clone(), conn.remote_address())),
     };
     // Direct clients, on the same socket, while this session lasts (each connection then
@@ -185,6 +186,14 @@ async fn serve(
     let mut checkout = agent.checkout.subscribe();
     // The hub learns the checkout's state again after every reconnect.
     checkout.mark_changed();
+    // And the setup's (protocol 7+), once there is something to tell.
+    let mut setup = (welcome.protocol_version >= protocol::SETUP_SINCE_VERSION)
+        .then(|| agent.setup.subscribe());
+    if let Some(setup) = setup.as_mut()
+        && *setup.borrow() != protocol::control::SetupReport::default()
+    {
+        setup.mark_changed();
+    }
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -207,6 +216,10 @@ async fn serve(
                     Ok(Some(ControlMsg::Move(moving))) => {
                         tracing::info!(drain_ms = moving.drain_ms, "hub asks to move");
                         return End::Moving;
+                    }
+                    Ok(Some(ControlMsg::Profile(profile))) => {
+                        live.on_heard(now);
+                        agent.setup.profile(profile);
                     }
                     Ok(Some(ControlMsg::Checkout(request))) => {
                         live.on_heard(now);
@@ -268,6 +281,19 @@ async fn serve(
                 let current = checkout.borrow_and_update().clone();
                 if let Some(status) = current {
                     if let Err(e) = send_msg(&mut send, &ControlMsg::CheckoutStatus(status)).await {
+                        return lost(e, true);
+                    }
+                    live.on_sent(Instant::now());
+                }
+            }
+            changed = async { setup.as_mut()?.changed().await.ok() }, if setup.is_some() => {
+                let Some(()) = changed else {
+                    setup = None;
+                    continue;
+                };
+                let report = setup.as_mut().map(|s| s.borrow_and_update().clone());
+                if let Some(report) = report {
+                    if let Err(e) = send_msg(&mut send, &ControlMsg::Setup(report)).await {
                         return lost(e, true);
                     }
                     live.on_sent(Instant::now());
@@ -377,6 +403,8 @@ pub struct Services {
     pub direct: Option<(Arc<Direct>, quinn::Endpoint, std::net::SocketAddr)>,
     /// The workspace user commands run as (when the agent is root).
     pub run_as: Option<String>,
+    /// The workspace's setup: its environment for terminals and commands.
+    pub setup: Arc<crate::setup::Setup>,
 }
 
 pub(crate) fn refusal(reason: StreamRefusal, message: String) -> StreamReply {
@@ -408,6 +436,7 @@ pub(crate) async fn serve_stream(
         sync,
         direct,
         run_as,
+        setup,
     } = services;
     let mut recv = FramedRecv::new(recv);
     let header = match recv.expect::<StreamHeader>().await {
@@ -437,7 +466,7 @@ pub(crate) async fn serve_stream(
         StreamHeader::Pty(_) => {
             let accepted = StreamReply::Accepted(protocol::stream::Accepted {});
             match send_msg(&mut send, &accepted).await {
-                Ok(()) => crate::pty::stream::serve(sessions, &mut send, &mut recv).await,
+                Ok(()) => crate::pty::stream::serve(sessions, setup, &mut send, &mut recv).await,
                 Err(e) => Err(e),
             }
         }
@@ -452,7 +481,9 @@ pub(crate) async fn serve_stream(
             match send_msg(&mut send, &accepted).await {
                 Ok(()) => {
                     let workdir = crate::checkout::workdir(run_as.as_deref());
-                    crate::exec::serve(run_as.as_deref(), &workdir, &mut send, &mut recv).await
+                    let env = setup.env();
+                    crate::exec::serve(run_as.as_deref(), &workdir, &env, &mut send, &mut recv)
+                        .await
                 }
                 Err(e) => Err(e),
             }

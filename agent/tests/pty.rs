@@ -7,6 +7,7 @@ fn spec(cmd: &str) -> SpawnSpec {
     SpawnSpec {
         command: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
         env: vec![],
+        unset: vec![],
         cwd: None,
         size: Size::new(80, 24).unwrap(),
     }

@@ -210,6 +210,19 @@ enum Command {
         #[arg(long)]
         remove: bool,
     },
+    /// Your SSH public keys: every workspace of yours keeps them in the workspace user's
+    /// `~/.ssh/authorized_keys` (running ones at once), for `wsh ssh` and `ssh <name>.wsh`.
+    SshKeys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Your dotfiles repository: cloned into `~/.dotfiles` and installed once in each of
+    /// your workspaces (its `install.sh`, `bootstrap.sh`, `setup.sh`, ... or `--install`;
+    /// with none, its dotfiles are linked into the home folder).
+    Dotfiles {
+        #[command(subcommand)]
+        action: DotfilesAction,
+    },
     /// Print a shell completion script: `wsh completions bash > /etc/bash_completion.d/wsh`,
     /// `wsh completions zsh > "${fpath[1]}/_wsh"`, `wsh completions fish >
     /// ~/.config/fish/completions/wsh.fish`.
@@ -222,6 +235,42 @@ enum Command {
         #[arg(long, env = "WSH_CA")]
         ca_file: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(clap::Subcommand)]
+enum KeysAction {
+    /// The keys, with their fingerprints.
+    List,
+    /// Add a public key: a `.pub` file (`~/.ssh/id_ed25519.pub`), or `-` for stdin.
+    Add { file: String },
+    /// Remove a key by its fingerprint (`SHA256:...`).
+    Remove { fingerprint: String },
+}
+
+#[derive(clap::Subcommand)]
+enum DotfilesAction {
+    /// The repository set now.
+    Show,
+    /// Set the repository (a git URL) and, optionally, the command that installs it.
+    Set {
+        repo: String,
+        #[arg(long)]
+        install: Option<String>,
+    },
+    /// Install no dotfiles in new workspaces.
+    Clear,
+}
+
+/// A path segment with everything but unreserved characters percent-encoded.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// How ssh logs in to a workspace's sshd.
@@ -287,7 +336,12 @@ impl Client {
         }
         let res = req.send().await.with_context(|| format!("call {url}"))?;
         let status = res.status();
-        let body: Value = res.json().await.context("read response")?;
+        let bytes = res.bytes().await.context("read response")?;
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).context("read response")?
+        };
         if !status.is_success() {
             let code = body["error"]["code"].as_str().unwrap_or("error");
             let message = body["error"]["message"].as_str().unwrap_or("");
@@ -576,7 +630,17 @@ async fn main() -> Result<()> {
             ssh,
             command,
         } => {
-            let options = ssh.options(&client.hub, &home_path("~/.ssh")?);
+            let dir = home_path("~/.ssh")?;
+            // Where the workspace's host key is kept (as OpenSSH makes it, private).
+            if !dir.exists() {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+            }
+            let options = ssh.options(&client.hub, &dir);
             ssh::exec(&options, &workspace, &command, client.token.as_deref())?;
             return Ok(());
         }
@@ -673,6 +737,61 @@ async fn main() -> Result<()> {
             let path = format!("/workspaces/{id}/start");
             client.call(reqwest::Method::POST, &path, None).await?
         }
+        Command::SshKeys { action } => match action {
+            KeysAction::List => {
+                let keys = client.call(reqwest::Method::GET, "/ssh-keys", None).await?;
+                if cli.json {
+                    keys
+                } else {
+                    println!("{:<52} KEY", "FINGERPRINT");
+                    for k in keys.as_array().into_iter().flatten() {
+                        let key = k["key"].as_str().unwrap_or_default();
+                        let mut parts = key.splitn(3, ' ');
+                        let (kind, comment) = (parts.next(), parts.nth(1));
+                        println!(
+                            "{:<52} {} {}",
+                            k["id"].as_str().unwrap_or_default(),
+                            kind.unwrap_or_default(),
+                            comment.unwrap_or_default()
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+            KeysAction::Add { file } => {
+                let key = if file == "-" {
+                    std::io::read_to_string(std::io::stdin()).context("read stdin")?
+                } else {
+                    let path = home_path(&file)?;
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("read {}", path.display()))?
+                };
+                let body = json!({ "key": key.trim() });
+                client
+                    .call(reqwest::Method::POST, "/ssh-keys", Some(body))
+                    .await?
+            }
+            KeysAction::Remove { fingerprint } => {
+                let path = format!("/ssh-keys/{}", path_segment(&fingerprint));
+                client.call(reqwest::Method::DELETE, &path, None).await?;
+                return Ok(());
+            }
+        },
+        Command::Dotfiles { action } => match action {
+            DotfilesAction::Show => client.call(reqwest::Method::GET, "/dotfiles", None).await?,
+            DotfilesAction::Set { repo, install } => {
+                let body = json!({ "repo": repo, "install_command": install });
+                client
+                    .call(reqwest::Method::PUT, "/dotfiles", Some(body))
+                    .await?
+            }
+            DotfilesAction::Clear => {
+                client
+                    .call(reqwest::Method::DELETE, "/dotfiles", None)
+                    .await?;
+                return Ok(());
+            }
+        },
         Command::Delete { id } => {
             let path = format!("/workspaces/{id}");
             client.call(reqwest::Method::DELETE, &path, None).await?

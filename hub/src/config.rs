@@ -169,7 +169,8 @@ pub struct WebhookConfig {
     pub url: String,
     /// Signs every delivery (HMAC-SHA256); at least 16 bytes.
     pub secret: Secret,
-    /// The event types to send (`status`, `port`, `checkout`, `deleted`); all when empty.
+    /// The event types to send (`status`, `port`, `checkout`, `setup`, `profile`,
+    /// `deleted`); all when empty.
     #[serde(default)]
     pub events: Vec<String>,
 }
@@ -188,8 +189,10 @@ impl WebhookConfig {
         );
         for kind in &self.events {
             ensure!(
-                ["status", "port", "checkout", "deleted"].contains(&kind.as_str()),
-                "webhooks.events: {kind:?} is not one of status, port, checkout, deleted"
+                ["status", "port", "checkout", "setup", "profile", "deleted"]
+                    .contains(&kind.as_str()),
+                "webhooks.events: {kind:?} is not one of status, port, checkout, setup, profile, \
+                 deleted"
             );
         }
         Ok(())

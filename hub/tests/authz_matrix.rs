@@ -37,7 +37,8 @@ fn access(method: &str, path: &str) -> Access {
         ("get" | "post", "/workspaces" | "/tokens")
         | ("get", "/session")
         | ("post", "/logout" | "/login/device/approve") => Caller,
-        ("delete", "/tokens/{id}") => Personal,
+        ("get" | "post", "/ssh-keys") | ("get" | "put" | "delete", "/dotfiles") => Caller,
+        ("delete", "/tokens/{id}" | "/ssh-keys/{id}") => Personal,
         (_, p) if p.starts_with("/workspaces/{id}") => Owner,
         // Aliases of the terminal and of the events, and previews (a private port).
         (_, "/terminal/{id}" | "/preview/{id}") => Owner,
@@ -226,6 +227,8 @@ async fn body_for(hub: &TestHub, method: &str, path: &str) -> Option<Value> {
     match (method, path) {
         ("post", "/workspaces") => Some(json!({})),
         ("post", "/tokens") => Some(json!({"name": "matrix"})),
+        ("post", "/ssh-keys") => Some(json!({"key": new_key()})),
+        ("put", "/dotfiles") => Some(json!({"repo": "https://example.com/dotfiles.git"})),
         ("post", "/workspaces/{id}/tickets") => Some(json!({"purpose": "terminal"})),
         ("post", "/workspaces/{id}/keep-awake") => Some(json!({"seconds": 60})),
         ("post", "/workspaces/{id}/exec") => Some(json!({"argv": ["true"]})),
@@ -241,6 +244,20 @@ async fn body_for(hub: &TestHub, method: &str, path: &str) -> Option<Value> {
         }
         (_, _) => None,
     }
+}
+
+/// A public key no one has added yet (an ed25519 key's shape, random bytes).
+fn new_key() -> String {
+    use base64::Engine;
+    let mut blob = vec![0, 0, 0, 11];
+    blob.extend(b"ssh-ed25519");
+    blob.extend([0, 0, 0, 32]);
+    blob.extend(uuid::Uuid::new_v4().as_bytes());
+    blob.extend(uuid::Uuid::new_v4().as_bytes());
+    format!(
+        "ssh-ed25519 {} matrix",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
 }
 
 #[tokio::test]
@@ -266,6 +283,18 @@ async fn every_route_answers_each_kind_of_caller_as_the_matrix_says() {
                     .unwrap();
                 let target = if path.starts_with("/tokens/") {
                     tok["id"].as_str().unwrap().to_owned()
+                } else if path.starts_with("/ssh-keys/") {
+                    // One of the owner's keys, percent-encoded.
+                    let (status, key) = hub
+                        .api("POST", "/ssh-keys", Some(json!({"key": new_key()})))
+                        .await
+                        .unwrap();
+                    assert_eq!(status, 201, "{key}");
+                    key["id"]
+                        .as_str()
+                        .unwrap()
+                        .replace('/', "%2F")
+                        .replace('+', "%2B")
                 } else {
                     ws_id.clone()
                 };

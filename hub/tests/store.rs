@@ -4,7 +4,10 @@
 use hub::base::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use hub::store::firestore::{FirestoreConfig, FirestoreStore};
 use hub::store::sqlite::SqliteStore;
-use hub::store::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
+use hub::store::{
+    AgentRoute, ApiToken, DotfilesSetting, Limits, Profile, ReplicaRecord, SshKey, Store,
+    StoreError, TokenRejection,
+};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -678,6 +681,60 @@ async fn conformance(store: Arc<dyn Store>) {
         winners += usize::from(won.unwrap());
     }
     assert_eq!(winners, 1);
+
+    // Profiles: empty until saved, then compare and set on the version.
+    let owner = format!("profile-owner/{}", Uuid::new_v4());
+    assert_eq!(store.get_profile(&owner).await.unwrap(), Profile::default());
+    let mut profile = Profile {
+        ssh_keys: vec![SshKey {
+            id: "SHA256:abc/+x".into(),
+            key: "ssh-ed25519 AAAA me".into(),
+            added_at: 1,
+        }],
+        dotfiles: Some(DotfilesSetting {
+            repo: "https://example.com/dotfiles.git".into(),
+            install_command: None,
+        }),
+        version: 1,
+    };
+    assert!(store.put_profile(&owner, &profile).await.unwrap());
+    // The same version again lost its race.
+    assert!(!store.put_profile(&owner, &profile).await.unwrap());
+    assert_eq!(store.get_profile(&owner).await.unwrap(), profile);
+    profile.ssh_keys.clear();
+    profile.dotfiles = None;
+    profile.version = 2;
+    assert!(store.put_profile(&owner, &profile).await.unwrap());
+    profile.version = 5;
+    assert!(!store.put_profile(&owner, &profile).await.unwrap());
+    let saved = store.get_profile(&owner).await.unwrap();
+    assert_eq!((saved.version, saved.ssh_keys.len()), (2, 0));
+    // Of concurrent writers of one version, one wins.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let (store, owner) = (store.clone(), owner.clone());
+        tasks.spawn(async move {
+            let p = Profile {
+                ssh_keys: vec![SshKey {
+                    id: format!("k{i}"),
+                    key: "ssh-ed25519 AAAA".into(),
+                    added_at: i,
+                }],
+                dotfiles: None,
+                version: 3,
+            };
+            store.put_profile(&owner, &p).await.unwrap()
+        });
+    }
+    let mut winners = 0;
+    while let Some(won) = tasks.join_next().await {
+        winners += usize::from(won.unwrap());
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(
+        store.get_profile("nobody").await.unwrap(),
+        Profile::default()
+    );
 }
 
 /// 50 creates of one owner at once, spread over `stores` (replicas sharing one database),

@@ -213,6 +213,48 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
         }
     };
     assert_eq!(sshd["loopback_only"], true, "{sshd}");
+    // The user's key reaches the guest user's authorized_keys through the agent (owned by
+    // that user), and real OpenSSH logs in with it through `wsh ssh`.
+    let home = tempfile::tempdir().unwrap();
+    let key = home.path().join("id_ed25519");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "vm-test", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let (status, body) = hub
+        .api(
+            "POST",
+            "/ssh-keys",
+            Some(serde_json::json!({ "key": public.trim() })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let keys = term
+        .run(
+            "for i in $(seq 50); do grep -q vm-test ~/.ssh/authorized_keys 2>/dev/null && break; sleep 0.2; done; stat -c '%U:%a' ~/.ssh ~/.ssh/authorized_keys; echo keys-$((5+5))",
+            "keys-10\r\n",
+        )
+        .await;
+    assert!(keys.contains("dev:700\r\ndev:600\r\n"), "{keys}");
+    let out = hub
+        .wsh()
+        .unwrap()
+        .env("HOME", home.path())
+        .args(["ssh", &id, "--user", "dev", "--identity-file"])
+        .arg(&key)
+        .args(["--", "echo", "via-sshd-$((6*7))", "$(id -un)"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "via-sshd-42 dev\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // `wsh sync` into the guest: files land in the user's home, owned by the user, with
     // their executable bit.
     let local = tempfile::tempdir().unwrap();

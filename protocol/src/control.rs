@@ -41,7 +41,87 @@ crate::tagged_messages! {
         /// Agent -> hub (version 5+): the direct clients connected right now (the whole
         /// list, at most [`MAX_DIRECT_CLIENTS`]), on every change and after each reconnect.
         14 => DirectClients(DirectClients),
+        /// Hub -> agent (version 7+): what the workspace's owner set up for all their
+        /// workspaces (SSH public keys, dotfiles), after the welcome and on every change.
+        15 => Profile(Profile),
+        /// Agent -> hub (version 7+): how the workspace's own setup goes (dotfiles, the
+        /// dev container's lifecycle commands, its port labels); the whole report on every
+        /// change and again after each reconnect.
+        16 => Setup(SetupReport),
     }
+}
+
+/// At most this many keys in a [`Profile`].
+pub const MAX_AUTHORIZED_KEYS: usize = 64;
+/// At most this many steps, port labels and fields not applied in a [`SetupReport`].
+pub const MAX_SETUP_ITEMS: usize = 64;
+
+/// See [`ControlMsg::Profile`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Profile {
+    /// OpenSSH public key lines (`type base64 [comment]`), checked by the hub; the agent
+    /// keeps them in the workspace user's `~/.ssh/authorized_keys` (its own block there).
+    pub authorized_keys: Vec<String>,
+    /// Cloned and installed once, on the workspace's first boot.
+    pub dotfiles: Option<Dotfiles>,
+}
+
+/// A dotfiles repository and how to install it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dotfiles {
+    /// A git URL (the same forms as a workspace's repository).
+    pub repo: String,
+    /// A shell command run in the clone; `None` runs the first of the usual install
+    /// scripts there (`install.sh`, `bootstrap.sh`, ...), or links the dotfiles into the
+    /// home folder when there is none.
+    pub install_command: Option<String>,
+}
+
+/// See [`ControlMsg::Setup`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SetupReport {
+    /// In the order they run (each at most [`MAX_SETUP_ITEMS`]).
+    pub steps: Vec<SetupStep>,
+    /// Labels for ports (`forwardPorts` and `portsAttributes` of a dev container).
+    pub port_labels: Vec<PortLabel>,
+    /// Settings of the dev container this agent does not apply (those that need a
+    /// container runtime), each with the reason.
+    pub not_applied: Vec<NotApplied>,
+}
+
+/// One step of a workspace's setup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetupStep {
+    /// `dotfiles`, `onCreateCommand`, `postStartCommand`, ...
+    pub name: String,
+    pub state: StepState,
+    /// Progress or the error, for people (e.g. the last lines the command printed).
+    pub message: String,
+}
+
+/// Where a setup step stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+    /// Not run this time (e.g. a once-only command done on an earlier boot).
+    Skipped,
+}
+
+/// A port's label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortLabel {
+    pub port: u16,
+    pub label: String,
+}
+
+/// A setting not applied, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotApplied {
+    pub field: String,
+    pub reason: String,
 }
 
 /// At most this many entries in a [`DirectClients`] report.

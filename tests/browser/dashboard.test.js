@@ -3,7 +3,8 @@
 // each view when SCREENSHOT_DIR is set.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, existsSync, rmSync } from 'node:fs';
+import { mkdtempSync, existsSync, rmSync, mkdirSync, writeFileSync, readFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bin, waitFor, startHub, launchBrowser, killAgents } from './lib.js';
@@ -133,6 +134,13 @@ test('the activity verdict, keep-awake, port sharing and links, named sessions a
   await page.fill('#session-name', 'main');
   await page.click('#open-session');
   await waitFor('the named session again', async () => (await screen()).includes('named-9'));
+  // The session list names it; opening it from there attaches to it.
+  const sessionRow = page.locator('#sessions tr[data-session="main"]');
+  await sessionRow.waitFor({ timeout: 10000 });
+  assert.match(await sessionRow.innerText(), /running/);
+  await page.locator('#sessions button.open-session').first().click();
+  await sessionRow.locator('button.open-session').click();
+  await waitFor('opened from the list', async () => (await screen()).includes('named-9'));
 
   // API tokens: one made, shown once, listed, revoked.
   await page.fill('#token-name', 'laptop');
@@ -144,4 +152,89 @@ test('the activity verdict, keep-awake, port sharing and links, named sessions a
   await tokenRow.locator('button.revoke').click();
   await waitFor('token revoked', async () => (await tokenRow.count()) === 0);
   assert.deepEqual(errors, []);
+});
+
+test('SSH keys, dotfiles and a dev container: the profile and setup views', async () => {
+  const src = mkdtempSync(join(tmpdir(), 'wsh-dashboard-src-'));
+  try {
+    const git = (dir, ...args) => execFileSync('git', ['-c', 'user.name=t', '-c', 'user.email=t@example.com', ...args], { cwd: dir });
+    const repo = (name, files) => {
+      const dir = join(src, name);
+      mkdirSync(dir, { recursive: true });
+      git(dir, 'init', '-q', '-b', 'main');
+      for (const [path, text] of Object.entries(files)) {
+        mkdirSync(join(dir, path, '..'), { recursive: true });
+        writeFileSync(join(dir, path), text);
+      }
+      git(dir, 'add', '-A');
+      git(dir, 'commit', '-q', '-m', 'init');
+      return 'file://' + dir;
+    };
+    const dotfiles = repo('dotfiles', { 'install.sh': 'echo ok > ../dotfiles-ran\n' });
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    const widgets = repo('widgets', {
+      '.devcontainer/devcontainer.json': `{
+        // comments are fine
+        "image": "mcr.microsoft.com/devcontainers/base",
+        "onCreateCommand": "true",
+        "postStartCommand": "exec ${bin('test-server')} ${port}",
+        "portsAttributes": { "${port}": { "label": "Web app" } },
+      }`,
+    });
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'me@laptop', '-f', join(src, 'key')]);
+    const publicKey = readFileSync(join(src, 'key.pub'), 'utf8').trim();
+
+    const page = await context.newPage();
+    const errors = [];
+    page.on('pageerror', e => errors.push(e.message));
+    page.on('dialog', d => d.accept());
+    await page.goto(`http://${listening.http}/`);
+    await waitFor('signed in', async () => (await page.locator('#whoami').innerText()) === 'dev');
+
+    // Keys: a bad one is refused with the hub's message, a good one listed, then removed.
+    await page.fill('#new-key', 'ssh-ed25519 not-base64!');
+    await page.click('#add-key');
+    await waitFor('bad key refused', async () => (await page.locator('#error').innerText()).includes('bad_key'));
+    await page.fill('#new-key', publicKey);
+    await page.click('#add-key');
+    const keyRow = page.locator('#ssh-keys tr', { hasText: 'me@laptop' });
+    await keyRow.waitFor({ timeout: 10000 });
+    assert.match(await keyRow.innerText(), /SHA256:/);
+
+    // Dotfiles: saved, shown again after a reload.
+    await page.fill('#dotfiles-repo', dotfiles);
+    await page.click('#save-dotfiles');
+    await waitFor('dotfiles saved', async () => (await page.locator('#dotfiles-status').innerText()) === 'Saved.');
+    await page.reload();
+    await waitFor('dotfiles shown', async () => (await page.locator('#dotfiles-repo').inputValue()) === dotfiles);
+    await shot(page, 'dashboard-profile');
+
+    // A workspace from a repository with a dev container: its setup steps and labels.
+    await page.fill('#new-name', 'widgets');
+    await page.fill('#new-repo', widgets);
+    await page.click('#create');
+    const row = page.locator('tbody#list tr', { hasText: 'widgets' });
+    await row.locator('button.open-terminal').waitFor({ timeout: 20000 });
+    await row.locator('button.open-terminal').click();
+    const stepState = name => page.locator(`#setup-steps tr[data-step="${name}"] td:nth-child(2)`).innerText();
+    await waitFor('dotfiles installed', async () => (await stepState('dotfiles')) === 'done', 20000);
+    await waitFor('onCreateCommand ran', async () => (await stepState('onCreateCommand')) === 'done', 20000);
+    await waitFor('the server runs', async () => (await stepState('postStartCommand')) === 'running', 20000);
+    assert.match(await page.locator('#setup-checkout').innerText(), /Repository: done/);
+    assert.equal(await page.locator('#setup-not-applied-box').isHidden(), false);
+    await page.click('#setup-not-applied-box summary');
+    assert.match(await page.locator('#setup-not-applied').innerText(), /image: no container runtime/);
+    const portRow = page.locator(`#ports tr[data-port="${port}"]`);
+    await waitFor('labelled port', async () => (await portRow.count()) === 1 && (await portRow.innerText()).includes('Web app'), 20000);
+    await shot(page, 'dashboard-setup');
+
+    // Clearing the dotfiles and removing the key.
+    await page.click('#clear-dotfiles');
+    await waitFor('dotfiles cleared', async () => (await page.locator('#dotfiles-repo').inputValue()) === '');
+    await keyRow.locator('button.remove-key').click();
+    await waitFor('key removed', async () => (await keyRow.count()) === 0);
+    assert.deepEqual(errors, []);
+  } finally {
+    rmSync(src, { recursive: true, force: true });
+  }
 });

@@ -29,10 +29,11 @@ function lineMatching(child, re) {
 
 // `workspace-hub dev` on a state folder; resolves with the process, its addresses and the
 // one-time sign-in link it printed.
-export async function startHub(state, { http = '127.0.0.1:0', quic = '127.0.0.1:0', config } = {}) {
+export async function startHub(state, { http = '127.0.0.1:0', quic = '127.0.0.1:0', config, provider } = {}) {
   rmSync(join(state, 'hub.json'), { force: true });
   const args = ['dev', '--state-dir', state, '--http', http, '--quic', quic];
   if (config) args.push('--config', config);
+  if (provider) args.push('--provider', provider);
   const child = spawn(bin('workspace-hub'), args, {
     stdio: ['ignore', 'pipe', 'inherit'],
     env: { ...process.env, RUST_LOG: 'warn' },

@@ -79,16 +79,22 @@ pub struct SpawnSpec {
     /// Program and arguments; empty means the user's login shell.
     pub command: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Names taken out of the environment the agent passes on.
+    pub unset: Vec<String>,
     pub cwd: Option<PathBuf>,
     pub size: Size,
 }
 
 /// Wraps a command so it runs as `user` (through util-linux `runuser`): a login shell
-/// when `command` is empty, the command otherwise. Only meaningful when the agent is root.
-fn as_user(user: &str, command: &[String]) -> Vec<String> {
+/// when `command` is empty (which keeps the variables named in `keep` and resets the rest),
+/// the command otherwise. Only meaningful when the agent is root.
+fn as_user(user: &str, command: &[String], keep: &[&str]) -> Vec<String> {
     let mut out = vec!["runuser".to_owned()];
     if command.is_empty() {
         out.extend(["-l".to_owned(), user.to_owned()]);
+        if !keep.is_empty() {
+            out.extend(["-w".to_owned(), keep.join(",")]);
+        }
     } else {
         out.extend(["-u".to_owned(), user.to_owned(), "--".to_owned()]);
         out.extend(command.iter().cloned());
@@ -165,6 +171,9 @@ impl PtySession {
             None => CommandBuilder::new_default_prog(),
         };
         cmd.env("TERM", "xterm-256color");
+        for k in &spec.unset {
+            cmd.env_remove(k);
+        }
         for (k, v) in &spec.env {
             cmd.env(k, v);
         }
@@ -490,7 +499,8 @@ impl Sessions {
         if let Some(user) = &self.run_as
             && rustix::process::geteuid().is_root()
         {
-            spec.command = as_user(user, &spec.command);
+            let keep: Vec<&str> = spec.env.iter().map(|(k, _)| k.as_str()).collect();
+            spec.command = as_user(user, &spec.command, &keep);
         }
         PtySession::spawn(id, &spec, self.ring_capacity)
     }

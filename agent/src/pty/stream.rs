@@ -38,11 +38,22 @@ fn bad_request(message: &str) -> PtyMsg {
 fn open(
     sessions: &Sessions,
     req: &PtyOpenRequest,
+    setup: &crate::setup::Setup,
 ) -> Result<(Arc<super::PtySession>, bool), PtyError> {
     let spec = || {
+        // The workspace's environment (its dev container's), then what the client asked.
+        let (mut env, mut unset) = (Vec::new(), Vec::new());
+        for (name, value) in setup.env() {
+            match value {
+                Some(value) => env.push((name, value)),
+                None => unset.push(name),
+            }
+        }
+        env.extend(req.env.iter().cloned());
         Ok(SpawnSpec {
             command: req.command.clone(),
-            env: req.env.clone(),
+            env,
+            unset,
             cwd: req.cwd.clone().map(Into::into),
             size: Size::new(req.cols, req.rows)?,
         })
@@ -57,6 +68,7 @@ fn open(
 /// Serves one PTY stream until the process exits, the client leaves, or the link drops.
 pub async fn serve(
     sessions: Arc<Sessions>,
+    setup: Arc<crate::setup::Setup>,
     send: &mut quinn::SendStream,
     recv: &mut FramedRecv,
 ) -> Result<(), LinkError> {
@@ -86,7 +98,7 @@ pub async fn serve(
             return Ok(());
         }
     };
-    let (session, created) = match open(&sessions, &req) {
+    let (session, created) = match open(&sessions, &req, &setup) {
         Ok(s) => s,
         Err(e) => {
             send_msg(send, &error_msg(&e)).await?;
@@ -104,6 +116,10 @@ pub async fn serve(
         }),
     )
     .await?;
+    // A new client (not one resuming after a lost link) runs `postAttachCommand`.
+    if req.offset.is_none() {
+        setup.attached();
+    }
     // The creator of a session reads it from its first byte; others as they asked.
     let offset = if created { Some(0) } else { req.offset };
     let mut attachment = session.attach(offset);

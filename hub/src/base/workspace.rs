@@ -232,6 +232,22 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A repository URL git can clone: https, http, ssh, git or file, or `user@host:path`; at
+/// most 2,048 characters, no blanks or control characters, never starting with `-` (git
+/// would read it as an option; it is also given `--`, belt and braces).
+pub fn is_git_url(repo: &str) -> bool {
+    let scheme_ok = ["https://", "http://", "ssh://", "git://", "file:///"]
+        .iter()
+        .any(|s| repo.starts_with(s))
+        || repo
+            .split_once(':')
+            .is_some_and(|(host, _)| host.contains('@') && !host.contains('/'));
+    scheme_ok
+        && repo.len() <= 2048
+        && !repo.starts_with('-')
+        && !repo.chars().any(|c| c.is_control() || c == ' ')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

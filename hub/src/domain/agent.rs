@@ -16,6 +16,8 @@ pub struct AgentInfo {
     pub last_input_at: Option<i64>,
     /// The repository checkout, as the agent last reported it.
     pub checkout: Option<CheckoutView>,
+    /// Dotfiles and the dev container, as the agent last reported them (protocol 7+).
+    pub setup: Option<SetupView>,
     /// CLIs connected to the agent directly (one hop, not through the hub), as it last
     /// reported them.
     pub direct_clients: Vec<DirectClientView>,
@@ -69,6 +71,68 @@ impl From<&protocol::control::CheckoutStatus> for CheckoutView {
             },
             message: s.message.chars().take(1024).collect(),
             path: s.path.chars().take(4096).collect(),
+        }
+    }
+}
+
+/// A workspace's setup (dotfiles, dev container), as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct SetupView {
+    /// In the order they run: `dotfiles`, `devcontainer.json`, `onCreateCommand`,
+    /// `updateContentCommand`, `postCreateCommand`, `postStartCommand`,
+    /// `postAttachCommand` (those that apply), and `ssh keys` if they could not be written.
+    pub steps: Vec<SetupStepView>,
+    /// Dev container settings not applied here, and why.
+    pub not_applied: Vec<NotAppliedView>,
+}
+
+/// One setup step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct SetupStepView {
+    pub name: String,
+    /// `pending`, `running`, `done`, `failed` or `skipped`.
+    pub state: &'static str,
+    /// Progress, or the error with the command's last output lines.
+    pub message: String,
+}
+
+/// A dev container setting not applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct NotAppliedView {
+    pub field: String,
+    pub reason: String,
+}
+
+impl From<&protocol::control::SetupReport> for SetupView {
+    fn from(r: &protocol::control::SetupReport) -> Self {
+        use protocol::control::{MAX_SETUP_ITEMS, StepState};
+        let cut = |s: &str, n: usize| s.chars().filter(|c| !c.is_control()).take(n).collect();
+        Self {
+            steps: r
+                .steps
+                .iter()
+                .take(MAX_SETUP_ITEMS)
+                .map(|s| SetupStepView {
+                    name: cut(&s.name, 64),
+                    state: match s.state {
+                        StepState::Pending => "pending",
+                        StepState::Running => "running",
+                        StepState::Done => "done",
+                        StepState::Failed => "failed",
+                        StepState::Skipped => "skipped",
+                    },
+                    message: cut(&s.message, 1024),
+                })
+                .collect(),
+            not_applied: r
+                .not_applied
+                .iter()
+                .take(MAX_SETUP_ITEMS)
+                .map(|n| NotAppliedView {
+                    field: cut(&n.field, 128),
+                    reason: cut(&n.reason, 256),
+                })
+                .collect(),
         }
     }
 }

@@ -204,6 +204,7 @@ mod tests {
             attached_clients: attached,
             last_input_at,
             checkout: None,
+            setup: None,
             direct_clients: Vec::new(),
         }
     }

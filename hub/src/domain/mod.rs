@@ -9,4 +9,5 @@ pub mod error;
 pub mod events;
 pub mod idle;
 pub mod lifecycle;
+pub mod profile;
 pub mod reconcile;

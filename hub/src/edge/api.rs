@@ -89,6 +89,20 @@ pub fn app(hub: AppState) -> Router {
         )
         .route("/cleanup", post(cleanup))
         .route("/tokens", get(list_tokens).post(create_token))
+        .route(
+            "/ssh-keys",
+            get(crate::edge::profile::list_keys).post(crate::edge::profile::add_key),
+        )
+        .route(
+            "/ssh-keys/{id}",
+            axum::routing::delete(crate::edge::profile::remove_key),
+        )
+        .route(
+            "/dotfiles",
+            get(crate::edge::profile::get_dotfiles)
+                .put(crate::edge::profile::set_dotfiles)
+                .delete(crate::edge::profile::clear_dotfiles),
+        )
         .route("/login", get(crate::edge::session::login))
         .route("/login/callback", get(crate::edge::session::callback))
         .route("/login/once", get(crate::edge::session::once))
@@ -103,6 +117,10 @@ pub fn app(hub: AppState) -> Router {
             get(crate::edge::terminal::terminal),
         )
         .route("/terminal/{id}", get(crate::edge::terminal::terminal))
+        .route(
+            "/workspaces/{id}/sessions",
+            get(crate::edge::terminal::list_sessions),
+        )
         .route(
             "/embed/terminal/{id}",
             get(crate::edge::embed::terminal_page),
@@ -295,7 +313,11 @@ pub struct ErrorDetail {
         crate::edge::session::whoami, crate::edge::session::logout,
         crate::edge::terminal::terminal, crate::edge::preview::path_form,
         crate::edge::exec::exec, crate::edge::exec::exec_socket, crate::edge::files::get, crate::edge::files::put,
-        crate::edge::files::delete, crate::edge::files::post, crate::edge::embed::terminal_page
+        crate::edge::files::delete, crate::edge::files::post, crate::edge::embed::terminal_page,
+        crate::edge::profile::list_keys, crate::edge::profile::add_key,
+        crate::edge::profile::remove_key, crate::edge::profile::get_dotfiles,
+        crate::edge::profile::set_dotfiles, crate::edge::profile::clear_dotfiles,
+        crate::edge::terminal::list_sessions
     ),
     modifiers(&BearerAuth, &Scoped, &Aliases)
 )]
@@ -660,16 +682,9 @@ fn check_image_tag(value: &str) -> Result<(), ApiError> {
     }
 }
 
-/// A repository URL git can clone: https, http, ssh, git or file, or `user@host:path`.
+/// A repository URL git can clone (`base::workspace::is_git_url`).
 fn check_repo(repo: &str) -> Result<(), ApiError> {
-    let scheme_ok = ["https://", "http://", "ssh://", "git://", "file:///"]
-        .iter()
-        .any(|s| repo.starts_with(s))
-        || repo
-            .split_once(':')
-            .is_some_and(|(host, _)| host.contains('@') && !host.contains('/'));
-    // A leading '-' would read as an option (git is also given `--`, belt and braces).
-    if !scheme_ok || repo.starts_with('-') || repo.chars().any(|c| c.is_control() || c == ' ') {
+    if !crate::base::workspace::is_git_url(repo) {
         return Err(ApiError::invalid(
             "metadata.repo must be an https, http, ssh, git or file URL (or user@host:path)",
         ));
@@ -928,7 +943,7 @@ async fn keep_awake(
 }
 
 /// `GET /workspaces/:id/events`: the current status, then every change, as SSE.
-#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `checkout`, `port` (detail: state `all` with ports, or `opened`/`updated`/`closed` with one port), `deleted`; `lagged` (data: events missed) when the client fell behind, followed by a fresh `status` and `port` `all` snapshot; also at `/preview/{id}`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/events", tag = "workspaces", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")), responses((status = 200, description = "Server-sent events: `status` (JSON: workspace_id, status, reason, at), `checkout`, `port` (detail: state `all` with ports, or `opened`/`updated`/`closed` with one port), `setup` (detail: the agent's setup steps and the dev container settings not applied), `profile` (the owner's SSH keys or dotfiles changed), `deleted`; `lagged` (data: events missed) when the client fell behind, followed by a fresh `status` and `port` `all` snapshot; also at `/preview/{id}`", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = ErrorBody)))]
 async fn workspace_events(
     State(hub): State<AppState>,
     caller: Caller,

@@ -31,7 +31,9 @@ pub fn route_scope(path: &str) -> Option<Scope> {
         | "/workspaces/{id}/ports/{port}/links"
         | "/workspaces/{id}/ports/{port}/links/{link}"
         | "/workspaces/{id}/keep-awake" => Scope::Workspaces,
-        "/workspaces/{id}/terminal" | "/terminal/{id}" => Scope::Terminal,
+        "/workspaces/{id}/terminal" | "/terminal/{id}" | "/workspaces/{id}/sessions" => {
+            Scope::Terminal
+        }
         "/preview/{id}/{port}" | "/preview/{id}/{port}/" | "/preview/{id}/{port}/{*rest}" => {
             Scope::Preview
         }

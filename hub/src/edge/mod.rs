@@ -9,6 +9,7 @@ pub mod exec;
 pub mod files;
 pub mod oidc;
 pub mod preview;
+pub mod profile;
 pub mod session;
 pub mod terminal;
 

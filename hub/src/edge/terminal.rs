@@ -281,3 +281,68 @@ async fn bridge(
         }
     }
 }
+
+/// A terminal session in a workspace, as its agent keeps it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SessionView {
+    /// Its name: chosen by the client that created it, or made up by the agent.
+    pub id: String,
+    pub command: String,
+    pub cols: u16,
+    pub rows: u16,
+    /// When it started (Unix ms, the workspace's clock).
+    pub created_at: u64,
+    /// Bytes of output so far.
+    pub end_offset: u64,
+    /// Its exit code once the process has ended.
+    pub exit: Option<i32>,
+}
+
+#[utoipa::path(get, path = "/workspaces/{id}/sessions", tag = "terminal", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")),
+    responses(
+    (status = 200, description = "The workspace's terminal sessions, oldest first (open one by name with `?session=` on the terminal)", body = [SessionView]),
+    (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody),
+    (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody),
+    (status = 409, description = "No agent connected (`agent_offline`)", body = crate::edge::api::ErrorBody),
+    (status = 502, description = "`agent_unreachable`", body = crate::edge::api::ErrorBody),
+    (status = 503, description = "The agent is between hub replicas (`agent_moved`, with `Retry-After`)", body = crate::edge::api::ErrorBody)))]
+pub async fn list_sessions(
+    State(hub): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Vec<SessionView>>, ApiError> {
+    let (_send, mut recv) = crate::edge::agent_stream(
+        &hub,
+        &caller,
+        &id,
+        StreamHeader::Pty(PtyOpen {}),
+        &PtyMsg::List(protocol::pty::PtyList {}),
+        "session lists",
+    )
+    .await?;
+    match recv.expect::<PtyMsg>().await {
+        Ok(PtyMsg::Sessions(list)) => Ok(axum::Json(
+            list.sessions
+                .into_iter()
+                .take(1024)
+                .map(|s| SessionView {
+                    id: s.id.chars().take(64).collect(),
+                    command: s
+                        .command
+                        .chars()
+                        .filter(|c| !c.is_control())
+                        .take(512)
+                        .collect(),
+                    cols: s.cols,
+                    rows: s.rows,
+                    created_at: s.created_at_ms,
+                    end_offset: s.end_offset,
+                    exit: s.exit,
+                })
+                .collect(),
+        )),
+        Ok(_) => Err(crate::edge::agent_unreachable("unexpected answer")),
+        Err(e) => Err(crate::edge::agent_unreachable(e)),
+    }
+}

@@ -10,7 +10,7 @@
 use crate::Hub;
 use crate::base::ca;
 use crate::base::workspace::{Status, Workspace, now_ms};
-use crate::domain::agent::{AgentInfo, CheckoutView};
+use crate::domain::agent::{AgentInfo, CheckoutView, SetupView};
 use crate::domain::auth::token_hash;
 use crate::domain::events::{Detail, WorkspaceEvent};
 use crate::store::{StoreError, TokenRejection};
@@ -50,6 +50,10 @@ struct Connected {
     port_bytes: usize,
     /// `ports.ports` as a JSON array, rendered once per change for every subscriber.
     ports_json: Option<std::sync::Arc<str>>,
+    /// Port labels from the agent's setup report (its dev container's).
+    labels: std::collections::BTreeMap<u16, String>,
+    /// Woken when the owner's profile changed: the control session sends it again.
+    profile_changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// A workspace's listening ports, as its agent reported them.
@@ -73,6 +77,9 @@ pub struct PortView {
     pub command: String,
     /// Answers HTTP (a preview makes sense); `null` while the agent's probe runs.
     pub http: Option<bool>,
+    /// The label the workspace's dev container gives this port (`portsAttributes`,
+    /// `forwardPorts`).
+    pub label: Option<String>,
 }
 
 /// At most this many ports per workspace are kept; more are ignored.
@@ -98,6 +105,7 @@ impl PortView {
             process: cut(p.process, 64),
             command: cut(p.command, 512),
             http: p.http,
+            label: None,
         })
     }
 
@@ -107,6 +115,7 @@ impl PortView {
             + self.addresses.iter().map(|a| a.len() + 24).sum::<usize>()
             + self.process.len()
             + self.command.len()
+            + self.label.as_ref().map_or(0, String::len)
     }
 }
 
@@ -220,7 +229,8 @@ impl Registry {
                 });
                 c.ports.ports.clear();
                 c.port_bytes = 0;
-                for view in all.ports.into_iter().filter_map(PortView::from_agent) {
+                for mut view in all.ports.into_iter().filter_map(PortView::from_agent) {
+                    view.label = c.labels.get(&view.port).cloned();
                     if c.ports.ports.len() >= MAX_PORTS {
                         break;
                     }
@@ -235,7 +245,8 @@ impl Registry {
                 Some(Detail::Ports)
             }
             ControlMsg::PortOpened(info) => {
-                let view = PortView::from_agent(info)?;
+                let mut view = PortView::from_agent(info)?;
+                view.label = c.labels.get(&view.port).cloned();
                 let old = c.ports.ports.get(&view.port).map_or(0, PortView::weight);
                 if (old == 0 && c.ports.ports.len() >= MAX_PORTS)
                     || c.port_bytes - old + view.weight() > MAX_PORT_BYTES
@@ -299,6 +310,8 @@ impl Registry {
                 ports: Ports::default(),
                 port_bytes: 0,
                 ports_json: None,
+                labels: Default::default(),
+                profile_changed: Default::default(),
             },
         );
         if let Some(old) = old {
@@ -331,6 +344,59 @@ impl Registry {
         if let Some(c) = self.lock().get_mut(&id).filter(|c| c.session == session) {
             c.info.checkout = Some(view);
         }
+    }
+
+    /// Records an agent's setup report on its live entry (its port labels on the ports);
+    /// returns the view to publish and whether the labels changed.
+    fn set_setup(
+        &self,
+        id: Uuid,
+        session: u64,
+        report: protocol::control::SetupReport,
+    ) -> Option<(SetupView, bool)> {
+        let view = SetupView::from(&report);
+        let labels: std::collections::BTreeMap<u16, String> = report
+            .port_labels
+            .iter()
+            .take(protocol::control::MAX_SETUP_ITEMS)
+            .filter(|l| l.port != 0)
+            .map(|l| {
+                let label = l.label.chars().filter(|c| !c.is_control()).take(64);
+                (l.port, label.collect())
+            })
+            .collect();
+        let mut agents = self.lock();
+        let c = agents.get_mut(&id).filter(|c| c.session == session)?;
+        c.info.setup = Some(view.clone());
+        let relabel = c.labels != labels;
+        if relabel {
+            for (port, p) in c.ports.ports.iter_mut() {
+                let label = labels.get(port).cloned();
+                c.port_bytes = c.port_bytes + label.as_ref().map_or(0, String::len)
+                    - p.label.as_ref().map_or(0, String::len);
+                p.label = label;
+            }
+            c.labels = labels;
+            c.ports_json = None;
+        }
+        Some((view, relabel))
+    }
+
+    /// The owner's profile changed: the agent's control session (if it is here) sends it
+    /// again.
+    pub fn profile_changed(&self, id: Uuid) {
+        if let Some(c) = self.lock().get(&id) {
+            c.profile_changed.notify_one();
+        }
+    }
+
+    /// What wakes the session's control loop to send the profile again.
+    fn profile_signal(&self, id: Uuid, session: u64) -> std::sync::Arc<tokio::sync::Notify> {
+        self.lock()
+            .get(&id)
+            .filter(|c| c.session == session)
+            .map(|c| c.profile_changed.clone())
+            .unwrap_or_default()
     }
 
     /// Records an agent's report of its direct clients on its live entry.
@@ -368,6 +434,23 @@ impl Registry {
             None
         }
     }
+}
+
+/// The owner's profile changed: every agent of theirs gets it again, here at once and on
+/// the other replicas through the `profile` event (which SSE subscribers see as well).
+pub async fn profile_changed(hub: &Hub, owner: &str) -> Result<(), crate::store::StoreError> {
+    for ws in hub.store.list_workspaces(Some(owner)).await? {
+        hub.agents.profile_changed(ws.id);
+        hub.events.publish(WorkspaceEvent {
+            workspace_id: ws.id,
+            kind: "profile",
+            status: None,
+            reason: None,
+            at: now_ms(),
+            detail: Detail::None,
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
@@ -668,6 +751,7 @@ async fn control_session(
             attached_clients: 0,
             last_input_at: None,
             checkout: None,
+            setup: None,
             direct_clients: Vec::new(),
         },
         conn.clone(),
@@ -761,6 +845,8 @@ async fn mark_ready(hub: &Hub, ws: &Workspace) {
 /// kept and written with the next write.
 struct Touches {
     id: Uuid,
+    /// The workspace's owner (whose profile the agent gets).
+    owner: String,
     session: u64,
     /// When the stored values were last written (by this session or, roughly, before it).
     written: Option<Instant>,
@@ -776,6 +862,7 @@ impl Touches {
             .map(|at| now_ms().saturating_sub(at).max(0) as u64);
         Self {
             id: ws.id,
+            owner: ws.owner_id.clone(),
             session,
             written: age_ms.and_then(|age| Instant::now().checked_sub(Duration::from_millis(age))),
             pending_active: None,
@@ -827,6 +914,14 @@ impl Touches {
 
 /// A store write a control session makes beside its heartbeats.
 type StoreWrite<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+/// A read of the owner's profile in flight.
+type ProfileRead<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<crate::store::Profile, crate::store::StoreError>>
+            + Send
+            + 'a,
+    >,
+>;
 
 /// Records the agent's connection time, its activity, or both.
 async fn touch(hub: &Hub, id: Uuid, connected_at: Option<i64>, active: Option<i64>) {
@@ -920,6 +1015,11 @@ async fn heartbeat_loop<'a>(
     let mut budget = ReportBudget::new(Instant::now());
     // The checkout states this connection has logged (each once, however often reported).
     let mut checkout_logged: Vec<&'static str> = Vec::new();
+    // The owner's profile (protocol 7+): read once now, and again whenever it changes.
+    let setup = protocol_version >= protocol::SETUP_SINCE_VERSION;
+    let profile_changed = hub.agents.profile_signal(workspace_id, touches.session);
+    profile_changed.notify_one();
+    let mut profile_read: Option<ProfileRead<'a>> = None;
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -972,6 +1072,29 @@ async fn heartbeat_loop<'a>(
                         });
                         hub.agents.set_checkout(workspace_id, touches.session, view);
                     }
+                    Some(ControlMsg::Setup(report)) => {
+                        live.on_heard(now);
+                        if let Some((view, relabeled)) = hub.agents.set_setup(workspace_id, touches.session, report) {
+                            hub.events.publish(WorkspaceEvent {
+                                workspace_id,
+                                kind: "setup",
+                                status: None,
+                                reason: None,
+                                at: now_ms(),
+                                detail: serde_json::to_value(&view).map_or(Detail::None, Detail::Json),
+                            });
+                            if relabeled {
+                                hub.events.publish(WorkspaceEvent {
+                                    workspace_id,
+                                    kind: "port",
+                                    status: None,
+                                    reason: None,
+                                    at: now_ms(),
+                                    detail: Detail::Ports,
+                                });
+                            }
+                        }
+                    }
                     Some(report @ (ControlMsg::Ports(_) | ControlMsg::PortOpened(_) | ControlMsg::PortClosed(_))) => {
                         live.on_heard(now);
                         if let Some(detail) = hub.agents.apply_ports(workspace_id, touches.session, report) {
@@ -996,6 +1119,28 @@ async fn heartbeat_loop<'a>(
             }
             () = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
                 *writing = None;
+            }
+            () = profile_changed.notified(), if setup && profile_read.is_none() => {
+                let owner = touches.owner.clone();
+                profile_read = Some(Box::pin(async move { hub.store.get_profile(&owner).await }));
+            }
+            read = async { profile_read.as_mut().expect("guarded").await }, if profile_read.is_some() => {
+                profile_read = None;
+                match read {
+                    Ok(profile) => {
+                        let msg = ControlMsg::Profile(crate::domain::profile::for_agent(&profile));
+                        send_msg(send, &msg).await?;
+                        live.on_sent(Instant::now());
+                    }
+                    Err(e) => {
+                        tracing::warn!(workspace = %workspace_id, error = %e, "profile not read; trying again");
+                        let again = profile_changed.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            again.notify_one();
+                        });
+                    }
+                }
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let now = Instant::now();

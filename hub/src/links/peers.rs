@@ -632,6 +632,8 @@ async fn receive_events(hub: &Hub, replica: &str, mut recv: FramedRecv) {
             "status" => "status",
             "checkout" => "checkout",
             "port" => "port",
+            "setup" => "setup",
+            "profile" => "profile",
             "deleted" => "deleted",
             _ => continue,
         };
@@ -648,6 +650,11 @@ async fn receive_events(hub: &Hub, replica: &str, mut recv: FramedRecv) {
             Some(Err(_)) => continue,
             None => Detail::None,
         };
+        // The owner changed their profile through another replica: an agent held here
+        // gets it.
+        if kind == "profile" {
+            hub.agents.profile_changed(workspace_id);
+        }
         // Stopped or deleted through another replica: the agent's connection here ends now
         // (that replica could not end it), once the store confirms it.
         let ended =

@@ -13,7 +13,9 @@
 //! and no lock is held (Firestore's transactions lock pessimistically and time out under
 //! the contention the conformance suite creates).
 
-use super::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
+use super::{
+    AgentRoute, ApiToken, Limits, Profile, ReplicaRecord, Store, StoreError, TokenRejection,
+};
 use crate::base::workspace::{Status, Workspace};
 use async_trait::async_trait;
 use firestore::errors::FirestoreError;
@@ -30,6 +32,7 @@ const OWNERS: &str = "owners";
 const LEASES: &str = "leases";
 const REPLICAS: &str = "replicas";
 const GRANTS: &str = "grants";
+const PROFILES: &str = "profiles";
 const AGENT_ROUTES: &str = "agent_routes";
 
 /// How often a conditional write that lost to a concurrent writer is tried again.
@@ -945,6 +948,23 @@ impl Store for FirestoreStore {
                 })
             },
         )
+        .await
+    }
+
+    async fn get_profile(&self, owner_id: &str) -> Result<Profile, StoreError> {
+        let key = crate::base::ca::fingerprint(owner_id.as_bytes());
+        Ok(self.get(PROFILES, &key).await?.unwrap_or_default())
+    }
+
+    async fn put_profile(&self, owner_id: &str, profile: &Profile) -> Result<bool, StoreError> {
+        let key = crate::base::ca::fingerprint(owner_id.as_bytes());
+        self.modify(PROFILES, &key, |current: Option<Profile>| {
+            Ok(if current.map_or(0, |p| p.version) + 1 == profile.version {
+                Change::Write(profile.clone(), true)
+            } else {
+                Change::Keep(false)
+            })
+        })
         .await
     }
 }

@@ -1,5 +1,5 @@
 //! State behind one small trait: workspaces, enrollment tokens, agent certificates, API
-//! tokens, and per-owner create counters. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); production uses
+//! tokens, per-owner create counters and profiles. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); production uses
 //! Firestore ([`firestore::FirestoreStore`]). Both pass one conformance suite
 //! (`hub/tests/store.rs`).
 
@@ -331,4 +331,49 @@ pub trait Store: Send + Sync + 'static {
         workspace_id: Uuid,
         route: &AgentRoute,
     ) -> Result<(), StoreError>;
+
+    /// The owner's profile (an empty one, version 0, if they never saved one).
+    async fn get_profile(&self, owner_id: &str) -> Result<Profile, StoreError>;
+    /// Saves `profile` if the stored one is still at `profile.version - 1` (compare and
+    /// set: false when another write came first).
+    async fn put_profile(&self, owner_id: &str, profile: &Profile) -> Result<bool, StoreError>;
+}
+
+/// What a user set up for all their workspaces: SSH public keys (they reach every
+/// workspace's `authorized_keys` through its agent) and a dotfiles repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Profile {
+    #[serde(default)]
+    pub ssh_keys: Vec<SshKey>,
+    #[serde(default)]
+    pub dotfiles: Option<DotfilesSetting>,
+    /// One more with every write.
+    #[serde(default)]
+    pub version: i64,
+}
+
+/// One SSH public key of a user.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct SshKey {
+    /// The key's SHA-256 fingerprint as `ssh-keygen -l` prints it (`SHA256:...`).
+    pub id: String,
+    /// The OpenSSH public key line: type, key, comment.
+    pub key: String,
+    /// When it was added (Unix ms).
+    pub added_at: i64,
+}
+
+/// A user's dotfiles repository.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DotfilesSetting {
+    /// A git URL (the forms a workspace's repository takes).
+    #[schema(max_length = 2048)]
+    pub repo: String,
+    /// A shell command run in the clone; none runs the first of `install.sh`, `install`,
+    /// `bootstrap.sh`, `bootstrap`, `script/bootstrap`, `setup.sh`, `setup`, `script/setup`,
+    /// or links the repository's dotfiles into the home folder when there is none.
+    #[serde(default)]
+    #[schema(max_length = 4096)]
+    pub install_command: Option<String>,
 }

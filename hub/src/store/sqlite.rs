@@ -3,7 +3,9 @@
 //! One connection behind a mutex, used from blocking threads. Every status change is a
 //! transaction that re-reads the current status before writing.
 
-use super::{AgentRoute, ApiToken, Limits, ReplicaRecord, Store, StoreError, TokenRejection};
+use super::{
+    AgentRoute, ApiToken, Limits, Profile, ReplicaRecord, Store, StoreError, TokenRejection,
+};
 use crate::base::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -70,6 +72,11 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     expires_at INTEGER,
     email TEXT,
     service TEXT
+);
+CREATE TABLE IF NOT EXISTS profiles (
+    owner_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL
 );
 "#;
 
@@ -940,6 +947,48 @@ impl Store for SqliteStore {
             )
             .map(|_| ())
             .map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_profile(&self, owner_id: &str) -> Result<Profile, StoreError> {
+        let owner = owner_id.to_owned();
+        self.with(move |conn| {
+            let data: Option<String> = conn
+                .query_row(
+                    "SELECT data FROM profiles WHERE owner_id = ?1",
+                    params![owner],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            match data {
+                Some(data) => serde_json::from_str(&data).map_err(backend),
+                None => Ok(Profile::default()),
+            }
+        })
+        .await
+    }
+
+    async fn put_profile(&self, owner_id: &str, profile: &Profile) -> Result<bool, StoreError> {
+        let owner = owner_id.to_owned();
+        let data = serde_json::to_string(profile).map_err(backend)?;
+        let version = profile.version;
+        self.with(move |conn| {
+            let changed = if version == 1 {
+                conn.execute(
+                    "INSERT OR IGNORE INTO profiles (owner_id, version, data) VALUES (?1, 1, ?2)",
+                    params![owner, data],
+                )
+            } else {
+                conn.execute(
+                    "UPDATE profiles SET version = ?2, data = ?3 \
+                     WHERE owner_id = ?1 AND version = ?2 - 1",
+                    params![owner, version, data],
+                )
+            }
+            .map_err(backend)?;
+            Ok(changed == 1)
         })
         .await
     }
