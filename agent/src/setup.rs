@@ -22,17 +22,6 @@ use tokio::sync::watch;
 
 const KEYS_BEGIN: &str = "# >>> keys managed by Workspace Hub (edit them with `wsh ssh-keys`) >>>";
 const KEYS_END: &str = "# <<< keys managed by Workspace Hub <<<";
-/// The key types a line may start with (as OpenSSH names them).
-pub const KEY_TYPES: [&str; 8] = [
-    "ssh-ed25519",
-    "ssh-rsa",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-    "ssh-dss",
-];
 /// Install scripts looked for in a dotfiles repository, in this order (as Codespaces does).
 const INSTALL_SCRIPTS: [&str; 8] = [
     "install.sh",
@@ -529,7 +518,7 @@ pub fn valid_key_line(line: &str) -> bool {
         && line
             .split_whitespace()
             .next()
-            .is_some_and(|t| KEY_TYPES.contains(&t))
+            .is_some_and(|t| protocol::control::KEY_TYPES.contains(&t))
         && line.split_whitespace().nth(1).is_some()
 }
 

@@ -53,6 +53,16 @@ crate::tagged_messages! {
 
 /// At most this many keys in a [`Profile`].
 pub const MAX_AUTHORIZED_KEYS: usize = 64;
+/// The key types a [`Profile`]'s keys may have (OpenSSH names; DSA is not among them).
+pub const KEY_TYPES: [&str; 7] = [
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
 /// At most this many steps, port labels and fields not applied in a [`SetupReport`].
 pub const MAX_SETUP_ITEMS: usize = 64;
 

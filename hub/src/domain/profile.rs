@@ -6,6 +6,7 @@ use crate::base::workspace::is_git_url;
 use crate::domain::error::{Error, Kind};
 use crate::store::{DotfilesSetting, Profile, SshKey};
 use base64::Engine;
+use protocol::control::KEY_TYPES;
 use sha2::{Digest, Sha256};
 
 /// At most this many keys per user (the agent takes no more).
@@ -15,17 +16,6 @@ const _: () = assert!(MAX_KEYS <= protocol::control::MAX_AUTHORIZED_KEYS);
 const MAX_BLOB: usize = 8 * 1024;
 /// Compare-and-set rounds before giving up.
 const ATTEMPTS: usize = 8;
-
-/// The key types a user may add (OpenSSH names), as the agent accepts them.
-const KEY_TYPES: [&str; 7] = [
-    "ssh-ed25519",
-    "ssh-rsa",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-];
 
 fn bad_key(message: impl Into<String>) -> Error {
     Error::new(Kind::Invalid, "bad_key", message)

@@ -241,11 +241,11 @@ fn row_to_workspace(row: &rusqlite::Row<'_>) -> rusqlite::Result<Workspace> {
 }
 
 fn get_ws(conn: &Connection, id: Uuid) -> Result<Workspace, StoreError> {
-    conn.query_row(
-        &format!("SELECT {WS_COLUMNS} FROM workspaces WHERE id = ?1"),
-        params![id.to_string()],
-        row_to_workspace,
-    )
+    // Every API request reads its workspace: the statement is parsed once per connection.
+    conn.prepare_cached(&format!(
+        "SELECT {WS_COLUMNS} FROM workspaces WHERE id = ?1"
+    ))
+    .and_then(|mut s| s.query_row(params![id.to_string()], row_to_workspace))
     .optional()
     .map_err(backend)?
     .ok_or(StoreError::NotFound)
@@ -633,12 +633,11 @@ impl Store for SqliteStore {
     async fn find_api_token(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError> {
         let token_hash = token_hash.to_owned();
         self.with(move |conn| {
-            conn.query_row(
+            conn.prepare_cached(
                 "SELECT owner_id, name, expires_at, email, service FROM api_tokens \
                  WHERE token_hash = ?1",
-                params![token_hash],
-                |r| token_row(r, 0),
             )
+            .and_then(|mut s| s.query_row(params![token_hash], |r| token_row(r, 0)))
             .optional()
             .map_err(backend)
         })
