@@ -31,8 +31,9 @@ enum Command {
         http: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:7443")]
         quic: SocketAddr,
-        #[arg(long, value_enum, default_value = "process")]
-        provider: ProviderKind,
+        /// Default: the config file's, else `process`.
+        #[arg(long, value_enum)]
+        provider: Option<ProviderKind>,
         /// Agent heartbeat interval (humantime, e.g. "2s").
         #[arg(long, value_parser = humantime::parse_duration)]
         heartbeat_interval: Option<std::time::Duration>,
@@ -125,7 +126,7 @@ async fn async_main(cli: Cli) -> Result<()> {
                 state_dir,
                 http_addr: http,
                 quic_addr: quic,
-                provider,
+                provider: provider.unwrap_or(base.provider),
                 ..base
             };
             if let Some(i) = heartbeat_interval {

@@ -88,10 +88,17 @@ test('the activity verdict, keep-awake, port sharing and links, named sessions a
   page.on('dialog', d => d.accept());
   await page.goto(`http://${listening.http}/`);
   await waitFor('signed in', async () => (await page.locator('#whoami').innerText()) === 'dev');
+  // Created with an idle policy of its own: 15 minutes (the hub's default is 30).
   await page.fill('#new-name', 'tools');
+  await page.selectOption('#new-idle', '900');
   await page.click('#create');
   const row = page.locator('tbody#list tr', { hasText: 'tools' });
   await row.locator('button.open-terminal').waitFor({ timeout: 20000 });
+  const stopIn = await page.evaluate(async id => {
+    const s = await (await fetch(`/workspaces/${id}/status`)).json();
+    return new Date(s.activity.stop_at).getTime() - Date.now();
+  }, await row.getAttribute('data-id'));
+  assert.ok(stopIn <= 15 * 60 * 1000 + 10000, `the workspace's own idle policy (stops in ${stopIn} ms)`);
   await row.locator('button.open-terminal').click();
   await waitFor('connected', async () => (await page.locator('#terminal-status').innerText()) === 'connected');
 

@@ -70,6 +70,8 @@ export function killAgents(state) {
 }
 
 export async function terminalText(page) {
+  // xterm.js stops rendering while the terminal is out of view: scroll it in, as a user would.
+  await page.locator('#terminal').scrollIntoViewIfNeeded();
   return page.locator('#terminal .xterm-rows').innerText();
 }
 
