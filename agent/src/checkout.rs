@@ -93,10 +93,7 @@ async fn clone(
     run_as: Option<&str>,
     report: &watch::Sender<Option<CheckoutStatus>>,
 ) -> Result<(), String> {
-    let mut args: Vec<String> = Vec::new();
-    if let Some(user) = run_as.filter(|_| rustix::process::geteuid().is_root()) {
-        args.extend(["runuser", "-u", user, "--"].map(str::to_owned));
-    }
+    let mut args = crate::as_user_prefix(run_as);
     args.extend(["git", "clone", "--progress"].map(str::to_owned));
     if let Some(branch) = &request.branch {
         args.extend([

@@ -181,12 +181,9 @@ fn command(
     env: &[(String, Option<String>)],
     cwd: &PathBuf,
 ) -> tokio::process::Command {
-    let mut argv: Vec<&str> = Vec::new();
-    if let Some(user) = run_as.filter(|_| rustix::process::geteuid().is_root()) {
-        argv.extend(["runuser", "-u", user, "--"]);
-    }
-    argv.extend(start.argv.iter().map(String::as_str));
-    let mut cmd = tokio::process::Command::new(argv[0]);
+    let mut argv = crate::as_user_prefix(run_as);
+    argv.extend(start.argv.iter().cloned());
+    let mut cmd = tokio::process::Command::new(&argv[0]);
     for (name, value) in env {
         match value {
             Some(value) => cmd.env(name, value),

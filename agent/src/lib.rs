@@ -107,6 +107,15 @@ fn sync_options(run_as: Option<&str>) -> filesync::serve::Options {
     }
 }
 
+/// `runuser -u <user> --`, to put before a command that runs as the workspace user: when
+/// the agent is root and one is set; empty otherwise.
+pub(crate) fn as_user_prefix(run_as: Option<&str>) -> Vec<String> {
+    match run_as.filter(|_| rustix::process::geteuid().is_root()) {
+        Some(user) => ["runuser", "-u", user, "--"].map(str::to_owned).to_vec(),
+        None => Vec::new(),
+    }
+}
+
 /// A user's uid and gid from `/etc/passwd`.
 pub(crate) fn user_ids(user: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;

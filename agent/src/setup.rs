@@ -46,6 +46,9 @@ pub struct Setup {
     post_attach: Mutex<Option<(Lifecycle, PathBuf)>>,
     home: PathBuf,
     run_as: Option<String>,
+    /// The workspace user's uid and gid when the agent runs as root for one (what it
+    /// creates is given to that user).
+    owner: Option<(u32, u32)>,
     state_dir: PathBuf,
     /// The profile applied last (keys are written again only when they change).
     profile: Mutex<Option<Profile>>,
@@ -55,12 +58,14 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(home: PathBuf, run_as: Option<String>, state_dir: PathBuf) -> Self {
+        let run_as = run_as.filter(|_| rustix::process::geteuid().is_root());
         Self {
+            owner: run_as.as_deref().and_then(crate::user_ids),
             report: watch::Sender::new(SetupReport::default()),
             env: Mutex::default(),
             post_attach: Mutex::default(),
             home,
-            run_as: run_as.filter(|_| rustix::process::geteuid().is_root()),
+            run_as,
             state_dir,
             profile: Mutex::default(),
             dotfiles_started: false.into(),
@@ -204,7 +209,7 @@ impl Setup {
 
     /// Gives `path` to the workspace user when the agent runs as root for one.
     fn own(&self, path: &Path) -> std::io::Result<()> {
-        let Some((uid, gid)) = self.run_as.as_deref().and_then(crate::user_ids) else {
+        let Some((uid, gid)) = self.owner else {
             return Ok(());
         };
         rustix::fs::chown(
@@ -283,7 +288,7 @@ impl Setup {
                 continue;
             }
             std::os::unix::fs::symlink(clone.join(&name), &target)?;
-            if let Some((uid, gid)) = self.run_as.as_deref().and_then(crate::user_ids) {
+            if let Some((uid, gid)) = self.owner {
                 let _ = rustix::fs::chownat(
                     rustix::fs::CWD,
                     &target,
@@ -424,10 +429,7 @@ impl Setup {
             Command::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
             Command::Exec(argv) => argv.clone(),
         };
-        let mut full: Vec<String> = Vec::new();
-        if let Some(user) = &self.run_as {
-            full.extend(["runuser", "-u", user, "--"].map(str::to_owned));
-        }
+        let mut full = crate::as_user_prefix(self.run_as.as_deref());
         full.extend(argv);
         let mut cmd = tokio::process::Command::new(&full[0]);
         cmd.args(&full[1..])
