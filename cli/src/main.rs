@@ -362,11 +362,13 @@ async fn open_url(client: &Client, workspace: &str, port: u16) -> Result<String>
             Some(json!({"purpose": "preview", "expires_in_secs": 3600})),
         )
         .await?;
-    let ticket = ticket["ticket"]
-        .as_str()
-        .context("the hub sent no ticket")?;
+    let (Some(id), Some(ticket)) = (ticket["workspace_id"].as_str(), ticket["ticket"].as_str())
+    else {
+        bail!("the hub sent no ticket");
+    };
+    // The ticket is bound to the id: the URL names the workspace by it, not by its name.
     Ok(format!(
-        "{}/preview/{workspace}/{port}/?ticket={ticket}",
+        "{}/preview/{id}/{port}/?ticket={ticket}",
         client.hub.trim_end_matches('/')
     ))
 }

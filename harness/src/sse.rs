@@ -5,7 +5,7 @@ use crate::TestHub;
 use serde_json::Value;
 use std::time::Duration;
 
-/// SSE events (`event:` name and JSON `data:`) from `/workspaces/:id/events`.
+/// SSE events (`event:` name and JSON `data:`) from `/workspaces/:id/events` or `/events`.
 pub struct Events {
     res: reqwest::Response,
     buf: String,
@@ -18,9 +18,18 @@ impl Events {
     }
 
     pub async fn open_as(hub: &TestHub, token: &str, id: &str) -> Self {
+        Self::open_path(hub, token, &format!("/workspaces/{id}/events")).await
+    }
+
+    /// Every event of the workspaces `token` sees (`GET /events`).
+    pub async fn open_owner(hub: &TestHub, token: &str) -> Self {
+        Self::open_path(hub, token, "/events").await
+    }
+
+    async fn open_path(hub: &TestHub, token: &str, path: &str) -> Self {
         let res = hub
             .http
-            .get(hub.url(&format!("/workspaces/{id}/events")))
+            .get(hub.url(path))
             .bearer_auth(token)
             .send()
             .await

@@ -35,6 +35,7 @@ fn access(method: &str, path: &str) -> Access {
         ("post", "/login/device" | "/login/device/token") => Public,
         ("post", "/cleanup") => Scheduler,
         ("get" | "post", "/workspaces" | "/tokens")
+        | ("get", "/events")
         | ("get", "/session")
         | ("post", "/logout" | "/login/device/approve") => Caller,
         ("get" | "post", "/ssh-keys") | ("get" | "put" | "delete", "/dotfiles") => Caller,

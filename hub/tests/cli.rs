@@ -411,6 +411,10 @@ async fn wsh_open_prints_a_preview_url_that_enters_and_completions_cover_every_s
             .unwrap()
             .contains("/__wsh/auth?ticket=")
     );
+    // By name too: the URL names the id, which the ticket is bound to.
+    let (ok, out, err) = wsh(&hub, &["open", ws["name"].as_str().unwrap(), "3000"]);
+    assert!(ok, "{err}");
+    assert!(out.trim().starts_with(&prefix), "{out}");
     // Not for a workspace that is not the caller's, nor for port 0.
     let (ok, _, err) = wsh(&hub, &["open", &uuid_like(), "3000"]);
     assert!(!ok && err.contains("not_found"), "{err}");

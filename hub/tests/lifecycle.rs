@@ -44,6 +44,69 @@ async fn status(hub: &TestHub, id: &str) -> Value {
     body
 }
 
+/// `GET /events`: everything that happens to the caller's workspaces, nothing of anyone
+/// else's; an admin's stream carries everyone's.
+#[tokio::test]
+async fn owner_events_carry_the_owners_workspaces_and_no_one_elses() {
+    let hub = TestHub::start_with(HubOptions {
+        provider: "manual".into(),
+        config: "admins = [\"root\"]\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mallory = hub.mint_token("mallory").unwrap();
+    let root = hub.mint_token("root").unwrap();
+    let mut mine = Events::open_owner(&hub, &hub.token).await;
+    let mut hers = Events::open_owner(&hub, &mallory).await;
+    let mut all = Events::open_owner(&hub, &root).await;
+
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap().to_owned();
+    let (code, body) = hub
+        .api("DELETE", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(code, 202, "{body}");
+    for events in [&mut mine, &mut all] {
+        let mut seen = Vec::new();
+        loop {
+            let (kind, data) = events.next().await;
+            assert_eq!(data["workspace_id"], id.as_str(), "{kind} {data}");
+            seen.push(match kind.as_str() {
+                "status" => status_of(&data).to_owned(),
+                other => other.to_owned(),
+            });
+            if kind == "deleted" {
+                break;
+            }
+        }
+        assert_eq!(seen, ["PROVISIONING", "DELETING", "deleted"]);
+    }
+
+    // Mallory's stream stayed silent about it: the first thing she hears of is her own.
+    let (code, theirs) = hub
+        .api_as(&mallory, "POST", "/workspaces", Some(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(code, 201, "{theirs}");
+    let (kind, data) = hers.next().await;
+    assert_eq!(
+        (kind.as_str(), status_of(&data)),
+        ("status", "PROVISIONING")
+    );
+    assert_eq!(data["workspace_id"], theirs["id"], "{data}");
+    let (_, data) = all.next().await;
+    assert_eq!(
+        data["workspace_id"], theirs["id"],
+        "the admin sees hers too"
+    );
+
+    // No credentials, no stream.
+    let res = hub.http.get(hub.url("/events")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+}
+
 #[tokio::test]
 async fn stop_start_and_delete_with_events() {
     let hub = TestHub::start().await.unwrap();

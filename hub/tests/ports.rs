@@ -402,6 +402,73 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
         .unwrap();
     enter(&client, first).await;
 
+    // By name: an API client's own workspace of that name; a browser is sent on to the id,
+    // from the path form and from a name's host alike.
+    let (_, ws) = hub
+        .api("GET", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    let name = ws["name"].as_str().unwrap().to_owned();
+    let res = hub
+        .http
+        .get(hub.url(&format!("/preview/{name}/{port}/echo?n=1")))
+        .bearer_auth(&hub.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let echo: Value = res.json().await.unwrap();
+    assert_eq!(echo["uri"], "/echo?n=1");
+    assert_eq!(
+        echo["headers"]["x-forwarded-prefix"],
+        format!("/preview/{name}/{port}")
+    );
+    let res = hub
+        .http
+        .get(hub.url(&format!("/preview/{name}/{port}/echo")))
+        .bearer_auth(&member_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404, "a name is its owner's alone");
+    let res = client
+        .get(hub.url(&format!("/preview/{name}/{port}/echo?n=2")))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    assert_eq!(
+        res.headers()["location"],
+        format!("/preview/{id}/{port}/echo?n=2")
+    );
+    for cookie in [&member, ""] {
+        let res = client
+            .get(hub.url(&format!("/preview/{name}/{port}/")))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), if cookie.is_empty() { 401 } else { 404 });
+    }
+    let named = format!("{port}-{name}.localhost");
+    let by_host = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(&named, hub.listening.http)
+        .build()
+        .unwrap();
+    let host_url = format!("http://{named}:{}/app?z=1", hub.listening.http.port());
+    let res = by_host.get(&host_url).send().await.unwrap();
+    assert_eq!(res.status(), 303);
+    assert_eq!(
+        res.headers()["location"],
+        hub.url(&format!("/preview/{name}/{port}/app?z=1"))
+    );
+    let res = by_host.post(&host_url).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "use_the_id");
+
     // Bad input and broken backends: clear errors.
     let closer = free_port();
     let _closer = hub

@@ -332,14 +332,18 @@ async fn peer_hop(store: SharedStore) {
             .contains("peer connection without a replica certificate refused")
     );
 
-    // B's subscribers see what happens on A: a stop asked of A.
+    // B's subscribers see what happens on A: a stop asked of A, on the workspace's feed
+    // and on its owner's.
     let mut events = harness::sse::Events::open(&b, &id).await;
+    let mut owner_events = harness::sse::Events::open_owner(&b, &b.token).await;
     let (status, body) = a
         .api("POST", &format!("/workspaces/{id}/stop"), None)
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
     let seen = events.statuses_until("SUSPENDED").await;
+    assert!(seen.iter().any(|s| s == "STOPPING"), "{seen:?}");
+    let seen = owner_events.statuses_until("SUSPENDED").await;
     assert!(seen.iter().any(|s| s == "STOPPING"), "{seen:?}");
 
     // A dies: B's sessions through it end (no hang), and once B has noticed, it says the

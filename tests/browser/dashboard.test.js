@@ -35,6 +35,8 @@ test('create a named workspace, stop, start and delete it from the dashboard', a
   const page = await context.newPage();
   const errors = [];
   page.on('pageerror', e => errors.push(e.message));
+  const requests = [];
+  page.on('request', r => requests.push(r.url()));
   await page.goto(link);
   await waitFor('signed in', async () => (await page.locator('#whoami').innerText()) === 'dev');
 
@@ -62,6 +64,18 @@ test('create a named workspace, stop, start and delete it from the dashboard', a
   await row.locator('button.start').click();
   await row.locator('button.stop').waitFor({ timeout: 20000 });
   assert.match(await row.innerText(), /READY/);
+
+  // A change made elsewhere (the API, not a dashboard button) shows without a reload: the
+  // list follows the owner's event stream (its safety-net poll is every 30 s).
+  assert.ok(requests.some(u => new URL(u).pathname === '/events'), 'the list follows GET /events');
+  const id = (await row.innerText()).match(/demo · ([0-9a-f-]{36})/)[1];
+  await page.evaluate(async id => {
+    const s = await (await fetch('/session')).json();
+    await fetch('/workspaces/' + id + '/stop', { method: 'POST', headers: { 'X-CSRF-Token': s.csrf_token } });
+  }, id);
+  await waitFor('stopped elsewhere, shown', async () => /SUSPENDED/.test(await row.innerText()), 10000);
+  await row.locator('button.start').click();
+  await row.locator('button.stop').waitFor({ timeout: 20000 });
 
   // Deleting asks first: dismissed, nothing happens; accepted, the workspace goes.
   page.once('dialog', d => d.dismiss());

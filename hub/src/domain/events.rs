@@ -1,4 +1,5 @@
-//! Workspace events for SSE subscribers: one small feed per watched workspace.
+//! Workspace events for SSE subscribers: one small feed per watched workspace, and one per
+//! owner watching all of theirs (an admin: everyone's).
 //!
 //! What one workspace can make the hub hold here is bounded and small, whoever else is
 //! subscribed: a feed exists only while somebody watches that workspace, it keeps at most
@@ -19,13 +20,41 @@ pub const FEED_CAPACITY: usize = 32;
 #[derive(Debug, Clone)]
 pub struct WorkspaceEvent {
     pub workspace_id: Uuid,
-    /// The SSE event name: `status`, `checkout`, `port`, `deleted`.
+    /// The workspace's owner, where the publisher knows it (owner feeds get only those).
+    pub owner: Option<String>,
+    /// The SSE event name: `status`, `checkout`, `port`, `setup`, `profile`, `deleted`.
     pub kind: &'static str,
     pub status: Option<Status>,
     pub reason: Option<String>,
     /// Unix milliseconds.
     pub at: i64,
     pub detail: Detail,
+}
+
+impl WorkspaceEvent {
+    /// An event of `kind` about workspace `id` (of `owner`), now, with nothing more.
+    pub fn new(id: Uuid, owner: &str, kind: &'static str) -> Self {
+        Self {
+            workspace_id: id,
+            owner: Some(owner.to_owned()),
+            kind,
+            status: None,
+            reason: None,
+            at: crate::base::workspace::now_ms(),
+            detail: Detail::None,
+        }
+    }
+
+    pub fn with_status(mut self, status: Status, reason: Option<String>) -> Self {
+        self.status = Some(status);
+        self.reason = reason;
+        self
+    }
+
+    pub fn with_detail(mut self, detail: Detail) -> Self {
+        self.detail = detail;
+        self
+    }
 }
 
 /// What an event carries beyond the status.
@@ -38,9 +67,20 @@ pub enum Detail {
     Ports,
 }
 
-type Feeds = Arc<Mutex<HashMap<Uuid, broadcast::Sender<Arc<WorkspaceEvent>>>>>;
+/// Which events a feed carries: one workspace's, one owner's, or all of them (an admin's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Watch {
+    Workspace(Uuid),
+    Owner(String),
+    All,
+}
 
-/// The feeds of the workspaces somebody is watching.
+type Feeds = Arc<Mutex<HashMap<Watch, broadcast::Sender<Arc<WorkspaceEvent>>>>>;
+
+/// Events an owner's feed keeps for a slow subscriber (an owner has many workspaces).
+pub const OWNER_FEED_CAPACITY: usize = 256;
+
+/// The feeds somebody is watching.
 #[derive(Default)]
 pub struct Events {
     feeds: Feeds,
@@ -83,43 +123,67 @@ impl Events {
     /// Sends an event to this replica's subscribers only (one that happened on another).
     pub fn publish_here(&self, event: WorkspaceEvent) {
         let mut feeds = lock(&self.feeds);
-        if let Some(tx) = feeds.get(&event.workspace_id) {
-            if tx.receiver_count() == 0 {
-                feeds.remove(&event.workspace_id);
-            } else {
-                let _ = tx.send(Arc::new(event));
+        if feeds.is_empty() {
+            return;
+        }
+        let event = Arc::new(event);
+        let owner = event.owner.clone().map(Watch::Owner);
+        let watches = [
+            Some(Watch::Workspace(event.workspace_id)),
+            owner,
+            Some(Watch::All),
+        ];
+        for watch in watches.into_iter().flatten() {
+            if let Some(tx) = feeds.get(&watch) {
+                if tx.receiver_count() == 0 {
+                    feeds.remove(&watch);
+                } else {
+                    let _ = tx.send(event.clone());
+                }
             }
         }
     }
 
-    /// Subscribes to one workspace's events; the feed goes when its last subscriber does.
-    pub fn subscribe(&self, id: Uuid) -> Subscription {
+    /// Subscribes to the events `watch` names; the feed goes when its last subscriber does.
+    pub fn subscribe(&self, watch: Watch) -> Subscription {
+        let capacity = match watch {
+            Watch::Workspace(_) => FEED_CAPACITY,
+            Watch::Owner(_) | Watch::All => OWNER_FEED_CAPACITY,
+        };
         let rx = lock(&self.feeds)
-            .entry(id)
-            .or_insert_with(|| broadcast::channel(FEED_CAPACITY).0)
+            .entry(watch.clone())
+            .or_insert_with(|| broadcast::channel(capacity).0)
             .subscribe();
         Subscription {
             rx: Some(rx),
             feeds: self.feeds.clone(),
-            id,
+            watch,
         }
     }
 
-    /// How many workspaces have a feed (someone watching).
+    /// How many feeds exist (someone watching).
     pub fn feeds(&self) -> usize {
         lock(&self.feeds).len()
     }
+
+    /// Whether anyone here watches an owner's (or all) events: only then does an event
+    /// from another replica need its owner looked up.
+    pub fn owners_watched(&self) -> bool {
+        lock(&self.feeds)
+            .keys()
+            .any(|w| !matches!(w, Watch::Workspace(_)))
+    }
 }
 
-fn lock(feeds: &Feeds) -> MutexGuard<'_, HashMap<Uuid, broadcast::Sender<Arc<WorkspaceEvent>>>> {
+fn lock(feeds: &Feeds) -> MutexGuard<'_, HashMap<Watch, broadcast::Sender<Arc<WorkspaceEvent>>>> {
     feeds.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One subscriber's place in a workspace's feed.
+/// One subscriber's place in a feed.
 pub struct Subscription {
     rx: Option<broadcast::Receiver<Arc<WorkspaceEvent>>>,
     feeds: Feeds,
-    id: Uuid,
+    watch: Watch,
 }
 
 /// What a subscriber gets next.
@@ -152,10 +216,10 @@ impl Drop for Subscription {
         drop(self.rx.take());
         let mut feeds = lock(&self.feeds);
         if feeds
-            .get(&self.id)
+            .get(&self.watch)
             .is_some_and(|tx| tx.receiver_count() == 0)
         {
-            feeds.remove(&self.id);
+            feeds.remove(&self.watch);
         }
     }
 }
@@ -166,12 +230,8 @@ mod tests {
 
     fn event(id: Uuid, n: i64) -> WorkspaceEvent {
         WorkspaceEvent {
-            workspace_id: id,
-            kind: "port",
-            status: None,
-            reason: None,
             at: n,
-            detail: Detail::None,
+            ..WorkspaceEvent::new(id, "alice", "port")
         }
     }
 
@@ -181,8 +241,8 @@ mod tests {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         events.publish(event(a, 0)); // nobody watching: nothing kept
         assert_eq!(events.feeds(), 0);
-        let mut sub_b = events.subscribe(b);
-        let mut sub_a = events.subscribe(a);
+        let mut sub_b = events.subscribe(Watch::Workspace(b));
+        let mut sub_a = events.subscribe(Watch::Workspace(a));
         for n in 0..1000 {
             events.publish(event(a, n));
         }
@@ -203,5 +263,34 @@ mod tests {
         assert_eq!(events.feeds(), 1);
         drop(sub_b);
         assert_eq!(events.feeds(), 0);
+    }
+
+    #[tokio::test]
+    async fn owner_feeds_see_their_owners_workspaces_and_all_sees_everything() {
+        let events = Events::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut alice = events.subscribe(Watch::Owner("alice".into()));
+        let mut all = events.subscribe(Watch::All);
+        assert!(events.owners_watched());
+        events.publish(WorkspaceEvent::new(b, "bob", "status"));
+        events.publish(WorkspaceEvent::new(a, "alice", "status"));
+        // An event whose owner the publisher did not know reaches only `All`.
+        events.publish(WorkspaceEvent {
+            owner: None,
+            ..WorkspaceEvent::new(a, "alice", "port")
+        });
+        match alice.next().await {
+            Next::Event(ev) => assert_eq!((ev.workspace_id, ev.kind), (a, "status")),
+            _ => panic!("expected alice's event"),
+        }
+        for expected in [(b, "status"), (a, "status"), (a, "port")] {
+            match all.next().await {
+                Next::Event(ev) => assert_eq!((ev.workspace_id, ev.kind), expected),
+                _ => panic!("expected {expected:?}"),
+            }
+        }
+        drop((alice, all));
+        assert_eq!(events.feeds(), 0);
+        assert!(!events.owners_watched());
     }
 }

@@ -9,7 +9,7 @@ use crate::base::workspace::{
 };
 use crate::domain::auth::token_hash;
 use crate::domain::error::{Error, Kind};
-use crate::domain::events::{Detail, WorkspaceEvent};
+use crate::domain::events::WorkspaceEvent;
 use crate::provider::{InstanceSpec, ProviderError, Target};
 use crate::store::{Limits, StoreError};
 use crate::{Hub, base::ca};
@@ -34,25 +34,11 @@ impl Hub {
         reason: Option<&str>,
     ) -> Result<Workspace, StoreError> {
         let ws = self.store.transition(id, from, to, reason).await?;
-        self.publish(id, "status", Some(ws.status), ws.status_reason.clone());
+        self.events.publish(
+            WorkspaceEvent::new(id, &ws.owner_id, "status")
+                .with_status(ws.status, ws.status_reason.clone()),
+        );
         Ok(ws)
-    }
-
-    pub fn publish(
-        &self,
-        id: Uuid,
-        kind: &'static str,
-        status: Option<Status>,
-        reason: Option<String>,
-    ) {
-        self.events.publish(WorkspaceEvent {
-            workspace_id: id,
-            kind,
-            status,
-            reason,
-            at: now_ms(),
-            detail: Detail::None,
-        });
     }
 
     /// Ends the agent's connection (after a stop or a delete), so the registry drops it now
@@ -198,7 +184,8 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
             Err(e) => return Err(e.into()),
         }
     }
-    hub.publish(id, "status", Some(ws.status), None);
+    hub.events
+        .publish(WorkspaceEvent::new(id, &ws.owner_id, "status").with_status(ws.status, None));
     if let Some(token) = req.git_token {
         hub.agents.keep_checkout_token(id, token);
     }
@@ -381,21 +368,22 @@ pub async fn delete(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, Error> {
         Status::Deleting,
     ];
     let ws = hub.transition(id, &FROM, Status::Deleting, None).await?;
-    let (hub, target) = (hub.clone(), Target::from(&ws));
-    tokio::spawn(async move { finish_delete(&hub, &target).await });
+    let (hub, gone) = (hub.clone(), ws.clone());
+    tokio::spawn(async move { finish_delete(&hub, &gone).await });
     Ok(ws)
 }
 
 /// The provider half of a delete; on failure the record stays `DELETING` with the reason,
 /// and the reconciler tries again.
-pub async fn finish_delete(hub: &Hub, target: &Target) {
-    let id = target.workspace_id;
+pub async fn finish_delete(hub: &Hub, ws: &Workspace) {
+    let (id, target) = (ws.id, Target::from(ws));
     hub.disconnect_agent(id, "workspace deleted");
-    match hub.provider.delete(target).await {
+    match hub.provider.delete(&target).await {
         Ok(()) | Err(ProviderError::NotFound) => match hub.store.delete_workspace(id).await {
             Ok(()) | Err(StoreError::NotFound) => {
                 tracing::info!(workspace = %id, "workspace deleted");
-                hub.publish(id, "deleted", None, None);
+                hub.events
+                    .publish(WorkspaceEvent::new(id, &ws.owner_id, "deleted"));
             }
             Err(e) => tracing::warn!(workspace = %id, error = %e, "delete record"),
         },

@@ -94,7 +94,7 @@ async fn repair(
     let settled = now.saturating_sub(ws.updated_at) >= grace;
     if ws.status == Status::Deleting {
         // A delete is always safe to repeat.
-        lifecycle::finish_delete(hub, &ws.into()).await;
+        lifecycle::finish_delete(hub, ws).await;
         report.finished.push(ws.id);
         return Ok(());
     }

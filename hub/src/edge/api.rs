@@ -43,6 +43,7 @@ pub fn app(hub: AppState) -> Router {
         .route("/workspaces/{id}/stop", post(stop_workspace))
         .route("/workspaces/{id}/start", post(start_workspace))
         .route("/workspaces/{id}/status", get(workspace_status))
+        .route("/events", get(owner_events))
         .route("/workspaces/{id}/events", get(workspace_events))
         .route("/preview/{id}", get(workspace_events))
         .route("/workspaces/{id}/ports", get(workspace_ports))
@@ -304,7 +305,7 @@ pub struct ErrorDetail {
     info(title = "Workspace Hub API", description = "Remote development workspaces: lifecycle, status and events. Any request may be answered `503` with `Retry-After` and error code `draining` while the hub (or the replica it reached) restarts: retry it."),
     paths(
         index, asset, ca_pem, openapi, healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
-        stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, cleanup,
+        stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, owner_events, cleanup,
         create_token, list_tokens, revoke_token, create_ticket, workspace_ports,
         crate::edge::preview::get_sharing, crate::edge::preview::set_sharing, crate::edge::preview::create_link,
         crate::edge::preview::revoke_link,
@@ -953,7 +954,7 @@ async fn workspace_events(
     let ws = owned(&hub, &caller, &id).await?;
     // Subscribe before reading the status so no change falls between the two.
     let id = ws.id;
-    let sub = hub.events.subscribe(id);
+    let sub = hub.events.subscribe(events::Watch::Workspace(id));
     let (first, last) = snapshot(&hub, id).await?;
     // A change that lands between the subscription and the read arrives twice: once in
     // the snapshot and once from the feed. Repeats of the last sent state are dropped.
@@ -1000,6 +1001,28 @@ async fn workspace_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+/// `GET /events`: every event of the caller's workspaces (an admin's: everyone's), as SSE.
+#[utoipa::path(get, path = "/events", tag = "workspaces", security(("bearer" = [])), responses((status = 200, description = "Server-sent events of every workspace of the caller's (an admin's: every workspace), as `GET /workspaces/{id}/events` sends them, from now on and with no snapshot: read `GET /workspaces` after the stream opens (and again after `lagged`, which says how many events were missed). A new workspace shows as its first `status` event, a deleted one as `deleted`.", content_type = "text/event-stream", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody)))]
+async fn owner_events(
+    State(hub): State<AppState>,
+    caller: Caller,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let watch = match caller.scope() {
+        Some(owner) => events::Watch::Owner(owner.to_owned()),
+        None => events::Watch::All,
+    };
+    let sub = hub.events.subscribe(watch);
+    let stream = futures_util::stream::unfold((hub, sub), |(hub, mut sub)| async move {
+        let event = match sub.next().await {
+            events::Next::Event(ev) => sse_event(&hub, &ev),
+            events::Next::Lagged(n) => Event::default().event("lagged").data(n.to_string()),
+            events::Next::Closed => return None,
+        };
+        Some((Ok(event), (hub, sub)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
 /// A workspace as it is now, as SSE events (its status, then all its ports), and the
 /// status and reason they carry.
 async fn snapshot(
@@ -1008,26 +1031,18 @@ async fn snapshot(
 ) -> Result<(Vec<Event>, (Option<Status>, Option<String>)), ApiError> {
     let ws = hub.store.get_workspace(id).await?;
     let status = WorkspaceEvent {
-        workspace_id: ws.id,
-        kind: "status",
-        status: Some(ws.status),
-        reason: ws.status_reason.clone(),
         at: ws.updated_at,
-        detail: Detail::None,
+        ..WorkspaceEvent::new(ws.id, &ws.owner_id, "status")
+            .with_status(ws.status, ws.status_reason.clone())
     };
-    let ports = WorkspaceEvent {
-        workspace_id: ws.id,
-        kind: "port",
-        status: None,
-        reason: None,
-        at: now_ms(),
-        detail: match crate::links::peers::remote_agent(hub, ws.id).await {
+    let ports = WorkspaceEvent::new(ws.id, &ws.owner_id, "port").with_detail(
+        match crate::links::peers::remote_agent(hub, ws.id).await {
             Some(remote) => {
                 Detail::Json(json!({"state": "all", "ports": port_list(&remote.ports)}))
             }
             None => Detail::Ports,
         },
-    };
+    );
     Ok((
         vec![sse_event(hub, &status), sse_event(hub, &ports)],
         (Some(ws.status), ws.status_reason),
@@ -1076,6 +1091,8 @@ pub struct TicketRequest {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TicketView {
     pub ticket: String,
+    /// The workspace the ticket is bound to (its id: what URLs carrying the ticket name).
+    pub workspace_id: Uuid,
     pub expires_at: String,
 }
 
@@ -1109,6 +1126,7 @@ async fn create_ticket(
         StatusCode::CREATED,
         Json(TicketView {
             ticket,
+            workspace_id: ws.id,
             expires_at: rfc3339(expires),
         }),
     ))

@@ -20,6 +20,7 @@ use uuid::Uuid;
 pub fn route_scope(path: &str) -> Option<Scope> {
     Some(match path {
         "/workspaces"
+        | "/events"
         | "/workspaces/{id}"
         | "/workspaces/{id}/stop"
         | "/workspaces/{id}/start"

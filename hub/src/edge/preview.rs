@@ -11,6 +11,10 @@
 //!   host-only `wsh_preview` cookie (12 h), whose grounds (owner, admin, signed-in user of
 //!   an `authenticated` port, share link) are checked again on every request.
 //!
+//! Both accept a workspace's name where they accept its id (`/preview/api/3000/`,
+//! `3000-api.<preview domain>`): a bearer token's owner or the signed-in user's workspace
+//! of that name. Browsers are sent on to the id's origin; pages never run on a name's.
+//!
 //! Requests and responses stream both ways, WebSocket upgrades are spliced, hop-by-hop
 //! headers are dropped, `X-Forwarded-*` is set, and the hub's own credentials (its cookies,
 //! the bearer token) never reach the workspace.
@@ -191,17 +195,30 @@ pub fn origin(hub: &Hub, id: Uuid, port: u16) -> Option<String> {
     Some(format!("{scheme}://{port}-{id}.{}", preview_domain(hub)?))
 }
 
+/// What a preview host names: `<port>-<id>`, or `<port>-<name>` (an owner's name for one
+/// of their workspaces, which only the hub can resolve: it sends browsers there).
+#[derive(Debug, PartialEq)]
+enum Target {
+    Id(Uuid, u16),
+    Name(String, u16),
+}
+
 /// The workspace and port a `Host` names, if it is a preview host.
-fn target(hub: &Hub, host: &str) -> Option<(Uuid, u16)> {
+fn target(hub: &Hub, host: &str) -> Option<Target> {
     let domain = preview_domain(hub)?;
     let label = host
         .to_ascii_lowercase()
         .strip_suffix(&domain.to_ascii_lowercase())?
         .strip_suffix('.')?
         .to_owned();
-    let (port, id) = label.split_once('-')?;
+    let (port, key) = label.split_once('-')?;
     let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
-    Some((Uuid::parse_str(id).ok()?, port))
+    match Uuid::parse_str(key) {
+        Ok(id) => Some(Target::Id(id, port)),
+        Err(_) => crate::base::workspace::check_name(key)
+            .is_ok()
+            .then(|| Target::Name(key.to_owned(), port)),
+    }
 }
 
 fn port_param(s: &str) -> Result<u16, ApiError> {
@@ -241,11 +258,33 @@ pub async fn by_host(State(hub): State<AppState>, req: Request, next: Next) -> R
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .and_then(|h| target(&hub, h));
     match host {
-        Some((id, port)) => subdomain(hub, id, port, req)
+        Some(Target::Id(id, port)) => subdomain(hub, id, port, req)
             .await
             .unwrap_or_else(IntoResponse::into_response),
+        Some(Target::Name(name, port)) => by_name(&hub, &name, port, &req),
         None => next.run(req).await,
     }
+}
+
+/// A preview host naming a workspace by name: a browser goes through the hub, which knows
+/// whose name it is (the signed-in user's) and sends it on to the id's own origin. Pages
+/// never run on a name's origin: two owners may use one name, and an origin is a trust
+/// boundary (cookies, storage).
+fn by_name(hub: &Hub, name: &str, port: u16, req: &Request) -> Response {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    if req.method() == Method::GET {
+        return redirect(&format!("{}/preview/{name}/{port}{path}", hub.public_url));
+    }
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "use_the_id",
+        "a preview host with a workspace's name only forwards browsers; use its id's host",
+    )
+    .into_response()
 }
 
 fn query_param(req: &Request, name: &str) -> Option<String> {
@@ -334,7 +373,7 @@ fn redirect(to: &str) -> Response {
 #[utoipa::path(method(get, put, post, delete, patch, head, options), path = "/preview/{id}/{port}/{path}", tag = "ports",
     security((), ("bearer" = [])),
     description = "A workspace port's preview, path form (also `/preview/{id}/{port}` with no path). With a bearer token the request is proxied right here (a WebSocket upgrade too), and the answer is the dev server's own, whatever its status. Without one (browsers) the hub decides on what grounds the caller may open it (the port's visibility, a `share` link secret, the session cookie) and redirects (303) to the preview's own origin, which needs `preview_domain` in the hub config.",
-    params(("id" = String, Path, description = "Workspace id (UUID)"), ("port" = u16, Path, description = "Port (1 to 65535)"), ("path" = String, Path, description = "Path on the dev server (may be empty and may hold `/`), with its query"),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browsers: sent on to the id; browser tokens and share links: the id)"), ("port" = u16, Path, description = "Port (1 to 65535)"), ("path" = String, Path, description = "Path on the dev server (may be empty and may hold `/`), with its query"),
         ("share" = Option<String>, Query, description = "A share link's secret (browsers)")),
     responses(
         (status = 200, description = "The dev server's answer (any status it sends)"),
@@ -357,10 +396,13 @@ pub async fn path_form(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
-    let id = Uuid::parse_str(param("id").unwrap_or_default())
-        .map_err(|_| ApiError::not_found("workspace"))?;
+    let key = param("id").unwrap_or_default().to_owned();
+    let id = Uuid::parse_str(&key).ok();
+    if id.is_none() && crate::base::workspace::check_name(&key).is_err() {
+        return Err(ApiError::not_found("workspace"));
+    }
     let port = port_param(param("port").unwrap_or_default())?;
-    let prefix = format!("/preview/{id}/{port}");
+    let prefix = format!("/preview/{key}/{port}");
     let rest = req
         .uri()
         .path_and_query()
@@ -387,17 +429,35 @@ pub async fn path_form(
             token,
             peer,
             Some(crate::domain::auth::Scope::Preview),
-            Some(id),
+            id,
         )
         .await?;
-        let ws = hub.store.get_workspace(id).await?;
-        let ws = match caller.authorize(ws.clone()) {
-            Ok(ws) => ws,
-            Err(e) if ws.sharing.visibility(port) == Visibility::Private => return Err(e.into()),
-            Err(_) => ws,
+        let ws = match id {
+            // By id, anyone signed in opens a port that is not private.
+            Some(id) => {
+                let ws = hub.store.get_workspace(id).await?;
+                match caller.authorize(ws.clone()) {
+                    Ok(ws) => ws,
+                    Err(e) if ws.sharing.visibility(port) == Visibility::Private => {
+                        return Err(e.into());
+                    }
+                    Err(_) => ws,
+                }
+            }
+            // A name is the caller's own.
+            None => caller.workspace(&hub, &key).await?,
         };
         return proxy(&hub, &ws, port, req, rest, Some(prefix)).await;
     }
+
+    // Browsers naming a workspace by name: it is the signed-in user's; on to its id.
+    let Some(id) = id else {
+        let session = cookie(req.headers(), SESSION_COOKIE)
+            .ok_or_else(|| ApiError::unauthorized("sign in to open this preview"))?;
+        let caller = crate::domain::auth::authenticate(&hub, session, peer).await?;
+        let ws = caller.workspace(&hub, &key).await?;
+        return Ok(redirect(&format!("/preview/{}/{port}{rest}", ws.id)));
+    };
 
     // Browsers: decide on what grounds, then on to the preview's own origin.
     let origin = origin(&hub, id, port).ok_or_else(|| {

@@ -441,14 +441,8 @@ impl Registry {
 pub async fn profile_changed(hub: &Hub, owner: &str) -> Result<(), crate::store::StoreError> {
     for ws in hub.store.list_workspaces(Some(owner)).await? {
         hub.agents.profile_changed(ws.id);
-        hub.events.publish(WorkspaceEvent {
-            workspace_id: ws.id,
-            kind: "profile",
-            status: None,
-            reason: None,
-            at: now_ms(),
-            detail: Detail::None,
-        });
+        hub.events
+            .publish(WorkspaceEvent::new(ws.id, &ws.owner_id, "profile"));
     }
     Ok(())
 }
@@ -814,14 +808,10 @@ async fn control_session(
     // Its ports are out of reach until it is back (and reports them again); an agent that
     // moved is back already, on another replica.
     if removed == Some(false) {
-        hub.events.publish(WorkspaceEvent {
-            workspace_id,
-            kind: "port",
-            status: None,
-            reason: None,
-            at: now_ms(),
-            detail: Detail::Ports,
-        });
+        hub.events.publish(
+            WorkspaceEvent::new(workspace_id, &workspace.owner_id, "port")
+                .with_detail(Detail::Ports),
+        );
     }
     tracing::info!(%remote, workspace = %workspace_id, "agent disconnected");
     result
@@ -1062,50 +1052,34 @@ async fn heartbeat_loop<'a>(
                             checkout_logged.push(view.state);
                             tracing::info!(workspace = %workspace_id, state = view.state, "checkout");
                         }
-                        hub.events.publish(WorkspaceEvent {
-                            workspace_id,
-                            kind: "checkout",
-                            status: None,
-                            reason: None,
-                            at: now_ms(),
-                            detail: serde_json::to_value(&view).map_or(Detail::None, Detail::Json),
-                        });
+                        hub.events.publish(
+                            WorkspaceEvent::new(workspace_id, &touches.owner, "checkout")
+                                .with_detail(serde_json::to_value(&view).map_or(Detail::None, Detail::Json)),
+                        );
                         hub.agents.set_checkout(workspace_id, touches.session, view);
                     }
                     Some(ControlMsg::Setup(report)) => {
                         live.on_heard(now);
                         if let Some((view, relabeled)) = hub.agents.set_setup(workspace_id, touches.session, report) {
-                            hub.events.publish(WorkspaceEvent {
-                                workspace_id,
-                                kind: "setup",
-                                status: None,
-                                reason: None,
-                                at: now_ms(),
-                                detail: serde_json::to_value(&view).map_or(Detail::None, Detail::Json),
-                            });
+                            hub.events.publish(
+                                WorkspaceEvent::new(workspace_id, &touches.owner, "setup")
+                                    .with_detail(serde_json::to_value(&view).map_or(Detail::None, Detail::Json)),
+                            );
                             if relabeled {
-                                hub.events.publish(WorkspaceEvent {
-                                    workspace_id,
-                                    kind: "port",
-                                    status: None,
-                                    reason: None,
-                                    at: now_ms(),
-                                    detail: Detail::Ports,
-                                });
+                                hub.events.publish(
+                                    WorkspaceEvent::new(workspace_id, &touches.owner, "port")
+                                        .with_detail(Detail::Ports),
+                                );
                             }
                         }
                     }
                     Some(report @ (ControlMsg::Ports(_) | ControlMsg::PortOpened(_) | ControlMsg::PortClosed(_))) => {
                         live.on_heard(now);
                         if let Some(detail) = hub.agents.apply_ports(workspace_id, touches.session, report) {
-                            hub.events.publish(WorkspaceEvent {
-                                workspace_id,
-                                kind: "port",
-                                status: None,
-                                reason: None,
-                                at: now_ms(),
-                                detail,
-                            });
+                            hub.events.publish(
+                                WorkspaceEvent::new(workspace_id, &touches.owner, "port")
+                                    .with_detail(detail),
+                            );
                         }
                     }
                     Some(_) => return Err(protocol::ProtocolError::Unexpected("handshake message after hello").into()),

@@ -618,6 +618,7 @@ fn peer_event(hub: &Hub, ev: &crate::domain::events::WorkspaceEvent) -> protocol
 async fn receive_events(hub: &Hub, replica: &str, mut recv: FramedRecv) {
     use crate::domain::events::{Detail, WorkspaceEvent};
     use protocol::peer::PeerMsg;
+    let mut owners: std::collections::HashMap<Uuid, String> = Default::default();
     loop {
         let ev = match recv.expect::<PeerMsg>().await {
             Ok(PeerMsg::Event(ev)) => ev,
@@ -672,8 +673,28 @@ async fn receive_events(hub: &Hub, replica: &str, mut recv: FramedRecv) {
                 }
             });
         }
+        // Owner feeds here need the owner, which the other replica does not send: looked up
+        // once per workspace (an owner never changes), and only while someone watches.
+        let owner = if hub.events.owners_watched() {
+            if owners.len() > 100_000 {
+                owners.clear();
+            }
+            match owners.get(&workspace_id) {
+                Some(owner) => Some(owner.clone()),
+                None => match hub.store.get_workspace(workspace_id).await {
+                    Ok(ws) => {
+                        owners.insert(workspace_id, ws.owner_id.clone());
+                        Some(ws.owner_id)
+                    }
+                    Err(_) => None,
+                },
+            }
+        } else {
+            None
+        };
         hub.events.publish_here(WorkspaceEvent {
             workspace_id,
+            owner,
             kind,
             status,
             reason: ev.reason.map(|r| r.chars().take(4096).collect()),
