@@ -104,6 +104,7 @@ fn sync_options(run_as: Option<&str>) -> filesync::serve::Options {
         rescan: std::time::Duration::from_secs(10),
         debounce: std::time::Duration::from_millis(10),
         memory: Arc::default(),
+        sessions: Default::default(),
     }
 }
 

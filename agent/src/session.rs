@@ -194,6 +194,10 @@ async fn serve(
     {
         setup.mark_changed();
     }
+    // File-sync sessions (protocol 8+): looked at with the activity, sent when they change
+    // (the first look after a connect always sends, an empty list included).
+    let mut sync_sent = (welcome.protocol_version >= protocol::SYNC_STATUS_SINCE_VERSION)
+        .then_some(None::<protocol::control::SyncSessions>);
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -259,6 +263,16 @@ async fn serve(
                         return lost(e, true);
                     }
                     live.on_sent(now);
+                }
+                if let Some(sent) = sync_sent.as_mut() {
+                    let report = services.sync.sessions.report();
+                    if sent.as_ref() != Some(&report) {
+                        if let Err(e) = send_msg(&mut send, &ControlMsg::SyncSessions(report.clone())).await {
+                            return lost(e, true);
+                        }
+                        *sent = Some(report);
+                        live.on_sent(now);
+                    }
                 }
             }
             changed = async { direct_clients.as_mut()?.1.changed().await.ok() }, if direct_clients.is_some() => {
@@ -500,7 +514,7 @@ pub(crate) async fn serve_stream(
         StreamHeader::Sync(open) => {
             // A running sync is use of the workspace, like an open forward.
             let _busy = forwards.busy();
-            filesync::serve::serve(open.root, sync, send, recv).await
+            filesync::serve::serve(open.root, credential.is_some(), sync, send, recv).await
         }
         other => {
             let message = format!(

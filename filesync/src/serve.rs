@@ -8,6 +8,7 @@ use crate::tree::{HashCache, Incoming, Root};
 use crate::watch::Watcher;
 use link::{FramedRecv, LinkError};
 use protocol::ProtocolError;
+use protocol::control::{SyncSession, SyncSessions};
 use protocol::stream::{Accepted, StreamRefusal, StreamRefused, StreamReply};
 use protocol::sync::delta::BlockSig;
 use protocol::sync::plan::Tree;
@@ -33,6 +34,63 @@ pub struct Options {
     pub debounce: Duration,
     /// What ended sessions leave for the next one on the same folder.
     pub memory: Arc<Mutex<HashMap<PathBuf, Memory>>>,
+    /// The sessions open now, for the agent to report.
+    pub sessions: Sessions,
+}
+
+/// The sync sessions being served, as the hub is told of them.
+#[derive(Debug, Clone, Default)]
+pub struct Sessions(Arc<Mutex<(u64, std::collections::BTreeMap<u64, SyncSession>)>>);
+
+impl Sessions {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (u64, std::collections::BTreeMap<u64, SyncSession>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a session; it is listed until the guard goes.
+    fn open(&self, session: SyncSession) -> Listed {
+        let mut inner = self.lock();
+        inner.0 += 1;
+        let key = inner.0;
+        inner.1.insert(key, session);
+        Listed {
+            sessions: self.clone(),
+            key,
+        }
+    }
+
+    /// The sessions open now, oldest first, as a report (bounded to fit one).
+    pub fn report(&self) -> SyncSessions {
+        SyncSessions::bounded(self.lock().1.values())
+    }
+}
+
+/// A session's entry in [`Sessions`], removed on drop (however the session ends).
+struct Listed {
+    sessions: Sessions,
+    key: u64,
+}
+
+impl Listed {
+    fn update(&self, f: impl FnOnce(&mut SyncSession)) {
+        if let Some(session) = self.sessions.lock().1.get_mut(&self.key) {
+            f(session);
+        }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.sessions.lock().1.remove(&self.key);
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// What a session on a folder leaves behind: file hashes (so the next session does not
@@ -124,6 +182,9 @@ struct Session {
     incoming: Option<(FileHeader, Result<Incoming, OpError>)>,
     signatures: HashMap<u64, (u32, Vec<BlockSig>)>,
     pending_blocks: usize,
+    /// Files written here, and sent from here.
+    files_received: u64,
+    files_sent: u64,
 }
 
 fn unexpected(what: &'static str) -> LinkError {
@@ -247,6 +308,7 @@ impl Session {
                         .commit(f, end.hash, header.expect.as_ref())
                         .map(Some)
                 });
+                self.files_received += u64::from(result.is_ok());
                 self.done(header.id, &header.path, result).await
             }
             SyncMsg::SignatureRequest(req) => {
@@ -293,7 +355,10 @@ impl Session {
                     .await;
                 self.root = Some(root);
                 match sent? {
-                    Ok(_) => Ok(()),
+                    Ok(_) => {
+                        self.files_sent += 1;
+                        Ok(())
+                    }
                     Err(e) => {
                         self.tx
                             .msg(&SyncMsg::Done(OpDone {
@@ -327,9 +392,11 @@ impl Session {
     }
 }
 
-/// Serves one sync stream whose header named `root` (relative to `options.home`).
+/// Serves one sync stream whose header named `root` (relative to `options.home`), from a
+/// client that came straight to the agent (`direct`) or through the hub.
 pub async fn serve(
     root: String,
+    direct: bool,
     options: Options,
     send: quinn::SendStream,
     mut recv: FramedRecv,
@@ -354,6 +421,7 @@ pub async fn serve(
         return Err(unexpected("unsupported sync version"));
     }
     let dir = options.home.join(&root);
+    let name = root;
     let opened = Root::open(&dir, &hello.ignore, options.owner);
     let mut root = match opened {
         Ok(r) => r,
@@ -376,6 +444,18 @@ pub async fn serve(
         }
     }
     let watcher = Watcher::new(&dir);
+    let listed = options.sessions.open(SyncSession {
+        root: name,
+        direct,
+        started_at: now_ms(),
+        files_received: 0,
+        files_sent: 0,
+        bytes_received: 0,
+        bytes_sent: 0,
+        last_transfer_at: None,
+        watching: watcher.watching(),
+        notice: None,
+    });
     tx.msg(&SyncMsg::Ready(SyncReady {
         version: SYNC_VERSION,
         root: dir.display().to_string(),
@@ -391,8 +471,10 @@ pub async fn serve(
         incoming: None,
         signatures: HashMap::new(),
         pending_blocks: 0,
+        files_received: 0,
+        files_sent: 0,
     };
-    let result = run(&mut s, &options, &watcher, &mut recv).await;
+    let result = run(&mut s, &options, &watcher, &mut recv, &listed).await;
     // Whatever ended the session, the next one on this folder starts from here.
     if let (Ok(mut memory), Some(root)) = (options.memory.lock(), s.root.as_mut()) {
         if memory.len() >= MEMORY_ROOTS
@@ -417,8 +499,10 @@ async fn run(
     options: &Options,
     watcher: &Watcher,
     recv: &mut FramedRecv,
+    listed: &Listed,
 ) -> Result<(), LinkError> {
     s.rescan(Some(0), None).await?;
+    let mut files_moved = 0;
     // File events start a rescan once they pause (`debounce`) and no request came for a
     // while: during a transfer our own writes would otherwise start one after another.
     let mut dirty = false;
@@ -429,7 +513,21 @@ async fn run(
     let mut rescan = tokio::time::interval(options.rescan);
     rescan.reset();
     loop {
+        // What the hub shows of this session, brought up to date before waiting again.
+        let moved = s.files_received + s.files_sent;
+        let moved_now = std::mem::replace(&mut files_moved, moved) != moved;
+        listed.update(|l| {
+            l.files_received = s.files_received;
+            l.files_sent = s.files_sent;
+            l.bytes_received = recv.bytes_read();
+            l.bytes_sent = s.tx.bytes;
+            l.watching = watcher.watching();
+            if moved_now {
+                l.last_transfer_at = Some(now_ms());
+            }
+        });
         if let Some(notice) = watcher.take_problem() {
+            listed.update(|l| l.notice = Some(notice.message.clone()));
             s.tx.msg(&SyncMsg::Notice(notice)).await?;
         }
         let skipped = &s.root().skipped;
@@ -445,6 +543,7 @@ async fn run(
                 kind: protocol::sync::NoticeKind::Skipped,
                 message: format!("{} entries not synced: {message}", skipped_reported),
             };
+            listed.update(|l| l.notice = Some(notice.message.clone()));
             s.tx.msg(&SyncMsg::Notice(notice)).await?;
         }
         let due = (last_event + options.debounce).max(last_request + QUIET_AFTER_REQUEST);

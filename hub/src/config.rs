@@ -189,10 +189,12 @@ impl WebhookConfig {
         );
         for kind in &self.events {
             ensure!(
-                ["status", "port", "checkout", "setup", "profile", "deleted"]
-                    .contains(&kind.as_str()),
-                "webhooks.events: {kind:?} is not one of status, port, checkout, setup, profile, \
-                 deleted"
+                [
+                    "status", "port", "checkout", "setup", "sync", "profile", "deleted"
+                ]
+                .contains(&kind.as_str()),
+                "webhooks.events: {kind:?} is not one of status, port, checkout, setup, sync, \
+                 profile, deleted"
             );
         }
         Ok(())

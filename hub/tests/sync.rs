@@ -358,6 +358,7 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 async fn a_running_sync_follows_both_sides_counts_as_activity_and_survives_a_hub_restart() {
     let mut e = env().await;
     write(&e.local.join("start.txt"), b"start\n");
+    let mut events = harness::sse::Events::open(&e.hub, &e.id).await;
     let child = e
         .wsh()
         // Through the relay: what this follows is the hub dying under it (a direct
@@ -399,6 +400,23 @@ async fn a_running_sync_follows_both_sides_counts_as_activity_and_survives_a_hub
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(attached >= 1, "a running sync is activity");
+    // The agent reports the session: in the workspace's `agent` and as SSE `sync` events.
+    let session = sync_session(&e.hub, &id, |s| s["files_sent"].as_u64() >= Some(1)).await;
+    assert_eq!(session["root"], "proj", "{session}");
+    assert_eq!(session["direct"], false, "{session}");
+    assert_eq!(session["watching"], true, "{session}");
+    assert!(session["files_received"].as_u64() >= Some(2), "{session}");
+    assert!(session["bytes_received"].as_u64() > Some(0), "{session}");
+    assert!(session["bytes_sent"].as_u64() > Some(0), "{session}");
+    assert!(session["last_transfer_at"].as_i64() >= session["started_at"].as_i64());
+    loop {
+        let (kind, data) = events.next().await;
+        if kind == "sync" && data["detail"]["sessions"][0]["files_sent"].as_u64() >= Some(1) {
+            assert_eq!(data["detail"]["sessions"][0]["root"], "proj", "{data}");
+            break;
+        }
+    }
+    drop(events);
     let out = e.wsh().args(["sync", "--status"]).output().unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -422,12 +440,32 @@ async fn a_running_sync_follows_both_sides_counts_as_activity_and_survives_a_hub
             && !a.contains_key("start.txt")
     })
     .await;
+    // The restarted hub hears of the session again from the reconnected agent.
+    sync_session(&e.hub, &id, |s| s["root"] == "proj").await;
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
         rustix::process::Signal::INT,
     )
     .unwrap();
     let out = child.wait_with_output().unwrap();
+    // Ended: the agent says so.
+    let mut ended = false;
+    for _ in 0..100 {
+        let (_, ws) = e
+            .hub
+            .api("GET", &format!("/workspaces/{id}"), None)
+            .await
+            .unwrap();
+        if ws["agent"]["sync_sessions"]
+            .as_array()
+            .is_some_and(|s| s.is_empty())
+        {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ended, "the ended session is still listed");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -438,6 +476,23 @@ async fn a_running_sync_follows_both_sides_counts_as_activity_and_survives_a_hub
         err.contains("sent") && err.contains("received"),
         "a summary at the end: {err}"
     );
+}
+
+/// The workspace's first sync session as the hub shows it, once `ready` holds for it.
+async fn sync_session(hub: &TestHub, id: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let (_, ws) = hub
+            .api("GET", &format!("/workspaces/{id}"), None)
+            .await
+            .unwrap();
+        last = ws["agent"]["sync_sessions"][0].clone();
+        if !last.is_null() && ready(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no such sync session: {last}");
 }
 
 /// A client that speaks the sync protocol by hand.

@@ -48,7 +48,77 @@ crate::tagged_messages! {
         /// dev container's lifecycle commands, its port labels); the whole report on every
         /// change and again after each reconnect.
         16 => Setup(SetupReport),
+        /// Agent -> hub (version 8+): the file-sync sessions open on the agent right now
+        /// (the whole list, at most [`MAX_SYNC_SESSIONS`]), when it changes (at most about
+        /// once a second while files move) and after each reconnect.
+        17 => SyncSessions(SyncSessions),
     }
+}
+
+/// At most this many sessions in a [`SyncSessions`] report.
+pub const MAX_SYNC_SESSIONS: usize = 32;
+/// The most bytes of a [`SyncSession`]'s root and of its notice a report carries (with
+/// [`MAX_SYNC_SESSIONS`], a report stays well inside a control frame).
+pub const MAX_SYNC_ROOT_BYTES: usize = 1024;
+pub const MAX_SYNC_NOTICE_BYTES: usize = 512;
+
+/// See [`ControlMsg::SyncSessions`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SyncSessions {
+    pub sessions: Vec<SyncSession>,
+}
+
+impl SyncSessions {
+    /// A report of `sessions`, bounded: the first [`MAX_SYNC_SESSIONS`], roots and notices
+    /// cut to their limits (at a character boundary), control characters dropped. The hub applies the same bounds to
+    /// what it receives.
+    pub fn bounded<'a>(sessions: impl IntoIterator<Item = &'a SyncSession>) -> Self {
+        let cut = |s: &str, max: usize| {
+            let mut out = String::new();
+            for c in s.chars().filter(|c| !c.is_control()) {
+                if out.len() + c.len_utf8() > max {
+                    break;
+                }
+                out.push(c);
+            }
+            out
+        };
+        Self {
+            sessions: sessions
+                .into_iter()
+                .take(MAX_SYNC_SESSIONS)
+                .map(|s| SyncSession {
+                    root: cut(&s.root, MAX_SYNC_ROOT_BYTES),
+                    notice: s.notice.as_deref().map(|n| cut(n, MAX_SYNC_NOTICE_BYTES)),
+                    ..s.clone()
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One file-sync session as the agent serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSession {
+    /// The synced folder as the client named it (relative to the workspace user's home).
+    pub root: String,
+    /// Whether the client came straight to the agent (a direct connection) or through the
+    /// hub.
+    pub direct: bool,
+    /// Unix milliseconds.
+    pub started_at: i64,
+    /// Files written here from the client, and sent from here to it.
+    pub files_received: u64,
+    pub files_sent: u64,
+    /// Bytes on the sync stream, each way.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// When a file last moved either way (Unix milliseconds), if one has.
+    pub last_transfer_at: Option<i64>,
+    /// Whether file events are watched (else changes are found by periodic rescans).
+    pub watching: bool,
+    /// The latest notice the client was given (entries skipped, the watch limit), if any.
+    pub notice: Option<String>,
 }
 
 /// At most this many keys in a [`Profile`].
@@ -306,4 +376,34 @@ pub struct CheckoutStatus {
     pub message: String,
     /// Where the repository is (or was to be) checked out.
     pub path: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bounded_sync_report_fits_a_small_control_frame() {
+        let worst = SyncSession {
+            root: "\u{1b}[2Jé".repeat(4096),
+            direct: true,
+            started_at: i64::MAX,
+            files_received: u64::MAX,
+            files_sent: u64::MAX,
+            bytes_received: u64::MAX,
+            bytes_sent: u64::MAX,
+            last_transfer_at: Some(i64::MAX),
+            watching: true,
+            notice: Some("\n€".repeat(10_000)),
+        };
+        let report = SyncSessions::bounded(&vec![worst; 100]);
+        assert_eq!(report.sessions.len(), MAX_SYNC_SESSIONS);
+        let first = &report.sessions[0];
+        // "[2Jé" is 5 bytes: 204 of them and "[2J" fit in 1,024; "€" is 3: 170 in 512.
+        assert_eq!(first.root, "[2Jé".repeat(204) + "[2J");
+        assert_eq!(first.notice.as_deref(), Some("€".repeat(170).as_str()));
+        // The hub reads control frames of at most 64 KiB.
+        let frame = crate::encode_frame(&ControlMsg::SyncSessions(report)).unwrap();
+        assert!(frame.len() < 64 * 1024, "{} bytes", frame.len());
+    }
 }

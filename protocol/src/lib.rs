@@ -35,7 +35,7 @@ pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};
 pub use message::Message;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// The first version with [`control::Activity`] reports.
 pub const ACTIVITY_SINCE_VERSION: u16 = 2;
@@ -60,6 +60,9 @@ pub const RESUME_SINCE_VERSION: u16 = 6;
 /// The first version with workspace setup: [`control::Profile`] (SSH keys, dotfiles)
 /// towards agents and [`control::SetupReport`] from them.
 pub const SETUP_SINCE_VERSION: u16 = 7;
+
+/// The first version with [`control::SyncSessions`] reports from agents.
+pub const SYNC_STATUS_SINCE_VERSION: u16 = 8;
 
 /// The oldest protocol version this build still accepts from a peer (N-1).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

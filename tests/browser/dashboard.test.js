@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, existsSync, rmSync, mkdirSync, writeFileSync, readFileSync } from 'node:fs';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bin, waitFor, startHub, launchBrowser, killAgents } from './lib.js';
@@ -248,6 +248,36 @@ test('SSH keys, dotfiles and a dev container: the profile and setup views', asyn
     const portRow = page.locator(`#ports tr[data-port="${port}"]`);
     await waitFor('labelled port', async () => (await portRow.count()) === 1 && (await portRow.innerText()).includes('Web app'), 20000);
     await shot(page, 'dashboard-setup');
+
+    // File sync: a running `wsh sync` shows with its counts, and goes when it ends.
+    assert.equal(await page.locator('#sync-empty').isHidden(), false, 'no sync yet');
+    const token = await page.evaluate(async () => {
+      const s = await (await fetch('/session')).json();
+      const res = await fetch('/tokens', { method: 'POST', headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': s.csrf_token }, body: JSON.stringify({ name: 'sync' }) });
+      return (await res.json()).token;
+    });
+    const notes = join(src, 'notes');
+    mkdirSync(notes);
+    writeFileSync(join(notes, 'todo.txt'), 'sync me\n');
+    const sync = spawn(bin('wsh'), ['sync', 'widgets', notes, 'notes'], {
+      env: { ...process.env, WSH_HUB: `http://${listening.http}`, WSH_TOKEN: token, XDG_CONFIG_HOME: src, XDG_STATE_HOME: src, XDG_RUNTIME_DIR: src },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let syncErr = '';
+    sync.stderr.on('data', d => { syncErr += d; });
+    try {
+      const syncRow = page.locator('#sync-sessions tr[data-root="notes"]');
+      await waitFor('the sync session shown', async () => (await syncRow.count()) === 1 && /^1 \/ 0$/m.test(await syncRow.locator('td:nth-child(4)').innerText()), 20000)
+        .catch(e => { throw new Error(e.message + ': ' + syncErr); });
+      assert.match(await syncRow.innerText(), /~\/notes/);
+      assert.match(await syncRow.innerText(), /through the hub|direct/);
+      assert.match(await syncRow.innerText(), /file events/);
+      await shot(page, 'dashboard-sync');
+    } finally {
+      sync.kill('SIGINT');
+      await new Promise(r => sync.once('exit', r));
+    }
+    await waitFor('the sync session gone', async () => !(await page.locator('#sync-empty').isHidden()), 20000);
 
     // Clearing the dotfiles and removing the key.
     await page.click('#clear-dotfiles');

@@ -21,6 +21,53 @@ pub struct AgentInfo {
     /// CLIs connected to the agent directly (one hop, not through the hub), as it last
     /// reported them.
     pub direct_clients: Vec<DirectClientView>,
+    /// The file-sync sessions the agent serves, as it last reported them (protocol 8+).
+    pub sync_sessions: Vec<SyncSessionView>,
+}
+
+/// A file-sync session the agent serves (`wsh sync`), as it last reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct SyncSessionView {
+    /// The synced folder in the workspace, relative to the user's home.
+    pub root: String,
+    /// The client came straight to the agent (a direct connection), not through the hub.
+    pub direct: bool,
+    /// Unix milliseconds, in the agent's clock.
+    pub started_at: i64,
+    /// Files written in the workspace from the client, and sent to the client.
+    pub files_received: u64,
+    pub files_sent: u64,
+    /// Bytes on the sync stream, each way, as the agent counts them.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// When a file last moved either way (Unix milliseconds, the agent's clock).
+    pub last_transfer_at: Option<i64>,
+    /// Whether the agent watches the folder for changes (else it rescans every 10 s).
+    pub watching: bool,
+    /// The latest notice the client got (entries not synced, the watch limit).
+    pub notice: Option<String>,
+}
+
+impl SyncSessionView {
+    /// The agent's report, bounded (entries, lengths, control characters).
+    pub fn from_report(report: &protocol::control::SyncSessions) -> Vec<Self> {
+        protocol::control::SyncSessions::bounded(&report.sessions)
+            .sessions
+            .into_iter()
+            .map(|s| Self {
+                root: s.root,
+                direct: s.direct,
+                started_at: s.started_at,
+                files_received: s.files_received,
+                files_sent: s.files_sent,
+                bytes_received: s.bytes_received,
+                bytes_sent: s.bytes_sent,
+                last_transfer_at: s.last_transfer_at,
+                watching: s.watching,
+                notice: s.notice,
+            })
+            .collect()
+    }
 }
 
 /// A CLI connected to the agent directly.

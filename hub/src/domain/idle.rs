@@ -206,6 +206,7 @@ mod tests {
             checkout: None,
             setup: None,
             direct_clients: Vec::new(),
+            sync_sessions: Vec::new(),
         }
     }
 

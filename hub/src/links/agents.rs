@@ -10,7 +10,7 @@
 use crate::Hub;
 use crate::base::ca;
 use crate::base::workspace::{Status, Workspace, now_ms};
-use crate::domain::agent::{AgentInfo, CheckoutView, SetupView};
+use crate::domain::agent::{AgentInfo, CheckoutView, SetupView, SyncSessionView};
 use crate::domain::auth::token_hash;
 use crate::domain::events::{Detail, WorkspaceEvent};
 use crate::store::{StoreError, TokenRejection};
@@ -412,6 +412,23 @@ impl Registry {
         }
     }
 
+    /// Records an agent's report of its sync sessions on its live entry; the view to
+    /// publish when it changed.
+    fn set_sync_sessions(
+        &self,
+        id: Uuid,
+        session: u64,
+        report: &protocol::control::SyncSessions,
+    ) -> Option<Vec<SyncSessionView>> {
+        let view = SyncSessionView::from_report(report);
+        let mut agents = self.lock();
+        let c = agents.get_mut(&id).filter(|c| c.session == session)?;
+        (c.info.sync_sessions != view).then(|| {
+            c.info.sync_sessions = view.clone();
+            view
+        })
+    }
+
     /// Records an agent's activity report on its live entry.
     fn set_activity(&self, id: Uuid, session: u64, report: protocol::control::Activity) {
         let now = now_ms();
@@ -747,6 +764,7 @@ async fn control_session(
             checkout: None,
             setup: None,
             direct_clients: Vec::new(),
+            sync_sessions: Vec::new(),
         },
         conn.clone(),
         epoch,
@@ -932,6 +950,7 @@ const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 fn report_cost(msg: &ControlMsg) -> u32 {
     match msg {
         ControlMsg::Ports(all) => 1 + (all.ports.len().min(MAX_PORTS) / 16) as u32,
+        ControlMsg::SyncSessions(all) => 1 + (all.sessions.len() / 16) as u32,
         _ => 1,
     }
 }
@@ -1071,6 +1090,15 @@ async fn heartbeat_loop<'a>(
                                         .with_detail(Detail::Ports),
                                 );
                             }
+                        }
+                    }
+                    Some(ControlMsg::SyncSessions(report)) => {
+                        live.on_heard(now);
+                        if let Some(view) = hub.agents.set_sync_sessions(workspace_id, touches.session, &report) {
+                            hub.events.publish(
+                                WorkspaceEvent::new(workspace_id, &touches.owner, "sync")
+                                    .with_detail(Detail::Json(serde_json::json!({"sessions": view}))),
+                            );
                         }
                     }
                     Some(report @ (ControlMsg::Ports(_) | ControlMsg::PortOpened(_) | ControlMsg::PortClosed(_))) => {

@@ -634,6 +634,7 @@ async fn receive_events(hub: &Hub, replica: &str, mut recv: FramedRecv) {
             "checkout" => "checkout",
             "port" => "port",
             "setup" => "setup",
+            "sync" => "sync",
             "profile" => "profile",
             "deleted" => "deleted",
             _ => continue,
