@@ -274,6 +274,38 @@ async fn bad_requests_get_json_errors_and_the_hub_keeps_serving() {
     let (status, body) = hub.api("GET", "/no/such/route", None).await.unwrap();
     assert_eq!((status, error_code(&body)), (404, "not_found"));
 
+    // What axum answers by itself is JSON too: a method a route lacks (with `Allow`), a
+    // query that does not parse; and a malformed X-Wsh-Owner is refused whoever sends it.
+    let res = hub
+        .http
+        .patch(hub.url("/workspaces"))
+        .bearer_auth(&hub.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 405);
+    let allow = res.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(error_code(&body), "method_not_allowed");
+    let res = hub.http.get(hub.url("/login/once")).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(error_code(&body), "invalid_request", "{body}");
+    for owner in ["", "a b", &"x".repeat(129)] {
+        let res = hub
+            .http
+            .get(hub.url("/workspaces"))
+            .bearer_auth(&hub.token)
+            .header("x-wsh-owner", owner)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{owner:?}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(error_code(&body), "bad_owner");
+    }
+
     // Nothing half-written: no workspace exists, and a good request still works.
     let (_, list) = hub.api("GET", "/workspaces", None).await.unwrap();
     assert_eq!(list, json!([]));

@@ -424,7 +424,9 @@ async fn idle_clean_up_stops_idle_workspaces_only() {
     assert_eq!(st["activity"]["active"], false, "{st}");
     assert!(st["activity"]["stop_at"].is_string());
 
-    // Clean-up needs the scheduler's secret.
+    // Clean-up needs the scheduler's secret: none at all is 401 too.
+    let res = hub.http.post(hub.url("/cleanup")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
     let (code, body) = hub.api("POST", "/cleanup", None).await.unwrap();
     assert_eq!(
         (code, body["error"]["code"].as_str()),

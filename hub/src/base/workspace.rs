@@ -90,11 +90,22 @@ impl Status {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
+    /// A git URL: `https://`, `http://`, `ssh://`, `git://`, `file:///` or `user@host:path`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^(?:(?:https?|ssh|git)://|file:///|(?:[^\x00-\x1f\x7f-\x9f :/@-][^\x00-\x1f\x7f-\x9f :/]*)?@[^\x00-\x1f\x7f-\x9f :/]*:)[^\x00-\x1f\x7f-\x9f ]*$"
+    )]
     pub repo: Option<String>,
+    /// A branch name git accepts (`git check-ref-format --branch`); needs `repo`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        max_length = 255,
+        pattern = r"^(?![-/.])(?!.*(?:\.\.|@\{|//))(?!.*(?:[/.]|\.lock)$)[^\x00-\x1f\x7f-\x9f ~^:?*\[\\]+$"
+    )]
     pub branch: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 128, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")]
     pub device_id: Option<String>,
 }
 
@@ -243,7 +254,7 @@ pub fn is_git_url(repo: &str) -> bool {
             .split_once(':')
             .is_some_and(|(host, _)| host.contains('@') && !host.contains('/'));
     scheme_ok
-        && repo.len() <= 2048
+        && repo.chars().count() <= 2048
         && !repo.starts_with('-')
         && !repo.chars().any(|c| c.is_control() || c == ' ')
 }

@@ -86,7 +86,7 @@ pub fn check_dotfiles(d: &DotfilesSetting) -> Result<(), Error> {
         ));
     }
     if let Some(command) = &d.install_command
-        && (command.trim().is_empty() || command.len() > 4096 || command.contains('\0'))
+        && (command.trim().is_empty() || command.chars().count() > 4096 || command.contains('\0'))
     {
         return Err(Error::invalid(
             "install_command must be 1 to 4096 characters with no NUL",

@@ -136,11 +136,52 @@ pub fn app(hub: AppState) -> Router {
             hub.clone(),
             crate::edge::preview::by_host,
         ))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn_with_state(
             hub.clone(),
             refuse_while_draining,
         ))
         .with_state(hub)
+}
+
+/// Marks a response as a workspace's own (a preview's), which [`json_errors`] leaves alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Proxied;
+
+/// Every error the hub answers is `{"error": {"code", "message"}}`: the few that axum
+/// makes itself (a path or query that does not parse, a method a route does not have) are
+/// rewritten, keeping their status and headers (`Allow` on a 405).
+async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json
+        || !(status.is_client_error() || status.is_server_error())
+        || res.extensions().get::<Proxied>().is_some()
+    {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = match String::from_utf8_lossy(&text).trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        text => text.to_owned(),
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let rewritten = ApiError::new(status, code, message).into_response();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.extend(rewritten.headers().clone());
+    Response::from_parts(parts, rewritten.into_body())
 }
 
 /// A leaving hub answers requests that still reach it (on a connection kept alive from
@@ -355,18 +396,52 @@ impl utoipa::Modify for Aliases {
     }
 }
 
-/// Every route that takes credentials (answers 401) also answers 403 to a service or
-/// browser token that does not reach it; those with a scope (`edge::caller::route_scope`)
-/// take the `X-Wsh-Owner` header of service tokens.
+/// What every route of a kind answers, documented once here: a route that takes credentials
+/// (answers 401) also answers 403 to a service or browser token that does not reach it and
+/// 429 to an address with too many failed authentications; those with a scope
+/// (`edge::caller::route_scope`) take the `X-Wsh-Owner` header of service tokens; a JSON
+/// body can be malformed (400), too large (413) or not JSON (415).
 struct Scoped;
+
+/// A response with an [`ErrorBody`].
+fn error_response(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Response> {
+    utoipa::openapi::RefOr::T(
+        utoipa::openapi::ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build(),
+    )
+}
 
 impl utoipa::Modify for Scoped {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
         use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
-        use utoipa::openapi::{RefOr, ResponseBuilder};
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
         for (path, item) in openapi.paths.paths.iter_mut() {
             let scope = crate::edge::caller::route_scope(&path.replace("{path}", "{*rest}"));
             for op in operations(item) {
+                let json_body = op.request_body.as_ref().is_some_and(|b| match b {
+                    RefOr::T(b) => b.content.contains_key("application/json"),
+                    RefOr::Ref(_) => false,
+                });
+                if json_body {
+                    let responses = &mut op.responses.responses;
+                    responses.entry("400".into()).or_insert_with(|| {
+                        error_response("A body that is not valid JSON of this shape, or a bad field (`invalid_request`)")
+                    });
+                    responses
+                        .entry("413".into())
+                        .or_insert_with(|| error_response("A body over 64 KiB (`body_too_large`)"));
+                    responses.entry("415".into()).or_insert_with(|| {
+                        error_response("A body without `Content-Type: application/json` (`unsupported_media_type`)")
+                    });
+                }
                 if !op.responses.responses.contains_key("401") {
                     continue;
                 }
@@ -377,33 +452,34 @@ impl utoipa::Modify for Scoped {
                 } else {
                     "A service or browser token: they do not reach this route (`scope`)"
                 };
-                op.responses
-                    .responses
+                let responses = &mut op.responses.responses;
+                responses
                     .entry("403".into())
-                    .or_insert_with(|| {
-                        RefOr::T(
-                            ResponseBuilder::new()
-                                .description(forbidden)
-                                .content(
-                                    "application/json",
-                                    utoipa::openapi::ContentBuilder::new()
-                                        .schema(Some(utoipa::openapi::Ref::from_schema_name(
-                                            "ErrorBody",
-                                        )))
-                                        .build(),
-                                )
-                                .build(),
-                        )
-                    });
+                    .or_insert_with(|| error_response(forbidden));
+                responses.entry("429".into()).or_insert_with(|| {
+                    error_response(
+                        "Too many failed authentications from this address in the last \
+                         minute (`too_many_failures`, `auth_failures_per_minute`)",
+                    )
+                });
                 if scope.is_some() {
+                    op.responses.responses.entry("400".into()).or_insert_with(|| {
+                        error_response("A malformed `X-Wsh-Owner` (`bad_owner`), or a service token without one (`owner_required`)")
+                    });
+                    let owner = ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .min_length(Some(1))
+                        .max_length(Some(128))
+                        .pattern(Some("^[A-Za-z0-9._@+-]+$"));
                     op.parameters.get_or_insert_with(Vec::new).push(RefOr::T(
                         ParameterBuilder::new()
                             .name("X-Wsh-Owner")
                             .parameter_in(ParameterIn::Header)
+                            .schema(Some(owner))
                             .description(Some(
-                                "With a service token: the owner id it acts for (1 to 128 of \
-                                 `A-Z a-z 0-9 . _ @ + -`, starting with its `owner_prefix`); \
-                                 missing is `400 owner_required`",
+                                "With a service token: the owner id it acts for (starting \
+                                 with its `owner_prefix`); missing is `400 owner_required`. \
+                                 Other credentials: ignored",
                             ))
                             .build(),
                     ));
@@ -453,8 +529,91 @@ impl utoipa::Modify for BearerAuth {
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "meta", responses((status = 200, description = "This document", body = Object)))]
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(<ApiDoc as utoipa::OpenApi>::openapi())
+async fn openapi() -> Json<serde_json::Value> {
+    static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(DOCUMENT.get_or_init(document).clone())
+}
+
+/// The OpenAPI document: what utoipa generates from the handlers, and the rules it has no
+/// attribute for (per-item and per-key rules, rules between fields, the events of the SSE
+/// routes), added here.
+pub fn document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi())
+        .unwrap_or_else(|e| json!({ "error": e.to_string() }));
+    let no_nul = json!({"type": "string", "pattern": "^[^\\x00]*$"});
+    let schemas = &mut doc["components"]["schemas"];
+    let exec = &mut schemas["ExecRequest"];
+    exec["properties"]["argv"]["prefixItems"] =
+        json!([{"type": "string", "minLength": 1, "pattern": "^[^\\x00]+$"}]);
+    exec["properties"]["argv"]["items"] = no_nul.clone();
+    exec["properties"]["env"]["propertyNames"] = json!({"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"});
+    exec["properties"]["env"]["additionalProperties"] = no_nul;
+    exec["properties"]["env"]["maxProperties"] = json!(protocol::exec::MAX_ENV);
+    exec["properties"]["stdin_base64"]["pattern"] = json!(
+        "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$"
+    );
+    exec["not"] = json!({
+        "required": ["stdin", "stdin_base64"],
+        "properties": {"stdin": {"type": "string"}, "stdin_base64": {"type": "string"}}
+    });
+    schemas["Metadata"]["if"] =
+        json!({"required": ["branch"], "properties": {"branch": {"type": "string"}}});
+    schemas["Metadata"]["then"] =
+        json!({"required": ["repo"], "properties": {"repo": {"type": "string"}}});
+    schemas["WorkspaceEvent"] = workspace_event_schema();
+    for path in ["/events", "/workspaces/{id}/events", "/preview/{id}"] {
+        if let Some(ok) =
+            doc["paths"][path]["get"]["responses"]["200"]["content"].get_mut("text/event-stream")
+        {
+            ok["schema"] = json!({"$ref": "#/components/schemas/WorkspaceEvent"});
+        }
+    }
+    doc
+}
+
+/// One server-sent event of the events routes: its name, and its data as JSON.
+fn workspace_event_schema() -> serde_json::Value {
+    let detail = json!({"anyOf": [
+        {"$ref": "#/components/schemas/CheckoutView"},
+        {"$ref": "#/components/schemas/SetupView"},
+        {"type": "object", "required": ["sessions"], "properties": {
+            "sessions": {"type": "array", "items": {"$ref": "#/components/schemas/SyncSessionView"}}}},
+        {"type": "object", "required": ["state", "ports"], "properties": {
+            "state": {"const": "all"},
+            "ports": {"type": "array", "items": {"$ref": "#/components/schemas/PortView"}}}},
+        {"type": "object", "required": ["state", "port"], "properties": {
+            "state": {"enum": ["opened", "updated"]},
+            "port": {"$ref": "#/components/schemas/PortView"}}},
+        {"type": "object", "required": ["state", "port"], "properties": {
+            "state": {"const": "closed"},
+            "port": {"type": "object", "required": ["port"], "properties": {
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535}}}}}
+    ]});
+    let data = json!({
+        "type": "object",
+        "required": ["workspace_id", "status", "reason", "at"],
+        "properties": {
+            "workspace_id": {"type": "string", "format": "uuid"},
+            "status": {"oneOf": [{"$ref": "#/components/schemas/Status"}, {"type": "null"}]},
+            "reason": {"type": ["string", "null"]},
+            "at": {"type": "string", "format": "date-time"},
+            "detail": detail
+        }
+    });
+    json!({
+        "description": "A server-sent event: `event` names it, `data` is JSON. `status`, \
+            `deleted`, `profile`: the workspace and its status; `checkout`, `setup`, `sync`, \
+            `port`: with a `detail`; `lagged`: the number of events missed.",
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"enum": ["status", "checkout", "port", "setup", "sync", "profile", "deleted", "lagged"]},
+            "data": {"type": "string", "contentMediaType": "application/json"}
+        },
+        "if": {"properties": {"event": {"const": "lagged"}}},
+        "then": {"properties": {"data": {"contentSchema": {"type": "integer", "minimum": 0}}}},
+        "else": {"properties": {"data": {"contentSchema": data}}}
+    })
 }
 
 /// JSON body extractor whose rejections are [`ApiError`]s.
@@ -552,17 +711,29 @@ async fn version(State(hub): State<AppState>) -> Json<serde_json::Value> {
 pub struct CreateWorkspace {
     /// Unique among your workspaces: 1 to 40 of a-z 0-9 -, starting with a letter. Default:
     /// the repository's name (`acme/api.git` -> `api`, then `api-2`, ...), else `ws`. Every
-    /// path that takes the workspace id takes this name too.
+    /// path that takes the workspace id takes this name too; so a name is never a UUID.
+    #[schema(
+        max_length = 40,
+        pattern = r"^(?![0-9a-f]{32}$)(?![0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$)[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?$"
+    )]
     pub name: Option<String>,
+    #[schema(max_length = 63, pattern = r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")]
     pub zone: Option<String>,
+    #[schema(max_length = 63, pattern = r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")]
     pub machine_type: Option<String>,
+    #[schema(max_length = 128, pattern = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
     pub image_tag: Option<String>,
     #[serde(default)]
     pub metadata: Metadata,
-    /// Idle clean-up times for this workspace; each at most the hub's default.
+    /// Idle clean-up times for this workspace; one longer than the hub's default is cut to it.
     pub idle: Option<IdleRequest>,
     /// A token for cloning a private `metadata.repo` over HTTPS. Travels only to the
     /// workspace's memory; never stored or shown.
+    #[schema(
+        min_length = 1,
+        max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     pub git_token: Option<String>,
 }
 
@@ -657,8 +828,8 @@ fn check_name(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
 
 fn check_text(field: &str, value: &Option<String>, max: usize) -> Result<(), ApiError> {
     match value {
-        Some(v) if v.len() > max => Err(ApiError::invalid(format!(
-            "metadata.{field} is longer than {max} bytes"
+        Some(v) if v.chars().count() > max => Err(ApiError::invalid(format!(
+            "metadata.{field} is longer than {max} characters"
         ))),
         Some(v) if v.chars().any(char::is_control) => Err(ApiError::invalid(format!(
             "metadata.{field} contains control characters"
@@ -740,7 +911,9 @@ impl CreateWorkspace {
             }
         }
         if let Some(token) = &self.git_token
-            && (token.is_empty() || token.len() > 4096 || token.chars().any(char::is_control))
+            && (token.is_empty()
+                || token.chars().count() > 4096
+                || token.chars().any(char::is_control))
         {
             return Err(ApiError::invalid(
                 "git_token must be 1 to 4096 characters without control characters",
@@ -789,7 +962,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
-#[utoipa::path(post, path = "/workspaces", tag = "workspaces", security(("bearer" = [])), params(("Idempotency-Key" = Option<String>, Header, description = "Retrying with the same key returns the same workspace")), request_body = CreateWorkspace, responses((status = 201, description = "Created: PROVISIONING", body = WorkspaceView), (status = 200, description = "Already created with this idempotency key", body = WorkspaceView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 403, description = "Quota exceeded or machine type not allowed", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 415, description = "Not JSON", body = ErrorBody), (status = 502, description = "The provider failed", body = ErrorBody)))]
+#[utoipa::path(post, path = "/workspaces", tag = "workspaces", security(("bearer" = [])), params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[\x21-\x7e]+$", description = "Retrying with the same key returns the same workspace")), request_body = CreateWorkspace, responses((status = 201, description = "Created: PROVISIONING", body = WorkspaceView), (status = 200, description = "Already created with this idempotency key", body = WorkspaceView), (status = 400, description = "Invalid field", body = ErrorBody), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 403, description = "Quota exceeded or machine type not allowed", body = ErrorBody), (status = 409, description = "You have a workspace of this name (`name_taken`)", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody), (status = 415, description = "Not JSON", body = ErrorBody), (status = 502, description = "The provider failed", body = ErrorBody)))]
 async fn create_workspace(
     State(hub): State<AppState>,
     caller: Caller,
@@ -928,6 +1101,7 @@ async fn workspace_status(
 #[serde(deny_unknown_fields)]
 pub struct KeepAwake {
     /// How long from now; 0 releases the lease.
+    #[schema(maximum = 86400)]
     pub seconds: u64,
 }
 
@@ -1084,6 +1258,7 @@ pub struct TicketRequest {
     pub purpose: crate::domain::auth::Purpose,
     /// Lifetime in seconds: 1 to 3600, default 60. A browser token is reusable until then
     /// (an embedded terminal reconnects with it).
+    #[schema(minimum = 1, maximum = 3600)]
     pub expires_in_secs: Option<u64>,
 }
 
@@ -1137,8 +1312,14 @@ async fn create_ticket(
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// What the token is for (`laptop`, `ci`): 1 to 64 printable characters.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+    )]
     pub name: String,
-    /// Lifetime in seconds; default 90 days, at most 365 days.
+    /// Lifetime in seconds; default 90 days, at least a minute, at most 365 days.
+    #[schema(minimum = 60, maximum = 31536000)]
     pub expires_in_secs: Option<u64>,
     /// Admins only: a service token for a host app's backend, which acts for the owner ids
     /// it names in `X-Wsh-Owner` (with this prefix) on the routes of its scopes, within
@@ -1304,16 +1485,16 @@ async fn check_scheduler(hub: &crate::Hub, given: &str) -> Result<(), ApiError> 
 /// `POST /cleanup`: the reconciler and the idle clean-up, for Cloud Scheduler or cron,
 /// authenticated by Cloud Scheduler's OIDC token (`[cleanup_oidc]`) or the shared
 /// `cleanup_token`.
-#[utoipa::path(post, path = "/cleanup", tag = "operations", security(("cleanup_token" = [])), responses((status = 200, description = "What the reconciler and the idle clean-up did", body = Object), (status = 401, description = "Bad cleanup token", body = ErrorBody), (status = 403, description = "No cleanup_token or cleanup_oidc configured", body = ErrorBody)))]
+#[utoipa::path(post, path = "/cleanup", tag = "operations", security(("cleanup_token" = [])), responses((status = 200, description = "What the reconciler and the idle clean-up did", body = Object), (status = 401, description = "No or a bad cleanup token", body = ErrorBody), (status = 403, description = "No cleanup_token or cleanup_oidc configured (`cleanup_disabled`)", body = ErrorBody)))]
 async fn cleanup(
     State(hub): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_scheduler(
-        &hub,
-        crate::edge::caller::bearer(&headers).unwrap_or_default(),
-    )
-    .await?;
+    // No credentials is 401 whatever the configuration; only a caller who sent some
+    // learns that clean-up is switched off.
+    let token = crate::edge::caller::bearer(&headers)
+        .ok_or_else(|| ApiError::unauthorized("POST /cleanup needs a bearer token"))?;
+    check_scheduler(&hub, token).await?;
     let now = now_ms();
     let reconciled = reconcile::reconcile(&hub, now)
         .await

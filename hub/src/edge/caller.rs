@@ -52,6 +52,17 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, hub: &AppState) -> Result<Self, ApiError> {
+        let caller = Self::from_credentials(parts, hub).await?;
+        // Only service tokens act on it, but a malformed one is an error whoever sends it.
+        if let Some(owner) = parts.headers.get(OWNER_HEADER) {
+            crate::domain::auth::check_owner_id(owner.to_str().unwrap_or("\0"))?;
+        }
+        Ok(caller)
+    }
+}
+
+impl Caller {
+    async fn from_credentials(parts: &mut Parts, hub: &AppState) -> Result<Self, ApiError> {
         let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()

@@ -41,12 +41,15 @@ const MAX_CLIENT_MESSAGE: usize = protocol::exec::MAX_CHUNK;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
-    /// Program and arguments (the program is looked up in the workspace user's `PATH`).
+    /// Program and arguments (the program is looked up in the workspace user's `PATH`): the
+    /// program not empty, no NUL anywhere, at most 256 KiB with `env` and `cwd`.
+    #[schema(min_items = 1, max_items = 4096)]
     pub argv: Vec<String>,
     /// Environment variables to set (names: letters, digits and `_`, not starting with a digit).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// The working folder: absolute, or relative to the workspace folder (the default).
+    #[schema(min_length = 1, pattern = r"^[^\x00]+$")]
     pub cwd: Option<String>,
     /// Text for the command's stdin (then closed). At most one of `stdin`, `stdin_base64`;
     /// with neither, stdin is empty (over the WebSocket: open until `stdin_end`).

@@ -76,6 +76,7 @@ pub struct GetQuery {
 #[serde(deny_unknown_fields)]
 pub struct PutQuery {
     /// Permission bits of the file, octal (`755`); default: the old file's, else `644`.
+    #[param(pattern = r"^[0-7]{1,4}$")]
     pub mode: Option<String>,
     /// Create missing folders on the way (default true).
     pub parents: Option<bool>,
@@ -239,9 +240,15 @@ pub async fn put(
     body: Request,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let mode = match query.mode.as_deref().map(|m| u32::from_str_radix(m, 8)) {
+    let octal =
+        |m: &str| (1..=4).contains(&m.len()) && m.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    let mode = match query
+        .mode
+        .as_deref()
+        .map(|m| (octal(m), u32::from_str_radix(m, 8)))
+    {
         None => None,
-        Some(Ok(m)) if m <= 0o7777 => Some(m),
+        Some((true, Ok(m))) => Some(m),
         Some(_) => return Err(ApiError::invalid("mode is octal permission bits, like 644")),
     };
     let request = FileRequest::Write {

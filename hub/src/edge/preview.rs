@@ -373,7 +373,7 @@ fn redirect(to: &str) -> Response {
 #[utoipa::path(method(get, put, post, delete, patch, head, options), path = "/preview/{id}/{port}/{path}", tag = "ports",
     security((), ("bearer" = [])),
     description = "A workspace port's preview, path form (also `/preview/{id}/{port}` with no path). With a bearer token the request is proxied right here (a WebSocket upgrade too), and the answer is the dev server's own, whatever its status. Without one (browsers) the hub decides on what grounds the caller may open it (the port's visibility, a `share` link secret, the session cookie) and redirects (303) to the preview's own origin, which needs `preview_domain` in the hub config.",
-    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browsers: sent on to the id; browser tokens and share links: the id)"), ("port" = u16, Path, description = "Port (1 to 65535)"), ("path" = String, Path, description = "Path on the dev server (may be empty and may hold `/`), with its query"),
+    params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browsers: sent on to the id; browser tokens and share links: the id)"), ("port" = u16, Path, minimum = 1, maximum = 65535, description = "Port"), ("path" = String, Path, description = "Path on the dev server (may be empty and may hold `/`), with its query"),
         ("share" = Option<String>, Query, description = "A share link's secret (browsers)")),
     responses(
         (status = 200, description = "The dev server's answer (any status it sends)"),
@@ -735,6 +735,8 @@ async fn proxy(
     });
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // The dev server's answer, whatever its status: not one of the hub's errors.
+    parts.extensions.insert(crate::edge::api::Proxied);
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -876,7 +878,7 @@ async fn owned_port(
     Ok((ws, port_param(port)?))
 }
 
-#[utoipa::path(get, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, description = "Port")), responses((status = 200, description = "Who may open the port's preview", body = PortSharing), (status = 400, description = "Bad port", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
+#[utoipa::path(get, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, minimum = 1, maximum = 65535, description = "Port")), responses((status = 200, description = "Who may open the port's preview", body = PortSharing), (status = 400, description = "Bad port", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn get_sharing(
     State(hub): State<AppState>,
     caller: crate::domain::auth::Caller,
@@ -886,7 +888,7 @@ pub async fn get_sharing(
     Ok(axum::Json(sharing_view(&hub, &ws, port)))
 }
 
-#[utoipa::path(put, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, description = "Port")), request_body = SetSharing, responses((status = 200, description = "Updated", body = PortSharing), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
+#[utoipa::path(put, path = "/workspaces/{id}/ports/{port}/sharing", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, minimum = 1, maximum = 65535, description = "Port")), request_body = SetSharing, responses((status = 200, description = "Updated", body = PortSharing), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn set_sharing(
     State(hub): State<AppState>,
     caller: crate::domain::auth::Caller,
@@ -911,10 +913,11 @@ pub async fn set_sharing(
 #[serde(deny_unknown_fields)]
 pub struct CreateLink {
     /// 60 s to 30 days; default 24 h.
+    #[schema(minimum = 60, maximum = 2592000)]
     pub expires_in_secs: Option<u64>,
 }
 
-#[utoipa::path(post, path = "/workspaces/{id}/ports/{port}/links", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, description = "Port")), request_body = CreateLink, responses((status = 201, description = "A share link (its URL is shown only now)", body = ShareLinkView), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
+#[utoipa::path(post, path = "/workspaces/{id}/ports/{port}/links", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, minimum = 1, maximum = 65535, description = "Port")), request_body = CreateLink, responses((status = 201, description = "A share link (its URL is shown only now)", body = ShareLinkView), (status = 400, description = "Bad port or body", body = crate::edge::api::ErrorBody), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody)))]
 pub async fn create_link(
     State(hub): State<AppState>,
     caller: crate::domain::auth::Caller,
@@ -954,7 +957,7 @@ pub async fn create_link(
     ))
 }
 
-#[utoipa::path(delete, path = "/workspaces/{id}/ports/{port}/links/{link}", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, description = "Port"), ("link" = String, Path, description = "Share link id")), responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace or link", body = crate::edge::api::ErrorBody)))]
+#[utoipa::path(delete, path = "/workspaces/{id}/ports/{port}/links/{link}", tag = "ports", security(("bearer" = [])), params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)"), ("port" = u16, Path, minimum = 1, maximum = 65535, description = "Port"), ("link" = String, Path, description = "Share link id")), responses((status = 204, description = "Revoked"), (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody), (status = 404, description = "No such workspace or link", body = crate::edge::api::ErrorBody)))]
 pub async fn revoke_link(
     State(hub): State<AppState>,
     caller: crate::domain::auth::Caller,

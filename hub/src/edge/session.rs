@@ -138,6 +138,7 @@ pub async fn login(State(hub): State<AppState>) -> Result<Response, ApiError> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Callback {
     code: Option<String>,
     state: Option<String>,
@@ -145,7 +146,7 @@ pub struct Callback {
 }
 
 /// `GET /login/callback`: the identity provider sends the browser back here.
-#[utoipa::path(get, path = "/login/callback", tag = "auth", params(Callback), responses((status = 303, description = "Signed in: session cookie set, back to the web UI"), (status = 400, description = "Unknown, expired or foreign sign-in", body = ErrorBody), (status = 401, description = "The identity provider or its token was refused", body = ErrorBody)))]
+#[utoipa::path(get, path = "/login/callback", tag = "auth", params(Callback), responses((status = 303, description = "Signed in: session cookie set, back to the web UI"), (status = 400, description = "Unknown, expired or foreign sign-in", body = ErrorBody), (status = 401, description = "The identity provider or its token was refused", body = ErrorBody), (status = 404, description = "No identity provider configured (`sign_in_not_configured`)", body = ErrorBody)))]
 pub async fn callback(
     State(hub): State<AppState>,
     headers: HeaderMap,
@@ -184,12 +185,13 @@ pub async fn callback(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Once {
     code: String,
 }
 
 /// `GET /login/once?code=`: a one-time sign-in link (printed by `workspace-hub dev`).
-#[utoipa::path(get, path = "/login/once", tag = "auth", params(Once), responses((status = 303, description = "Signed in: session cookie set"), (status = 401, description = "Unknown, used or expired link", body = ErrorBody)))]
+#[utoipa::path(get, path = "/login/once", tag = "auth", params(Once), responses((status = 303, description = "Signed in: session cookie set"), (status = 400, description = "No `code`", body = ErrorBody), (status = 401, description = "Unknown, used or expired link", body = ErrorBody)))]
 pub async fn once(
     State(hub): State<AppState>,
     Query(q): Query<Once>,

@@ -36,14 +36,17 @@ pub struct TerminalQuery {
     /// cannot set headers on a WebSocket, and their API token stays out of the URL.
     pub ticket: Option<String>,
     /// The terminal session to attach to (1 to 64 characters); a new one when absent.
+    #[param(min_length = 1, max_length = 64)]
     pub session: Option<String>,
     /// Resume output at this byte offset (what the client has already shown).
     pub offset: Option<u64>,
     /// Columns of a new session (default 80).
     #[serde(default = "default_cols")]
+    #[param(maximum = 65535)]
     pub cols: u16,
     /// Rows of a new session (default 24).
     #[serde(default = "default_rows")]
+    #[param(maximum = 65535)]
     pub rows: u16,
 }
 
@@ -97,7 +100,7 @@ pub async fn terminal(
     if query
         .session
         .as_ref()
-        .is_some_and(|s| s.is_empty() || s.len() > 64)
+        .is_some_and(|s| s.is_empty() || s.chars().count() > 64)
     {
         return Err(ApiError::invalid("session must be 1 to 64 characters"));
     }
@@ -284,7 +287,7 @@ async fn bridge(
 
 /// A terminal session in a workspace, as its agent keeps it.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct SessionView {
+pub struct TerminalSessionView {
     /// Its name: chosen by the client that created it, or made up by the agent.
     pub id: String,
     pub command: String,
@@ -301,7 +304,7 @@ pub struct SessionView {
 #[utoipa::path(get, path = "/workspaces/{id}/sessions", tag = "terminal", security(("bearer" = [])),
     params(("id" = String, Path, description = "Workspace id (UUID), or the name of one of yours (browser tokens: the id)")),
     responses(
-    (status = 200, description = "The workspace's terminal sessions, oldest first (open one by name with `?session=` on the terminal)", body = [SessionView]),
+    (status = 200, description = "The workspace's terminal sessions, oldest first (open one by name with `?session=` on the terminal)", body = [TerminalSessionView]),
     (status = 401, description = "Missing or bad token", body = crate::edge::api::ErrorBody),
     (status = 404, description = "No such workspace (or not yours)", body = crate::edge::api::ErrorBody),
     (status = 409, description = "No agent connected (`agent_offline`)", body = crate::edge::api::ErrorBody),
@@ -311,7 +314,7 @@ pub async fn list_sessions(
     State(hub): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<axum::Json<Vec<SessionView>>, ApiError> {
+) -> Result<axum::Json<Vec<TerminalSessionView>>, ApiError> {
     let (_send, mut recv) = crate::edge::agent_stream(
         &hub,
         &caller,
@@ -326,7 +329,7 @@ pub async fn list_sessions(
             list.sessions
                 .into_iter()
                 .take(1024)
-                .map(|s| SessionView {
+                .map(|s| TerminalSessionView {
                     id: s.id.chars().take(64).collect(),
                     command: s
                         .command

@@ -99,8 +99,10 @@ pub struct ApiToken {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceGrant {
-    /// The owner ids it may name in `X-Wsh-Owner` start with this (1 to 64 characters).
+    /// The owner ids it may name in `X-Wsh-Owner` start with this.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._@+-]+$")]
     pub owner_prefix: String,
+    #[schema(min_items = 1)]
     pub scopes: Vec<Scope>,
 }
 
@@ -368,12 +370,19 @@ pub struct SshKey {
 #[serde(deny_unknown_fields)]
 pub struct DotfilesSetting {
     /// A git URL (the forms a workspace's repository takes).
-    #[schema(max_length = 2048)]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^(?:(?:https?|ssh|git)://|file:///|(?:[^\x00-\x1f\x7f-\x9f :/@-][^\x00-\x1f\x7f-\x9f :/]*)?@[^\x00-\x1f\x7f-\x9f :/]*:)[^\x00-\x1f\x7f-\x9f ]*$"
+    )]
     pub repo: String,
     /// A shell command run in the clone; none runs the first of `install.sh`, `install`,
     /// `bootstrap.sh`, `bootstrap`, `script/bootstrap`, `setup.sh`, `setup`, `script/setup`,
     /// or links the repository's dotfiles into the home folder when there is none.
     #[serde(default)]
-    #[schema(max_length = 4096)]
+    #[schema(
+        min_length = 1,
+        max_length = 4096,
+        pattern = r"^[^\x00]*[^\x00\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00]*$"
+    )]
     pub install_command: Option<String>,
 }
