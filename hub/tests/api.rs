@@ -119,7 +119,8 @@ async fn the_openapi_document_covers_every_route() {
                 .unwrap();
             match name {
                 "get" | "post" | "put" | "delete" => methods.push(name),
-                "any" => {
+                // Every method a preview passes on (`edge::api::passthrough`).
+                "passthrough" => {
                     methods.extend(["get", "put", "post", "delete", "patch", "head", "options"])
                 }
                 _ => {}

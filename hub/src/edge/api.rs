@@ -16,7 +16,7 @@ use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -59,15 +59,9 @@ pub fn app(hub: AppState) -> Router {
             "/workspaces/{id}/ports/{port}/links/{link}",
             axum::routing::delete(crate::edge::preview::revoke_link),
         )
-        .route("/preview/{id}/{port}", any(crate::edge::preview::path_form))
-        .route(
-            "/preview/{id}/{port}/",
-            any(crate::edge::preview::path_form),
-        )
-        .route(
-            "/preview/{id}/{port}/{*rest}",
-            any(crate::edge::preview::path_form),
-        )
+        .route("/preview/{id}/{port}", passthrough())
+        .route("/preview/{id}/{port}/", passthrough())
+        .route("/preview/{id}/{port}/{*rest}", passthrough())
         .route("/workspaces/{id}/keep-awake", post(keep_awake))
         .route("/workspaces/{id}/tickets", post(create_ticket))
         .route(
@@ -142,6 +136,19 @@ pub fn app(hub: AppState) -> Router {
             refuse_while_draining,
         ))
         .with_state(hub)
+}
+
+/// The methods a preview passes on to the dev server (TRACE and CONNECT are refused: 405).
+fn passthrough() -> axum::routing::MethodRouter<AppState> {
+    use axum::routing::{head, options};
+    let f = crate::edge::preview::path_form;
+    get(f)
+        .post(f)
+        .put(f)
+        .patch(f)
+        .delete(f)
+        .merge(head(f))
+        .merge(options(f))
 }
 
 /// Marks a response as a workspace's own (a preview's), which [`json_errors`] leaves alone.
