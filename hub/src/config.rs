@@ -110,6 +110,9 @@ pub struct FileConfig {
     pub provision_timeout: Duration,
     /// A shared secret Cloud Scheduler (or cron) sends as a bearer token to `POST /cleanup`.
     pub cleanup_token: Option<Secret>,
+    /// A shared secret a Prometheus scraper sends as a bearer token to `GET /metrics`
+    /// (admins may read it with their own token too).
+    pub metrics_token: Option<Secret>,
     /// Cloud Scheduler's OIDC tokens, accepted on `POST /cleanup` instead of a secret.
     pub cleanup_oidc: Option<SchedulerConfig>,
     /// Browser sign-in; without it the hub signs in only through tokens and dev links.
@@ -295,6 +298,7 @@ impl Default for FileConfig {
             reconcile_grace: Duration::from_secs(10 * 60),
             provision_timeout: Duration::from_secs(10 * 60),
             cleanup_token: None,
+            metrics_token: None,
             cleanup_oidc: None,
             oidc: None,
             public_url: None,
@@ -351,6 +355,7 @@ pub struct Config {
     pub reconcile_grace: Duration,
     pub provision_timeout: Duration,
     pub cleanup_token: Option<Secret>,
+    pub metrics_token: Option<Secret>,
     pub cleanup_oidc: Option<SchedulerConfig>,
     pub oidc: Option<OidcConfig>,
     pub public_url: Option<String>,
@@ -465,11 +470,16 @@ impl Config {
             file.preview_timeout >= Duration::from_millis(100),
             "preview_timeout must be at least 100ms"
         );
-        if let Some(token) = &file.cleanup_token {
-            ensure!(
-                token.expose().len() >= 16,
-                "cleanup_token must be at least 16 characters"
-            );
+        for (name, token) in [
+            ("cleanup_token", &file.cleanup_token),
+            ("metrics_token", &file.metrics_token),
+        ] {
+            if let Some(token) = token {
+                ensure!(
+                    token.expose().len() >= 16,
+                    "{name} must be at least 16 characters"
+                );
+            }
         }
         if file.provider == ProviderKind::Gce {
             ensure!(
@@ -558,6 +568,7 @@ impl Config {
             reconcile_grace: file.reconcile_grace,
             provision_timeout: file.provision_timeout,
             cleanup_token: file.cleanup_token,
+            metrics_token: file.metrics_token,
             cleanup_oidc: file.cleanup_oidc,
             oidc,
             public_url: file.public_url.map(|u| u.trim_end_matches('/').to_owned()),

@@ -69,6 +69,8 @@ pub struct Hub {
     pub public_url: String,
     /// Idle connections to previewed ports.
     pub previews: Arc<preview::Pool>,
+    /// The figures `GET /metrics` shows.
+    pub metrics: Arc<base::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -123,7 +125,14 @@ pub async fn open_state(
                 .context("Compute Engine provider")?,
         ),
     };
+    // Every store and provider call is counted and timed for `/metrics`.
+    let metrics = Arc::new(base::metrics::Metrics::default());
+    let store: Arc<dyn store::Store> =
+        Arc::new(store::metered::Metered::new(store, metrics.clone()));
+    let provider: Arc<dyn provider::Provider> =
+        Arc::new(provider::metered::Metered::new(provider, metrics.clone()));
     Ok(Hub {
+        metrics,
         agent_hub_addr: config
             .agent_hub_addr
             .clone()

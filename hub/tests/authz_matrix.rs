@@ -23,6 +23,8 @@ enum Access {
     Personal,
     /// Only the scheduler's secret or OIDC token.
     Scheduler,
+    /// Admins (and the metrics token).
+    Admin,
 }
 
 fn access(method: &str, path: &str) -> Access {
@@ -34,6 +36,7 @@ fn access(method: &str, path: &str) -> Access {
         ("get", "/embed/terminal/{id}") => Public,
         ("post", "/login/device" | "/login/device/token") => Public,
         ("post", "/cleanup") => Scheduler,
+        ("get", "/metrics") => Admin,
         ("get" | "post", "/workspaces" | "/tokens")
         | ("get", "/events")
         | ("get", "/session")
@@ -393,6 +396,10 @@ async fn every_route_answers_each_kind_of_caller_as_the_matrix_says() {
                             method == "head" || body.contains("\"unauthorized\""),
                             "{case}"
                         );
+                    }
+                    (Access::Admin, Who::Member | Who::Owner) => {
+                        assert_eq!(status, 403, "{case}");
+                        assert!(body.contains("admin_only"), "{case}");
                     }
                     (Access::Owner, Who::Member) | (Access::Personal, Who::Member | Who::Admin) => {
                         assert_eq!(status, 404, "{case}");

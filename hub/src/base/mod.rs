@@ -4,5 +4,6 @@
 pub mod ca;
 pub mod fsutil;
 pub mod identity;
+pub mod metrics;
 pub mod secret;
 pub mod workspace;

@@ -157,6 +157,16 @@ pub async fn sweep(hub: &Arc<Hub>, now: i64) -> Result<SweepReport, crate::store
             }
         }
     }
+    for (kind, n) in [
+        ("idle_stopped", report.stopped.len()),
+        ("idle_deleted", report.deleted.len()),
+        ("idle_failed", report.failed.len()),
+    ] {
+        hub.metrics
+            .housekeeping
+            .get_or_create(&crate::base::metrics::Kind { kind })
+            .inc_by(n as u64);
+    }
     Ok(report)
 }
 

@@ -81,6 +81,18 @@ pub async fn reconcile(hub: &Arc<Hub>, now: i64) -> anyhow::Result<ReconcileRepo
             tracing::warn!(workspace = %ws.id, error = %e, "reconcile workspace");
         }
     }
+    for (kind, n) in [
+        ("orphan_deleted", report.orphans_deleted.len()),
+        ("vanished", report.vanished.len()),
+        ("resumed", report.resumed.len()),
+        ("provision_timed_out", report.timed_out.len()),
+        ("delete_finished", report.finished.len()),
+    ] {
+        hub.metrics
+            .housekeeping
+            .get_or_create(&crate::base::metrics::Kind { kind })
+            .inc_by(n as u64);
+    }
     Ok(report)
 }
 

@@ -34,6 +34,7 @@ pub fn app(hub: AppState) -> Router {
         .route("/ca.pem", get(ca_pem))
         .route("/healthz", get(healthz))
         .route("/version", get(version))
+        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/workspaces", get(list_workspaces).post(create_workspace))
         .route(
@@ -131,6 +132,10 @@ pub fn app(hub: AppState) -> Router {
             crate::edge::preview::by_host,
         ))
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            count_requests,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             hub.clone(),
             refuse_while_draining,
@@ -352,7 +357,7 @@ pub struct ErrorDetail {
 #[openapi(
     info(title = "Workspace Hub API", description = "Remote development workspaces: lifecycle, status and events. Any request may be answered `503` with `Retry-After` and error code `draining` while the hub (or the replica it reached) restarts: retry it."),
     paths(
-        index, asset, ca_pem, openapi, healthz, version, list_workspaces, create_workspace, get_workspace, delete_workspace,
+        index, asset, ca_pem, openapi, healthz, version, metrics, list_workspaces, create_workspace, get_workspace, delete_workspace,
         stop_workspace, start_workspace, workspace_status, keep_awake, workspace_events, owner_events, cleanup,
         create_token, list_tokens, revoke_token, create_ticket, workspace_ports,
         crate::edge::preview::get_sharing, crate::edge::preview::set_sharing, crate::edge::preview::create_link,
@@ -532,6 +537,10 @@ impl utoipa::Modify for BearerAuth {
             "cleanup_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        components.add_security_scheme(
+            "metrics_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
     }
 }
 
@@ -697,6 +706,72 @@ async fn ca_pem(State(hub): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, description = "The hub is up", body = Object), (status = 503, description = "Draining: the hub is restarting (load balancers stop sending it work)", body = ErrorBody)))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
+}
+
+/// Counts every request by route template (never its path: no client grows the series),
+/// method and status, and times it to the response head.
+async fn count_requests(
+    State(hub): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let start = std::time::Instant::now();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = match req.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_owned();
+    let res = next.run(req).await;
+    let m = &hub.metrics;
+    let timed = crate::base::metrics::Route { route, method };
+    m.http_seconds
+        .get_or_create(&timed)
+        .observe(start.elapsed().as_secs_f64());
+    m.http_requests
+        .get_or_create(&crate::base::metrics::Request {
+            route: timed.route,
+            method: timed.method,
+            status: res.status().as_u16(),
+        })
+        .inc();
+    res
+}
+
+/// `GET /metrics`: the scraper's bearer token (`metrics_token`), or an admin.
+#[utoipa::path(get, path = "/metrics", tag = "meta", security(("metrics_token" = []), ("bearer" = [])), responses((status = 200, description = "The hub's figures, OpenMetrics text (Prometheus reads it): HTTP requests by route, method and status with latency histograms, agents connected and their connections, enrollments, streams relayed (open, total, bytes) by kind, store and provider calls by operation and outcome with latency histograms, housekeeping actions, SSE feeds", content_type = "application/openmetrics-text", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 403, description = "Signed in, but not an admin (`admin_only`)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this address (`too_many_failures`)", body = ErrorBody)))]
+async fn metrics(State(hub): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    use axum::extract::FromRequestParts;
+    let scraper = hub.config.metrics_token.as_ref().is_some_and(|secret| {
+        crate::edge::caller::bearer(req.headers())
+            .is_some_and(|given| token_hash(given) == token_hash(secret.expose()))
+    });
+    if !scraper {
+        let (mut parts, _) = req.into_parts();
+        let caller = Caller::from_request_parts(&mut parts, &hub).await?;
+        if !caller.admin {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "admin_only",
+                "the metrics are for admins and the metrics_token",
+            ));
+        }
+    }
+    let m = &hub.metrics;
+    m.agents_connected.set(hub.agents.len() as i64);
+    m.sse_feeds.set(hub.events.feeds() as i64);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/version", tag = "meta", responses((status = 200, description = "Build, protocol and provider", body = Object)))]

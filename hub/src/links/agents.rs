@@ -540,6 +540,14 @@ pub(crate) async fn enrollment_connection(hub: &Hub, conn: quinn::Connection, re
             Ok(Err(e)) => return Err(e),
             Err(_) => refusal(EnrollRefusal::BadRequest, "no enrollment request in time"),
         };
+        let outcome = match &reply {
+            EnrollMsg::Issued(_) => "issued",
+            _ => "refused",
+        };
+        hub.metrics
+            .enrollments
+            .get_or_create(&crate::base::metrics::Kind { kind: outcome })
+            .inc();
         match &reply {
             EnrollMsg::Issued(i) => {
                 tracing::info!(%remote, workspace = %i.workspace_id, "agent enrolled")
@@ -770,6 +778,7 @@ async fn control_session(
         epoch,
     );
     tracing::info!(%remote, workspace = %workspace_id, agent_version = %hello.agent_version, "agent connected");
+    hub.metrics.agent_connects.inc();
     let mut touches = Touches::new(workspace, session);
     // The store learns of the connection (its route, its time, READY) while the heartbeats
     // already run: a hub waiting on a slow store must still answer them, or its agents give

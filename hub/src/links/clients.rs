@@ -162,7 +162,7 @@ async fn client_stream(
         .await;
     };
     let cut = cut_when_draining(&hub, &to_agent);
-    if let Err(e) = splice(agent, &to_agent, send, recv, cut).await {
+    if let Err(e) = splice(&hub.metrics, agent, &to_agent, send, recv, cut).await {
         tracing::debug!(workspace = %ws.id, error = %e, "client stream ended");
     }
 }
@@ -323,21 +323,54 @@ pub(crate) fn cut_when_draining(
     matches!(header, StreamHeader::Pty(_) | StreamHeader::Sync(_)).then(|| hub.draining.clone())
 }
 
+/// What a relayed stream carries, for `/metrics`.
+fn stream_kind(header: &StreamHeader) -> &'static str {
+    match header {
+        StreamHeader::Pty(_) => "terminal",
+        StreamHeader::TcpForward(_) | StreamHeader::Forward(_) => "forward",
+        StreamHeader::Sync(_) => "sync",
+        StreamHeader::Exec(_) => "exec",
+        StreamHeader::Files(_) => "files",
+        _ => "other",
+    }
+}
+
+/// A relayed stream in `streams_open` while it lives.
+struct Open(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Opens a stream to the agent with `header` and copies bytes both ways until both sides
 /// finish, or until `cut` is cancelled (both streams then end).
 pub(crate) async fn splice(
+    metrics: &crate::base::metrics::Metrics,
     agent: crate::links::peers::AgentPath,
     header: &StreamHeader,
     client_send: quinn::SendStream,
     client_recv: FramedRecv,
     cut: Option<tokio_util::sync::CancellationToken>,
 ) -> Result<(), LinkError> {
+    let kind = crate::base::metrics::Kind {
+        kind: stream_kind(header),
+    };
     let (mut agent_send, agent_recv) = agent.open_bi().await?;
     send_msg(&mut agent_send, header).await?;
+    metrics.streams.get_or_create(&kind).inc();
+    let open = metrics.streams_open.get_or_create_owned(&kind);
+    open.inc();
+    let _open = Open(open);
+    let bytes = metrics.relayed_bytes.get_or_create_owned(&kind);
     let (client_recv, mut decoder) = client_recv.into_parts();
     agent_send.write_all(&decoder.take_buffered()).await?;
     let pumps = async {
-        tokio::join!(pump(client_recv, agent_send), pump(agent_recv, client_send));
+        tokio::join!(
+            pump(client_recv, agent_send, &bytes),
+            pump(agent_recv, client_send, &bytes)
+        );
     };
     match cut {
         Some(cut) => {
@@ -354,10 +387,15 @@ pub(crate) async fn splice(
 /// Moves whole received chunks from one stream to the other without copying them. A
 /// reset on the way in becomes a reset on the way out (a dropped TCP connection stays a
 /// dropped connection, not a clean end).
-pub(crate) async fn pump(mut from: quinn::RecvStream, mut to: quinn::SendStream) {
+pub(crate) async fn pump(
+    mut from: quinn::RecvStream,
+    mut to: quinn::SendStream,
+    bytes: &prometheus_client::metrics::counter::Counter,
+) {
     loop {
         match from.read_chunk(usize::MAX, true).await {
             Ok(Some(chunk)) => {
+                bytes.inc_by(chunk.bytes.len() as u64);
                 if to.write_chunk(chunk.bytes).await.is_err() {
                     let _ = from.stop(quinn::VarInt::from_u32(0));
                     return;

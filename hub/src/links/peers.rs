@@ -522,7 +522,9 @@ async fn peer_stream(
     // Streams through a leaving replica end as its own do.
     let cut = crate::links::clients::cut_when_draining(&hub, &inner);
     let agent = AgentPath::Local(agent);
-    if let Err(e) = crate::links::clients::splice(agent, &inner, send, recv, cut).await {
+    if let Err(e) =
+        crate::links::clients::splice(&hub.metrics, agent, &inner, send, recv, cut).await
+    {
         tracing::debug!(workspace = %open.workspace_id, error = %e, "peer stream ended");
     }
 }

@@ -12,6 +12,7 @@
 pub mod cloudinit;
 pub mod gce;
 pub mod manual;
+pub mod metered;
 pub mod process;
 pub mod qemu;
 

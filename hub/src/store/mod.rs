@@ -4,6 +4,7 @@
 //! (`hub/tests/store.rs`).
 
 pub mod firestore;
+pub mod metered;
 pub mod sqlite;
 
 use crate::base::workspace::{Status, Workspace};

@@ -1,0 +1,118 @@
+//! `GET /metrics`: who may read it, and figures that move as the hub works (requests,
+//! agents, enrollments, relayed streams and bytes, store and provider calls).
+
+use harness::{HubOptions, TestHub};
+
+const METRICS_TOKEN: &str = "metrics-secret-for-tests";
+
+/// The value of one series (`name{labels}`, exactly as rendered), 0 when absent.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+async fn scrape(hub: &TestHub, token: Option<&str>) -> (u16, String, String) {
+    let mut req = hub.http.get(hub.url("/metrics"));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let kind = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, kind, res.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
+    let hub = TestHub::start_with(HubOptions {
+        config: format!("admins = [\"root\"]\nmetrics_token = \"{METRICS_TOKEN}\"\n"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Who may read it.
+    let (status, kind, before) = scrape(&hub, Some(METRICS_TOKEN)).await;
+    assert_eq!(status, 200, "{before}");
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    assert!(before.ends_with("# EOF\n"));
+    assert_eq!(scrape(&hub, None).await.0, 401);
+    assert_eq!(scrape(&hub, Some("not-the-metrics-token")).await.0, 401);
+    let (status, _, body) = scrape(&hub, Some(&hub.token)).await;
+    assert_eq!(status, 403, "not an admin: {body}");
+    assert!(body.contains("admin_only"), "{body}");
+    let root = hub.mint_token("root").unwrap();
+    assert_eq!(scrape(&hub, Some(&root)).await.0, 200);
+
+    // Work: a workspace whose agent enrolls and connects, a command relayed through the hub.
+    let id = hub.ready_workspace().await.unwrap();
+    let out = hub
+        .wsh()
+        .unwrap()
+        .args(["--path", "relay", "exec", &id, "--", "echo", "counted"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "counted");
+    let (code, _) = hub.api("GET", "/no/such/route", None).await.unwrap();
+    assert_eq!(code, 404);
+
+    let (_, _, after) = scrape(&hub, Some(METRICS_TOKEN)).await;
+    let grew = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(
+        grew(r#"wsh_hub_http_requests_total{route="/workspaces",method="POST",status="201"}"#),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        grew(r#"wsh_hub_http_requests_total{route="unmatched",method="GET",status="404"}"#) >= 1.0
+    );
+    assert!(
+        grew(r#"wsh_hub_http_request_seconds_count{route="/workspaces",method="POST"}"#) >= 1.0
+    );
+    assert_eq!(value(&after, "wsh_hub_agents_connected"), 1.0, "{after}");
+    assert_eq!(grew("wsh_hub_agent_connections_total"), 1.0, "{after}");
+    assert_eq!(grew(r#"wsh_hub_enrollments_total{kind="issued"}"#), 1.0);
+    assert_eq!(
+        grew(r#"wsh_hub_provider_calls_total{op="create",outcome="ok"}"#),
+        1.0
+    );
+    assert!(grew(r#"wsh_hub_store_calls_total{op="get_workspace",outcome="ok"}"#) >= 1.0);
+    assert!(grew(r#"wsh_hub_store_call_seconds_count{op="insert_workspace",outcome="ok"}"#) >= 1.0);
+    assert_eq!(
+        grew(r#"wsh_hub_streams_total{kind="exec"}"#),
+        1.0,
+        "{after}"
+    );
+    assert!(grew(r#"wsh_hub_relayed_bytes_total{kind="exec"}"#) > 0.0);
+    assert_eq!(value(&after, r#"wsh_hub_streams_open{kind="exec"}"#), 0.0);
+
+    // A delete shows too: the agent goes, the provider call is counted.
+    let (code, _) = hub
+        .api("DELETE", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(code, 202);
+    for _ in 0..100 {
+        let (_, _, now) = scrape(&hub, Some(METRICS_TOKEN)).await;
+        if value(&now, "wsh_hub_agents_connected") == 0.0
+            && value(
+                &now,
+                r#"wsh_hub_provider_calls_total{op="delete",outcome="ok"}"#,
+            ) == 1.0
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the delete never showed in the metrics");
+}
