@@ -562,6 +562,8 @@ async fn spawn_hub(
     let home = state_dir.with_file_name("home");
     std::fs::create_dir_all(&home)?;
     cmd.env("HOME", &home);
+    // The test's own environment (fault injection, log settings) over the defaults.
+    cmd.env("RUST_LOG", "info,quinn=warn");
     cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
     if !options.config.is_empty() {
         let path = state_dir.join("hub.toml");
@@ -573,7 +575,6 @@ async fn spawn_hub(
         binary("workspace-agent")?;
     }
     let mut child = cmd
-        .env("RUST_LOG", "info,quinn=warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -94,7 +94,17 @@ async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
         "{after}"
     );
     assert!(grew(r#"wsh_hub_relayed_bytes_total{kind="exec"}"#) > 0.0);
-    assert_eq!(value(&after, r#"wsh_hub_streams_open{kind="exec"}"#), 0.0);
+    // The hub's side of the stream ends just after the client's.
+    let mut open = value(&after, r#"wsh_hub_streams_open{kind="exec"}"#);
+    for _ in 0..100 {
+        if open == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (_, _, now) = scrape(&hub, Some(METRICS_TOKEN)).await;
+        open = value(&now, r#"wsh_hub_streams_open{kind="exec"}"#);
+    }
+    assert_eq!(open, 0.0, "a finished stream still counted as open");
 
     // A delete shows too: the agent goes, the provider call is counted.
     let (code, _) = hub
@@ -115,4 +125,68 @@ async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("the delete never showed in the metrics");
+}
+
+/// `--log-format json`: one JSON object a line; an HTTP request's id (the client's, or a
+/// new one) comes back in `X-Request-Id` and is on the log lines of its store calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_the_request_id_into_store_calls() {
+    let hub = TestHub::start_with(HubOptions {
+        provider: "manual".into(),
+        env: vec![
+            ("WSH_LOG_FORMAT".into(), "json".into()),
+            (
+                "RUST_LOG".into(),
+                "info,quinn=warn,hub::store::metered=debug".into(),
+            ),
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let res = hub
+        .http
+        .get(hub.url("/workspaces"))
+        .bearer_auth(&hub.token)
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-request-id"], "trace-me-42");
+    // A bad one is replaced, not echoed.
+    let res = hub
+        .http
+        .get(hub.url("/workspaces"))
+        .bearer_auth(&hub.token)
+        .header("x-request-id", "no spaces allowed")
+        .send()
+        .await
+        .unwrap();
+    let fresh = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(
+        fresh.len() == 16 && fresh.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{fresh}"
+    );
+
+    let mut traced = None;
+    for _ in 0..50 {
+        let log = hub.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        traced = lines.into_iter().find(|l| {
+            l["span"]["id"] == "trace-me-42"
+                && l["fields"]["message"] == "store call"
+                && l["fields"]["op"] == "list_workspaces"
+        });
+        if traced.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let line = traced.expect("the request's store call logged with its id");
+    assert_eq!(line["fields"]["ok"], true, "{line}");
+    assert!(!hub.log().contains(&hub.token), "a token in the log");
 }

@@ -136,6 +136,7 @@ pub fn app(hub: AppState) -> Router {
             hub.clone(),
             count_requests,
         ))
+        .layer(axum::middleware::from_fn(request_id))
         .layer(axum::middleware::from_fn_with_state(
             hub.clone(),
             refuse_while_draining,
@@ -706,6 +707,30 @@ async fn ca_pem(State(hub): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, description = "The hub is up", body = Object), (status = 503, description = "Draining: the hub is restarting (load balancers stop sending it work)", body = ErrorBody)))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
+}
+
+/// Gives every request an id (the client's `X-Request-Id` when it is 1 to 64 of
+/// `A-Z a-z 0-9 . _ -`, else a new one): the log lines of its handling, store and provider
+/// calls included, carry it (in the `request` span), and so does the response.
+async fn request_id(req: Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let span = tracing::info_span!("request", id = %id, method = %req.method());
+    let mut res = next.run(req).instrument(span).await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", value);
+    }
+    res
 }
 
 /// Counts every request by route template (never its path: no client grows the series),

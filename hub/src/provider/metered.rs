@@ -25,14 +25,10 @@ impl Metered {
         let out = call.await;
         // A missing instance is an answer, not a failure of the provider.
         let ok = matches!(&out, Ok(_) | Err(ProviderError::NotFound));
+        let took = start.elapsed();
+        tracing::debug!(op, ok, ms = took.as_secs_f64() * 1000.0, "provider call");
         let m = &self.metrics;
-        Metrics::call(
-            &m.provider_calls,
-            &m.provider_seconds,
-            op,
-            ok,
-            start.elapsed(),
-        );
+        Metrics::call(&m.provider_calls, &m.provider_seconds, op, ok, took);
         out
     }
 }

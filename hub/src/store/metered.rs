@@ -24,8 +24,10 @@ impl Metered {
         let out = call.await;
         // Not found, a lost race, a taken name: answers, not failures of the store.
         let ok = !matches!(&out, Err(StoreError::Backend(_)));
+        let took = start.elapsed();
+        tracing::debug!(op, ok, ms = took.as_secs_f64() * 1000.0, "store call");
         let m = &self.metrics;
-        Metrics::call(&m.store_calls, &m.store_seconds, op, ok, start.elapsed());
+        Metrics::call(&m.store_calls, &m.store_seconds, op, ok, took);
         out
     }
 }
