@@ -198,6 +198,10 @@ async fn serve(
     // (the first look after a connect always sends, an empty list included).
     let mut sync_sent = (welcome.protocol_version >= protocol::SYNC_STATUS_SINCE_VERSION)
         .then_some(None::<protocol::control::SyncSessions>);
+    // What the agent costs its machine (protocol 8+): at the first look, then every 10 s.
+    let stats_every = protocol::control::AGENT_STATS_INTERVAL_SECS as u32;
+    let mut stats_due =
+        (welcome.protocol_version >= protocol::SYNC_STATUS_SINCE_VERSION).then_some(0u32);
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -263,6 +267,16 @@ async fn serve(
                         return lost(e, true);
                     }
                     live.on_sent(now);
+                }
+                if let Some(due) = stats_due.as_mut() {
+                    if *due == 0 {
+                        let stats = own_stats(agent.sessions.count());
+                        if let Err(e) = send_msg(&mut send, &ControlMsg::AgentStats(stats)).await {
+                            return lost(e, true);
+                        }
+                        live.on_sent(now);
+                    }
+                    *due = (*due + 1) % stats_every;
                 }
                 if let Some(sent) = sync_sent.as_mut() {
                     let report = services.sync.sessions.report();
@@ -337,6 +351,30 @@ async fn serve(
             },
             _ = shutdown.cancelled() => return End::Shutdown,
         }
+    }
+}
+
+/// The agent process's resident memory and CPU time (from `/proc/self`), and `sessions`.
+fn own_stats(sessions: usize) -> protocol::control::AgentStats {
+    let page = rustix::param::page_size() as u64;
+    let rss_bytes = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    // Fields 14 and 15 of /proc/self/stat (utime, stime) in clock ticks; the command name
+    // (field 2) may hold spaces, so count from the `)` that ends it.
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            let mut fields = rest.split_whitespace().skip(11);
+            Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
+        });
+    let per_second = rustix::param::clock_ticks_per_second().max(1);
+    protocol::control::AgentStats {
+        rss_bytes,
+        cpu_ms: ticks.map_or(0, |t| t * 1000 / per_second),
+        sessions: u32::try_from(sessions).unwrap_or(u32::MAX),
     }
 }
 

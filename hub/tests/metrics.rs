@@ -106,6 +106,31 @@ async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
     }
     assert_eq!(open, 0.0, "a finished stream still counted as open");
 
+    // The agent reports its own figures: in its workspace's `agent.stats`, and added up.
+    let mut reported = false;
+    for _ in 0..100 {
+        let (_, _, now) = scrape(&hub, Some(METRICS_TOKEN)).await;
+        if value(&now, r#"wsh_hub_agents{kind="reporting"}"#) == 1.0 {
+            assert!(
+                value(&now, r#"wsh_hub_agents{kind="rss_bytes"}"#) > 1e6,
+                "{now}"
+            );
+            assert!(value(&now, r#"wsh_hub_agents{kind="rss_bytes_max"}"#) > 1e6);
+            reported = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reported, "no agent figures");
+    let (_, ws) = hub
+        .api("GET", &format!("/workspaces/{id}"), None)
+        .await
+        .unwrap();
+    let stats = &ws["agent"]["stats"];
+    assert!(stats["rss_bytes"].as_u64() > Some(1_000_000), "{ws}");
+    assert!(stats["cpu_ms"].as_u64().is_some(), "{ws}");
+    assert!(stats["sessions"].as_u64().is_some(), "{ws}");
+
     // A delete shows too: the agent goes, the provider call is counted.
     let (code, _) = hub
         .api("DELETE", &format!("/workspaces/{id}"), None)

@@ -52,7 +52,24 @@ crate::tagged_messages! {
         /// (the whole list, at most [`MAX_SYNC_SESSIONS`]), when it changes (at most about
         /// once a second while files move) and after each reconnect.
         17 => SyncSessions(SyncSessions),
+        /// Agent -> hub (version 8+): what the agent process costs its machine, every
+        /// [`AGENT_STATS_INTERVAL_SECS`] seconds.
+        18 => AgentStats(AgentStats),
     }
+}
+
+/// How often an agent reports [`AgentStats`].
+pub const AGENT_STATS_INTERVAL_SECS: u64 = 10;
+
+/// See [`ControlMsg::AgentStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AgentStats {
+    /// Resident memory of the agent process, bytes.
+    pub rss_bytes: u64,
+    /// CPU time the agent process has used since it started (user and system), ms.
+    pub cpu_ms: u64,
+    /// Terminal sessions it keeps (attached or not).
+    pub sessions: u32,
 }
 
 /// At most this many sessions in a [`SyncSessions`] report.

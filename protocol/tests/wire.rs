@@ -383,7 +383,9 @@ fn encoding_refuses_frames_over_the_limit() {
 fn tags_are_stable() {
     assert_eq!(
         ControlMsg::TAGS,
-        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+        &[
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
+        ]
     );
     assert_eq!(protocol::direct::DirectMsg::TAGS, &[1, 2]);
     assert_eq!(EnrollMsg::TAGS, &[1, 2, 3]);

@@ -528,6 +528,11 @@ impl Sessions {
         out
     }
 
+    /// How many terminal sessions the agent keeps.
+    pub fn count(&self) -> usize {
+        lock(&self.map).len()
+    }
+
     /// Clients attached across all sessions, and when any of them last typed.
     pub fn activity(&self) -> (usize, Option<Instant>) {
         lock(&self.map).values().fold((0, None), |(n, last), s| {

@@ -46,6 +46,16 @@ fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 4.0, 10))
 }
 
+/// The figures the connected agents report about themselves, added up at a scrape.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AgentTotals {
+    pub reporting: u64,
+    pub rss_bytes: u64,
+    pub rss_bytes_max: u64,
+    pub cpu_ms: u64,
+    pub sessions: u64,
+}
+
 /// Every figure the hub keeps, and the registry that renders them.
 pub struct Metrics {
     registry: Registry,
@@ -63,7 +73,7 @@ pub struct Metrics {
     pub provider_seconds: Timings<Call>,
     pub housekeeping: Family<Kind, Counter>,
     pub sse_feeds: Gauge,
-    pub events: Family<Kind, Counter>,
+    pub agent_totals: Family<Kind, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -93,7 +103,7 @@ impl Default for Metrics {
             provider_seconds: timings(),
             housekeeping: Family::default(),
             sse_feeds: Gauge::default(),
-            events: Family::default(),
+            agent_totals: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -167,9 +177,11 @@ impl Default for Metrics {
             m.sse_feeds.clone(),
         );
         r.register(
-            "events",
-            "Workspace events published on this replica, by kind",
-            m.events.clone(),
+            "agents",
+            "What the connected agents report about themselves, added up: `reporting` \
+             agents, `rss_bytes` (and `rss_bytes_max`), `cpu_ms` since each started, \
+             terminal `sessions`",
+            m.agent_totals.clone(),
         );
         m
     }
@@ -190,6 +202,21 @@ impl Metrics {
         };
         calls.get_or_create(&call).inc();
         timings.get_or_create(&call).observe(took.as_secs_f64());
+    }
+
+    /// Sets the agents' figures from a scrape's totals.
+    pub fn set_agent_totals(&self, t: AgentTotals) {
+        for (kind, v) in [
+            ("reporting", t.reporting),
+            ("rss_bytes", t.rss_bytes),
+            ("rss_bytes_max", t.rss_bytes_max),
+            ("cpu_ms", t.cpu_ms),
+            ("sessions", t.sessions),
+        ] {
+            self.agent_totals
+                .get_or_create(&Kind { kind })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
     }
 
     /// The figures as OpenMetrics text.

@@ -23,6 +23,21 @@ pub struct AgentInfo {
     pub direct_clients: Vec<DirectClientView>,
     /// The file-sync sessions the agent serves, as it last reported them (protocol 8+).
     pub sync_sessions: Vec<SyncSessionView>,
+    /// What the agent process costs its machine, as it last reported (protocol 8+).
+    pub stats: Option<AgentStatsView>,
+}
+
+/// The agent process's own figures, as it last reported them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct AgentStatsView {
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+    /// CPU time used since the agent started (user and system), ms.
+    pub cpu_ms: u64,
+    /// Terminal sessions it keeps.
+    pub sessions: u32,
+    /// When the report came, in the hub's clock (Unix ms).
+    pub at: i64,
 }
 
 /// A file-sync session the agent serves (`wsh sync`), as it last reported it.

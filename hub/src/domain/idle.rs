@@ -217,6 +217,7 @@ mod tests {
             setup: None,
             direct_clients: Vec::new(),
             sync_sessions: Vec::new(),
+            stats: None,
         }
     }
 

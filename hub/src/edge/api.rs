@@ -768,7 +768,7 @@ async fn count_requests(
 }
 
 /// `GET /metrics`: the scraper's bearer token (`metrics_token`), or an admin.
-#[utoipa::path(get, path = "/metrics", tag = "meta", security(("metrics_token" = []), ("bearer" = [])), responses((status = 200, description = "The hub's figures, OpenMetrics text (Prometheus reads it): HTTP requests by route, method and status with latency histograms, agents connected and their connections, enrollments, streams relayed (open, total, bytes) by kind, store and provider calls by operation and outcome with latency histograms, housekeeping actions, SSE feeds", content_type = "application/openmetrics-text", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 403, description = "Signed in, but not an admin (`admin_only`)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this address (`too_many_failures`)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/metrics", tag = "meta", security(("metrics_token" = []), ("bearer" = [])), responses((status = 200, description = "The hub's figures, OpenMetrics text (Prometheus reads it): HTTP requests by route, method and status with latency histograms, agents connected and their connections, enrollments, streams relayed (open, total, bytes) by kind, store and provider calls by operation and outcome with latency histograms, housekeeping actions, SSE feeds, and the figures agents report about themselves added up (memory, CPU time, sessions)", content_type = "application/openmetrics-text", body = String), (status = 401, description = "Missing or bad token", body = ErrorBody), (status = 403, description = "Signed in, but not an admin (`admin_only`)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this address (`too_many_failures`)", body = ErrorBody)))]
 async fn metrics(State(hub): State<AppState>, req: Request) -> Result<Response, ApiError> {
     use axum::extract::FromRequestParts;
     let scraper = hub.config.metrics_token.as_ref().is_some_and(|secret| {
@@ -789,6 +789,7 @@ async fn metrics(State(hub): State<AppState>, req: Request) -> Result<Response, 
     let m = &hub.metrics;
     m.agents_connected.set(hub.agents.len() as i64);
     m.sse_feeds.set(hub.events.feeds() as i64);
+    m.set_agent_totals(hub.agents.stats_totals());
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

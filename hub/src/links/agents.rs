@@ -429,6 +429,33 @@ impl Registry {
         })
     }
 
+    /// Records an agent's report of its own figures on its live entry.
+    fn set_stats(&self, id: Uuid, session: u64, stats: protocol::control::AgentStats) {
+        if let Some(c) = self.lock().get_mut(&id).filter(|c| c.session == session) {
+            c.info.stats = Some(crate::domain::agent::AgentStatsView {
+                rss_bytes: stats.rss_bytes,
+                cpu_ms: stats.cpu_ms,
+                sessions: stats.sessions,
+                at: now_ms(),
+            });
+        }
+    }
+
+    /// The agents' own figures added up (and the largest memory), over those that report.
+    pub fn stats_totals(&self) -> crate::base::metrics::AgentTotals {
+        let mut totals = crate::base::metrics::AgentTotals::default();
+        for c in self.lock().values() {
+            if let Some(s) = c.info.stats {
+                totals.reporting += 1;
+                totals.rss_bytes += s.rss_bytes;
+                totals.rss_bytes_max = totals.rss_bytes_max.max(s.rss_bytes);
+                totals.cpu_ms += s.cpu_ms;
+                totals.sessions += u64::from(s.sessions);
+            }
+        }
+        totals
+    }
+
     /// Records an agent's activity report on its live entry.
     fn set_activity(&self, id: Uuid, session: u64, report: protocol::control::Activity) {
         let now = now_ms();
@@ -773,6 +800,7 @@ async fn control_session(
             setup: None,
             direct_clients: Vec::new(),
             sync_sessions: Vec::new(),
+            stats: None,
         },
         conn.clone(),
         epoch,
@@ -1100,6 +1128,10 @@ async fn heartbeat_loop<'a>(
                                 );
                             }
                         }
+                    }
+                    Some(ControlMsg::AgentStats(stats)) => {
+                        live.on_heard(now);
+                        hub.agents.set_stats(workspace_id, touches.session, stats);
                     }
                     Some(ControlMsg::SyncSessions(report)) => {
                         live.on_heard(now);
