@@ -449,23 +449,14 @@ async fn a_running_sync_follows_both_sides_counts_as_activity_and_survives_a_hub
     .unwrap();
     let out = child.wait_with_output().unwrap();
     // Ended: the agent says so.
-    let mut ended = false;
-    for _ in 0..100 {
-        let (_, ws) = e
-            .hub
-            .api("GET", &format!("/workspaces/{id}"), None)
-            .await
-            .unwrap();
-        if ws["agent"]["sync_sessions"]
-            .as_array()
-            .is_some_and(|s| s.is_empty())
-        {
-            ended = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ended, "the ended session is still listed");
+    e.hub
+        .wait_for(&id, Duration::from_secs(10), |ws| {
+            ws["agent"]["sync_sessions"]
+                .as_array()
+                .is_some_and(|s| s.is_empty())
+        })
+        .await
+        .expect("the ended session is still listed");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -480,19 +471,14 @@ async fn a_running_sync_follows_both_sides_counts_as_activity_and_survives_a_hub
 
 /// The workspace's first sync session as the hub shows it, once `ready` holds for it.
 async fn sync_session(hub: &TestHub, id: &str, ready: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..100 {
-        let (_, ws) = hub
-            .api("GET", &format!("/workspaces/{id}"), None)
-            .await
-            .unwrap();
-        last = ws["agent"]["sync_sessions"][0].clone();
-        if !last.is_null() && ready(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no such sync session: {last}");
+    let ws = hub
+        .wait_for(id, Duration::from_secs(10), |ws| {
+            let session = &ws["agent"]["sync_sessions"][0];
+            !session.is_null() && ready(session)
+        })
+        .await
+        .expect("no such sync session");
+    ws["agent"]["sync_sessions"][0].clone()
 }
 
 /// A client that speaks the sync protocol by hand.

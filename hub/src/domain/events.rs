@@ -8,7 +8,7 @@
 //! now"). A subscriber that falls behind is not handed a backlog: it gets a fresh snapshot.
 
 use crate::base::workspace::Status;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -67,15 +67,17 @@ pub enum Detail {
     Ports,
 }
 
-/// Which events a feed carries: one workspace's, one owner's, or all of them (an admin's).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Which events a feed carries: all of them (an admin's), one owner's, or one
+/// workspace's. Feeds sort in that order, so whether anyone watches more than a workspace
+/// is the first key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Watch {
-    Workspace(Uuid),
-    Owner(String),
     All,
+    Owner(String),
+    Workspace(Uuid),
 }
 
-type Feeds = Arc<Mutex<HashMap<Watch, broadcast::Sender<Arc<WorkspaceEvent>>>>>;
+type Feeds = Arc<Mutex<BTreeMap<Watch, broadcast::Sender<Arc<WorkspaceEvent>>>>>;
 
 /// Events an owner's feed keeps for a slow subscriber (an owner has many workspaces).
 pub const OWNER_FEED_CAPACITY: usize = 256;
@@ -171,11 +173,12 @@ impl Events {
     pub fn owners_watched(&self) -> bool {
         lock(&self.feeds)
             .keys()
-            .any(|w| !matches!(w, Watch::Workspace(_)))
+            .next()
+            .is_some_and(|w| !matches!(w, Watch::Workspace(_)))
     }
 }
 
-fn lock(feeds: &Feeds) -> MutexGuard<'_, HashMap<Watch, broadcast::Sender<Arc<WorkspaceEvent>>>> {
+fn lock(feeds: &Feeds) -> MutexGuard<'_, BTreeMap<Watch, broadcast::Sender<Arc<WorkspaceEvent>>>> {
     feeds.lock().unwrap_or_else(|p| p.into_inner())
 }
 
