@@ -318,6 +318,14 @@ impl TestHub {
         Ok(cmd)
     }
 
+    /// The one-time sign-in link (`/login/once?code=...`, path and query) the dev hub
+    /// printed when it started.
+    pub fn sign_in_link(&self) -> Option<String> {
+        let out = std::fs::read_to_string(self.state_dir.join("hub.stdout")).ok()?;
+        let at = out.find("/login/once?code=")?;
+        Some(out[at..].split_whitespace().next()?.to_owned())
+    }
+
     /// The hub's stderr log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("hub.log")).unwrap_or_default()
@@ -576,7 +584,8 @@ async fn spawn_hub(
     }
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        // The dev banner (its sign-in link, its token) goes to a file of its own.
+        .stdout(std::fs::File::create(state_dir.join("hub.stdout"))?)
         .stderr(log)
         .spawn()
         .context("start workspace-hub")?;

@@ -108,6 +108,9 @@ pub struct FileConfig {
     /// `ERROR` with the reason (and the machine's last boot log lines).
     #[serde(with = "humantime_serde")]
     pub provision_timeout: Duration,
+    /// Audit entries older than this are deleted by the housekeeping pass.
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Duration,
     /// A shared secret Cloud Scheduler (or cron) sends as a bearer token to `POST /cleanup`.
     pub cleanup_token: Option<Secret>,
     /// A shared secret a Prometheus scraper sends as a bearer token to `GET /metrics`
@@ -297,6 +300,7 @@ impl Default for FileConfig {
             reconcile_interval: Duration::from_secs(60),
             reconcile_grace: Duration::from_secs(10 * 60),
             provision_timeout: Duration::from_secs(10 * 60),
+            audit_retention: Duration::from_secs(400 * 24 * 3600),
             cleanup_token: None,
             metrics_token: None,
             cleanup_oidc: None,
@@ -354,6 +358,7 @@ pub struct Config {
     pub reconcile_interval: Duration,
     pub reconcile_grace: Duration,
     pub provision_timeout: Duration,
+    pub audit_retention: Duration,
     pub cleanup_token: Option<Secret>,
     pub metrics_token: Option<Secret>,
     pub cleanup_oidc: Option<SchedulerConfig>,
@@ -567,6 +572,7 @@ impl Config {
             reconcile_interval: file.reconcile_interval,
             reconcile_grace: file.reconcile_grace,
             provision_timeout: file.provision_timeout,
+            audit_retention: file.audit_retention,
             cleanup_token: file.cleanup_token,
             metrics_token: file.metrics_token,
             cleanup_oidc: file.cleanup_oidc,

@@ -327,6 +327,9 @@ async fn housekeeping(hub: AppState) {
     }
 }
 
+/// At most this many audit entries go in one housekeeping pass (a backlog goes over a few).
+const AUDIT_PURGE_BATCH: usize = 5000;
+
 /// One reconciler and idle clean-up pass.
 async fn housekeeping_pass(hub: AppState) {
     let now = workspace::now_ms();
@@ -347,6 +350,16 @@ async fn housekeeping_pass(hub: AppState) {
     }
     if let Err(e) = hub.store.purge_grants(now).await {
         tracing::warn!(error = %e, "purge expired grants");
+    }
+    let retention = i64::try_from(hub.config.audit_retention.as_millis()).unwrap_or(i64::MAX);
+    match hub
+        .store
+        .purge_audit(now.saturating_sub(retention), AUDIT_PURGE_BATCH)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(entries = n, "purged audit entries past their retention"),
+        Err(e) => tracing::warn!(error = %e, "purge old audit entries"),
     }
 }
 

@@ -222,10 +222,15 @@ async fn async_main(cli: Cli) -> Result<()> {
                 CancellationToken::new(),
             )
             .await?;
-            println!(
-                "{}",
-                hub::domain::auth::mint_api_token(&hub, &owner, None, &name, None, None).await?
-            );
+            let token =
+                hub::domain::auth::mint_api_token(&hub, &owner, None, &name, None, None).await?;
+            // An operator's action on the hub's machine: recorded as the hub's own.
+            let mut entry = hub::domain::audit::entry("token.create");
+            entry.actor = "system".into();
+            entry.via = "hub-cli".into();
+            entry.target = Some(format!("owner={owner}"));
+            hub::domain::audit::record(&hub, entry).await;
+            println!("{token}");
             Ok(())
         }
     }

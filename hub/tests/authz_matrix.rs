@@ -36,7 +36,7 @@ fn access(method: &str, path: &str) -> Access {
         ("get", "/embed/terminal/{id}") => Public,
         ("post", "/login/device" | "/login/device/token") => Public,
         ("post", "/cleanup") => Scheduler,
-        ("get", "/metrics") => Admin,
+        ("get", "/metrics" | "/audit") => Admin,
         ("get" | "post", "/workspaces" | "/tokens")
         | ("get", "/events")
         | ("get", "/session")

@@ -5,8 +5,8 @@ use hub::base::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use hub::store::firestore::{FirestoreConfig, FirestoreStore};
 use hub::store::sqlite::SqliteStore;
 use hub::store::{
-    AgentRoute, ApiToken, DotfilesSetting, Limits, Profile, ReplicaRecord, SshKey, Store,
-    StoreError, TokenRejection,
+    AgentRoute, ApiToken, AuditEntry, AuditOutcome, AuditQuery, DotfilesSetting, Limits, Profile,
+    ReplicaRecord, SshKey, Store, StoreError, TokenRejection,
 };
 use std::sync::Arc;
 use uuid::Uuid;
@@ -735,6 +735,140 @@ async fn conformance(store: Arc<dyn Store>) {
         store.get_profile("nobody").await.unwrap(),
         Profile::default()
     );
+
+    audit_log(store.as_ref()).await;
+}
+
+/// The audit log: appended entries come back newest first, filtered by workspace, actor and
+/// time, a page at a time; a taken id is refused; retention deletes the old ones only.
+async fn audit_log(store: &dyn Store) {
+    let (w1, w2) = (Uuid::new_v4(), Uuid::new_v4());
+    let base = 1_700_000_000_000_i64;
+    let mut all = Vec::new();
+    for i in 0..30_i64 {
+        let refused = i % 4 == 0;
+        let entry = AuditEntry {
+            id: AuditEntry::new_id((base + i * 1000) * 1000 + i),
+            at: base + i * 1000,
+            actor: if i % 3 == 0 { "system" } else { "alice" }.into(),
+            via: "user".into(),
+            action: "workspace.stop".into(),
+            workspace_id: Some(if i % 2 == 0 { w1 } else { w2 }),
+            target: (i % 5 == 0).then(|| format!("id=demo port={i}")),
+            outcome: if refused {
+                AuditOutcome::Refused
+            } else {
+                AuditOutcome::Ok
+            },
+            status: Some(if refused { 409 } else { 202 }),
+            code: refused.then(|| "conflict".into()),
+            request_id: Some(format!("req{i}")),
+            ip: Some("127.0.0.1".into()),
+        };
+        store.append_audit(&entry).await.unwrap();
+        all.push(entry);
+    }
+    // An entry without a workspace (a sign-in).
+    let sign_in = AuditEntry {
+        id: AuditEntry::new_id((base + 40_000) * 1000),
+        at: base + 40_000,
+        actor: "bob".into(),
+        via: "link".into(),
+        action: "sign_in".into(),
+        workspace_id: None,
+        target: None,
+        outcome: AuditOutcome::Ok,
+        status: Some(303),
+        code: None,
+        request_id: None,
+        ip: None,
+    };
+    store.append_audit(&sign_in).await.unwrap();
+    assert!(matches!(
+        store.append_audit(&sign_in).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    all.push(sign_in.clone());
+    all.reverse();
+    let query = |limit| AuditQuery {
+        workspace_id: None,
+        actor: None,
+        since: None,
+        until: None,
+        before: None,
+        limit,
+    };
+    let times = |entries: &[AuditEntry]| entries.iter().map(|e| e.at).collect::<Vec<_>>();
+    // Everything, newest first, entries exactly as appended.
+    assert_eq!(store.list_audit(&query(100)).await.unwrap(), all);
+    // Pages: each starts below the previous page's last id, and together they are all.
+    let mut paged = Vec::new();
+    let mut q = query(7);
+    loop {
+        let page = store.list_audit(&q).await.unwrap();
+        assert!(page.len() <= 7);
+        let Some(last) = page.last() else { break };
+        q.before = Some(last.id.clone());
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    // By workspace, by actor, by both, by time.
+    let by_w1 = store
+        .list_audit(&AuditQuery {
+            workspace_id: Some(w1),
+            ..query(100)
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_w1.len(), 15);
+    assert!(by_w1.iter().all(|e| e.workspace_id == Some(w1)));
+    let by_actor = store
+        .list_audit(&AuditQuery {
+            actor: Some("system".into()),
+            ..query(100)
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_actor.len(), 10);
+    let both = store
+        .list_audit(&AuditQuery {
+            workspace_id: Some(w1),
+            actor: Some("system".into()),
+            ..query(100)
+        })
+        .await
+        .unwrap();
+    // Even and divisible by three.
+    assert_eq!(times(&both), [24, 18, 12, 6, 0].map(|i| base + i * 1000));
+    let window = store
+        .list_audit(&AuditQuery {
+            since: Some(base + 10_000),
+            until: Some(base + 20_000),
+            ..query(100)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        times(&window),
+        (10..20).rev().map(|i| base + i * 1000).collect::<Vec<_>>()
+    );
+    let window_page = store
+        .list_audit(&AuditQuery {
+            since: Some(base + 10_000),
+            until: Some(base + 20_000),
+            workspace_id: Some(w2),
+            ..query(2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(times(&window_page), [19, 17].map(|i| base + i * 1000));
+    // Retention: a bounded batch at a time, the oldest first, nothing newer.
+    assert_eq!(store.purge_audit(base + 10_000, 4).await.unwrap(), 4);
+    assert_eq!(store.purge_audit(base + 10_000, 100).await.unwrap(), 6);
+    assert_eq!(store.purge_audit(base + 10_000, 100).await.unwrap(), 0);
+    let kept = store.list_audit(&query(100)).await.unwrap();
+    assert_eq!(kept.len(), 21);
+    assert!(kept.iter().all(|e| e.at >= base + 10_000));
 }
 
 /// 50 creates of one owner at once, spread over `stores` (replicas sharing one database),

@@ -42,6 +42,30 @@ resource "google_firestore_database" "hub" {
   depends_on  = [google_project_service.apis]
 }
 
+# The audit log (GET /audit) is read newest first by id, filtered by workspace, by actor or
+# by both: each filter needs a composite index (the emulator does not ask for them).
+resource "google_firestore_index" "audit" {
+  for_each = {
+    workspace       = ["workspace_id"]
+    actor           = ["actor"]
+    workspace_actor = ["workspace_id", "actor"]
+  }
+  project    = var.project
+  database   = google_firestore_database.hub.name
+  collection = "audit"
+  dynamic "fields" {
+    for_each = each.value
+    content {
+      field_path = fields.value
+      order      = "ASCENDING"
+    }
+  }
+  fields {
+    field_path = "id"
+    order      = "DESCENDING"
+  }
+}
+
 resource "google_artifact_registry_repository" "images" {
   project       = var.project
   location      = var.region

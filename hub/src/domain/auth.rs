@@ -69,6 +69,8 @@ impl Caller {
             }
             Err(_) => return Err(Error::not_found("workspace")),
         };
+        // Admins see attempts on a workspace in its audit log, refused ones included.
+        crate::domain::audit::note_workspace(ws.id);
         self.authorize(ws)
     }
 
@@ -307,7 +309,7 @@ impl Purpose {
     ];
 
     /// In the signed payload; distinct from the preview cookie's and entry tickets' own.
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Purpose::Terminal => "terminal",
             Purpose::Preview => "preview-open",

@@ -6,7 +6,7 @@
 use crate::Hub;
 use crate::base::workspace::{Status, Workspace};
 use crate::domain::agent::AgentInfo;
-use crate::domain::lifecycle;
+use crate::domain::{audit, lifecycle};
 use serde::Serialize;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -146,14 +146,20 @@ pub async fn sweep(hub: &Arc<Hub>, now: i64) -> Result<SweepReport, crate::store
                 .await
                 .map(|_| &mut report.deleted),
         };
+        let action = match verdict.action {
+            Some(Action::Delete) => "workspace.delete",
+            _ => "workspace.stop",
+        };
         match result {
             Ok(list) => {
                 tracing::info!(workspace = %ws.id, action = ?verdict.action, reason = %verdict.reason, "idle clean-up");
                 list.push(ws.id);
+                audit::system(hub, "idle", action, ws.id, None).await;
             }
             Err(e) => {
                 tracing::warn!(workspace = %ws.id, error = %e.message(), "idle clean-up");
                 report.failed.push(ws.id);
+                audit::system(hub, "idle", action, ws.id, Some(e.code())).await;
             }
         }
     }

@@ -126,7 +126,10 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
     };
     if req.idempotency_key.is_some() {
         match hub.store.get_workspace(id).await {
-            Ok(ws) => return Ok(existing(ws)),
+            Ok(ws) => {
+                crate::domain::audit::note_workspace(id);
+                return Ok(existing(ws));
+            }
             Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
@@ -141,6 +144,7 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
         delete_after: asked.delete_after.min(defaults.delete_after),
         max_lifetime: asked.max_lifetime.min(defaults.max_lifetime),
     });
+    crate::domain::audit::note_workspace(id);
     let now = now_ms();
     let mut ws = Workspace {
         id,

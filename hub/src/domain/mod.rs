@@ -4,6 +4,7 @@
 //! providers; knows nothing of HTTP or of how agents and clients are connected.
 
 pub mod agent;
+pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod events;

@@ -11,7 +11,7 @@
 
 use crate::Hub;
 use crate::base::workspace::{Status, Workspace};
-use crate::domain::lifecycle;
+use crate::domain::{audit, lifecycle};
 use crate::provider::Observed;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -60,6 +60,8 @@ pub async fn reconcile(hub: &Arc<Hub>, now: i64) -> anyhow::Result<ReconcileRepo
                 Ok(()) => {
                     tracing::warn!(instance = %inst.target.instance_name, "deleted orphan instance");
                     orphans.remove(&inst.target.workspace_id);
+                    let orphan = inst.target.workspace_id;
+                    audit::system(hub, "reconciler", "instance.delete_orphan", orphan, None).await;
                     report
                         .orphans_deleted
                         .push(inst.target.instance_name.clone());
@@ -134,6 +136,14 @@ async fn repair(
         hub.transition(ws.id, &[Status::Provisioning], Status::Error, Some(&reason))
             .await?;
         report.timed_out.push(ws.id);
+        audit::system(
+            hub,
+            "reconciler",
+            "workspace.provision_timed_out",
+            ws.id,
+            None,
+        )
+        .await;
         return Ok(());
     }
     let observed = hub.provider.observe(&ws.into()).await?;
@@ -141,8 +151,9 @@ async fn repair(
         (_, Observed::Unknown) => {}
         (Status::Provisioning, Observed::Missing) if settled => {
             tracing::warn!(workspace = %ws.id, "resuming a create that was cut short");
-            let _ = lifecycle::provision(hub, ws).await;
+            let failure = lifecycle::provision(hub, ws).await.err().map(|e| e.code());
             report.resumed.push(ws.id);
+            audit::system(hub, "reconciler", "workspace.resume_create", ws.id, failure).await;
         }
         (Status::Provisioning, _) => {}
         (Status::Error, _) => {}
@@ -151,6 +162,7 @@ async fn repair(
             hub.transition(ws.id, &[status], Status::Error, Some(&reason))
                 .await?;
             report.vanished.push(ws.id);
+            audit::system(hub, "reconciler", "workspace.vanished", ws.id, None).await;
         }
         (Status::Stopping, _) if settled => {
             lifecycle::finish_stop(hub, &ws.into()).await;
@@ -169,6 +181,7 @@ async fn repair(
             )
             .await?;
             report.finished.push(ws.id);
+            audit::system(hub, "reconciler", "workspace.stopped_outside", ws.id, None).await;
         }
         _ => {}
     }

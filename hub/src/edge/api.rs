@@ -84,6 +84,7 @@ pub fn app(hub: AppState) -> Router {
             post(crate::edge::exec::exec).get(crate::edge::exec::exec_socket),
         )
         .route("/cleanup", post(cleanup))
+        .route("/audit", get(crate::edge::audit::list))
         .route("/tokens", get(list_tokens).post(create_token))
         .route(
             "/ssh-keys",
@@ -132,6 +133,10 @@ pub fn app(hub: AppState) -> Router {
             crate::edge::preview::by_host,
         ))
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            crate::edge::audit::record_actions,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             hub.clone(),
             count_requests,
@@ -194,6 +199,7 @@ async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
     let rewritten = ApiError::new(status, code, message).into_response();
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     parts.headers.extend(rewritten.headers().clone());
+    parts.extensions.insert(crate::edge::audit::ErrorCode(code));
     Response::from_parts(parts, rewritten.into_body())
 }
 
@@ -330,6 +336,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         let mut res = (self.status, Json(body)).into_response();
+        res.extensions_mut()
+            .insert(crate::edge::audit::ErrorCode(self.code));
         if let Some(seconds) = self.retry_after {
             res.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
@@ -372,7 +380,7 @@ pub struct ErrorDetail {
         crate::edge::profile::list_keys, crate::edge::profile::add_key,
         crate::edge::profile::remove_key, crate::edge::profile::get_dotfiles,
         crate::edge::profile::set_dotfiles, crate::edge::profile::clear_dotfiles,
-        crate::edge::terminal::list_sessions
+        crate::edge::terminal::list_sessions, crate::edge::audit::list
     ),
     modifiers(&BearerAuth, &Scoped, &Aliases)
 )]
@@ -712,7 +720,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// Gives every request an id (the client's `X-Request-Id` when it is 1 to 64 of
 /// `A-Z a-z 0-9 . _ -`, else a new one): the log lines of its handling, store and provider
 /// calls included, carry it (in the `request` span), and so does the response.
-async fn request_id(req: Request, next: axum::middleware::Next) -> Response {
+async fn request_id(mut req: Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument;
     let id = req
         .headers()
@@ -726,6 +734,8 @@ async fn request_id(req: Request, next: axum::middleware::Next) -> Response {
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
     let span = tracing::info_span!("request", id = %id, method = %req.method());
+    req.extensions_mut()
+        .insert(crate::edge::audit::RequestId(id.clone()));
     let mut res = next.run(req).instrument(span).await;
     if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", value);
@@ -1603,6 +1613,7 @@ async fn cleanup(
     let token = crate::edge::caller::bearer(&headers)
         .ok_or_else(|| ApiError::unauthorized("POST /cleanup needs a bearer token"))?;
     check_scheduler(&hub, token).await?;
+    crate::domain::audit::note_actor("system", "scheduler");
     let now = now_ms();
     let reconciled = reconcile::reconcile(&hub, now)
         .await

@@ -53,6 +53,7 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, hub: &AppState) -> Result<Self, ApiError> {
         let caller = Self::from_credentials(parts, hub).await?;
+        crate::domain::audit::note_caller(&caller);
         // Only service tokens act on it, but a malformed one is an error whoever sends it.
         if let Some(owner) = parts.headers.get(OWNER_HEADER) {
             crate::domain::auth::check_owner_id(owner.to_str().unwrap_or("\0"))?;

@@ -207,6 +207,7 @@ pub async fn poll(
             "waiting for approval in the browser",
         ));
     };
+    crate::domain::audit::note_actor(&owner, "device");
     // Of concurrent polls, one takes it.
     if hub
         .store

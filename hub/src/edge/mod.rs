@@ -2,6 +2,7 @@
 //! device codes, previews and browser terminals. The top layer: nothing below imports it.
 
 pub mod api;
+pub mod audit;
 pub mod caller;
 pub mod device;
 pub mod embed;

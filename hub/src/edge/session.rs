@@ -87,11 +87,14 @@ fn redirect(to: &str, cookies: Vec<HeaderValue>) -> Response {
 }
 
 /// Starts a session for `subject`: a token in the store, and the cookie that carries it.
+/// `via` says how they signed in (the audit log's `oidc` or `link`).
 async fn start_session(
     hub: &Hub,
     subject: &str,
     email: Option<&str>,
+    via: &str,
 ) -> Result<HeaderValue, ApiError> {
+    crate::domain::audit::note_actor(subject, via);
     let expires_at = crate::base::workspace::now_ms() + SESSION_TTL.as_millis() as i64;
     let token = crate::domain::auth::mint_api_token(
         hub,
@@ -179,7 +182,7 @@ pub async fn callback(
     let who = oidc
         .finish(hub.store.as_ref(), &state, &code, &redirect_uri(&hub))
         .await?;
-    let session = start_session(&hub, &who.subject, who.email.as_deref()).await?;
+    let session = start_session(&hub, &who.subject, who.email.as_deref(), "oidc").await?;
     let clear = cookie_header(&hub, LOGIN_COOKIE, "", "/login", Duration::ZERO);
     Ok(redirect("/", vec![session, clear]))
 }
@@ -197,7 +200,7 @@ pub async fn once(
     Query(q): Query<Once>,
 ) -> Result<Response, ApiError> {
     let subject = redeem_link(&hub, &q.code).await?;
-    let session = start_session(&hub, &subject, None).await?;
+    let session = start_session(&hub, &subject, None, "link").await?;
     Ok(redirect("/", vec![session]))
 }
 

@@ -4,6 +4,8 @@
 //! Collections: `workspaces/{id}` (the [`Workspace`] fields as the design names them),
 //! `enrollment_tokens/{sha256}`, `agent_certs/{workspace_id}`, `api_tokens/{sha256}`,
 //! `leases/{name}`, `replicas/{replica id}`, `agent_routes/{workspace_id}`,
+//! `audit/{entry id}` (the [`AuditEntry`] fields; listed by `id` with equality filters on
+//! `workspace_id` and `actor`: the composite indexes are in the terraform module),
 //! `owners/{sha256 of the owner id}` (a create counter: every create of an owner commits
 //! it together with the new workspace, under an update-time precondition, which makes the
 //! quota count and the insert one atomic step).
@@ -14,7 +16,8 @@
 //! the contention the conformance suite creates).
 
 use super::{
-    AgentRoute, ApiToken, Limits, Profile, ReplicaRecord, Store, StoreError, TokenRejection,
+    AgentRoute, ApiToken, AuditEntry, AuditQuery, Limits, Profile, ReplicaRecord, Store,
+    StoreError, TokenRejection,
 };
 use crate::base::workspace::{Status, Workspace};
 use async_trait::async_trait;
@@ -34,6 +37,7 @@ const REPLICAS: &str = "replicas";
 const GRANTS: &str = "grants";
 const PROFILES: &str = "profiles";
 const AGENT_ROUTES: &str = "agent_routes";
+const AUDIT: &str = "audit";
 
 /// How often a conditional write that lost to a concurrent writer is tried again.
 const MAX_ATTEMPTS: u32 = 30;
@@ -966,5 +970,61 @@ impl Store for FirestoreStore {
             })
         })
         .await
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.insert(AUDIT, &entry.id, entry).await
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let (low, high) = query.id_range();
+        let workspace = query.workspace_id.map(|id| id.to_string());
+        self.db
+            .fluent()
+            .select()
+            .from(AUDIT)
+            .filter(|q| {
+                q.for_all([
+                    workspace
+                        .as_ref()
+                        .and_then(|w| q.field("workspace_id").eq(w)),
+                    query.actor.as_ref().and_then(|a| q.field("actor").eq(a)),
+                    low.as_ref()
+                        .and_then(|l| q.field("id").greater_than_or_equal(l)),
+                    high.as_ref().and_then(|h| q.field("id").less_than(h)),
+                ])
+            })
+            .order(|o| o.fields([o.field("id").desc()]))
+            .limit(u32::try_from(query.limit).unwrap_or(u32::MAX))
+            .obj()
+            .query()
+            .await
+            .map_err(backend)
+    }
+
+    async fn purge_audit(&self, before: i64, max: usize) -> Result<usize, StoreError> {
+        let high = AuditEntry::id_at(before);
+        let old: Vec<firestore::FirestoreDocument> = self
+            .db
+            .fluent()
+            .select()
+            .from(AUDIT)
+            .filter(|q| q.field("id").less_than(&high))
+            .order(|o| o.fields([o.field("id").asc()]))
+            .limit(u32::try_from(max).unwrap_or(u32::MAX))
+            .query()
+            .await
+            .map_err(backend)?;
+        for doc in &old {
+            self.db
+                .fluent()
+                .delete()
+                .from(AUDIT)
+                .document_id(doc_id(doc))
+                .execute()
+                .await
+                .map_err(backend)?;
+        }
+        Ok(old.len())
     }
 }

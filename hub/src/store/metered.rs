@@ -311,4 +311,18 @@ impl Store for Metered {
         self.timed("put_profile", self.inner.put_profile(owner_id, profile))
             .await
     }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.timed("append_audit", self.inner.append_audit(entry))
+            .await
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        self.timed("list_audit", self.inner.list_audit(query)).await
+    }
+
+    async fn purge_audit(&self, before: i64, max: usize) -> Result<usize, StoreError> {
+        self.timed("purge_audit", self.inner.purge_audit(before, max))
+            .await
+    }
 }

@@ -1,5 +1,5 @@
 //! State behind one small trait: workspaces, enrollment tokens, agent certificates, API
-//! tokens, per-owner create counters and profiles. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); production uses
+//! tokens, per-owner create counters, profiles and the audit log. The embedded implementation is SQLite ([`sqlite::SqliteStore`]); production uses
 //! Firestore ([`firestore::FirestoreStore`]). Both pass one conformance suite
 //! (`hub/tests/store.rs`).
 
@@ -340,6 +340,118 @@ pub trait Store: Send + Sync + 'static {
     /// Saves `profile` if the stored one is still at `profile.version - 1` (compare and
     /// set: false when another write came first).
     async fn put_profile(&self, owner_id: &str, profile: &Profile) -> Result<bool, StoreError>;
+
+    /// Appends an entry to the audit log (`AlreadyExists` if its id is taken).
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// The entries `query` selects, newest first (by id), at most `query.limit`.
+    async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Deletes the entries recorded before `before` (Unix ms; retention), at most `max` of
+    /// them; returns how many went.
+    async fn purge_audit(&self, before: i64, max: usize) -> Result<usize, StoreError>;
+}
+
+/// One entry of the audit log: who did what to what, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    /// Unique and in time order: its time in µs as 16 hex digits, then 8 random ones.
+    pub id: String,
+    /// When (Unix ms).
+    pub at: i64,
+    /// Who: an owner id, `system` (the hub's own housekeeping) or `anonymous` (no or bad
+    /// credentials).
+    pub actor: String,
+    /// How they acted: `user` (their token or session), `service:<owner prefix>` (a host
+    /// app's service token), `ticket:<purpose>` (a browser token), `oidc`, `link`, `device`
+    /// (a sign-in), `scheduler` (`/cleanup`), `idle` or `reconciler` (housekeeping).
+    pub via: String,
+    /// What: `workspace.create`, `workspace.stop`, `sign_in`, `token.create`, ...
+    pub action: String,
+    /// The workspace acted on, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_id: Option<Uuid>,
+    /// What else names the target: the path's workspace key, a port, a token or link id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub outcome: AuditOutcome,
+    /// The HTTP status, for actions that came over HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The error code of a refusal or failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The request's `X-Request-Id` (it names the request in the hub's logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The address the request came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+impl AuditEntry {
+    /// The first 16 hex digits of the ids of entries recorded at `at_ms`: ids sort as
+    /// their times do, so a time range is an id range.
+    pub fn id_at(at_ms: i64) -> String {
+        format!("{:016x}", at_ms.clamp(0, i64::MAX / 1000) * 1000)
+    }
+
+    /// A fresh id for an entry recorded at `at_us` (Unix µs; its `at` is that in ms).
+    pub fn new_id(at_us: i64) -> String {
+        format!("{:016x}{:08x}", at_us.max(0), rand::random::<u32>())
+    }
+}
+
+/// How an audited action ended.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditOutcome {
+    /// Done (or accepted and under way).
+    Ok,
+    /// Not allowed: no, bad or insufficient credentials.
+    Denied,
+    /// Refused as asked: bad input, a conflict, a quota, not found.
+    Refused,
+    /// Failed on the hub's side.
+    Failed,
+}
+
+impl AuditOutcome {
+    /// The outcome an HTTP status stands for.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            401 | 403 | 429 => Self::Denied,
+            400..=499 => Self::Refused,
+            500.. => Self::Failed,
+            _ => Self::Ok,
+        }
+    }
+}
+
+/// Which audit entries to read: all filters given must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub workspace_id: Option<Uuid>,
+    pub actor: Option<String>,
+    /// Recorded at or after (Unix ms).
+    pub since: Option<i64>,
+    /// Recorded before (Unix ms).
+    pub until: Option<i64>,
+    /// Older than the entry with this id (the previous page's last).
+    pub before: Option<String>,
+    pub limit: usize,
+}
+
+impl AuditQuery {
+    /// The id range the time filters and the cursor make: ids in `[low, high)`.
+    pub fn id_range(&self) -> (Option<String>, Option<String>) {
+        let low = self.since.map(AuditEntry::id_at);
+        let high = [self.until.map(AuditEntry::id_at), self.before.clone()]
+            .into_iter()
+            .flatten()
+            .min();
+        (low, high)
+    }
 }
 
 /// What a user set up for all their workspaces: SSH public keys (they reach every

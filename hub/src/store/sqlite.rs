@@ -4,7 +4,8 @@
 //! transaction that re-reads the current status before writing.
 
 use super::{
-    AgentRoute, ApiToken, Limits, Profile, ReplicaRecord, Store, StoreError, TokenRejection,
+    AgentRoute, ApiToken, AuditEntry, AuditQuery, Limits, Profile, ReplicaRecord, Store,
+    StoreError, TokenRejection,
 };
 use crate::base::workspace::{IdlePolicy, Metadata, Status, Workspace};
 use async_trait::async_trait;
@@ -78,6 +79,16 @@ CREATE TABLE IF NOT EXISTS profiles (
     version INTEGER NOT NULL,
     data TEXT NOT NULL
 );
+-- The audit log: ids sort as their times do; the entry itself is JSON in `data`.
+CREATE TABLE IF NOT EXISTS audit (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL,
+    workspace_id TEXT,
+    actor TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_workspace ON audit(workspace_id, id);
+CREATE INDEX IF NOT EXISTS audit_actor ON audit(actor, id);
 "#;
 
 /// An `api_tokens` row from column `at` on: owner_id, name, expires_at, email, service.
@@ -988,6 +999,78 @@ impl Store for SqliteStore {
             }
             .map_err(backend)?;
             Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let data = serde_json::to_string(entry).map_err(backend)?;
+        let e = entry.clone();
+        self.with(move |conn| {
+            let added = conn
+                .execute(
+                    "INSERT OR IGNORE INTO audit (id, at, workspace_id, actor, data) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        e.id,
+                        e.at,
+                        e.workspace_id.map(|id| id.to_string()),
+                        e.actor,
+                        data
+                    ],
+                )
+                .map_err(backend)?;
+            if added == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let (low, high) = query.id_range();
+        let mut sql = String::from("SELECT data FROM audit WHERE 1 = 1");
+        let mut args: Vec<String> = Vec::new();
+        let mut filter = |clause: &str, value: String| {
+            args.push(value);
+            sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+        };
+        if let Some(id) = query.workspace_id {
+            filter("workspace_id =", id.to_string());
+        }
+        if let Some(actor) = &query.actor {
+            filter("actor =", actor.clone());
+        }
+        if let Some(low) = low {
+            filter("id >=", low);
+        }
+        if let Some(high) = high {
+            filter("id <", high);
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", query.limit));
+        self.with(move |conn| {
+            let mut stmt = conn.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                    r.get::<_, String>(0)
+                })
+                .map_err(backend)?;
+            rows.map(|row| serde_json::from_str(&row.map_err(backend)?).map_err(backend))
+                .collect()
+        })
+        .await
+    }
+
+    async fn purge_audit(&self, before: i64, max: usize) -> Result<usize, StoreError> {
+        let high = AuditEntry::id_at(before);
+        self.with(move |conn| {
+            conn.execute(
+                "DELETE FROM audit WHERE id IN \
+                 (SELECT id FROM audit WHERE id < ?1 ORDER BY id LIMIT ?2)",
+                params![high, i64::try_from(max).unwrap_or(i64::MAX)],
+            )
+            .map_err(backend)
         })
         .await
     }
