@@ -65,6 +65,78 @@ async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "counted");
     let (code, _) = hub.api("GET", "/no/such/route", None).await.unwrap();
     assert_eq!(code, 404);
+    // The same kinds of stream opened over HTTP count too: exec and files through the API,
+    // a browser terminal, a port's preview.
+    let (code, out) = hub
+        .api(
+            "POST",
+            &format!("/workspaces/{id}/exec"),
+            Some(serde_json::json!({"argv": ["echo", "over-http"]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{out}");
+    let file = hub.url(&format!("/workspaces/{id}/files/counted.txt"));
+    let res = hub
+        .http
+        .put(&file)
+        .bearer_auth(&hub.token)
+        .body("sixteen bytes..\n")
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let res = hub
+        .http
+        .get(&file)
+        .bearer_auth(&hub.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.text().await.unwrap(), "sixteen bytes..\n");
+    let url = hub.terminal_url(&id, "").await.unwrap();
+    let (mut terminal, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    use futures_util::{SinkExt, StreamExt};
+    terminal
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            b"echo typed-$((40+2))\n".to_vec().into(),
+        ))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("typed-42") {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), terminal.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b)))) if b.len() > 9 => {
+                seen.extend_from_slice(&b[9..])
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("terminal: {other:?}"),
+        }
+    }
+    drop(terminal);
+    let port = harness::free_port();
+    let _server = hub
+        .run_in_workspace(&id, &harness::test_server(&[&port.to_string()]))
+        .unwrap();
+    let mut previewed = false;
+    for _ in 0..200 {
+        let res = hub
+            .http
+            .get(hub.url(&format!("/preview/{id}/{port}/")))
+            .bearer_auth(&hub.token)
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 200 {
+            previewed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        previewed,
+        "the test server never answered through its preview"
+    );
 
     let (_, _, after) = scrape(&hub, Some(METRICS_TOKEN)).await;
     let grew = |series: &str| value(&after, series) - value(&before, series);
@@ -88,21 +160,33 @@ async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
     );
     assert!(grew(r#"wsh_hub_store_calls_total{op="get_workspace",outcome="ok"}"#) >= 1.0);
     assert!(grew(r#"wsh_hub_store_call_seconds_count{op="insert_workspace",outcome="ok"}"#) >= 1.0);
+    // One by the CLI (relayed through the hub's QUIC side), one over HTTP.
     assert_eq!(
         grew(r#"wsh_hub_streams_total{kind="exec"}"#),
-        1.0,
+        2.0,
         "{after}"
     );
     assert!(grew(r#"wsh_hub_relayed_bytes_total{kind="exec"}"#) > 0.0);
-    // The hub's side of the stream ends just after the client's.
-    let mut open = value(&after, r#"wsh_hub_streams_open{kind="exec"}"#);
+    assert_eq!(grew(r#"wsh_hub_streams_total{kind="files"}"#), 2.0);
+    assert!(grew(r#"wsh_hub_relayed_bytes_total{kind="files"}"#) >= 32.0);
+    // The terminal attached by `wsh attach` for the test server, and the browser's.
+    assert!(grew(r#"wsh_hub_streams_total{kind="terminal"}"#) >= 2.0);
+    assert!(grew(r#"wsh_hub_relayed_bytes_total{kind="terminal"}"#) > 0.0);
+    assert!(grew(r#"wsh_hub_streams_total{kind="preview"}"#) >= 1.0);
+    assert!(grew(r#"wsh_hub_relayed_bytes_total{kind="preview"}"#) > 0.0);
+    // The hub's side of a stream ends just after the client's; the browser terminal's when
+    // its socket closes (a preview's connection stays open in the pool).
+    let mut open = 1.0;
     for _ in 0..100 {
+        let (_, _, now) = scrape(&hub, Some(METRICS_TOKEN)).await;
+        open = ["exec", "files"]
+            .iter()
+            .map(|kind| value(&now, &format!(r#"wsh_hub_streams_open{{kind="{kind}"}}"#)))
+            .sum();
         if open == 0.0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let (_, _, now) = scrape(&hub, Some(METRICS_TOKEN)).await;
-        open = value(&now, r#"wsh_hub_streams_open{kind="exec"}"#);
     }
     assert_eq!(open, 0.0, "a finished stream still counted as open");
 

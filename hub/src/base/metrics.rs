@@ -56,6 +56,20 @@ pub struct AgentTotals {
     pub sessions: u64,
 }
 
+/// A stream relayed to an agent: in `streams_open` while it lives, with the counter its
+/// bytes (both ways) go to.
+#[derive(Debug)]
+pub struct Relayed {
+    open: Gauge,
+    pub bytes: Counter,
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
 /// Every figure the hub keeps, and the registry that renders them.
 pub struct Metrics {
     registry: Registry,
@@ -202,6 +216,18 @@ impl Metrics {
         };
         calls.get_or_create(&call).inc();
         timings.get_or_create(&call).observe(took.as_secs_f64());
+    }
+
+    /// A stream relayed to an agent, of `kind`: counted now, open until the answer drops.
+    pub fn relayed(&self, kind: &'static str) -> Relayed {
+        let kind = Kind { kind };
+        self.streams.get_or_create(&kind).inc();
+        let open = self.streams_open.get_or_create_owned(&kind);
+        open.inc();
+        Relayed {
+            open,
+            bytes: self.relayed_bytes.get_or_create_owned(&kind),
+        }
     }
 
     /// Sets the agents' figures from a scrape's totals.

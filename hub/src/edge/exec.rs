@@ -13,6 +13,7 @@
 //! hub nor the agent buffers more than a stream window of it.
 
 use crate::AppState;
+use crate::base::metrics::Relayed;
 use crate::domain::auth::Caller;
 use crate::edge::agent_unreachable;
 use crate::edge::api::{ApiError, ValidJson};
@@ -109,6 +110,14 @@ fn event(msg: &ExecMsg) -> Option<String> {
     Some(value.to_string())
 }
 
+/// The output bytes an agent message carries (for `/metrics`).
+fn output_len(msg: &ExecMsg) -> u64 {
+    match msg {
+        ExecMsg::Stdout(d) | ExecMsg::Stderr(d) => d.bytes.len() as u64,
+        _ => 0,
+    }
+}
+
 fn failure_code(reason: ExecFailure) -> &'static str {
     match reason {
         ExecFailure::BadRequest => "invalid_request",
@@ -126,8 +135,8 @@ async fn start_command(
     caller: Caller,
     id: &str,
     start: ExecStart,
-) -> Result<(quinn::SendStream, FramedRecv, u32), ApiError> {
-    let (send, mut recv) = crate::edge::agent_stream(
+) -> Result<(quinn::SendStream, FramedRecv, u32, Relayed), ApiError> {
+    let (send, mut recv, relayed) = crate::edge::agent_stream(
         hub,
         &caller,
         id,
@@ -137,7 +146,7 @@ async fn start_command(
     )
     .await?;
     match recv.expect::<ExecMsg>().await.map_err(agent_unreachable)? {
-        ExecMsg::Started(s) => Ok((send, recv, s.pid)),
+        ExecMsg::Started(s) => Ok((send, recv, s.pid, relayed)),
         ExecMsg::Failed(f) => {
             let status = match f.reason {
                 ExecFailure::BadRequest => StatusCode::BAD_REQUEST,
@@ -189,29 +198,32 @@ pub async fn exec(
     ValidJson(request): ValidJson<ExecRequest>,
 ) -> Result<Response, ApiError> {
     let (start, stdin) = request.parse()?;
-    let (mut send, recv, pid) = start_command(&hub, caller, &id, start).await?;
+    let (mut send, recv, pid, relayed) = start_command(&hub, caller, &id, start).await?;
     // Stdin goes beside the output, so a command that writes before it reads cannot
     // deadlock against this request. When the response ends (or its client goes away),
     // the stream is reset: a command still running is killed.
     let done = tokio_util::sync::CancellationToken::new();
     let guard = done.clone().drop_guard();
+    let stdin = stdin.unwrap_or_default();
+    relayed.bytes.inc_by(stdin.len() as u64);
     tokio::spawn(async move {
-        let _ = feed(&mut send, &stdin.unwrap_or_default()).await;
+        let _ = feed(&mut send, &stdin).await;
         done.cancelled().await;
         let _ = send.reset(GONE);
     });
     let first = json!({"type": "started", "pid": pid});
-    let state = Some((recv, Some(first), guard));
+    let state = Some((recv, Some(first), (guard, relayed)));
     let lines = futures_util::stream::unfold(state, |state| async move {
-        let (mut recv, first, guard) = state?;
+        let (mut recv, first, held) = state?;
         if let Some(first) = first {
-            return Some((line(&first), Some((recv, None, guard))));
+            return Some((line(&first), Some((recv, None, held))));
         }
         match recv.next::<ExecMsg>().await {
             Ok(Some(msg)) => {
+                held.1.bytes.inc_by(output_len(&msg));
                 let last = matches!(msg, ExecMsg::Exit(_) | ExecMsg::Failed(_));
                 let text = event(&msg).map_or(String::new(), |t| t + "\n");
-                Some((Ok(text), (!last).then_some((recv, None, guard))))
+                Some((Ok(text), (!last).then_some((recv, None, held))))
             }
             Ok(None) => Some((line(&lost("the stream ended")), None)),
             Err(e) => Some((line(&lost(e)), None)),
@@ -292,18 +304,21 @@ async fn socket_session(hub: AppState, caller: Caller, id: String, socket: WebSo
     };
     let started = match request {
         Ok((start, stdin)) => match start_command(&hub, caller, &id, start).await {
-            Ok((mut send, recv, pid)) => match stdin {
+            Ok((mut send, recv, pid, relayed)) => match stdin {
                 Some(bytes) => match feed(&mut send, &bytes).await {
-                    Ok(()) => Ok((send, recv, pid)),
+                    Ok(()) => {
+                        relayed.bytes.inc_by(bytes.len() as u64);
+                        Ok((send, recv, pid, relayed))
+                    }
                     Err(e) => Err(agent_unreachable(e)),
                 },
-                None => Ok((send, recv, pid)),
+                None => Ok((send, recv, pid, relayed)),
             },
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
     };
-    let (mut send, mut recv, pid) = match started {
+    let (mut send, mut recv, pid, relayed) = match started {
         Ok(s) => s,
         Err(e) => {
             let _ = out.send(error(e.code(), e.message().to_owned())).await;
@@ -323,9 +338,12 @@ async fn socket_session(hub: AppState, caller: Caller, id: String, socket: WebSo
     let upstream = async {
         while let Some(Ok(msg)) = incoming.next().await {
             let to_agent = match msg {
-                Message::Binary(bytes) => ExecMsg::Stdin(ExecData {
-                    bytes: bytes.to_vec(),
-                }),
+                Message::Binary(bytes) => {
+                    relayed.bytes.inc_by(bytes.len() as u64);
+                    ExecMsg::Stdin(ExecData {
+                        bytes: bytes.to_vec(),
+                    })
+                }
                 Message::Text(t) => match serde_json::from_str::<ClientControl>(&t) {
                     Ok(ClientControl::StdinEnd) => ExecMsg::StdinEnd(ExecStdinEnd {}),
                     Ok(ClientControl::Signal { signal }) => {
@@ -353,6 +371,7 @@ async fn socket_session(hub: AppState, caller: Caller, id: String, socket: WebSo
         loop {
             let value = match recv.next::<ExecMsg>().await {
                 Ok(Some(msg)) => {
+                    relayed.bytes.inc_by(output_len(&msg));
                     let last = matches!(msg, ExecMsg::Exit(_) | ExecMsg::Failed(_));
                     let Some(event) = event(&msg) else { continue };
                     if out.send(Message::Text(event.into())).await.is_err() || last {

@@ -6,6 +6,7 @@
 //! `permission_denied`, `incomplete`.
 
 use crate::AppState;
+use crate::base::metrics::Relayed;
 use crate::domain::auth::Caller;
 use crate::edge::agent_unreachable;
 use crate::edge::api::{ApiError, ValidJson};
@@ -130,7 +131,7 @@ async fn open(
     caller: &Caller,
     id: &str,
     request: FileRequest,
-) -> Result<(quinn::SendStream, FramedRecv), ApiError> {
+) -> Result<(quinn::SendStream, FramedRecv, Relayed), ApiError> {
     let header = StreamHeader::Files(FilesOpen {});
     let first = FileMsg::Request(request);
     crate::edge::agent_stream(hub, caller, id, header, &first, "the files API").await
@@ -194,7 +195,7 @@ pub async fn get(
     } else {
         FileRequest::Read { path: p.path }
     };
-    let (_send, mut recv) = open(&hub, &caller, &p.id, request).await?;
+    let (_send, mut recv, relayed) = open(&hub, &caller, &p.id, request).await?;
     let info = match recv.expect::<FileMsg>().await.map_err(agent_unreachable)? {
         FileMsg::Info(info) if !query.stat => info,
         // Everything but content: JSON.
@@ -202,15 +203,20 @@ pub async fn get(
     };
     let (stream, mut decoder) = recv.into_parts();
     let early = decoder.take_buffered();
+    relayed.bytes.inc_by(early.len() as u64);
     let first =
         futures_util::stream::iter((!early.is_empty()).then(|| Ok(axum::body::Bytes::from(early))));
-    let rest = futures_util::stream::unfold(stream, |mut stream| async move {
-        match stream.read_chunk(256 * 1024, true).await {
-            Ok(Some(chunk)) => Some((Ok(chunk.bytes), stream)),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), stream)),
-        }
-    });
+    let rest =
+        futures_util::stream::unfold((stream, relayed), |(mut stream, relayed)| async move {
+            match stream.read_chunk(256 * 1024, true).await {
+                Ok(Some(chunk)) => {
+                    relayed.bytes.inc_by(chunk.bytes.len() as u64);
+                    Some((Ok(chunk.bytes), (stream, relayed)))
+                }
+                Ok(None) => None,
+                Err(e) => Some((Err(std::io::Error::other(e)), (stream, relayed))),
+            }
+        });
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
@@ -256,12 +262,13 @@ pub async fn put(
         mode,
         parents: query.parents.unwrap_or(true),
     };
-    let (mut send, mut recv) = open(&hub, &caller, &p.id, request).await?;
+    let (mut send, mut recv, relayed) = open(&hub, &caller, &p.id, request).await?;
     let mut body = body.into_body().into_data_stream();
     // The agent may refuse before the body is through (a folder there): its answer wins.
     let upload = async {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| ApiError::invalid(format!("body: {e}")))?;
+            relayed.bytes.inc_by(chunk.len() as u64);
             send.write_chunk(chunk).await.map_err(agent_unreachable)?;
         }
         send.finish().map_err(agent_unreachable)?;
@@ -305,7 +312,7 @@ pub async fn delete(
         path: p.path,
         recursive: query.recursive,
     };
-    let (_send, mut recv) = open(&hub, &caller, &p.id, request).await?;
+    let (_send, mut recv, _relayed) = open(&hub, &caller, &p.id, request).await?;
     answer(&mut recv, false).await
 }
 
@@ -337,6 +344,6 @@ pub async fn post(
             overwrite,
         },
     };
-    let (_send, mut recv) = open(&hub, &caller, &p.id, request).await?;
+    let (_send, mut recv, _relayed) = open(&hub, &caller, &p.id, request).await?;
     answer(&mut recv, false).await
 }

@@ -15,6 +15,7 @@ pub mod session;
 pub mod terminal;
 
 use crate::AppState;
+use crate::base::metrics::Relayed;
 use crate::domain::auth::Caller;
 use api::ApiError;
 use axum::http::StatusCode;
@@ -27,8 +28,9 @@ pub fn agent_unreachable(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// A stream to the agent of the caller's workspace `id`, opened with `header` and its first
-/// message, once the agent has accepted it. A refusal becomes the API's error: the agent
-/// moved (retry), predates `feature` (`agent_outdated`), or cannot be reached.
+/// message, once the agent has accepted it, counted in `/metrics` while the returned
+/// [`Relayed`] lives. A refusal becomes the API's error: the agent moved (retry), predates
+/// `feature` (`agent_outdated`), or cannot be reached.
 pub async fn agent_stream<M: protocol::Message>(
     hub: &AppState,
     caller: &Caller,
@@ -36,7 +38,7 @@ pub async fn agent_stream<M: protocol::Message>(
     header: StreamHeader,
     first: &M,
     feature: &str,
-) -> Result<(quinn::SendStream, FramedRecv), ApiError> {
+) -> Result<(quinn::SendStream, FramedRecv, Relayed), ApiError> {
     let workspace = caller.workspace(hub, id).await?;
     let agent = crate::links::peers::agent_path_waiting(hub, &workspace)
         .await
@@ -54,7 +56,12 @@ pub async fn agent_stream<M: protocol::Message>(
         .await
         .map_err(agent_unreachable)?
     {
-        StreamReply::Accepted(_) => Ok((send, recv)),
+        StreamReply::Accepted(_) => {
+            let relayed = hub
+                .metrics
+                .relayed(crate::links::clients::stream_kind(&header));
+            Ok((send, recv, relayed))
+        }
         StreamReply::Refused(r) if r.reason == StreamRefusal::Moved => {
             Err(ApiError::retry_later("agent_moved", r.message))
         }

@@ -754,7 +754,7 @@ async fn connect_port(
             .await
             .ok_or_else(|| ApiError::agent_offline(ws.status))?;
         let via = agent.replica().map(str::to_owned);
-        match connect(agent, port).await {
+        match connect(&hub.metrics, agent, port).await {
             Err(e) if e.code() == AGENT_MOVED => {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(ApiError::agent_offline(ws.status));
@@ -771,7 +771,11 @@ async fn connect_port(
 const AGENT_MOVED: &str = "agent_moved";
 
 /// Opens a forward stream to `port` and an HTTP/1.1 connection over it.
-async fn connect(agent: crate::links::peers::AgentPath, port: u16) -> Result<Sender, ApiError> {
+async fn connect(
+    metrics: &crate::base::metrics::Metrics,
+    agent: crate::links::peers::AgentPath,
+    port: u16,
+) -> Result<Sender, ApiError> {
     // Ask the agent for the port.
     let (mut send, recv) = agent
         .open_bi()
@@ -809,7 +813,17 @@ async fn connect(agent: crate::links::peers::AgentPath, port: u16) -> Result<Sen
     }
     let (recv, mut decoder) = recv.into_parts();
     let early = std::io::Cursor::new(decoder.take_buffered());
-    let io = tokio::io::join(tokio::io::AsyncReadExt::chain(early, recv), send);
+    // Counted in /metrics while the connection lives, its bytes both ways.
+    let relayed = metrics.relayed("preview");
+    let (down, up) = (relayed.bytes.clone(), relayed.bytes.clone());
+    let recv =
+        tokio_util::io::InspectReader::new(tokio::io::AsyncReadExt::chain(early, recv), move |b| {
+            down.inc_by(b.len() as u64);
+        });
+    let send = tokio_util::io::InspectWriter::new(send, move |b| {
+        up.inc_by(b.len() as u64);
+    });
+    let io = tokio::io::join(recv, send);
     let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| bad_gateway("port_unreachable", e.to_string()))?;
@@ -817,6 +831,7 @@ async fn connect(agent: crate::links::peers::AgentPath, port: u16) -> Result<Sen
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "preview connection ended");
         }
+        drop(relayed);
     });
     Ok(sender)
 }

@@ -108,11 +108,13 @@ pub async fn terminal(
         .await
         .ok_or_else(|| ApiError::agent_offline(workspace.status))?;
     let draining = hub.draining.clone();
+    let metrics = hub.metrics.clone();
     Ok(ws
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| async move {
-            if let Err(e) = bridge(draining, conn, query, socket).await {
+            let relayed = metrics.relayed("terminal");
+            if let Err(e) = bridge(draining, conn, query, socket, &relayed).await {
                 tracing::debug!(workspace = %id, error = %e, "terminal bridge ended");
             }
         }))
@@ -166,6 +168,7 @@ async fn bridge(
     conn: crate::links::peers::AgentPath,
     query: TerminalQuery,
     mut socket: WebSocket,
+    relayed: &crate::base::metrics::Relayed,
 ) -> Result<(), LinkError> {
     let (mut send, recv) = conn.open_bi().await?;
     let mut recv = FramedRecv::new(recv);
@@ -220,6 +223,9 @@ async fn bridge(
                         let _ = socket.send(Message::Close(None)).await;
                         return Ok(());
                     };
+                    if let PtyMsg::Output(o) = &m {
+                        relayed.bytes.inc_by(o.bytes.len() as u64);
+                    }
                     let (out, last) = to_browser(m);
                     if let Some(out) = out
                         && socket.feed(out).await.is_err()
@@ -238,6 +244,7 @@ async fn bridge(
             incoming = socket.recv() => {
                 let reply = match incoming {
                     Some(Ok(Message::Binary(bytes))) => {
+                        relayed.bytes.inc_by(bytes.len() as u64);
                         send_msg(&mut send, &PtyMsg::Input(PtyInput { bytes: bytes.to_vec() })).await?;
                         None
                     }
@@ -315,7 +322,7 @@ pub async fn list_sessions(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Vec<TerminalSessionView>>, ApiError> {
-    let (_send, mut recv) = crate::edge::agent_stream(
+    let (_send, mut recv, _relayed) = crate::edge::agent_stream(
         &hub,
         &caller,
         &id,

@@ -324,7 +324,7 @@ pub(crate) fn cut_when_draining(
 }
 
 /// What a relayed stream carries, for `/metrics`.
-fn stream_kind(header: &StreamHeader) -> &'static str {
+pub(crate) fn stream_kind(header: &StreamHeader) -> &'static str {
     match header {
         StreamHeader::Pty(_) => "terminal",
         StreamHeader::TcpForward(_) | StreamHeader::Forward(_) => "forward",
@@ -332,15 +332,6 @@ fn stream_kind(header: &StreamHeader) -> &'static str {
         StreamHeader::Exec(_) => "exec",
         StreamHeader::Files(_) => "files",
         _ => "other",
-    }
-}
-
-/// A relayed stream in `streams_open` while it lives.
-struct Open(prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
@@ -354,22 +345,16 @@ pub(crate) async fn splice(
     client_recv: FramedRecv,
     cut: Option<tokio_util::sync::CancellationToken>,
 ) -> Result<(), LinkError> {
-    let kind = crate::base::metrics::Kind {
-        kind: stream_kind(header),
-    };
     let (mut agent_send, agent_recv) = agent.open_bi().await?;
     send_msg(&mut agent_send, header).await?;
-    metrics.streams.get_or_create(&kind).inc();
-    let open = metrics.streams_open.get_or_create_owned(&kind);
-    open.inc();
-    let _open = Open(open);
-    let bytes = metrics.relayed_bytes.get_or_create_owned(&kind);
+    let relayed = metrics.relayed(stream_kind(header));
+    let bytes = &relayed.bytes;
     let (client_recv, mut decoder) = client_recv.into_parts();
     agent_send.write_all(&decoder.take_buffered()).await?;
     let pumps = async {
         tokio::join!(
-            pump(client_recv, agent_send, &bytes),
-            pump(agent_recv, client_send, &bytes)
+            pump(client_recv, agent_send, bytes),
+            pump(agent_recv, client_send, bytes)
         );
     };
     match cut {
