@@ -78,3 +78,113 @@ fn rendered_user_data_passes_cloud_init_schema_and_keeps_hostile_values_inside()
         );
     }
 }
+
+/// Random agent configs, YAML's and the shell's special characters and Unicode line breaks
+/// over-represented, rendered and read back by cloud-init's own parser (PyYAML, in one
+/// batch): each comes back exactly, in a document that holds nothing else, written in
+/// printable ASCII only. `WSH_FUZZ_ITERS` configs (400) from `WSH_FUZZ_SEED` (printed).
+#[test]
+fn random_configs_come_back_exactly_through_cloud_inits_parser() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("WSH_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    let count: usize = std::env::var("WSH_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    eprintln!("cloud-init renderer: {count} configs from WSH_FUZZ_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    const PIECES: &[&str] = &[
+        "\"",
+        "'",
+        "\\",
+        "\n",
+        "\r\n",
+        "\t",
+        ": ",
+        "- ",
+        "# ",
+        "&a ",
+        "*a",
+        "!!python/",
+        "---",
+        "...",
+        "{",
+        "}",
+        "[",
+        "]",
+        "|",
+        ">-",
+        "%YAML",
+        "`id`",
+        "$(reboot)",
+        "\u{85}",
+        "\u{2028}",
+        "\u{2029}",
+        "\u{feff}",
+        "\u{fffe}",
+        "\u{7f}",
+        "\u{9b}",
+        "\u{1b}[31m",
+        "\u{1f600}",
+        "\u{10ffff}",
+        "@AGENT_CONFIG@",
+        "\\u0000",
+        "\\U0001F600",
+        "#cloud-config",
+    ];
+    let configs: Vec<String> = (0..count)
+        .map(|_| {
+            let len = rng.random_range(0..48);
+            (0..len)
+                .map(|_| match rng.random_range(0..3) {
+                    0 => PIECES[rng.random_range(0..PIECES.len())].to_owned(),
+                    1 => char::from(rng.random_range(1..0x80u8)).to_string(),
+                    _ => loop {
+                        if let Some(c) = char::from_u32(rng.random_range(1..=0x10ffff)) {
+                            break c.to_string();
+                        }
+                    },
+                })
+                .collect()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    for (i, config) in configs.iter().enumerate() {
+        let user_data = hub::provider::cloudinit::render(config)
+            .unwrap_or_else(|e| panic!("seed {seed}, config {config:?}: {e}"));
+        assert!(
+            user_data
+                .bytes()
+                .all(|b| b == b'\n' || (0x20..0x7f).contains(&b)),
+            "seed {seed}: not printable ASCII for {config:?}"
+        );
+        std::fs::write(dir.path().join(format!("{i:05}")), user_data).unwrap();
+    }
+    let parsed = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import json, os, sys, yaml\n\
+             out = []\n\
+             for name in sorted(os.listdir(sys.argv[1])):\n\
+             \x20   doc = yaml.safe_load(open(os.path.join(sys.argv[1], name), encoding='ascii'))\n\
+             \x20   out.append([sorted(doc), doc['bootcmd'][0][4]])\n\
+             print(json.dumps(out))",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "seed {seed}: {}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let back: Vec<(Vec<String>, String)> = serde_json::from_slice(&parsed.stdout).unwrap();
+    assert_eq!(back.len(), configs.len());
+    for ((keys, config), sent) in back.iter().zip(&configs) {
+        assert_eq!(keys, &["bootcmd", "runcmd"], "seed {seed}");
+        assert_eq!(config, sent, "seed {seed}");
+    }
+}
