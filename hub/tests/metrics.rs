@@ -236,6 +236,23 @@ async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
     panic!("the delete never showed in the metrics");
 }
 
+/// The JSON log line of `message` about `op` in the span of request `id`, once it is written.
+async fn logged(hub: &TestHub, id: &str, message: &str, op: &str) -> Option<serde_json::Value> {
+    for _ in 0..100 {
+        let found = hub.log().lines().find_map(|l| {
+            let l: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            (l["span"]["id"] == id && l["fields"]["message"] == message && l["fields"]["op"] == op)
+                .then_some(l)
+        });
+        if found.is_some() {
+            return found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
+}
+
 /// `--log-format json`: one JSON object a line; an HTTP request's id (the client's, or a
 /// new one) comes back in `X-Request-Id` and is on the log lines of its store calls.
 #[tokio::test(flavor = "multi_thread")]
@@ -246,7 +263,7 @@ async fn json_logs_carry_the_request_id_into_store_calls() {
             ("WSH_LOG_FORMAT".into(), "json".into()),
             (
                 "RUST_LOG".into(),
-                "info,quinn=warn,hub::store::metered=debug".into(),
+                "info,quinn=warn,hub::store::metered=debug,hub::provider::metered=debug".into(),
             ),
         ],
         ..Default::default()
@@ -278,24 +295,26 @@ async fn json_logs_carry_the_request_id_into_store_calls() {
         "{fresh}"
     );
 
-    let mut traced = None;
-    for _ in 0..50 {
-        let log = hub.log();
-        let lines: Vec<serde_json::Value> = log
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect();
-        traced = lines.into_iter().find(|l| {
-            l["span"]["id"] == "trace-me-42"
-                && l["fields"]["message"] == "store call"
-                && l["fields"]["op"] == "list_workspaces"
-        });
-        if traced.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let line = traced.expect("the request's store call logged with its id");
+    // A delete answers at once and calls the provider afterwards: that call still logs
+    // with the request's id.
+    let ws = hub.create_workspace().await.unwrap();
+    let res = hub
+        .http
+        .delete(hub.url(&format!("/workspaces/{}", ws["id"].as_str().unwrap())))
+        .bearer_auth(&hub.token)
+        .header("x-request-id", "trace-delete-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+
+    let line = logged(&hub, "trace-me-42", "store call", "list_workspaces")
+        .await
+        .expect("the request's store call logged with its id");
+    assert_eq!(line["fields"]["ok"], true, "{line}");
+    let line = logged(&hub, "trace-delete-7", "provider call", "delete")
+        .await
+        .expect("the provider call after the answer logged with the request's id");
     assert_eq!(line["fields"]["ok"], true, "{line}");
     assert!(!hub.log().contains(&hub.token), "a token in the log");
 }

@@ -198,7 +198,7 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
     let agent_config = if hub.provider.creates_slowly() {
         // Answer with PROVISIONING now; a failure turns the workspace ERROR (see events).
         let (hub, ws) = (hub.clone(), ws.clone());
-        tokio::spawn(async move { provision(&hub, &ws).await });
+        follow_up(async move { provision(&hub, &ws).await });
         None
     } else {
         provision(hub, &ws).await?
@@ -208,6 +208,17 @@ pub async fn create(hub: &Arc<Hub>, owner: &str, req: CreateRequest) -> Result<C
         agent_config,
         is_new: true,
     })
+}
+
+/// Runs the rest of an action after its answer, in the span of the request that asked for
+/// it: its provider calls log with that request's id.
+fn follow_up<F>(work: F)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    tokio::spawn(work.instrument(tracing::Span::current()));
 }
 
 fn existing(workspace: Workspace) -> Created {
@@ -296,7 +307,7 @@ pub async fn stop(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, Error> {
         .transition(id, &[Status::Ready], Status::Stopping, None)
         .await?;
     let (hub, target) = (hub.clone(), Target::from(&ws));
-    tokio::spawn(async move { finish_stop(&hub, &target).await });
+    follow_up(async move { finish_stop(&hub, &target).await });
     Ok(ws)
 }
 
@@ -331,7 +342,7 @@ pub async fn start(hub: &Arc<Hub>, id: Uuid, owner: &str) -> Result<Workspace, E
         )
         .await?;
     let (hub, target) = (hub.clone(), Target::from(&ws));
-    tokio::spawn(async move { finish_start(&hub, &target).await });
+    follow_up(async move { finish_start(&hub, &target).await });
     Ok(ws)
 }
 
@@ -373,7 +384,7 @@ pub async fn delete(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, Error> {
     ];
     let ws = hub.transition(id, &FROM, Status::Deleting, None).await?;
     let (hub, gone) = (hub.clone(), ws.clone());
-    tokio::spawn(async move { finish_delete(&hub, &gone).await });
+    follow_up(async move { finish_delete(&hub, &gone).await });
     Ok(ws)
 }
 
