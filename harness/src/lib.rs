@@ -414,6 +414,59 @@ impl TestHub {
         self.client().terminal_url(id, query).await
     }
 
+    /// Types `input` into a new terminal session of the workspace (over the browser's
+    /// WebSocket) and waits until its output shows `expect`.
+    pub async fn terminal_echo(&self, id: &str, input: &str, expect: &str) -> Result<()> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let url = self.terminal_url(id, "").await?;
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        ws.send(Message::Binary(input.as_bytes().to_vec().into()))
+            .await?;
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !String::from_utf8_lossy(&seen).contains(expect) {
+            let Ok(msg) = tokio::time::timeout_at(deadline, ws.next()).await else {
+                bail!(
+                    "no {expect:?} in the terminal: {}",
+                    String::from_utf8_lossy(&seen)
+                );
+            };
+            match msg {
+                // Output and screen frames: a kind byte, an 8-byte offset, the bytes.
+                Some(Ok(Message::Binary(b))) if b.len() > 9 => seen.extend_from_slice(&b[9..]),
+                Some(Ok(_)) => {}
+                other => bail!("terminal closed: {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the workspace lists `port` (a server started in it), then fetches its
+    /// preview as the dev user: status and body.
+    pub async fn preview_when_listed(&self, id: &str, port: u16) -> Result<(u16, String)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, ports) = self
+                .api("GET", &format!("/workspaces/{id}/ports"), None)
+                .await?;
+            if ports["ports"].get(port.to_string()).is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("port {port} never listed: {ports}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let res = self
+            .http
+            .get(self.url(&format!("/preview/{id}/{port}/")))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        Ok((res.status().as_u16(), res.text().await?))
+    }
+
     /// Creates a workspace and returns its JSON.
     pub async fn create_workspace(&self) -> Result<Value> {
         let (status, body) = self

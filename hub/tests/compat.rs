@@ -6,13 +6,11 @@
 //! The release's binaries come from `WSH_PREVIOUS_DIR` (the test command builds them) or
 //! are built (or taken from the cache) here.
 
-use futures_util::{SinkExt, StreamExt};
 use harness::{HubOptions, TestHub, free_port};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -37,60 +35,6 @@ fn release(dir: &Path, key: &str) -> String {
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
         .unwrap_or_else(|| panic!("{key} in {}/release", dir.display()))
-}
-
-/// Types into a terminal of the workspace (the browser's WebSocket) and waits for `expect`.
-async fn terminal_echo(hub: &TestHub, id: &str, input: &str, expect: &str) {
-    let url = hub.terminal_url(id, "").await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    ws.send(Message::Binary(input.as_bytes().to_vec().into()))
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !String::from_utf8_lossy(&seen).contains(expect) {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no {expect:?} in the terminal: {}",
-                    String::from_utf8_lossy(&seen)
-                )
-            });
-        match msg {
-            // Output and screen frames: a kind byte, an 8-byte offset, the bytes.
-            Some(Ok(Message::Binary(b))) if b.len() > 9 => seen.extend_from_slice(&b[9..]),
-            Some(Ok(_)) => {}
-            other => panic!("terminal closed: {other:?}"),
-        }
-    }
-}
-
-/// Waits until the workspace lists `port`, then fetches its preview.
-async fn preview(hub: &TestHub, id: &str, port: u16) -> (u16, String) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, ports) = hub
-            .api("GET", &format!("/workspaces/{id}/ports"), None)
-            .await
-            .unwrap();
-        if ports["ports"].get(port.to_string()).is_some() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "port {port} never listed: {ports}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let res = hub
-        .http
-        .get(hub.url(&format!("/preview/{id}/{port}/")))
-        .bearer_auth(&hub.token)
-        .send()
-        .await
-        .unwrap();
-    (res.status().as_u16(), res.text().await.unwrap())
 }
 
 /// `wsh sync --once` of a small tree with `wsh` (either release's), and what arrived.
@@ -153,13 +97,15 @@ async fn the_previous_agent_serves_terminals_ports_and_sync() {
         .unwrap();
     assert_eq!(ws["agent"]["protocol_version"], protocol, "{ws}");
 
-    terminal_echo(&hub, &id, "echo compat-$((6*7))\n", "compat-42").await;
+    hub.terminal_echo(&id, "echo compat-$((6*7))\n", "compat-42")
+        .await
+        .unwrap();
 
     let port = free_port();
     let _server = hub
         .run_in_workspace(&id, &harness::test_server(&[&port.to_string()]))
         .unwrap();
-    let (status, body) = preview(&hub, &id, port).await;
+    let (status, body) = hub.preview_when_listed(&id, port).await.unwrap();
     assert_eq!(status, 200, "{body}");
 
     // This release's CLI syncs with the previous agent.

@@ -74,7 +74,15 @@ async fn run_as(hub: &TestHub, token: &str, id: &str, body: Value) -> Ran {
 
 #[tokio::test]
 async fn exec_runs_commands_with_their_status_streams_stdin_timeouts_and_signals() {
-    let hub = TestHub::start().await.unwrap();
+    // 200 commands at once on two cores shared with the rest of the suite: heartbeats as a
+    // real hub's (the harness's 1.5 s timeout is for tests of how fast a loss is noticed).
+    let hub = TestHub::start_with(harness::HubOptions {
+        heartbeat_interval: Duration::from_secs(2),
+        heartbeat_timeout: Duration::from_secs(6),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let id = hub.ready_workspace().await.unwrap();
 
     // Exit codes, stdout and stderr apart, environment and folder.
@@ -169,7 +177,8 @@ async fn exec_runs_commands_with_their_status_streams_stdin_timeouts_and_signals
     for (i, ran) in all.iter().enumerate() {
         assert_eq!(
             (ran.out(), &ran.exit["code"]),
-            (format!("{i}\n"), &json!(0))
+            (format!("{i}\n"), &json!(0)),
+            "run {i}: {ran:?}"
         );
     }
 

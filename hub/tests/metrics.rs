@@ -94,49 +94,15 @@ async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
         .await
         .unwrap();
     assert_eq!(res.text().await.unwrap(), "sixteen bytes..\n");
-    let url = hub.terminal_url(&id, "").await.unwrap();
-    let (mut terminal, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    use futures_util::{SinkExt, StreamExt};
-    terminal
-        .send(tokio_tungstenite::tungstenite::Message::Binary(
-            b"echo typed-$((40+2))\n".to_vec().into(),
-        ))
+    hub.terminal_echo(&id, "echo typed-$((40+2))\n", "typed-42")
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains("typed-42") {
-        match tokio::time::timeout(std::time::Duration::from_secs(30), terminal.next()).await {
-            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b)))) if b.len() > 9 => {
-                seen.extend_from_slice(&b[9..])
-            }
-            Ok(Some(Ok(_))) => {}
-            other => panic!("terminal: {other:?}"),
-        }
-    }
-    drop(terminal);
     let port = harness::free_port();
     let _server = hub
         .run_in_workspace(&id, &harness::test_server(&[&port.to_string()]))
         .unwrap();
-    let mut previewed = false;
-    for _ in 0..200 {
-        let res = hub
-            .http
-            .get(hub.url(&format!("/preview/{id}/{port}/")))
-            .bearer_auth(&hub.token)
-            .send()
-            .await
-            .unwrap();
-        if res.status() == 200 {
-            previewed = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(
-        previewed,
-        "the test server never answered through its preview"
-    );
+    let (status, body) = hub.preview_when_listed(&id, port).await.unwrap();
+    assert_eq!(status, 200, "{body}");
 
     let (_, _, after) = scrape(&hub, Some(METRICS_TOKEN)).await;
     let grew = |series: &str| value(&after, series) - value(&before, series);
