@@ -42,20 +42,22 @@ fn note(change: impl FnOnce(&mut Facts)) {
 }
 
 /// Notes who is acting.
-pub fn note_actor(owner_id: &str, via: impl Into<String>) {
-    let actor = (owner_id.to_owned(), via.into());
-    note(|facts| facts.actor = Some(actor));
+pub fn note_actor(owner_id: &str, via: &str) {
+    note(|facts| facts.actor = Some((owner_id.to_owned(), via.to_owned())));
 }
 
-/// Notes an authenticated caller as the one acting.
+/// Notes an authenticated caller as the one acting. Every authenticated request passes
+/// here; only one being audited pays for the strings.
 pub fn note_caller(caller: &Caller) {
-    let via = match &caller.grant {
-        Grant::User if caller.admin => "admin".to_owned(),
-        Grant::User => "user".to_owned(),
-        Grant::Service(grant) => format!("service:{}", grant.owner_prefix),
-        Grant::Ticket { purpose, .. } => format!("ticket:{}", purpose.as_str()),
-    };
-    note_actor(&caller.owner_id, via);
+    note(|facts| {
+        let via = match &caller.grant {
+            Grant::User if caller.admin => "admin".to_owned(),
+            Grant::User => "user".to_owned(),
+            Grant::Service(grant) => format!("service:{}", grant.owner_prefix),
+            Grant::Ticket { purpose, .. } => format!("ticket:{}", purpose.as_str()),
+        };
+        facts.actor = Some((caller.owner_id.clone(), via));
+    });
 }
 
 /// Notes the workspace acted on.
