@@ -173,7 +173,7 @@ pub async fn enroll(
             &mut send,
             &EnrollMsg::Request(EnrollRequest {
                 protocol_version: protocol::PROTOCOL_VERSION,
-                agent_version: env!("CARGO_PKG_VERSION").into(),
+                agent_version: crate::update::version().into(),
                 token,
                 csr_der: csr.der().to_vec(),
             }),

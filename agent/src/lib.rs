@@ -12,6 +12,7 @@ pub mod config;
 pub mod devcontainer;
 pub mod direct;
 pub mod exec;
+mod fds;
 pub mod files;
 pub mod forward;
 pub mod identity;
@@ -19,6 +20,7 @@ pub mod ports;
 pub mod pty;
 pub mod session;
 pub mod setup;
+pub mod update;
 
 use crate::config::AgentConfig;
 use crate::identity::Identity;
@@ -82,6 +84,8 @@ pub struct Agent {
     /// SSH keys, dotfiles and the dev container (reported to the hub on change and
     /// reconnect).
     setup: Arc<setup::Setup>,
+    /// Updates of this binary (none: offers are declined).
+    updates: Option<Arc<update::Updates>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -202,8 +206,20 @@ impl Agent {
                 config.run_as.clone(),
                 config.state_dir.clone(),
             )),
+            updates: None,
             config,
         }
+    }
+
+    /// Takes agent updates through `updates`.
+    pub fn with_updates(mut self, updates: Arc<update::Updates>) -> Self {
+        self.updates = Some(updates);
+        self
+    }
+
+    /// The terminal sessions (an update hands them to the next process).
+    pub fn sessions(&self) -> &Arc<pty::Sessions> {
+        &self.sessions
     }
 
     /// Reports [`AgentEvent`]s to `events`.
@@ -283,7 +299,24 @@ impl Agent {
                 }
             }
         });
+        // A new binary the hub does not welcome in time goes back to the previous one.
+        let probation = self
+            .updates
+            .clone()
+            .filter(|u| u.on_probation().is_some())
+            .map(|updates| {
+                let sessions = self.sessions.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(update::PROBATION).await;
+                    if let Some(why) = updates.roll_back(&sessions) {
+                        tracing::error!(%why, "rollback failed: staying on this version");
+                    }
+                })
+            });
         let result = self.run_link(shutdown).await;
+        if let Some(probation) = probation {
+            probation.abort();
+        }
         reaper.abort();
         dev_container.abort();
         result
@@ -333,6 +366,16 @@ impl Agent {
             match session::connect_and_serve(self, &client, direct.as_ref(), &shutdown).await {
                 session::End::Shutdown => return Ok(()),
                 session::End::Fatal(e) => return Err(e),
+                session::End::Update { path, version } => {
+                    if let Some(updates) = &self.updates {
+                        tracing::info!(%version, path = %path.display(), "agent update installed: restarting into it");
+                        let why = updates.restart_into(&path, &self.sessions, Some(&version));
+                        tracing::error!(%version, %why, "agent update not applied: carrying on");
+                    }
+                    self.emit(AgentEvent::Disconnected("restarting into an update".into()));
+                    backoff.reset();
+                    self.rebind();
+                }
                 session::End::Moving => {
                     tracing::info!("the hub replica is leaving: connecting again");
                     backoff.reset();

@@ -30,6 +30,11 @@ pub enum End {
     },
     /// The hub refused the connection at once (a replica that is leaving).
     Refused(String),
+    /// An agent update is installed at `path`: restart into it.
+    Update {
+        path: std::path::PathBuf,
+        version: String,
+    },
 }
 
 fn lost(reason: impl ToString, was_up: bool) -> End {
@@ -81,6 +86,7 @@ pub async fn connect_and_serve(
         run_as: agent.config.run_as.clone(),
         setup: agent.setup.clone(),
         direct: direct.map(|d| (d.clone(), endpoint.clone(), conn.remote_address())),
+        updates: agent.updates.clone(),
     };
     // Direct clients, on the same socket, while this session lasts (each connection then
     // lives until its client goes).
@@ -88,6 +94,7 @@ pub async fn connect_and_serve(
         endpoint.set_server_config(Some(d.server_config()));
         let only_clients = Services {
             direct: None,
+            updates: None,
             ..services.clone()
         };
         tokio::spawn(d.clone().accept(endpoint.clone(), only_clients))
@@ -96,10 +103,18 @@ pub async fn connect_and_serve(
     if let Some(task) = accepting {
         task.abort();
     }
+    if let Some(updates) = &agent.updates {
+        // An offer is made again on the next connection.
+        updates.forget_offer();
+    }
     match end {
         End::Shutdown => conn.close(
             quinn::VarInt::from_u32(CloseCode::Normal.code()),
             b"agent shutting down",
+        ),
+        End::Update { .. } => conn.close(
+            quinn::VarInt::from_u32(CloseCode::Normal.code()),
+            b"agent restarting into an update",
         ),
         // The streams the leaving hub opened finish here (they hold their own ends of
         // the connection); then the agent closes it. The hub closes it first if its
@@ -159,8 +174,18 @@ async fn serve(
         Err(LinkError::Connection(e)) => return closed(&e, false),
         Err(e) => return lost(e, false),
     };
-    tracing::info!(hub_version = %welcome.hub_version, protocol = welcome.protocol_version, "connected to hub");
+    tracing::info!(hub_version = %welcome.hub_version, protocol = welcome.protocol_version, agent_version = %crate::update::version(), "connected to hub");
     agent.emit(AgentEvent::Connected);
+    // An update on probation has come up.
+    let updates = agent
+        .updates
+        .clone()
+        .filter(|_| welcome.protocol_version >= protocol::UPDATE_SINCE_VERSION);
+    if let Some(u) = &agent.updates {
+        u.confirm();
+    }
+    // Whether the hub has heard that a taken offer waits for streams to end.
+    let mut said_waiting = false;
 
     let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
     let timeout = Duration::from_millis(welcome.heartbeat_timeout_ms.max(300) as u64);
@@ -229,6 +254,16 @@ async fn serve(
                         live.on_heard(now);
                         agent.setup.profile(profile);
                     }
+                    Ok(Some(ControlMsg::UpdateOffer(offer))) if updates.is_some() => {
+                        live.on_heard(now);
+                        said_waiting = false;
+                        if let Some(Err(status)) = updates.as_ref().map(|u| u.consider(&offer)) {
+                            tracing::info!(version = %offer.version, why = %status.message, "agent update offer not taken");
+                            if let Err(e) = send_msg(&mut send, &ControlMsg::UpdateStatus(status)).await {
+                                return lost(e, true);
+                            }
+                        }
+                    }
                     Ok(Some(ControlMsg::Checkout(request))) => {
                         live.on_heard(now);
                         let run_as = agent.config.run_as.clone();
@@ -267,6 +302,24 @@ async fn serve(
                         return lost(e, true);
                     }
                     live.on_sent(now);
+                }
+                // A taken offer is asked for once nothing a restart would cut is open.
+                if let Some(u) = updates.as_ref().filter(|u| u.waiting()) {
+                    let open = agent.forwards.open();
+                    let msg = if open == 0 {
+                        u.request().map(|version| ControlMsg::UpdateRequest(protocol::update::UpdateRequest { version }))
+                    } else if !said_waiting {
+                        said_waiting = true;
+                        u.offered_version().map(|v| ControlMsg::UpdateStatus(crate::update::waiting(&v, open)))
+                    } else {
+                        None
+                    };
+                    if let Some(msg) = msg {
+                        if let Err(e) = send_msg(&mut send, &msg).await {
+                            return lost(e, true);
+                        }
+                        live.on_sent(now);
+                    }
                 }
                 if let Some(due) = stats_due.as_mut() {
                     if *due == 0 {
@@ -349,6 +402,20 @@ async fn serve(
                 }
                 Err(e) => return closed(&e, true),
             },
+            outcome = async { updates.as_ref().expect("guarded").outcome().await }, if updates.is_some() => {
+                match outcome {
+                    crate::update::Outcome::Status(status) => {
+                        if let Err(e) = send_msg(&mut send, &ControlMsg::UpdateStatus(status)).await {
+                            return lost(e, true);
+                        }
+                    }
+                    crate::update::Outcome::Installed { path, version } => {
+                        let _ = send_msg(&mut send, &ControlMsg::UpdateStatus(crate::update::restarting(&version))).await;
+                        let _ = send.finish();
+                        return End::Update { path, version };
+                    }
+                }
+            }
             _ = shutdown.cancelled() => return End::Shutdown,
         }
     }
@@ -426,7 +493,7 @@ async fn hello(
         &mut send,
         &ControlMsg::Hello(Hello {
             protocol_version: protocol::PROTOCOL_VERSION,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: crate::update::version().into(),
             hostname: hostname(),
         }),
     )
@@ -457,6 +524,8 @@ pub struct Services {
     pub run_as: Option<String>,
     /// The workspace's setup: its environment for terminals and commands.
     pub setup: Arc<crate::setup::Setup>,
+    /// Agent updates (the binary arrives on a stream from the hub only).
+    pub updates: Option<Arc<crate::update::Updates>>,
 }
 
 pub(crate) fn refusal(reason: StreamRefusal, message: String) -> StreamReply {
@@ -489,6 +558,7 @@ pub(crate) async fn serve_stream(
         direct,
         run_as,
         setup,
+        updates,
     } = services;
     let mut recv = FramedRecv::new(recv);
     let header = match recv.expect::<StreamHeader>().await {
@@ -514,6 +584,14 @@ pub(crate) async fn serve_stream(
                 return;
             };
             direct.punch(open, &endpoint, hub, send).await
+        }
+        StreamHeader::AgentUpdate(open) if credential.is_none() && updates.is_some() => {
+            let Some(updates) = updates else {
+                return;
+            };
+            let (recv, mut decoder) = recv.into_parts();
+            updates.receive(open, recv, decoder.take_buffered()).await;
+            Ok(())
         }
         StreamHeader::Pty(_) => {
             let accepted = StreamReply::Accepted(protocol::stream::Accepted {});

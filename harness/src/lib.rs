@@ -52,6 +52,18 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A copy of the agent binary at `src` that reports `version` (the stamp an agent reads
+/// from the end of its own binary): a second build of another version without compiling
+/// again, for agent-update tests.
+pub fn stamp_agent(src: &Path, dst: &Path, version: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
+    bytes.extend_from_slice(format!("\nwsh-agent-version={version}\n").as_bytes());
+    std::fs::write(dst, bytes).with_context(|| format!("write {}", dst.display()))?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
 /// A port free for TCP and UDP on 127.0.0.1, below the kernel's ephemeral range (32768 and
 /// up here), so that no client socket (a test's thousand agents rebinding, say) can take it
 /// while a hub that owns it restarts.

@@ -165,6 +165,23 @@ pub struct FileConfig {
     pub webhooks: Option<WebhookConfig>,
     /// Host apps that embed the hub.
     pub embed: EmbedConfig,
+    /// The agent binary older agents are offered (`[agent_update]`).
+    pub agent_update: Option<AgentUpdateConfig>,
+    /// The update keys the process provider's agents trust (`--update-keys`), as an image
+    /// trusts `/etc/workspace-agent/update-keys`.
+    pub agent_update_keys: Option<PathBuf>,
+}
+
+/// The agent release this hub offers to agents of an older version (`[agent_update]`,
+/// `links::updates`): a binary and its release file, as `workspace-hub agent-update sign`
+/// writes it. The hub holds no signing key: agents check the signature against keys their
+/// image trusts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentUpdateConfig {
+    pub binary: PathBuf,
+    /// Defaults to the binary's path with `.release` added.
+    pub release: Option<PathBuf>,
 }
 
 /// The receiver of workspace events (`[webhooks]`, `links::webhooks`).
@@ -321,6 +338,8 @@ impl Default for FileConfig {
             identity: None,
             direct: DirectPolicy::default(),
             webhooks: None,
+            agent_update: None,
+            agent_update_keys: None,
             embed: EmbedConfig::default(),
         }
     }
@@ -380,6 +399,8 @@ pub struct Config {
     pub direct: DirectPolicy,
     pub webhooks: Option<WebhookConfig>,
     pub embed: EmbedConfig,
+    pub agent_update: Option<AgentUpdateConfig>,
+    pub agent_update_keys: Option<PathBuf>,
 }
 
 impl Config {
@@ -593,6 +614,8 @@ impl Config {
             identity: file.identity,
             direct: file.direct,
             webhooks: file.webhooks,
+            agent_update: file.agent_update,
+            agent_update_keys: file.agent_update_keys,
             embed: file.embed,
         })
     }

@@ -71,6 +71,8 @@ pub struct Hub {
     pub previews: Arc<preview::Pool>,
     /// The figures `GET /metrics` shows.
     pub metrics: Arc<base::metrics::Metrics>,
+    /// The agent release offered to older agents (`[agent_update]`).
+    pub agent_release: Option<Arc<links::updates::AgentRelease>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -110,10 +112,13 @@ pub async fn open_state(
         .await
         .context("open store")?;
     let provider: Arc<dyn provider::Provider> = match config.provider {
-        ProviderKind::Process => Arc::new(provider::process::ProcessProvider::new(
-            config.workspaces_dir.clone(),
-            config.agent_binary.clone(),
-        )),
+        ProviderKind::Process => Arc::new(
+            provider::process::ProcessProvider::new(
+                config.workspaces_dir.clone(),
+                config.agent_binary.clone(),
+            )
+            .with_update_keys(config.agent_update_keys.clone()),
+        ),
         ProviderKind::Manual => Arc::new(provider::manual::ManualProvider),
         ProviderKind::Qemu => Arc::new(
             provider::qemu::QemuProvider::new(config.workspaces_dir.clone(), config.qemu.clone())
@@ -131,8 +136,14 @@ pub async fn open_state(
         Arc::new(store::metered::Metered::new(store, metrics.clone()));
     let provider: Arc<dyn provider::Provider> =
         Arc::new(provider::metered::Metered::new(provider, metrics.clone()));
+    let agent_release = config
+        .agent_update
+        .as_ref()
+        .map(links::updates::AgentRelease::load)
+        .transpose()?;
     Ok(Hub {
         metrics,
+        agent_release,
         agent_hub_addr: config
             .agent_hub_addr
             .clone()

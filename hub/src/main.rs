@@ -5,7 +5,9 @@
 //! - `workspace-hub serve --config hub.toml`: the same from a config file, with the hub's
 //!   identity from the secret sources in `[identity]`;
 //! - `workspace-hub identity init --out DIR`: makes a new identity to store as secrets;
-//! - `workspace-hub token create --owner NAME`: mints an API token.
+//! - `workspace-hub token create --owner NAME`: mints an API token;
+//! - `workspace-hub agent-update keygen --out DIR` and `agent-update sign`: the key pair
+//!   agent updates are signed with, and a binary's signed release file.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -70,6 +72,30 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Sign agent binaries for `[agent_update]`.
+    AgentUpdate {
+        #[command(subcommand)]
+        command: AgentUpdateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentUpdateCommand {
+    /// Write a new signing key pair into a folder: `update-key` (keep it off the hub) and
+    /// `update-key.pub` (for images: /etc/workspace-agent/update-keys). Never overwrites.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign an agent binary: writes BINARY.release (what `[agent_update] release` names).
+    /// The binary must say it is that version (`--version`).
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        agent_version: String,
+        binary: PathBuf,
     },
 }
 
@@ -199,6 +225,43 @@ async fn async_main(cli: Cli) -> Result<()> {
                 "new hub identity in {}: ca.pem, ca.key, ticket.key, reset.key",
                 out.display()
             );
+            Ok(())
+        }
+        Command::AgentUpdate {
+            command: AgentUpdateCommand::Keygen { out },
+        } => {
+            hub::base::update_key::generate(&out)?;
+            println!(
+                "new agent-update key pair in {}: update-key (private), update-key.pub",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::AgentUpdate {
+            command:
+                AgentUpdateCommand::Sign {
+                    key,
+                    agent_version,
+                    binary,
+                },
+        } => {
+            let said = std::process::Command::new(&binary)
+                .arg("--version")
+                .output()
+                .with_context(|| format!("run {} --version", binary.display()))?;
+            let said = String::from_utf8_lossy(&said.stdout);
+            anyhow::ensure!(
+                said.starts_with(&format!("workspace-agent {agent_version} ")),
+                "{} says {:?}, not version {agent_version}",
+                binary.display(),
+                said.trim()
+            );
+            let release = hub::base::update_key::sign(&key, &agent_version, &binary)?;
+            let mut out = binary.into_os_string();
+            out.push(".release");
+            let out = PathBuf::from(out);
+            hub::base::fsutil::write_atomic(&out, toml::to_string(&release)?.as_bytes(), 0o644)?;
+            println!("{}", out.display());
             Ok(())
         }
         Command::Token {

@@ -55,6 +55,13 @@ crate::tagged_messages! {
         /// Agent -> hub (version 8+): what the agent process costs its machine, every
         /// [`AGENT_STATS_INTERVAL_SECS`] seconds.
         18 => AgentStats(AgentStats),
+        /// Hub -> agent (version 9+), after the welcome: a newer agent binary is available
+        /// ([`crate::update`]).
+        19 => UpdateOffer(crate::update::UpdateOffer),
+        /// Agent -> hub (version 9+): send the offered binary now.
+        20 => UpdateRequest(crate::update::UpdateRequest),
+        /// Agent -> hub (version 9+): what became of an offer.
+        21 => UpdateStatus(crate::update::UpdateStatus),
     }
 }
 

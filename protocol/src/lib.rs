@@ -29,13 +29,14 @@ pub mod peer;
 pub mod pty;
 pub mod stream;
 pub mod sync;
+pub mod update;
 
 pub use error::ProtocolError;
 pub use frame::{FrameDecoder, MAX_FRAME_LEN, encode_frame};
 pub use message::Message;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// The first version with [`control::Activity`] reports.
 pub const ACTIVITY_SINCE_VERSION: u16 = 2;
@@ -63,6 +64,11 @@ pub const SETUP_SINCE_VERSION: u16 = 7;
 
 /// The first version with [`control::SyncSessions`] reports from agents.
 pub const SYNC_STATUS_SINCE_VERSION: u16 = 8;
+
+/// The first version with agent updates: [`control::ControlMsg::UpdateOffer`] towards
+/// agents, `UpdateRequest` and `UpdateStatus` from them, and
+/// [`stream::StreamHeader::AgentUpdate`] carrying the binary ([`update`]).
+pub const UPDATE_SINCE_VERSION: u16 = 9;
 
 /// The oldest protocol version this build still accepts from a peer (N-1).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

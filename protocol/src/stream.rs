@@ -67,6 +67,9 @@ crate::tagged_messages! {
         /// Hub -> agent (version 6+): one file operation ([`crate::files`]). The agent
         /// answers [`StreamReply::Accepted`]; `FileMsg`s (and raw bytes) follow.
         18 => Files(FilesOpen),
+        /// Hub -> agent (version 9+), after an `UpdateRequest`: the agent binary, exactly
+        /// `size` raw bytes after the header ([`crate::update`]). No reply.
+        19 => AgentUpdate(crate::update::AgentUpdateOpen),
     }
 }
 

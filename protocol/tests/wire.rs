@@ -384,7 +384,7 @@ fn tags_are_stable() {
     assert_eq!(
         ControlMsg::TAGS,
         &[
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21
         ]
     );
     assert_eq!(protocol::direct::DirectMsg::TAGS, &[1, 2]);
@@ -392,7 +392,7 @@ fn tags_are_stable() {
     assert_eq!(
         StreamHeader::TAGS,
         &[
-            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
+            1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19
         ]
     );
     assert_eq!(protocol::peer::PeerMsg::TAGS, &[1, 2, 3]);

@@ -14,10 +14,13 @@ pub mod ring;
 mod screen;
 pub mod stream;
 
-use portable_pty::{ChildKiller, CommandBuilder, MasterPty, PtySize, native_pty_system};
-use ring::{OutputRing, Read};
+use portable_pty::{CommandBuilder, PtySize, native_pty_system};
+use ring::{OutputRing, Read as RingRead};
+use rustix::process::Pid;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -131,9 +134,12 @@ pub struct PtySession {
     /// Locked after `state` when both are needed, never the other way round.
     screen: Mutex<screen::Screen>,
     changed: tokio::sync::watch::Sender<()>,
-    writer: Mutex<Box<dyn Write + Send>>,
-    master: Mutex<Box<dyn MasterPty + Send>>,
-    killer: Mutex<Box<dyn ChildKiller + Send + Sync>>,
+    writer: Mutex<Option<std::fs::File>>,
+    /// The PTY's master side (resizes; what an agent update hands to its successor), while
+    /// the process runs.
+    master: Option<OwnedFd>,
+    /// The session's process (its own session leader), while it runs.
+    pid: Option<Pid>,
     /// Clients attached now, and when the last one left (for idle expiry).
     attached: Mutex<(usize, Instant)>,
     /// When a client last typed into this session.
@@ -152,12 +158,147 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What [`PtySession::start`] starts from.
+struct Parts {
+    id: String,
+    command: String,
+    created_at: u64,
+    state: State,
+    screen: screen::Screen,
+    master: Option<OwnedFd>,
+    pid: Option<Pid>,
+    last_input: Option<Instant>,
+}
+
+/// Holds every PTY reader still before its next read, so that what the sessions hold is
+/// all that was read (an agent update hands exactly that over, and the rest stays in the
+/// kernel's buffer for the next process). Readers wait on their PTY and on a pipe that
+/// becomes readable while a pause is asked.
+#[derive(Debug)]
+struct Pause {
+    state: Mutex<PauseState>,
+    cv: std::sync::Condvar,
+    wake: (OwnedFd, OwnedFd),
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    asked: bool,
+    readers: usize,
+    parked: usize,
+}
+
+impl Pause {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            state: Mutex::default(),
+            cv: std::sync::Condvar::new(),
+            wake: rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?,
+        })
+    }
+
+    fn reader_started(&self) {
+        lock(&self.state).readers += 1;
+    }
+
+    fn reader_ended(&self) {
+        lock(&self.state).readers -= 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until `pty` has something to read (or hung up: the read says so) and no pause
+    /// is asked; `false` when the PTY cannot be waited on.
+    fn readable(&self, pty: &std::fs::File) -> bool {
+        use rustix::event::{PollFd, PollFlags};
+        loop {
+            let mut fds = [
+                PollFd::new(pty, PollFlags::IN),
+                PollFd::new(&self.wake.0, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return false,
+            }
+            let (pty_ready, wake) = (fds[0].revents(), fds[1].revents());
+            if !wake.is_empty() {
+                let mut st = lock(&self.state);
+                if st.asked {
+                    st.parked += 1;
+                    self.cv.notify_all();
+                    while st.asked {
+                        st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                    st.parked -= 1;
+                }
+                continue;
+            }
+            if !pty_ready.is_empty() {
+                return true;
+            }
+        }
+    }
+
+    /// Asks every reader to stop and waits (up to `wait`) until they have; `false` if one
+    /// did not in time (it may be mid-read).
+    fn pause(&self, wait: Duration) -> bool {
+        let mut st = lock(&self.state);
+        if !st.asked {
+            st.asked = true;
+            let _ = rustix::io::write(&self.wake.1, &[1]);
+        }
+        let deadline = Instant::now() + wait;
+        while st.parked < st.readers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Lets the readers go on.
+    fn resume(&self) {
+        let mut st = lock(&self.state);
+        if st.asked {
+            let _ = rustix::io::read(&self.wake.0, &mut [0u8; 16]);
+            st.asked = false;
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// A session as it crosses an agent update (see [`Sessions::hand_over`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionState {
+    id: String,
+    command: String,
+    created_at: u64,
+    cols: u16,
+    rows: u16,
+    exit: Option<i32>,
+    /// The process and the master's descriptor number, while it runs.
+    pid: Option<i32>,
+    fd: Option<i32>,
+    ring_start: u64,
+    ring: Vec<u8>,
+    screen_end: u64,
+    screen: Vec<u8>,
+    last_input_ago_ms: Option<u64>,
+}
+
 impl PtySession {
     /// Starts the process on a new PTY and the thread that reads it.
-    pub fn spawn(
+    fn spawn(
         id: String,
         spec: &SpawnSpec,
         ring_capacity: usize,
+        pause: &Arc<Pause>,
     ) -> Result<Arc<Self>, PtyError> {
         let pair = native_pty_system()
             .openpty(spec.size.pty())
@@ -180,68 +321,125 @@ impl PtySession {
         if let Some(cwd) = &spec.cwd {
             cmd.cwd(cwd);
         }
-        let mut child = pair
+        let child = pair
             .slave
             .spawn_command(cmd)
             .map_err(|e| PtyError::Spawn(e.to_string()))?;
         drop(pair.slave);
-        let mut reader = pair
+        let pid = child
+            .process_id()
+            .and_then(|pid| Pid::from_raw(pid as i32))
+            .ok_or_else(|| PtyError::Spawn("the process has no id".into()))?;
+        // The agent waits for the process itself (`waitpid`), as it does for one it took
+        // over in an update; the handle is not needed.
+        drop(child);
+        let master = pair
             .master
-            .try_clone_reader()
-            .map_err(|e| PtyError::Spawn(e.to_string()))?;
-        let writer = pair
-            .master
-            .take_writer()
-            .map_err(|e| PtyError::Spawn(e.to_string()))?;
+            .as_raw_fd()
+            .ok_or_else(|| PtyError::Spawn("the PTY has no descriptor".into()))
+            .and_then(|fd| crate::fds::dup_open(fd).map_err(PtyError::Io))?;
+        drop(pair.master);
+        let created_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let command = if spec.command.is_empty() {
+            "(login shell)".into()
+        } else {
+            spec.command.join(" ")
+        };
+        Self::start(
+            Parts {
+                id,
+                command,
+                created_at,
+                state: State {
+                    ring: OutputRing::new(ring_capacity),
+                    size: spec.size,
+                    exit: None,
+                },
+                screen: screen::Screen::new(spec.size.rows, spec.size.cols),
+                master: Some(master),
+                pid: Some(pid),
+                last_input: None,
+            },
+            pause,
+        )
+    }
+
+    /// Starts the threads of a session whose PTY and process exist already.
+    fn start(parts: Parts, pause: &Arc<Pause>) -> Result<Arc<Self>, PtyError> {
+        let Parts {
+            id,
+            command,
+            created_at,
+            state,
+            screen,
+            master,
+            pid,
+            last_input,
+        } = parts;
+        let running = state.exit.is_none();
+        let master = master.filter(|_| running);
+        let writer = master
+            .as_ref()
+            .map(|m| m.try_clone().map(std::fs::File::from))
+            .transpose()?;
         let (changed, _) = tokio::sync::watch::channel(());
         let session = Arc::new(Self {
             id,
-            command: if spec.command.is_empty() {
-                "(login shell)".into()
-            } else {
-                spec.command.join(" ")
-            },
-            created_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            state: Mutex::new(State {
-                ring: OutputRing::new(ring_capacity),
-                size: spec.size,
-                exit: None,
-            }),
-            screen: Mutex::new(screen::Screen::new(spec.size.rows, spec.size.cols)),
+            command,
+            created_at,
+            state: Mutex::new(state),
+            screen: Mutex::new(screen),
             changed,
             writer: Mutex::new(writer),
-            master: Mutex::new(pair.master),
-            killer: Mutex::new(child.clone_killer()),
+            master,
+            pid: pid.filter(|_| running),
             attached: Mutex::new((0, Instant::now())),
-            last_input: Mutex::new(None),
+            last_input: Mutex::new(last_input),
         });
-
+        let (Some(pid), Some(master)) = (session.pid, &session.master) else {
+            return Ok(session);
+        };
+        let reader = std::fs::File::from(master.try_clone()?);
         // The reader blocks, so it gets a thread of its own, never the async runtime.
         let (read_done_tx, read_done_rx) = std::sync::mpsc::channel::<()>();
         let s = session.clone();
+        let reader_pause = pause.clone();
+        reader_pause.reader_started();
         std::thread::Builder::new()
             .name(format!("pty-read-{}", s.id))
             .spawn(move || {
                 let mut buf = vec![0u8; CHUNK];
-                loop {
+                let mut reader = reader;
+                while reader_pause.readable(&reader) {
                     match reader.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => s.on_output(&buf[..n]),
                     }
                 }
+                reader_pause.reader_ended();
                 let _ = read_done_tx.send(());
             })
-            .map_err(PtyError::Io)?;
+            .map_err(|e| {
+                pause.reader_ended();
+                PtyError::Io(e)
+            })?;
         let s = session.clone();
         std::thread::Builder::new()
             .name(format!("pty-wait-{}", s.id))
             .spawn(move || {
-                let code = match child.wait() {
-                    Ok(status) => status.exit_code() as i32,
-                    Err(_) => -1,
+                let code = loop {
+                    match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+                    {
+                        Err(rustix::io::Errno::INTR) => continue,
+                        Ok(Some((_, status))) => {
+                            break status.exit_status().unwrap_or(1);
+                        }
+                        // Not our child (any more): its status is lost.
+                        Ok(None) | Err(_) => break -1,
+                    }
                 };
                 // Let the reader drain what the process wrote last; a background process
                 // that keeps the terminal open must not hold the exit back for long.
@@ -251,6 +449,37 @@ impl PtySession {
             })
             .map_err(PtyError::Io)?;
         Ok(session)
+    }
+
+    /// What crosses an update (readers paused: nothing is read meanwhile).
+    fn state(&self) -> SessionState {
+        let st = lock(&self.state);
+        let (screen_end, screen) = lock(&self.screen).snapshot();
+        let (ring_start, ring) = st.ring.contents();
+        let running = st.exit.is_none();
+        SessionState {
+            id: self.id.clone(),
+            command: self.command.clone(),
+            created_at: self.created_at,
+            cols: st.size.cols,
+            rows: st.size.rows,
+            exit: st.exit,
+            pid: self
+                .pid
+                .filter(|_| running)
+                .map(Pid::as_raw_nonzero)
+                .map(i32::from),
+            fd: self
+                .master
+                .as_ref()
+                .filter(|_| running)
+                .map(|m| m.as_raw_fd()),
+            ring_start,
+            ring,
+            screen_end,
+            screen,
+            last_input_ago_ms: lock(&self.last_input).map(|t| t.elapsed().as_millis() as u64),
+        }
     }
 
     fn on_output(&self, bytes: &[u8]) {
@@ -267,6 +496,7 @@ impl PtySession {
         }
         *lock(&self.last_input) = Some(Instant::now());
         let mut w = lock(&self.writer);
+        let w = w.as_mut().ok_or(PtyError::Exited { code: -1 })?;
         w.write_all(bytes)?;
         w.flush()?;
         Ok(())
@@ -274,9 +504,17 @@ impl PtySession {
 
     /// Resizes the session (last writer wins).
     pub fn resize(&self, size: Size) -> Result<(), PtyError> {
-        lock(&self.master)
-            .resize(size.pty())
-            .map_err(|e| PtyError::Io(std::io::Error::other(e.to_string())))?;
+        let master = self.master.as_ref().ok_or(PtyError::Exited { code: -1 })?;
+        rustix::termios::tcsetwinsize(
+            master,
+            rustix::termios::Winsize {
+                ws_row: size.rows,
+                ws_col: size.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            },
+        )
+        .map_err(|e| PtyError::Io(e.into()))?;
         let mut st = lock(&self.state);
         lock(&self.screen).resize(size.rows, size.cols);
         st.size = size;
@@ -296,9 +534,13 @@ impl PtySession {
         lock(&self.state).ring.end()
     }
 
-    /// Ends the process (SIGKILL to the child).
+    /// Ends the process (SIGHUP, as a terminal closing does).
     pub fn kill(&self) {
-        let _ = lock(&self.killer).kill();
+        if let Some(pid) = self.pid
+            && self.exit_code().is_none()
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::HUP);
+        }
     }
 
     /// A new client. `offset`: the last offset it has seen, or `None` for a fresh client.
@@ -373,7 +615,7 @@ impl Attachment {
                 self.next = Some(start_fresh(&mut self.pending));
             }
             Some(off) => match st.ring.read(off, CHUNK) {
-                Read::Truncated { .. } => {
+                RingRead::Truncated { .. } => {
                     let resumed_at = start_fresh(&mut self.pending);
                     self.pending.push_front(Event::Truncated {
                         requested: off,
@@ -381,11 +623,11 @@ impl Attachment {
                     });
                     self.next = Some(resumed_at);
                 }
-                Read::Bytes(bytes) if !bytes.is_empty() => {
+                RingRead::Bytes(bytes) if !bytes.is_empty() => {
                     self.next = Some(off + bytes.len() as u64);
                     self.pending.push_back(Event::Output { offset: off, bytes });
                 }
-                Read::Bytes(_) => {
+                RingRead::Bytes(_) => {
                     if let Some(code) = st.exit {
                         self.finished = true;
                         self.pending.push_back(Event::Exit { code });
@@ -430,6 +672,7 @@ pub struct SessionInfo {
 #[derive(Debug)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<PtySession>>>,
+    pause: Arc<Pause>,
     ring_capacity: usize,
     /// The workspace user sessions run as when the agent runs as root.
     run_as: Option<String>,
@@ -458,6 +701,7 @@ impl Sessions {
     ) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
+            pause: Arc::new(Pause::new().expect("a pipe for the PTY readers")),
             ring_capacity,
             run_as,
             detached_ttl,
@@ -502,7 +746,80 @@ impl Sessions {
             let keep: Vec<&str> = spec.env.iter().map(|(k, _)| k.as_str()).collect();
             spec.command = as_user(user, &spec.command, &keep);
         }
-        PtySession::spawn(id, &spec, self.ring_capacity)
+        PtySession::spawn(id, &spec, self.ring_capacity, &self.pause)
+    }
+
+    /// Readies every session to cross an agent update: the readers pause (what is not
+    /// read yet stays in the PTY for the next process), and the state comes back with
+    /// each running session's master descriptor open across `exec`. Undo it with
+    /// [`Sessions::cancel_handover`] if the `exec` fails.
+    pub fn prepare_handover(&self) -> Result<Vec<u8>, PtyError> {
+        if !self.pause.pause(Duration::from_secs(2)) {
+            self.pause.resume();
+            return Err(PtyError::Io(std::io::Error::other(
+                "a terminal reader did not pause",
+            )));
+        }
+        let map = lock(&self.map);
+        let states: Vec<SessionState> = map.values().map(|s| s.state()).collect();
+        for master in map.values().filter_map(|s| s.master.as_ref()) {
+            rustix::io::fcntl_setfd(master, rustix::io::FdFlags::empty())
+                .map_err(|e| PtyError::Io(e.into()))?;
+        }
+        postcard::to_allocvec(&states).map_err(|e| PtyError::Io(std::io::Error::other(e)))
+    }
+
+    /// Undoes [`Sessions::prepare_handover`]: the update did not happen.
+    pub fn cancel_handover(&self) {
+        for master in lock(&self.map).values().filter_map(|s| s.master.as_ref()) {
+            let _ = rustix::io::fcntl_setfd(master, rustix::io::FdFlags::CLOEXEC);
+        }
+        self.pause.resume();
+    }
+
+    /// Takes over the sessions an agent update handed to this process (the state from
+    /// [`Sessions::prepare_handover`]); returns how many. A session whose descriptor is not
+    /// there any more is skipped, and said so.
+    pub fn restore(&self, state: &[u8]) -> Result<usize, PtyError> {
+        let states: Vec<SessionState> = postcard::from_bytes(state)
+            .map_err(|e| PtyError::Io(std::io::Error::other(format!("handover state: {e}"))))?;
+        let mut map = lock(&self.map);
+        let now = Instant::now();
+        for st in states {
+            let size = Size::new(st.cols, st.rows)?;
+            // An ended session keeps its output for clients still to read it.
+            let (master, pid) = match (st.fd, st.pid.and_then(Pid::from_raw)) {
+                (Some(fd), Some(pid)) => (Some(crate::fds::claim_inherited(fd)?), Some(pid)),
+                _ => (None, None),
+            };
+            let exit = st.exit.or(pid.is_none().then_some(-1));
+            let session = PtySession::start(
+                Parts {
+                    id: st.id.clone(),
+                    command: st.command,
+                    created_at: st.created_at,
+                    state: State {
+                        ring: OutputRing::restored(self.ring_capacity, st.ring_start, &st.ring),
+                        size,
+                        exit,
+                    },
+                    screen: screen::Screen::restored(
+                        size.rows,
+                        size.cols,
+                        st.screen_end,
+                        &st.screen,
+                    ),
+                    master,
+                    pid,
+                    last_input: st
+                        .last_input_ago_ms
+                        .and_then(|ago| now.checked_sub(Duration::from_millis(ago))),
+                },
+                &self.pause,
+            )?;
+            map.insert(st.id, session);
+        }
+        Ok(map.len())
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<PtySession>, PtyError> {

@@ -33,6 +33,19 @@ impl OutputRing {
         }
     }
 
+    /// A ring holding `bytes` from offset `start` (the newest `capacity` of them).
+    pub fn restored(capacity: usize, start: u64, bytes: &[u8]) -> Self {
+        let mut ring = Self::new(capacity);
+        ring.start = start;
+        ring.push(bytes);
+        ring
+    }
+
+    /// Everything held, and the offset of its first byte.
+    pub fn contents(&self) -> (u64, Vec<u8>) {
+        (self.start, self.bytes.iter().copied().collect())
+    }
+
     /// The oldest offset still held.
     pub fn start(&self) -> u64 {
         self.start

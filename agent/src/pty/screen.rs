@@ -37,6 +37,16 @@ impl Screen {
         }
     }
 
+    /// A screen showing what `snapshot` (from [`Screen::snapshot`]) drew, the live stream
+    /// continuing at `end`: how a session crosses an agent update.
+    pub fn restored(rows: u16, cols: u16, end: u64, snapshot: &[u8]) -> Self {
+        let mut screen = Self::new(rows, cols);
+        screen.backlog.extend_from_slice(snapshot);
+        screen.catch_up();
+        screen.end = end;
+        screen
+    }
+
     /// Records output (parsed later). Returns the offset after it.
     pub fn push(&mut self, bytes: &[u8]) -> u64 {
         self.backlog.extend_from_slice(bytes);

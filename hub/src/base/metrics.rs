@@ -88,6 +88,7 @@ pub struct Metrics {
     pub housekeeping: Family<Kind, Counter>,
     pub sse_feeds: Gauge,
     pub agent_totals: Family<Kind, Gauge>,
+    pub agent_updates: Family<Kind, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -118,6 +119,7 @@ impl Default for Metrics {
             housekeeping: Family::default(),
             sse_feeds: Gauge::default(),
             agent_totals: Family::default(),
+            agent_updates: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -129,6 +131,12 @@ impl Default for Metrics {
             "http_request_seconds",
             "Time to the response head, by route template and method",
             m.http_seconds.clone(),
+        );
+        r.register(
+            "agent_updates",
+            "Agent updates: offers made, binaries sent, and what agents answered (declined, \
+             waiting, refused, failed, restarting)",
+            m.agent_updates.clone(),
         );
         r.register(
             "agents_connected",

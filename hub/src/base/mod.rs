@@ -6,4 +6,5 @@ pub mod fsutil;
 pub mod identity;
 pub mod metrics;
 pub mod secret;
+pub mod update_key;
 pub mod workspace;

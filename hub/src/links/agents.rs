@@ -784,6 +784,14 @@ async fn control_session(
         };
         send_msg(&mut send, &ControlMsg::Observed(observed)).await?;
     }
+    if let Some(offer) = hub
+        .agent_release
+        .as_ref()
+        .and_then(|r| r.offer_for(&hello.agent_version, protocol_version))
+    {
+        send_msg(&mut send, &ControlMsg::UpdateOffer(offer)).await?;
+        crate::links::updates::offered(hub);
+    }
 
     let epoch = crate::links::peers::new_epoch();
     let session = hub.agents.insert(
@@ -1128,6 +1136,14 @@ async fn heartbeat_loop<'a>(
                                 );
                             }
                         }
+                    }
+                    Some(ControlMsg::UpdateRequest(request)) if protocol_version >= protocol::UPDATE_SINCE_VERSION => {
+                        live.on_heard(now);
+                        crate::links::updates::send(hub, conn, workspace_id, &request.version);
+                    }
+                    Some(ControlMsg::UpdateStatus(status)) if protocol_version >= protocol::UPDATE_SINCE_VERSION => {
+                        live.on_heard(now);
+                        crate::links::updates::status(hub, workspace_id, &status);
                     }
                     Some(ControlMsg::AgentStats(stats)) => {
                         live.on_heard(now);

@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod clients;
 pub mod peers;
+pub mod updates;
 pub mod webhooks;
 
 use crate::AppState;

@@ -22,6 +22,8 @@ use uuid::Uuid;
 pub struct ProcessProvider {
     root: PathBuf,
     agent_binary: PathBuf,
+    /// The update keys its agents trust (`--update-keys`), if any.
+    update_keys: Option<PathBuf>,
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> ProviderError {
@@ -31,7 +33,17 @@ fn failed(what: &str, e: impl std::fmt::Display) -> ProviderError {
 impl ProcessProvider {
     /// Workspaces live under `root/<id>/`; agents are started from `agent_binary`.
     pub fn new(root: PathBuf, agent_binary: PathBuf) -> Self {
-        Self { root, agent_binary }
+        Self {
+            root,
+            agent_binary,
+            update_keys: None,
+        }
+    }
+
+    /// Its agents trust the agent-update keys in `keys` (what an image bakes in).
+    pub fn with_update_keys(mut self, keys: Option<PathBuf>) -> Self {
+        self.update_keys = keys;
+        self
     }
 
     fn dir(&self, id: Uuid) -> PathBuf {
@@ -62,9 +74,12 @@ impl ProcessProvider {
             .open(dir.join("agent.log"))
             .map_err(|e| failed("open agent.log", e))?;
         let log2 = log.try_clone().map_err(|e| failed("open agent.log", e))?;
-        let mut child = tokio::process::Command::new(&self.agent_binary)
-            .arg("--config")
-            .arg(dir.join("agent.toml"))
+        let mut command = tokio::process::Command::new(&self.agent_binary);
+        command.arg("--config").arg(dir.join("agent.toml"));
+        if let Some(keys) = &self.update_keys {
+            command.arg("--update-keys").arg(keys);
+        }
+        let mut child = command
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log)
