@@ -52,6 +52,63 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `workspace-hub agent-update keygen --out dir`: `update-key` and `update-key.pub`.
+pub fn update_keygen(dir: &Path) -> Result<()> {
+    run_hub_cli(
+        Command::new(binary("workspace-hub")?)
+            .args(["agent-update", "keygen", "--out"])
+            .arg(dir),
+    )
+}
+
+/// `workspace-hub agent-update sign`: `binary` signed as `version` with `key`, its
+/// release file written beside it. `env`: for a binary whose `--version` needs it.
+pub fn update_sign(
+    key: &Path,
+    version: &str,
+    binary_path: &Path,
+    env: &[(&str, &str)],
+) -> Result<()> {
+    run_hub_cli(
+        Command::new(binary("workspace-hub")?)
+            .envs(env.iter().copied())
+            .args(["agent-update", "sign", "--key"])
+            .arg(key)
+            .args(["--agent-version", version])
+            .arg(binary_path),
+    )
+}
+
+fn run_hub_cli(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().context("run workspace-hub")?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// The version the agent binary at `path` says it is (`--version`).
+pub fn agent_version_of(path: &Path) -> Result<String> {
+    let out = Command::new(path).arg("--version").output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .map(str::to_owned)
+        .context("no version from --version")
+}
+
+/// A version newer than `version` (its patch number plus one), tagged `tag`.
+pub fn later_version(version: &str, tag: &str) -> String {
+    let mut parts = version.splitn(3, '.');
+    let major = parts.next().unwrap_or("0");
+    let minor = parts.next().unwrap_or("0");
+    let patch: u32 = parts
+        .next()
+        .and_then(|p| p.split(['-', '+']).next()?.parse().ok())
+        .unwrap_or(0);
+    format!("{major}.{minor}.{}-{tag}", patch + 1)
+}
+
 /// A copy of the agent binary at `src` that reports `version` (the stamp an agent reads
 /// from the end of its own binary): a second build of another version without compiling
 /// again, for agent-update tests.
@@ -429,9 +486,21 @@ impl TestHub {
     /// Types `input` into a new terminal session of the workspace (over the browser's
     /// WebSocket) and waits until its output shows `expect`.
     pub async fn terminal_echo(&self, id: &str, input: &str, expect: &str) -> Result<()> {
+        self.terminal_with(id, "", input, expect).await.map(drop)
+    }
+
+    /// The same on the terminal `query` opens (a session by name, an offset); returns
+    /// the output seen.
+    pub async fn terminal_with(
+        &self,
+        id: &str,
+        query: &str,
+        input: &str,
+        expect: &str,
+    ) -> Result<String> {
         use futures_util::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
-        let url = self.terminal_url(id, "").await?;
+        let url = self.terminal_url(id, query).await?;
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
         ws.send(Message::Binary(input.as_bytes().to_vec().into()))
             .await?;
@@ -451,7 +520,7 @@ impl TestHub {
                 other => bail!("terminal closed: {other:?}"),
             }
         }
-        Ok(())
+        Ok(String::from_utf8_lossy(&seen).into_owned())
     }
 
     /// Waits until the workspace lists `port` (a server started in it), then fetches its

@@ -7,7 +7,6 @@
 
 use harness::{HubOptions, TestHub, binary, stamp_agent};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -25,7 +24,7 @@ impl Kit {
             .prefix("wsh-update-")
             .tempdir()
             .unwrap();
-        hub_cli(&["agent-update", "keygen", "--out"], dir.path());
+        harness::update_keygen(dir.path()).unwrap();
         let current = binary("workspace-agent").unwrap();
         let new_version = env!("CARGO_PKG_VERSION").to_owned();
         // Older than this build by semver precedence.
@@ -45,38 +44,12 @@ impl Kit {
         kit
     }
 
-    /// A version newer than this build's (its patch number plus one), tagged `tag`.
-    fn later(&self, tag: &str) -> String {
-        let mut parts = self.new_version.splitn(3, '.');
-        let (major, minor) = (parts.next().unwrap(), parts.next().unwrap());
-        let patch: u32 = parts
-            .next()
-            .unwrap()
-            .split('-')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        format!("{major}.{minor}.{}-{tag}", patch + 1)
-    }
-
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     fn sign(&self, key: &Path, version: &str, binary: &Path) {
-        let out = Command::new(harness::binary("workspace-hub").unwrap())
-            .args(["agent-update", "sign", "--key"])
-            .arg(key)
-            .args(["--agent-version", version])
-            .arg(binary)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "sign: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        harness::update_sign(key, version, binary, &[]).unwrap();
     }
 
     /// Hub settings: process agents run the old binary and trust the kit's key; the update
@@ -98,19 +71,6 @@ impl Kit {
             ..Default::default()
         }
     }
-}
-
-fn hub_cli(args: &[&str], last: &Path) {
-    let out = Command::new(binary("workspace-hub").unwrap())
-        .args(args)
-        .arg(last)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "workspace-hub {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The agent's version as the hub shows it, once connected.
@@ -152,8 +112,6 @@ async fn wait_log(hub: &TestHub, id: &str, text: &str) {
 /// replayed from its first byte), types `input`, and returns the output once it shows
 /// `expect`.
 async fn terminal(hub: &TestHub, id: &str, session: &str, input: &str, expect: &str) -> String {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let (_, sessions) = hub
         .api("GET", &format!("/workspaces/{id}/sessions"), None)
         .await
@@ -164,29 +122,7 @@ async fn terminal(hub: &TestHub, id: &str, session: &str, input: &str, expect: &
     } else {
         format!("session={session}")
     };
-    let url = hub.terminal_url(id, &query).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    if !input.is_empty() {
-        ws.send(Message::Binary(input.as_bytes().to_vec().into()))
-            .await
-            .unwrap();
-    }
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !String::from_utf8_lossy(&seen).contains(expect) {
-        let Ok(msg) = tokio::time::timeout_at(deadline, ws.next()).await else {
-            panic!(
-                "no {expect:?} in the terminal: {}",
-                String::from_utf8_lossy(&seen)
-            );
-        };
-        match msg {
-            Some(Ok(Message::Binary(b))) if b.len() > 9 => seen.extend_from_slice(&b[9..]),
-            Some(Ok(_)) => {}
-            other => panic!("terminal closed: {other:?}"),
-        }
-    }
-    String::from_utf8_lossy(&seen).into_owned()
+    hub.terminal_with(id, &query, input, expect).await.unwrap()
 }
 
 fn agent_pid(hub: &TestHub, id: &str) -> u32 {
@@ -355,7 +291,7 @@ async fn tampered_truncated_and_unsigned_binaries_are_refused() {
 
     // Signed by a key the image does not trust: not even downloaded.
     let other = tempfile::tempdir().unwrap();
-    hub_cli(&["agent-update", "keygen", "--out"], other.path());
+    harness::update_keygen(other.path()).unwrap();
     std::fs::copy(kit.path("workspace-agent"), &served).unwrap();
     kit.sign(&other.path().join("update-key"), &kit.new_version, &served);
     hub.start_again().await.unwrap();
@@ -377,21 +313,15 @@ async fn a_binary_that_does_not_start_is_not_taken() {
     )
     .unwrap();
     set_exec(&broken);
-    let version = kit.later("broken");
+    let version = harness::later_version(&kit.new_version, "broken");
     // The sign command runs `--version` too: let it see the version it expects.
-    let out = Command::new(binary("workspace-hub").unwrap())
-        .env("WSH_V", &version)
-        .args(["agent-update", "sign", "--key"])
-        .arg(kit.path("update-key"))
-        .args(["--agent-version", &version])
-        .arg(&broken)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    harness::update_sign(
+        &kit.path("update-key"),
+        &version,
+        &broken,
+        &[("WSH_V", &version)],
+    )
+    .unwrap();
     let mut hub = TestHub::start_with(kit.options(Some(&broken)))
         .await
         .unwrap();
@@ -413,7 +343,7 @@ async fn a_binary_that_does_not_start_is_not_taken() {
 async fn a_new_binary_that_dies_is_rolled_back_at_the_next_start() {
     let kit = Kit::new();
     // Passes the self-check, then dies as soon as it runs as the agent.
-    let version = kit.later("dying");
+    let version = harness::later_version(&kit.new_version, "dying");
     let dying = kit.path("dying-agent");
     std::fs::write(
         &dying,

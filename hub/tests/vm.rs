@@ -15,13 +15,44 @@ use tokio_tungstenite::tungstenite::Message;
 /// Under TCG on two busy cores a boot can take a while; the figure is in the bench/README.
 const BOOT: Duration = Duration::from_secs(300);
 
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The update keys the image trusts (the test command makes them once per machine).
+fn update_keys() -> PathBuf {
+    let dir = std::env::var("WSH_TEST_UPDATE_KEYS").map_or_else(
+        |_| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/workspace-hub/update-test-key")
+        },
+        PathBuf::from,
+    );
+    if !dir.join("update-key.pub").exists() {
+        harness::update_keygen(&dir).unwrap();
+    }
+    dir
+}
+
+/// The static agent the image was built with.
+fn static_agent() -> PathBuf {
+    // Relative paths are the repository's (tests run in the package's folder).
+    root().join(
+        std::env::var("WSH_TEST_STATIC_AGENT")
+            .unwrap_or_else(|_| "target/x86_64-unknown-linux-musl/agent/workspace-agent".into()),
+    )
+}
+
 fn image_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("WSH_TEST_IMAGE_DIR") {
         return dir.into();
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = root();
     let out = std::process::Command::new(root.join("images/build"))
         .arg("--gce")
+        .arg("--update-keys")
+        .arg(update_keys().join("update-key.pub"))
+        .arg(static_agent())
         .current_dir(&root)
         .output()
         .expect("run images/build");
@@ -145,7 +176,7 @@ impl Term {
 
 #[tokio::test]
 async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop_and_start() {
-    let (hub, image) = vm_hub("", None).await;
+    let (mut hub, image) = vm_hub("", None).await;
     let info = build_info(&image);
     let posted = Instant::now();
     let ws = hub.create_workspace().await.unwrap();
@@ -289,6 +320,43 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
     assert!(synced.contains("dev:755\r\n"), "{synced}");
     assert!(synced.contains("ran\r\nfrom the host\r\n"), "{synced}");
 
+    // An agent update without a new image: the hub comes back offering a newer static
+    // agent signed with the key the image trusts; the guest's agent becomes it in place
+    // (the same process under systemd) and this terminal session goes on.
+    let main_pid = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.split("mainpid=").nth(1))
+            .rfind(|v| !v.starts_with('$'))
+            .map(str::to_owned)
+    };
+    let ask_pid = "echo mainpid=$(systemctl show -p MainPID --value workspace-agent)-$((7+7))";
+    let before = main_pid(&term.run(ask_pid, "-14\r\n").await);
+    let kit = tempfile::tempdir().unwrap();
+    let (update, version) = signed_update(kit.path());
+    hub.options.config.push_str(&format!(
+        "[agent_update]\nbinary = {:?}\n",
+        update.display().to_string()
+    ));
+    let updating = Instant::now();
+    hub.start_again().await.unwrap();
+    hub.wait_for(&id, BOOT, |w| {
+        w["agent"]["agent_version"] == version.as_str()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; console: {}", console(&hub, &id)));
+    eprintln!(
+        "hub restart to the guest's agent updated: {:.1?}",
+        updating.elapsed()
+    );
+    let session = term.session.clone();
+    let offset = term.next;
+    drop(term);
+    let mut term = Term::open(&hub, &id, &format!("session={session}&offset={offset}")).await;
+    assert_eq!(term.session, session, "the same terminal session");
+    let after = main_pid(&term.run(ask_pid, "-14\r\n").await);
+    assert!(before.is_some());
+    assert_eq!(before, after, "the agent kept its process");
+
     let log = hub.log();
     eprintln!(
         "{}",
@@ -330,6 +398,17 @@ async fn a_vm_boots_its_agent_through_cloud_init_and_keeps_terminals_across_stop
 
     // Delete leaves no VM and no overlay behind.
     delete(&hub, &id).await;
+}
+
+/// The image's static agent stamped with a newer version and signed with the key the
+/// image trusts, in `dir`: its path and version.
+fn signed_update(dir: &std::path::Path) -> (PathBuf, String) {
+    let agent = static_agent();
+    let version = harness::later_version(&harness::agent_version_of(&agent).unwrap(), "vm");
+    let update = dir.join("workspace-agent");
+    harness::stamp_agent(&agent, &update, &version).unwrap();
+    harness::update_sign(&update_keys().join("update-key"), &version, &update, &[]).unwrap();
+    (update, version)
 }
 
 /// Deletes a workspace and waits until it is gone: no record, no qemu, no folder.

@@ -191,6 +191,20 @@ fn frame_seeds() -> Vec<Vec<u8>> {
         encode_frame(&ControlMsg::SyncSessions(SyncSessions::default())).unwrap(),
         encode_frame(&StreamHeader::TcpForward(TcpForwardOpen { port: 3000 })).unwrap(),
         encode_frame(&StreamReply::Accepted(Accepted {})).unwrap(),
+        encode_frame(&ControlMsg::UpdateOffer(protocol::update::UpdateOffer {
+            version: "0.9.1".into(),
+            size: 5_000_000,
+            sha256: [7; 32],
+            signature: vec![9; 64],
+        }))
+        .unwrap(),
+        encode_frame(&StreamHeader::AgentUpdate(
+            protocol::update::AgentUpdateOpen {
+                version: "0.9.1".into(),
+                size: 5_000_000,
+            },
+        ))
+        .unwrap(),
         encode_frame(&protocol::peer::PeerMsg::Leaving(
             protocol::peer::PeerLeaving {},
         ))

@@ -174,11 +174,12 @@ struct Parts {
 /// all that was read (an agent update hands exactly that over, and the rest stays in the
 /// kernel's buffer for the next process). Readers wait on their PTY and on a pipe that
 /// becomes readable while a pause is asked.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Pause {
     state: Mutex<PauseState>,
     cv: std::sync::Condvar,
-    wake: (OwnedFd, OwnedFd),
+    /// Made with the first reader (an agent without terminals holds no descriptors).
+    wake: std::sync::OnceLock<(OwnedFd, OwnedFd)>,
 }
 
 #[derive(Debug, Default)]
@@ -189,16 +190,17 @@ struct PauseState {
 }
 
 impl Pause {
-    fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            state: Mutex::default(),
-            cv: std::sync::Condvar::new(),
-            wake: rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?,
-        })
+    fn reader_started(&self) -> std::io::Result<()> {
+        if self.wake.get().is_none() {
+            let pipe = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            let _ = self.wake.set(pipe);
+        }
+        lock(&self.state).readers += 1;
+        Ok(())
     }
 
-    fn reader_started(&self) {
-        lock(&self.state).readers += 1;
+    fn wake(&self) -> Option<&(OwnedFd, OwnedFd)> {
+        self.wake.get()
     }
 
     fn reader_ended(&self) {
@@ -210,10 +212,13 @@ impl Pause {
     /// is asked; `false` when the PTY cannot be waited on.
     fn readable(&self, pty: &std::fs::File) -> bool {
         use rustix::event::{PollFd, PollFlags};
+        let Some((wake, _)) = self.wake() else {
+            return false;
+        };
         loop {
             let mut fds = [
                 PollFd::new(pty, PollFlags::IN),
-                PollFd::new(&self.wake.0, PollFlags::IN),
+                PollFd::new(wake, PollFlags::IN),
             ];
             match rustix::event::poll(&mut fds, None) {
                 Ok(_) => {}
@@ -245,7 +250,9 @@ impl Pause {
         let mut st = lock(&self.state);
         if !st.asked {
             st.asked = true;
-            let _ = rustix::io::write(&self.wake.1, &[1]);
+            if let Some((_, wake)) = self.wake() {
+                let _ = rustix::io::write(wake, &[1]);
+            }
         }
         let deadline = Instant::now() + wait;
         while st.parked < st.readers {
@@ -266,7 +273,9 @@ impl Pause {
     fn resume(&self) {
         let mut st = lock(&self.state);
         if st.asked {
-            let _ = rustix::io::read(&self.wake.0, &mut [0u8; 16]);
+            if let Some((wake, _)) = self.wake() {
+                let _ = rustix::io::read(wake, &mut [0u8; 16]);
+            }
             st.asked = false;
         }
         self.cv.notify_all();
@@ -407,7 +416,7 @@ impl PtySession {
         let (read_done_tx, read_done_rx) = std::sync::mpsc::channel::<()>();
         let s = session.clone();
         let reader_pause = pause.clone();
-        reader_pause.reader_started();
+        reader_pause.reader_started()?;
         std::thread::Builder::new()
             .name(format!("pty-read-{}", s.id))
             .spawn(move || {
@@ -701,7 +710,7 @@ impl Sessions {
     ) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
-            pause: Arc::new(Pause::new().expect("a pipe for the PTY readers")),
+            pause: Arc::default(),
             ring_capacity,
             run_as,
             detached_ttl,

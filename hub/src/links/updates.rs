@@ -54,6 +54,9 @@ impl AgentRelease {
             config.binary.display(),
             release_path.display()
         );
+        if offer.version != env!("CARGO_PKG_VERSION") {
+            tracing::warn!(version = %offer.version, hub_version = env!("CARGO_PKG_VERSION"), "the agent offered is not this hub's version");
+        }
         tracing::info!(version = %offer.version, size = offer.size, "agent update offered to older agents");
         Ok(Arc::new(Self {
             offer,
