@@ -202,7 +202,7 @@ async fn bench(n: usize, terminals: usize) {
     println!("| figure | value | peer (same run) |");
     println!("|---|---|---|");
     println!(
-        "| fleet of {n} process agents up | {:.1} s | |",
+        "| fleet of {n} process agents up, after the last create | {:.1} s | |",
         fleet_up.as_secs_f64()
     );
     println!(
