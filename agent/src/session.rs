@@ -254,10 +254,14 @@ async fn serve(
                         live.on_heard(now);
                         agent.setup.profile(profile);
                     }
-                    Ok(Some(ControlMsg::UpdateOffer(offer))) if updates.is_some() => {
+                    Ok(Some(ControlMsg::UpdateOffer(offer))) => {
                         live.on_heard(now);
                         said_waiting = false;
-                        if let Some(Err(status)) = updates.as_ref().map(|u| u.consider(&offer)) {
+                        let taken = match &updates {
+                            Some(u) => u.consider(&offer),
+                            None => Err(crate::update::no_keys(&offer.version)),
+                        };
+                        if let Err(status) = taken {
                             tracing::info!(version = %offer.version, why = %status.message, "agent update offer not taken");
                             if let Err(e) = send_msg(&mut send, &ControlMsg::UpdateStatus(status)).await {
                                 return lost(e, true);

@@ -601,15 +601,24 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 
 /// The new binary must start here and say it is `version`.
 async fn self_check(path: &Path, version: &str) -> Result<(), String> {
-    let run = tokio::process::Command::new(path)
-        .arg("--version")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = match tokio::time::timeout(SELF_CHECK, run).await {
-        Ok(Ok(output)) => output,
-        Ok(Err(e)) => return Err(format!("it does not start: {e}")),
-        Err(_) => return Err(format!("`--version` took over {SELF_CHECK:?}")),
+    let mut busy = 0;
+    let output = loop {
+        let run = tokio::process::Command::new(path)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(SELF_CHECK, run).await {
+            Ok(Ok(output)) => break output,
+            // A process forked meanwhile may hold the file open for writing until its own
+            // exec (ETXTBSY): not the binary's fault.
+            Ok(Err(e)) if e.raw_os_error() == Some(26) && busy < 5 => {
+                busy += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => return Err(format!("it does not start: {e}")),
+            Err(_) => return Err(format!("`--version` took over {SELF_CHECK:?}")),
+        }
     };
     let said = String::from_utf8_lossy(&output.stdout);
     let expected = format!("workspace-agent {version} ");
@@ -639,6 +648,15 @@ pub fn take_handover(fd: i32) -> std::io::Result<Vec<u8>> {
     let mut state = Vec::new();
     file.read_to_end(&mut state)?;
     Ok(state)
+}
+
+/// What an agent without update keys answers every offer with.
+pub fn no_keys(version: &str) -> UpdateStatus {
+    status(
+        version,
+        UpdateState::Declined,
+        "this agent trusts no update key (--update-keys)",
+    )
 }
 
 /// What the control session tells the hub while an offer waits for streams to end.

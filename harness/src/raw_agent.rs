@@ -85,6 +85,15 @@ pub async fn hello(
     conn: &quinn::Connection,
     protocol_version: u16,
 ) -> (quinn::SendStream, FramedRecv) {
+    hello_as(conn, protocol_version, "raw").await
+}
+
+/// [`hello`] as an agent of `agent_version`.
+pub async fn hello_as(
+    conn: &quinn::Connection,
+    protocol_version: u16,
+    agent_version: &str,
+) -> (quinn::SendStream, FramedRecv) {
     let (mut send, recv) = conn.open_bi().await.unwrap();
     send_msg(&mut send, &StreamHeader::Control(ControlOpen {}))
         .await
@@ -93,7 +102,7 @@ pub async fn hello(
         &mut send,
         &ControlMsg::Hello(Hello {
             protocol_version,
-            agent_version: "raw".into(),
+            agent_version: agent_version.into(),
             hostname: "raw".into(),
         }),
     )

@@ -139,7 +139,7 @@ pub async fn open_state(
     let agent_release = config
         .agent_update
         .as_ref()
-        .map(links::updates::AgentRelease::load)
+        .map(|u| links::updates::AgentRelease::load(&u.binary, u.release.as_deref()))
         .transpose()?;
     Ok(Hub {
         metrics,

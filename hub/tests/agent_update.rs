@@ -430,3 +430,101 @@ fn set_exec(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_without_keys_declines_and_stays() {
+    let kit = Kit::new();
+    let mut options = kit.options(Some(&kit.path("workspace-agent")));
+    // No keys for the process agents: the image trusts none.
+    options.config = options
+        .config
+        .lines()
+        .filter(|l| !l.starts_with("agent_update_keys"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let hub = TestHub::start_with(options).await.unwrap();
+    let id = hub.ready_workspace().await.unwrap();
+    wait_log(&hub, &id, "trusts no update key").await;
+    hub.terminal_echo(&id, "echo stays-$((5+5))\r", "stays-10")
+        .await
+        .unwrap();
+    assert_eq!(
+        agent_version(&hub, &id).await.as_deref(),
+        Some(kit.old_version.as_str())
+    );
+    assert!(
+        !hub.agent_log(&id).contains("link to hub lost"),
+        "{}",
+        hub.agent_log(&id)
+    );
+}
+
+/// An agent (here a raw one, speaking the protocol by hand) that asks for its update again
+/// and again gets the binary once per connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_is_sent_once_per_connection() {
+    use harness::raw_agent;
+    use protocol::control::ControlMsg;
+    use protocol::stream::StreamHeader;
+    let kit = Kit::new();
+    let hub = TestHub::start_with(HubOptions {
+        provider: "manual".into(),
+        // The raw agent does not ping.
+        heartbeat_interval: Duration::from_secs(10),
+        heartbeat_timeout: Duration::from_secs(60),
+        config: format!(
+            "[agent_update]\nbinary = {:?}\n",
+            kit.path("workspace-agent").display().to_string()
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_id, cert, key) = raw_agent::enrolled_identity(&hub).await;
+    let conn = raw_agent::connect(&hub, Some((cert, key))).await.unwrap();
+    let (mut send, mut recv) =
+        raw_agent::hello_as(&conn, protocol::PROTOCOL_VERSION, &kit.old_version).await;
+    let accepted = recv
+        .expect::<protocol::stream::StreamReply>()
+        .await
+        .unwrap();
+    assert!(matches!(
+        accepted,
+        protocol::stream::StreamReply::Accepted(_)
+    ));
+    let offer = loop {
+        match tokio::time::timeout(WAIT, recv.expect::<ControlMsg>()).await {
+            Ok(Ok(ControlMsg::UpdateOffer(offer))) => break offer,
+            Ok(Ok(_)) => {}
+            other => panic!("no offer: {other:?}"),
+        }
+    };
+    assert_eq!(offer.version, kit.new_version);
+    for _ in 0..3 {
+        link::send_msg(
+            &mut send,
+            &ControlMsg::UpdateRequest(protocol::update::UpdateRequest {
+                version: offer.version.clone(),
+            }),
+        )
+        .await
+        .unwrap();
+    }
+    let mut received = Vec::new();
+    while let Ok(Ok((_s, r))) = tokio::time::timeout(Duration::from_secs(3), conn.accept_bi()).await
+    {
+        let mut r = link::FramedRecv::new(r);
+        let StreamHeader::AgentUpdate(open) = r.expect::<StreamHeader>().await.unwrap() else {
+            panic!("not an update stream");
+        };
+        let (mut rest, mut decoder) = r.into_parts();
+        let mut bytes = decoder.take_buffered();
+        bytes.extend(rest.read_to_end(64 << 20).await.unwrap());
+        assert_eq!(bytes.len() as u64, open.size);
+        received.push(bytes);
+    }
+    assert_eq!(received.len(), 1, "one binary per connection");
+    let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &received[0]);
+    assert_eq!(sha.as_ref(), offer.sha256);
+    assert!(hub.log().contains("asked for its update too often"));
+}

@@ -441,14 +441,15 @@ async fn delete(hub: &TestHub, id: &str) {
 #[tokio::test]
 async fn vms_with_broken_user_data_end_in_error_with_the_reason() {
     let expired = async {
-        // Two guests boot at once under TCG: give the agent time to run and complain.
-        let (hub, _) = vm_hub("provision_timeout = \"150s\"", Some(Duration::from_secs(1))).await;
+        // Two guests boot at once under TCG (each takes two minutes or more to start its
+        // agent on this machine kind): give the agent time to run and complain.
+        let (hub, _) = vm_hub("provision_timeout = \"240s\"", Some(Duration::from_secs(1))).await;
         let reason = error_reason(&hub).await;
         assert!(reason.to_lowercase().contains("expired"), "{reason}");
     };
     let unreachable = async {
         let (hub, _) = vm_hub(
-            "provision_timeout = \"150s\"\nagent_hub_addr = \"127.0.0.1:9\"",
+            "provision_timeout = \"240s\"\nagent_hub_addr = \"127.0.0.1:9\"",
             None,
         )
         .await;

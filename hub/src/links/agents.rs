@@ -1074,6 +1074,8 @@ async fn heartbeat_loop<'a>(
     let profile_changed = hub.agents.profile_signal(workspace_id, touches.session);
     profile_changed.notify_one();
     let mut profile_read: Option<ProfileRead<'a>> = None;
+    // Agent binaries sent on this connection.
+    let mut updates_sent = 0u32;
     loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -1139,7 +1141,13 @@ async fn heartbeat_loop<'a>(
                     }
                     Some(ControlMsg::UpdateRequest(request)) if protocol_version >= protocol::UPDATE_SINCE_VERSION => {
                         live.on_heard(now);
-                        crate::links::updates::send(hub, conn, workspace_id, &request.version);
+                        // Bounded per connection (`SENDS_PER_CONNECTION`).
+                        updates_sent += 1;
+                        if updates_sent <= crate::links::updates::SENDS_PER_CONNECTION {
+                            crate::links::updates::send(hub, conn, workspace_id, &request.version);
+                        } else {
+                            tracing::warn!(workspace = %workspace_id, "agent asked for its update too often: ignored");
+                        }
                     }
                     Some(ControlMsg::UpdateStatus(status)) if protocol_version >= protocol::UPDATE_SINCE_VERSION => {
                         live.on_heard(now);

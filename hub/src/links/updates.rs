@@ -5,7 +5,6 @@
 //! newer versions, and say what they did ([`UpdateStatus`], logged and counted).
 
 use crate::Hub;
-use crate::config::AgentUpdateConfig;
 use anyhow::{Context, Result, ensure};
 use link::send_msg;
 use protocol::stream::StreamHeader;
@@ -18,6 +17,10 @@ use tokio::io::AsyncReadExt;
 /// reconnects to a new hub asks all at once).
 const SENDING_AT_ONCE: usize = 32;
 
+/// How many times one agent connection gets the binary: an agent cannot make the hub send
+/// it again and again (a transfer that failed is tried on its next connection).
+pub const SENDS_PER_CONNECTION: u32 = 1;
+
 /// The release this hub offers.
 #[derive(Debug)]
 pub struct AgentRelease {
@@ -29,12 +32,16 @@ pub struct AgentRelease {
 impl AgentRelease {
     /// Reads the release file and checks that the binary is the one it describes (the
     /// signature is for agents to check).
-    pub fn load(config: &AgentUpdateConfig) -> Result<Arc<Self>> {
-        let release_path = config.release.clone().unwrap_or_else(|| {
-            let mut p = config.binary.clone().into_os_string();
-            p.push(".release");
-            p.into()
-        });
+    /// `binary` and its release file (`release`, or the binary's path with `.release`).
+    pub fn load(binary: &std::path::Path, release: Option<&std::path::Path>) -> Result<Arc<Self>> {
+        let release_path = release.map_or_else(
+            || {
+                let mut p = binary.as_os_str().to_owned();
+                p.push(".release");
+                PathBuf::from(p)
+            },
+            std::path::Path::to_path_buf,
+        );
         let text = std::fs::read_to_string(&release_path)
             .with_context(|| format!("agent_update.release {}", release_path.display()))?;
         let release: Release = toml::from_str(&text)
@@ -45,13 +52,13 @@ impl AgentRelease {
                 release_path.display()
             )
         })?;
-        let bytes = std::fs::read(&config.binary)
-            .with_context(|| format!("agent_update.binary {}", config.binary.display()))?;
+        let bytes = std::fs::read(binary)
+            .with_context(|| format!("agent_update.binary {}", binary.display()))?;
         let sha256 = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
         ensure!(
             bytes.len() as u64 == offer.size && sha256.as_ref() == offer.sha256,
             "agent_update.binary {} is not the binary {} describes",
-            config.binary.display(),
+            binary.display(),
             release_path.display()
         );
         if offer.version != env!("CARGO_PKG_VERSION") {
@@ -60,7 +67,7 @@ impl AgentRelease {
         tracing::info!(version = %offer.version, size = offer.size, "agent update offered to older agents");
         Ok(Arc::new(Self {
             offer,
-            binary: config.binary.clone(),
+            binary: binary.to_path_buf(),
             sending: tokio::sync::Semaphore::new(SENDING_AT_ONCE),
         }))
     }
