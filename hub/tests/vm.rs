@@ -473,7 +473,7 @@ async fn error_reason(hub: &TestHub) -> String {
         .unwrap_or_default()
         .to_owned();
     assert!(
-        reason.contains("did not connect within 2m 30s") && reason.contains("last boot log"),
+        reason.contains("did not connect within 4m") && reason.contains("last boot log"),
         "{reason}"
     );
     eprintln!("ERROR reason: {reason}");
