@@ -638,9 +638,38 @@ impl TestHub {
 impl Drop for TestHub {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            print_logs(&self.state_dir.join("hub.log"), &self.workspaces);
+        }
         kill_agents(&self.workspaces);
     }
 }
+
+/// A failing test shows the last lines of its hub's and agents' logs (they are removed with
+/// the test's folder), so a failure seen once under load can still be explained.
+fn print_logs(hub_log: &Path, workspaces: &Path) {
+    let tail = |path: &Path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("--- last lines of {}", path.display());
+        for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
+            eprintln!("{line}");
+        }
+    };
+    tail(hub_log);
+    for entry in std::fs::read_dir(workspaces)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let log = entry.path().join("agent.log");
+        if log.exists() {
+            tail(&log);
+        }
+    }
+}
+
+const LOG_TAIL_LINES: usize = 40;
 
 /// Kills every agent process group recorded under a provider folder.
 fn kill_agents(root: &Path) {

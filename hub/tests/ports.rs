@@ -240,7 +240,9 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
         .send()
         .await
         .unwrap();
-    assert_eq!(res.json::<Value>().await.unwrap()["bytes"], 8 << 20);
+    let status = res.status();
+    let counted = res.json::<Value>().await.unwrap();
+    assert_eq!(counted["bytes"], 8 << 20, "{status}: {counted}");
     let res = hub
         .http
         .get(format!("{base}/stream"))

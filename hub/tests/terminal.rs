@@ -57,7 +57,14 @@ async fn frame(ws: &mut Ws) -> Frame {
                 }
             }
             Some(Ok(Message::Text(t))) => Frame::Event(serde_json::from_str(&t).unwrap()),
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Frame::Closed,
+            Some(Ok(Message::Close(close))) => {
+                eprintln!("the hub closed the terminal: {close:?}");
+                Frame::Closed
+            }
+            None | Some(Err(_)) => {
+                eprintln!("the terminal's WebSocket ended: {msg:?}");
+                Frame::Closed
+            }
             Some(Ok(_)) => continue,
         };
     }
