@@ -441,15 +441,16 @@ async fn delete(hub: &TestHub, id: &str) {
 #[tokio::test]
 async fn vms_with_broken_user_data_end_in_error_with_the_reason() {
     let expired = async {
-        // Two guests boot at once under TCG (each takes two minutes or more to start its
-        // agent on this machine kind): give the agent time to run and complain.
-        let (hub, _) = vm_hub("provision_timeout = \"240s\"", Some(Duration::from_secs(1))).await;
+        // Two guests boot at once under TCG, beside the rest of the test command (each takes
+        // two minutes or more to start its agent then): give the agent time to run and
+        // complain.
+        let (hub, _) = vm_hub("provision_timeout = \"300s\"", Some(Duration::from_secs(1))).await;
         let reason = error_reason(&hub).await;
         assert!(reason.to_lowercase().contains("expired"), "{reason}");
     };
     let unreachable = async {
         let (hub, _) = vm_hub(
-            "provision_timeout = \"240s\"\nagent_hub_addr = \"127.0.0.1:9\"",
+            "provision_timeout = \"300s\"\nagent_hub_addr = \"127.0.0.1:9\"",
             None,
         )
         .await;
@@ -464,7 +465,9 @@ async fn error_reason(hub: &TestHub) -> String {
     let ws = hub.create_workspace().await.unwrap();
     let id = ws["id"].as_str().unwrap().to_owned();
     let failed = hub
-        .wait_for(&id, BOOT, |w| w["status"] != "PROVISIONING")
+        .wait_for(&id, BOOT + Duration::from_secs(60), |w| {
+            w["status"] != "PROVISIONING"
+        })
         .await
         .unwrap();
     assert_eq!(failed["status"], "ERROR", "{failed}");
@@ -473,7 +476,7 @@ async fn error_reason(hub: &TestHub) -> String {
         .unwrap_or_default()
         .to_owned();
     assert!(
-        reason.contains("did not connect within 4m") && reason.contains("last boot log"),
+        reason.contains("did not connect within 5m") && reason.contains("last boot log"),
         "{reason}"
     );
     eprintln!("ERROR reason: {reason}");
