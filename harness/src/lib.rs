@@ -639,32 +639,34 @@ impl Drop for TestHub {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            print_logs(&self.state_dir.join("hub.log"), &self.workspaces);
+            self.print_log_tails();
         }
         kill_agents(&self.workspaces);
     }
 }
 
-/// A failing test shows the last lines of its hub's and agents' logs (they are removed with
-/// the test's folder), so a failure seen once under load can still be explained.
-fn print_logs(hub_log: &Path, workspaces: &Path) {
-    let tail = |path: &Path| {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        eprintln!("--- last lines of {}", path.display());
-        for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
-            eprintln!("{line}");
-        }
-    };
-    tail(hub_log);
-    for entry in std::fs::read_dir(workspaces)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let log = entry.path().join("agent.log");
-        if log.exists() {
-            tail(&log);
+impl TestHub {
+    /// A failing test shows the last lines of its hub's and agents' logs (they are removed
+    /// with the test's folder), so a failure seen once under load can still be explained.
+    fn print_log_tails(&self) {
+        let tail = |what: &str, text: String| {
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last lines of {what}");
+            for line in &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..] {
+                eprintln!("{line}");
+            }
+        };
+        tail("the hub's log", self.log());
+        for entry in std::fs::read_dir(&self.workspaces)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let log = self.agent_log(&id);
+            if !log.is_empty() {
+                tail(&format!("workspace {id}'s agent log"), log);
+            }
         }
     }
 }
