@@ -226,8 +226,11 @@ impl Default for HubOptions {
     fn default() -> Self {
         Self {
             provider: "process".into(),
-            heartbeat_interval: Duration::from_millis(500),
-            heartbeat_timeout: Duration::from_millis(1500),
+            // Short enough that a lost peer is noticed within a test's waits, long enough that
+            // two busy cores shared by several tests never starve a link into a timeout (at
+            // 1.5 s, CI saw agents dropped mid-test). Tests of the timeout itself set theirs.
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
             enrollment_ttl: None,
             config: String::new(),
             env: Vec::new(),
