@@ -514,8 +514,10 @@ async fn main() -> Result<()> {
             ca_file,
             command,
         } => {
-            let code = attach::attach(&paths(&workspace, ca_file), session, command).await?;
-            std::process::exit(code);
+            let paths = paths(&workspace, ca_file);
+            let code = attach::attach(&paths, session, command).await;
+            paths.close().await;
+            std::process::exit(code?);
         }
         Command::Exec {
             workspace,
@@ -533,15 +535,20 @@ async fn main() -> Result<()> {
                 timeout,
                 no_stdin,
             };
-            let code = exec::exec(&paths(&workspace, ca_file), args).await?;
-            std::process::exit(code);
+            let paths = paths(&workspace, ca_file);
+            let code = exec::exec(&paths, args).await;
+            paths.close().await;
+            std::process::exit(code?);
         }
         Command::Forward {
             workspace,
             specs,
             ca_file,
         } => {
-            return forward::forward(paths(&workspace, ca_file), &specs).await;
+            let paths = paths(&workspace, ca_file);
+            let done = forward::forward(paths.clone(), &specs).await;
+            paths.close().await;
+            return done;
         }
         Command::Sync { status: true, .. } => return sync::status(cli.json),
         Command::Sync {
@@ -572,8 +579,9 @@ async fn main() -> Result<()> {
                 max_delete,
                 yes,
             };
-            let code = sync::sync(paths, args, cli.json).await?;
-            std::process::exit(code);
+            let code = sync::sync(paths.clone(), args, cli.json).await;
+            paths.close().await;
+            std::process::exit(code?);
         }
         Command::Proxy {
             workspace,
@@ -582,10 +590,16 @@ async fn main() -> Result<()> {
         } => {
             // As OpenSSH passes it (`%n` of `Host *.wsh`): names hold no dot.
             let workspace = workspace.strip_suffix(".wsh").unwrap_or(&workspace);
-            return forward::proxy(&paths(workspace, ca_file), port).await;
+            let paths = paths(workspace, ca_file);
+            let done = forward::proxy(&paths, port).await;
+            paths.close().await;
+            return done;
         }
         Command::Sessions { workspace, ca_file } => {
-            let list = attach::sessions(&paths(&workspace, ca_file)).await?;
+            let paths = paths(&workspace, ca_file);
+            let list = attach::sessions(&paths).await;
+            paths.close().await;
+            let list = list?;
             if cli.json {
                 let rows: Vec<Value> = list
                     .iter()

@@ -170,6 +170,22 @@ impl Paths {
         Ok(fresh)
     }
 
+    /// Closes every connection before the process exits, so the hub and the agent end
+    /// what they serve this process (relayed streams, attached clients, sync sessions, a
+    /// replica's drain) at once rather than at their idle timeout.
+    pub async fn close(&self) {
+        let relay = self.relay.lock().await.take();
+        let direct = self.direct.send_replace(None);
+        for link in relay.iter().chain(direct.iter()) {
+            link.conn.close(quinn::VarInt::from_u32(0), b"done");
+        }
+        // A connection's driver sends its close the next time it runs: on this one-thread
+        // runtime, as soon as this task yields.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn note(&self, message: &str) {
         if self.show {
             eprint!("\r\n[wsh: {message}]\r\n");

@@ -141,7 +141,9 @@ async fn metrics_are_for_admins_and_the_scraper_and_move_as_the_hub_works() {
     assert!(grew(r#"wsh_hub_streams_total{kind="preview"}"#) >= 1.0);
     assert!(grew(r#"wsh_hub_relayed_bytes_total{kind="preview"}"#) > 0.0);
     // The hub's side of a stream ends just after the client's; the browser terminal's when
-    // its socket closes (a preview's connection stays open in the pool).
+    // its socket closes (a preview's connection stays open in the pool). The CLI closes its
+    // connection as it exits: the 5 s waited here are well under the hub's idle timeout
+    // (three heartbeat timeouts, 15 s), which would otherwise end its exec stream.
     let mut open = 1.0;
     for _ in 0..100 {
         let (_, _, now) = scrape(&hub, Some(METRICS_TOKEN)).await;

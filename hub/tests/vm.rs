@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
-/// Under TCG on two busy cores a boot can take a while; the figure is in the bench/README.
-const BOOT: Duration = Duration::from_secs(300);
+/// Under TCG on two busy cores a boot can take a while (31 to 84 s here to cloud-init's first
+/// stage, over five minutes once in CI beside the other tests); the figure is in the README.
+const BOOT: Duration = Duration::from_secs(420);
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
