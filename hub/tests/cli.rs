@@ -274,7 +274,7 @@ async fn wsh_attach_runs_a_terminal_over_quic_and_propagates_the_exit_status() {
 async fn wsh_attach_survives_a_hub_restart_without_losing_output() {
     let mut hub = TestHub::start().await.unwrap();
     let id = hub.ready_workspace().await.unwrap();
-    let child = Command::new(harness::binary("wsh").unwrap())
+    let mut child = Command::new(harness::binary("wsh").unwrap())
         .args([
             "attach",
             &id,
@@ -290,20 +290,41 @@ async fn wsh_attach_survives_a_hub_restart_without_losing_output() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    // The hub goes away once the terminal is running (its first lines are out): output
+    // read on a thread of its own meanwhile.
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !String::from_utf8_lossy(&seen.lock().unwrap()).contains("n2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no output from wsh attach"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     hub.kill();
     hub.start_again().await.unwrap();
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
         .unwrap();
+    reader.join().unwrap();
     assert_eq!(
         out.status.code(),
         Some(6),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8(seen.lock().unwrap().clone()).unwrap();
     let lines = harness::numbered_lines(&text, "n");
     assert_eq!(
         lines,
