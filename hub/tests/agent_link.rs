@@ -158,7 +158,15 @@ async fn expired_and_unknown_tokens_are_refused() {
         )
         .await
         .unwrap();
-    assert_eq!(body["status"], "PROVISIONING");
+    // It can never enroll with that token: the workspace fails now, not at the provision
+    // timeout (ten minutes here), and says why.
+    assert_eq!(body["status"], "ERROR", "{body}");
+    let reason = body["status_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the agent's enrollment token expired (1s after the create)"),
+        "{reason}"
+    );
+    assert!(hub.log().contains("action=workspace.enrollment_expired"));
 }
 
 #[tokio::test]

@@ -284,7 +284,10 @@ async fn a_session_goes_direct_through_two_nats_falls_back_to_the_relay_when_cut
         )
         .await;
     let on_relay = attach.lines().len();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while attach.lines().len() <= on_relay && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         attach.lines().len() > on_relay && on_relay > before,
         "output goes on through the relay"

@@ -389,7 +389,7 @@ async fn conformance(store: Arc<dyn Store>) {
             .redeem_enrollment_token("h1", "keyA", 10_000)
             .await
             .unwrap(),
-        Err(TokenRejection::Expired)
+        Err(TokenRejection::Expired(a2.id))
     );
     store
         .insert_enrollment_token("h2", b1.id, 10_000)

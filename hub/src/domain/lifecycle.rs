@@ -301,6 +301,59 @@ pub fn provider_error(e: ProviderError) -> Error {
     }
 }
 
+/// A workspace that can no longer come up ends in `ERROR` with `why` and the last lines
+/// of its boot log, instead of provisioning forever; audited as `action` by `via`.
+/// Whether it was still `PROVISIONING` (else nothing changes).
+pub async fn fail_provisioning(
+    hub: &Hub,
+    ws: &Workspace,
+    why: &str,
+    via: &str,
+    action: &str,
+) -> Result<bool, StoreError> {
+    let mut reason = why.to_owned();
+    if let Some(log) = hub
+        .provider
+        .boot_log(&ws.into())
+        .await
+        .filter(|l| !l.is_empty())
+    {
+        reason.push_str(&format!("; last boot log: {log}"));
+    }
+    match hub
+        .transition(ws.id, &[Status::Provisioning], Status::Error, Some(&reason))
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    tracing::warn!(workspace = %ws.id, %reason, "provisioning failed");
+    crate::domain::audit::system(hub, via, action, ws.id, None).await;
+    Ok(true)
+}
+
+/// An agent presented its workspace's enrollment token after it expired: it can never
+/// enroll with it, so a workspace still provisioning fails now rather than at the
+/// provision timeout.
+pub async fn enrollment_expired(hub: &Hub, id: Uuid) {
+    let Ok(ws) = hub.store.get_workspace(id).await else {
+        return;
+    };
+    if ws.status != Status::Provisioning {
+        return;
+    }
+    let why = format!(
+        "the agent's enrollment token expired ({} after the create) before it enrolled",
+        humantime::format_duration(hub.config.enrollment_ttl)
+    );
+    if let Err(e) =
+        fail_provisioning(hub, &ws, &why, "enrollment", "workspace.enrollment_expired").await
+    {
+        tracing::warn!(workspace = %id, error = %e, "fail a workspace whose token expired");
+    }
+}
+
 /// Suspends a READY workspace: `STOPPING` now, `SUSPENDED` when the provider is done.
 pub async fn stop(hub: &Arc<Hub>, id: Uuid) -> Result<Workspace, Error> {
     let ws = hub

@@ -118,32 +118,23 @@ async fn repair(
             >= i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)
         && hub.agents.get(ws.id).is_none()
     {
-        // Bad user-data, a wrong hub address, an expired token, a boot that failed: say so
-        // instead of provisioning forever.
-        let mut reason = format!(
+        // Bad user-data, a wrong hub address, a boot that failed: say so instead of
+        // provisioning forever.
+        let why = format!(
             "the agent did not connect within {}",
             humantime::format_duration(timeout)
         );
-        if let Some(log) = hub
-            .provider
-            .boot_log(&ws.into())
-            .await
-            .filter(|l| !l.is_empty())
-        {
-            reason.push_str(&format!("; last boot log: {log}"));
-        }
-        tracing::warn!(workspace = %ws.id, %reason, "provisioning timed out");
-        hub.transition(ws.id, &[Status::Provisioning], Status::Error, Some(&reason))
-            .await?;
-        report.timed_out.push(ws.id);
-        audit::system(
+        if lifecycle::fail_provisioning(
             hub,
+            ws,
+            &why,
             "reconciler",
             "workspace.provision_timed_out",
-            ws.id,
-            None,
         )
-        .await;
+        .await?
+        {
+            report.timed_out.push(ws.id);
+        }
         return Ok(());
     }
     let observed = hub.provider.observe(&ws.into()).await?;

@@ -13,6 +13,7 @@ use crate::base::workspace::{Status, Workspace, now_ms};
 use crate::domain::agent::{AgentInfo, CheckoutView, SetupView, SyncSessionView};
 use crate::domain::auth::token_hash;
 use crate::domain::events::{Detail, WorkspaceEvent};
+use crate::domain::lifecycle;
 use crate::store::{StoreError, TokenRejection};
 use link::{FramedRecv, LinkError, send_msg};
 use protocol::close::CloseCode;
@@ -624,7 +625,10 @@ async fn enroll(hub: &Hub, req: &EnrollRequest) -> EnrollMsg {
             let reason = match rejection {
                 TokenRejection::Unknown => EnrollRefusal::UnknownToken,
                 TokenRejection::Used => EnrollRefusal::TokenUsed,
-                TokenRejection::Expired => EnrollRefusal::TokenExpired,
+                TokenRejection::Expired(workspace) => {
+                    lifecycle::enrollment_expired(hub, workspace).await;
+                    EnrollRefusal::TokenExpired
+                }
             };
             return refusal(reason, &rejection.to_string());
         }

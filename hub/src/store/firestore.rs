@@ -594,7 +594,7 @@ impl Store for FirestoreStore {
                     return Ok(Change::Keep(Err(TokenRejection::Unknown)));
                 };
                 if now_ms >= doc.expires_at {
-                    return Ok(Change::Keep(Err(TokenRejection::Expired)));
+                    return Ok(Change::Keep(Err(TokenRejection::Expired(doc.workspace_id))));
                 }
                 Ok(match &doc.used_by {
                     Some(by) if by != key_fingerprint => Change::Keep(Err(TokenRejection::Used)),

@@ -79,8 +79,9 @@ pub enum TokenRejection {
     Unknown,
     #[error("enrollment token already used")]
     Used,
+    /// Past its time: the workspace it was for can no longer enroll an agent with it.
     #[error("enrollment token expired")]
-    Expired,
+    Expired(Uuid),
 }
 
 /// An API token's record (only its hash is stored).

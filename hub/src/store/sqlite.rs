@@ -563,7 +563,8 @@ impl Store for SqliteStore {
                 return Ok(Err(TokenRejection::Unknown));
             };
             if now_ms >= expires_at {
-                return Ok(Err(TokenRejection::Expired));
+                let id = Uuid::parse_str(&workspace_id).map_err(backend)?;
+                return Ok(Err(TokenRejection::Expired(id)));
             }
             match used_by {
                 Some(by) if by != key_fingerprint => return Ok(Err(TokenRejection::Used)),
