@@ -436,9 +436,9 @@ async fn delete(hub: &TestHub, id: &str) {
 }
 
 /// Broken user-data ends in ERROR with a readable reason, not in PROVISIONING for ever:
-/// an enrollment token that has expired by the time the guest's agent uses it (the reason
-/// carries the agent's own complaint, read off the serial console), and a hub address
-/// nothing answers on. Both VMs boot at once.
+/// an enrollment token that has expired by the time the guest's agent uses it (at once,
+/// with the serial console's last lines), and a hub address nothing answers on (at the
+/// provision timeout). Both VMs boot at once.
 #[tokio::test]
 async fn vms_with_broken_user_data_end_in_error_with_the_reason() {
     let expired = async {
@@ -450,10 +450,13 @@ async fn vms_with_broken_user_data_end_in_error_with_the_reason() {
             reason.contains("the agent's enrollment token expired (1s after the create)"),
             "{reason}"
         );
+        // Its agent ran: the console has lines to show.
+        assert!(reason.contains("; last boot log: "), "{reason}");
         assert!(hub.log().contains("workspace.enrollment_expired"));
     };
     let unreachable = async {
-        // No agent can reach this hub: the provision timeout, with the console's last lines.
+        // No agent can reach this hub: the provision timeout (with the console's last lines
+        // if the guest printed any by then: under load, it may not have).
         let (hub, _) = vm_hub(
             "provision_timeout = \"120s\"\nagent_hub_addr = \"127.0.0.1:9\"",
             None,
@@ -468,8 +471,8 @@ async fn vms_with_broken_user_data_end_in_error_with_the_reason() {
     tokio::join!(expired, unreachable);
 }
 
-/// Creates a workspace, waits for it to leave PROVISIONING, checks it is in ERROR with the
-/// console's last lines, deletes it (nothing left) and returns the reason.
+/// Creates a workspace, waits for it to leave PROVISIONING, checks it is in ERROR, deletes
+/// it (nothing left) and returns the reason.
 async fn error_reason(hub: &TestHub) -> String {
     let ws = hub.create_workspace().await.unwrap();
     let id = ws["id"].as_str().unwrap().to_owned();
@@ -482,7 +485,6 @@ async fn error_reason(hub: &TestHub) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    assert!(reason.contains("; last boot log: "), "{reason}");
     eprintln!("ERROR reason: {reason}");
     delete(hub, &id).await;
     reason
