@@ -225,13 +225,15 @@ async fn previews_proxy_http_streams_and_websockets_for_the_owner_only() {
         "hub cookies reached the workspace"
     );
 
-    // A large body streamed up; a response streamed down in chunks.
+    // A large body streamed up, for longer than the preview timeout (1 s here) but never
+    // silent that long: the timeout counts silence. A response streamed down in chunks.
     let big = vec![7u8; 8 << 20];
-    let chunks = futures_util::stream::iter(
-        big.chunks(64 << 10)
-            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
-            .collect::<Vec<_>>(),
-    );
+    let chunks =
+        futures_util::stream::iter(big.chunks(1 << 20).map(<[u8]>::to_vec).collect::<Vec<_>>())
+            .then(|chunk| async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, std::io::Error>(chunk)
+            });
     let res = hub
         .http
         .post(format!("{base}/count"))

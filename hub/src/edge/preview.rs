@@ -31,6 +31,8 @@ use axum::response::{IntoResponse, Response};
 use link::{FramedRecv, send_msg};
 use protocol::stream::{StreamHeader, StreamRefusal, StreamReply, TcpForwardOpen};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -682,8 +684,20 @@ async fn proxy(
         *again.headers_mut() = parts.headers.clone();
         again
     });
+    // The timeout counts silence, not the whole exchange: an upload that keeps moving
+    // (the server takes its body) goes on for as long as it takes.
+    let started = tokio::time::Instant::now();
+    let moved = Arc::new(AtomicU64::new(0));
+    let body = {
+        let moved = moved.clone();
+        Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+            moved.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            frame
+        }))
+    };
     let request = hyper::Request::from_parts(parts, body);
     let timeout = hub.config.preview_timeout;
+    let unless_silent = |response| until_silent(timeout, started, &moved, response);
     let timed_out = || {
         ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -692,10 +706,10 @@ async fn proxy(
         )
     };
     let bad = |e: hyper::Error| bad_gateway("bad_response", format!("port {port}: {e}"));
-    let mut response = match tokio::time::timeout(timeout, sender.send_request(request)).await {
-        Err(_) => return Err(timed_out()),
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => match retry {
+    let mut response = match unless_silent(sender.send_request(request)).await {
+        None => return Err(timed_out()),
+        Some(Ok(response)) => response,
+        Some(Err(e)) => match retry {
             Some(again) if e.is_canceled() || e.is_closed() || e.is_incomplete_message() => {
                 (sender, via) = connect_port(hub, ws, port).await?;
                 tokio::time::timeout(timeout, sender.send_request(again))
@@ -738,6 +752,29 @@ async fn proxy(
     // The dev server's answer, whatever its status: not one of the hub's errors.
     parts.extensions.insert(crate::edge::api::Proxied);
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// `response`, unless `timeout` passes with neither it nor a move of the request's body
+/// (`moved`: when the body last gave a frame, in ms after `started`).
+async fn until_silent<T>(
+    timeout: Duration,
+    started: tokio::time::Instant,
+    moved: &AtomicU64,
+    response: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let last_move = || started + Duration::from_millis(moved.load(Ordering::Relaxed));
+    tokio::pin!(response);
+    loop {
+        let last = last_move();
+        tokio::select! {
+            out = &mut response => return Some(out),
+            _ = tokio::time::sleep_until(last + timeout) => {
+                if last_move() == last {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// An HTTP/1.1 connection to `port` over a new forward stream to the workspace's agent, on
