@@ -128,7 +128,8 @@ pub struct FileConfig {
     /// name for the hub, with its port if not the default). Defaults to `localhost` (with
     /// the hub's port) when the hub runs on a loopback address.
     pub preview_domain: Option<String>,
-    /// How long a previewed server may take to answer a request.
+    /// How long a previewed server may go without answering a request or taking a byte
+    /// of its body.
     #[serde(with = "humantime_serde")]
     pub preview_timeout: Duration,
     /// Whether preview traffic counts as use of the workspace for idle clean-up.

@@ -237,6 +237,7 @@ async fn a_session_goes_direct_through_two_nats_falls_back_to_the_relay_when_cut
     forward
         .wait_stderr(&direct_to, 1, Duration::from_secs(20))
         .await;
+    // The server may not listen yet: refused, or (through the forward) closed unanswered.
     let fetch = || {
         let out = on_client(
             &lab,
@@ -246,7 +247,7 @@ async fn a_session_goes_direct_through_two_nats_falls_back_to_the_relay_when_cut
                 "import urllib.request,time\n\
                  for i in range(50):\n\
                  \ttry:\n\t\tprint(urllib.request.urlopen('http://127.0.0.1:18081/', timeout=30).status); break\n\
-                 \texcept OSError as e:\n\t\tif 'refused' not in str(e): raise\n\t\ttime.sleep(0.2)",
+                 \texcept OSError:\n\t\tif i == 49: raise\n\t\ttime.sleep(0.2)",
             ],
         );
         (
