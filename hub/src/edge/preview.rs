@@ -697,7 +697,6 @@ async fn proxy(
     };
     let request = hyper::Request::from_parts(parts, body);
     let timeout = hub.config.preview_timeout;
-    let unless_silent = |response| until_silent(timeout, started, &moved, response);
     let timed_out = || {
         ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -706,20 +705,21 @@ async fn proxy(
         )
     };
     let bad = |e: hyper::Error| bad_gateway("bad_response", format!("port {port}: {e}"));
-    let mut response = match unless_silent(sender.send_request(request)).await {
-        None => return Err(timed_out()),
-        Some(Ok(response)) => response,
-        Some(Err(e)) => match retry {
-            Some(again) if e.is_canceled() || e.is_closed() || e.is_incomplete_message() => {
-                (sender, via) = connect_port(hub, ws, port).await?;
-                tokio::time::timeout(timeout, sender.send_request(again))
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(bad)?
-            }
-            _ => return Err(bad(e)),
-        },
-    };
+    let mut response =
+        match until_silent(timeout, started, &moved, sender.send_request(request)).await {
+            None => return Err(timed_out()),
+            Some(Ok(response)) => response,
+            Some(Err(e)) => match retry {
+                Some(again) if e.is_canceled() || e.is_closed() || e.is_incomplete_message() => {
+                    (sender, via) = connect_port(hub, ws, port).await?;
+                    tokio::time::timeout(timeout, sender.send_request(again))
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(bad)?
+                }
+                _ => return Err(bad(e)),
+            },
+        };
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         // WebSocket (or another upgrade): splice the two upgraded connections.
