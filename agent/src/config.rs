@@ -20,6 +20,9 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// QUIC idle timeout (a backstop; heartbeats detect loss sooner).
     pub idle_timeout: Duration,
+    /// The longest quiet before the agent sends its hub a packet (a QUIC keep-alive), so a
+    /// dead replica is noticed within it; `None` leaves it to the heartbeats.
+    pub keep_alive: Option<Duration>,
     /// The user terminal sessions run as when the agent is root.
     pub run_as: Option<String>,
     /// How long a terminal session may stay detached.
@@ -85,6 +88,7 @@ impl AgentConfig {
             backoff_cap: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            keep_alive: Some(link::AGENT_KEEP_ALIVE),
             run_as: b.user,
             detached_ttl,
             ring_bytes,

@@ -75,11 +75,11 @@ impl Identity {
         &self,
         config: &AgentConfig,
     ) -> Result<quinn::ClientConfig, rustls::Error> {
-        link::client_config(
+        link::agent_client_config(
             &config.hub_cas,
             Some((self.cert_der.clone(), self.key_pkcs8.clone())),
-            protocol::ALPN_AGENT,
             config.idle_timeout,
+            config.keep_alive,
         )
     }
 }
@@ -155,11 +155,11 @@ pub async fn enroll(
     let csr = CertificateParams::default()
         .serialize_request(&key)
         .map_err(|e| EnrollError::Fatal(AgentError::Config(format!("make CSR: {e}"))))?;
-    let client = link::client_config(
+    let client = link::agent_client_config(
         &config.hub_cas,
         None,
-        protocol::ALPN_AGENT,
         config.idle_timeout,
+        config.keep_alive,
     )
     .map_err(|e| EnrollError::Fatal(AgentError::Config(e.to_string())))?;
     let conn = connect(config, endpoint, client)

@@ -1,7 +1,9 @@
 //! Fleet benchmark: N agents (real agent code, in this process) against one real hub
 //! process, plus the footprint of the static agent binary.
 //!
-//! `cargo bench -p workspace-hub --bench fleet -- [--agents N] [--idle-secs S]`
+//! `cargo bench -p workspace-hub --bench fleet -- [--agents N] [--idle-secs S]
+//! [--keep-alive-ms K]` (`--keep-alive-ms 0`: agents without QUIC keep-alives, heartbeats
+//! only)
 //!
 //! Prints: enrollment time p50/p99, reconnect time after a hub restart p50/p99 (from the
 //! moment the restarted hub is listening), hub RSS per connected agent, hub CPU while the
@@ -19,6 +21,8 @@ struct Args {
     launch_concurrency: usize,
     /// Hub restarts under the lone agent (the peer figure is their median).
     lone_rounds: usize,
+    /// The agents' QUIC keep-alive (`None`: heartbeats only).
+    keep_alive: Option<Duration>,
 }
 
 fn parse_args() -> Args {
@@ -27,13 +31,18 @@ fn parse_args() -> Args {
         "--idle-secs",
         "--endpoints",
         "--launch-concurrency",
+        "--keep-alive-ms",
     ]);
+    let keep_alive = link::AGENT_KEEP_ALIVE.as_millis() as u64;
     Args {
         agents: a.num("--agents", 1000, 25),
         idle_secs: a.num("--idle-secs", 10, 1),
         endpoints: a.num("--endpoints", 8, 2),
         launch_concurrency: a.num("--launch-concurrency", 128, 8),
         lone_rounds: if a.smoke() { 1 } else { 5 },
+        keep_alive: Some(a.num("--keep-alive-ms", keep_alive, keep_alive))
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis),
     }
 }
 
@@ -135,7 +144,8 @@ async fn launch_fleet(workspaces: &[serde_json::Value], args: &Args) -> Fleet {
     let mut times = Vec::new();
     let mut agents = Vec::new();
     for ws in workspaces {
-        let (config, dir) = harness::agent_config(ws).unwrap();
+        let (mut config, dir) = harness::agent_config(ws).unwrap();
+        config.keep_alive = args.keep_alive;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let agent = agent::Agent::with_pool(config, pool.clone()).with_events(tx);
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -403,7 +413,8 @@ async fn run(args: Args) {
     );
     println!("| hub RSS per connected agent | {per_agent_kib:.1} KiB | <= 100 KiB |");
     println!(
-        "| hub CPU, {n} idle agents, 2 s heartbeats | {:.1} % of one core | |",
+        "| hub CPU, {n} idle agents, 2 s heartbeats, keep-alive {:?} | {:.1} % of one core | |",
+        args.keep_alive,
         idle_cpu * 100.0
     );
     println!(

@@ -13,7 +13,9 @@
 //! single hub after its SIGKILL and restart in the same run.
 //!
 //! `cargo bench -p workspace-hub --bench replicas -- [--samples N] [--bulk-mib M] [--agents N]
-//! [--endpoints E] [--fleet-only 1] [--heartbeat-ms H] [--store firestore|sqlite]`
+//! [--endpoints E] [--fleet-only 1] [--heartbeat-ms H] [--keep-alive-ms K]
+//! [--store firestore|sqlite]` (`--keep-alive-ms 0`: agents without QUIC keep-alives, as
+//! before they had them)
 
 use futures_util::{SinkExt, StreamExt};
 use harness::replicas::{Cluster, SharedStore, generate_identity, replica_config};
@@ -35,6 +37,8 @@ struct Args {
     fleet_only: bool,
     /// The fleet's heartbeat interval (the timeout is three of them).
     heartbeat: Duration,
+    /// The agents' QUIC keep-alive (`None`: heartbeats only).
+    keep_alive: Option<Duration>,
     /// The replicas' shared store for the fleet: `firestore` (the emulator) or `sqlite`
     /// (one file the three processes share).
     store: String,
@@ -48,8 +52,10 @@ fn parse_args() -> Args {
         "--endpoints",
         "--fleet-only",
         "--heartbeat-ms",
+        "--keep-alive-ms",
         "--store",
     ]);
+    let keep_alive = link::AGENT_KEEP_ALIVE.as_millis() as u64;
     Args {
         samples: a.num("--samples", 2000, 20),
         bulk_mib: a.num("--bulk-mib", 512, 4),
@@ -57,6 +63,9 @@ fn parse_args() -> Args {
         endpoints: a.num("--endpoints", 256, 6),
         fleet_only: a.num("--fleet-only", 0u8, 0) != 0,
         heartbeat: Duration::from_millis(a.num("--heartbeat-ms", 2000, 2000)),
+        keep_alive: Some(a.num("--keep-alive-ms", keep_alive, keep_alive))
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis),
         store: a.all("--store").pop().unwrap_or_else(|| "firestore".into()),
     }
 }
@@ -297,6 +306,7 @@ struct Link {
 async fn launch(
     created: &[serde_json::Value],
     endpoints: usize,
+    keep_alive: Option<Duration>,
 ) -> (
     Vec<Arc<Mutex<Link>>>,
     Vec<CancellationToken>,
@@ -306,7 +316,8 @@ async fn launch(
     let starting = Arc::new(tokio::sync::Semaphore::new(128));
     let (mut links, mut stops, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
     for ws in created {
-        let (config, dir) = harness::agent_config(ws).unwrap();
+        let (mut config, dir) = harness::agent_config(ws).unwrap();
+        config.keep_alive = keep_alive;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let agent = agent::Agent::with_pool(config, pool.clone()).with_events(tx);
         let link = Arc::new(Mutex::new(Link::default()));
@@ -462,7 +473,7 @@ async fn fleet(args: &Args) {
     {
         let mut hub = TestHub::start_with(options()).await.unwrap();
         let created = create(&hub, n).await;
-        let (links, _stops, _dirs) = launch(&created, endpoints).await;
+        let (links, _stops, _dirs) = launch(&created, endpoints, args.keep_alive).await;
         until_all_up(&links, "single hub").await;
         let before = connects(&links);
         hub.kill();
@@ -495,7 +506,7 @@ async fn fleet(args: &Args) {
     .await
     .unwrap();
     let created = create(c.any(), n).await;
-    let (links, _stops, _dirs) = launch(&created, endpoints).await;
+    let (links, _stops, _dirs) = launch(&created, endpoints, args.keep_alive).await;
     until_all_up(&links, "three replicas").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -595,8 +606,8 @@ async fn fleet(args: &Args) {
     ));
 
     println!(
-        "\nreplicas: a fleet of {n} agents on {endpoints} endpoints, heartbeats every {:?}, replicas on {}\n",
-        heartbeat, args.store
+        "\nreplicas: a fleet of {n} agents on {endpoints} endpoints, heartbeats every {:?}, agents' keep-alive {:?}, replicas on {}\n",
+        heartbeat, args.keep_alive, args.store
     );
     println!("| figure | value |");
     println!("|---|---|");

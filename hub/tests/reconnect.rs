@@ -67,6 +67,60 @@ async fn agent_reconnects_after_the_hub_is_killed_and_restarted_without_enrollin
     );
 }
 
+/// An idle agent sends its hub a packet at least every `link::AGENT_KEEP_ALIVE`, whatever
+/// the heartbeat: a hub (or a replica) that died between two heartbeats is found out by the
+/// next keep-alive, which the restarted hub (or another replica) answers with a reset.
+#[tokio::test]
+async fn an_idle_agent_finds_a_restarted_hub_long_before_its_next_heartbeat() {
+    let heartbeat = Duration::from_secs(60);
+    let mut hub = TestHub::start_with(harness::HubOptions {
+        provider: "manual".into(),
+        heartbeat_interval: heartbeat,
+        heartbeat_timeout: heartbeat * 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ws = hub.create_workspace().await.unwrap();
+    let id = ws["id"].as_str().unwrap();
+    // Nothing else to say: no port watching (the hub's own ports closing would be news), no
+    // sessions; its next statistics are 10 s after the connect, its heartbeat 60 s.
+    let (mut config, dir) = harness::agent_config(&ws).unwrap();
+    config.ports = protocol::bootstrap::PortScope::Off;
+    let mut agent = InProcessAgent::start_with(config, dir);
+    agent
+        .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
+        .await
+        .unwrap();
+    // Let its first reports be sent and acknowledged: from here on it is idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    hub.kill();
+    hub.start_again().await.unwrap();
+    let restarted = std::time::Instant::now();
+    match agent
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, agent::AgentEvent::Disconnected(_))
+        })
+        .await
+        .expect("the agent noticed the restart by its keep-alive")
+    {
+        agent::AgentEvent::Disconnected(reason) => {
+            assert!(reason.contains("reset by peer"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let noticed = restarted.elapsed();
+    agent
+        .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
+        .await
+        .unwrap();
+    hub.wait_for(id, WAIT, |w| !w["agent"].is_null())
+        .await
+        .unwrap();
+    eprintln!("noticed {noticed:?} after the restart");
+}
+
 #[tokio::test]
 async fn an_agent_that_boots_before_its_hub_joins_when_the_hub_comes_up() {
     let mut hub = TestHub::start_manual().await.unwrap();

@@ -246,6 +246,29 @@ pub fn peer_client_config(
     client_with_transport(cas, Some(identity), protocol::ALPN_PEER, Arc::new(t))
 }
 
+/// The longest an agent's connection to its hub stays quiet: a QUIC keep-alive goes out
+/// after this long without a packet from the hub. When the replica holding an agent dies,
+/// the agent learns it from the stateless reset that another replica (or the restarted hub)
+/// answers its next packet with, so this bounds how long it takes to notice (half of it on
+/// average) where the application heartbeat alone would wait up to its interval (2 s). At
+/// 1 s it fires about once per default heartbeat cycle: one small packet in and one
+/// acknowledgement out for the hub, much cheaper than a heartbeat.
+pub const AGENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// An agent's client config for its hub: mutual TLS with the agent's certificate (none
+/// while it enrolls), ALPN `wsh-agent/1`, a keep-alive after `keep_alive` of quiet
+/// ([`AGENT_KEEP_ALIVE`] by default).
+pub fn agent_client_config(
+    cas: &[Vec<u8>],
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    idle_timeout: Duration,
+    keep_alive: Option<Duration>,
+) -> Result<quinn::ClientConfig, rustls::Error> {
+    let mut t = transport(idle_timeout, AGENT_ACCEPTS_STREAMS);
+    t.keep_alive_interval(keep_alive);
+    client_with_transport(cas, identity, protocol::ALPN_AGENT, Arc::new(t))
+}
+
 /// A client that trusts only `cas` (DER), optionally presenting a client certificate.
 pub fn client_config(
     cas: &[Vec<u8>],
