@@ -7,6 +7,17 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// The agent is connected again, and the hub shows it.
+async fn connected_again(agent: &mut InProcessAgent, hub: &TestHub, id: &str) {
+    agent
+        .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
+        .await
+        .unwrap();
+    hub.wait_for(id, WAIT, |w| !w["agent"].is_null())
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn agent_reconnects_after_the_hub_is_killed_and_restarted_without_enrolling_again() {
     let mut hub = TestHub::start().await.unwrap();
@@ -111,13 +122,7 @@ async fn an_idle_agent_finds_a_restarted_hub_long_before_its_next_heartbeat() {
         other => panic!("{other:?}"),
     }
     let noticed = restarted.elapsed();
-    agent
-        .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
-        .await
-        .unwrap();
-    hub.wait_for(id, WAIT, |w| !w["agent"].is_null())
-        .await
-        .unwrap();
+    connected_again(&mut agent, &hub, id).await;
     eprintln!("noticed {noticed:?} after the restart");
 }
 
@@ -167,13 +172,7 @@ async fn a_network_cut_is_noticed_on_both_sides_and_healed() {
         }
         other => panic!("{other:?}"),
     }
-    agent
-        .wait_event(WAIT, |e| *e == agent::AgentEvent::Connected)
-        .await
-        .unwrap();
-    hub.wait_for(id, WAIT, |w| !w["agent"].is_null())
-        .await
-        .unwrap();
+    connected_again(&mut agent, &hub, id).await;
 }
 
 #[tokio::test]
