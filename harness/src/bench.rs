@@ -79,6 +79,15 @@ impl BenchArgs {
         }
     }
 
+    /// The agents' QUIC keep-alive from `--keep-alive-ms` (the parser must know the flag):
+    /// `link::AGENT_KEEP_ALIVE` unless given, `None` for 0 (heartbeats only).
+    pub fn keep_alive(&self) -> Option<std::time::Duration> {
+        let default = link::AGENT_KEEP_ALIVE.as_millis() as u64;
+        Some(self.num("--keep-alive-ms", default, default))
+            .filter(|&ms| ms > 0)
+            .map(std::time::Duration::from_millis)
+    }
+
     /// Every value given for a repeatable flag.
     pub fn all(&self, flag: &str) -> Vec<String> {
         self.values.get(flag).cloned().unwrap_or_default()

@@ -33,16 +33,13 @@ fn parse_args() -> Args {
         "--launch-concurrency",
         "--keep-alive-ms",
     ]);
-    let keep_alive = link::AGENT_KEEP_ALIVE.as_millis() as u64;
     Args {
         agents: a.num("--agents", 1000, 25),
         idle_secs: a.num("--idle-secs", 10, 1),
         endpoints: a.num("--endpoints", 8, 2),
         launch_concurrency: a.num("--launch-concurrency", 128, 8),
         lone_rounds: if a.smoke() { 1 } else { 5 },
-        keep_alive: Some(a.num("--keep-alive-ms", keep_alive, keep_alive))
-            .filter(|&ms| ms > 0)
-            .map(Duration::from_millis),
+        keep_alive: a.keep_alive(),
     }
 }
 

@@ -55,7 +55,6 @@ fn parse_args() -> Args {
         "--keep-alive-ms",
         "--store",
     ]);
-    let keep_alive = link::AGENT_KEEP_ALIVE.as_millis() as u64;
     Args {
         samples: a.num("--samples", 2000, 20),
         bulk_mib: a.num("--bulk-mib", 512, 4),
@@ -63,9 +62,7 @@ fn parse_args() -> Args {
         endpoints: a.num("--endpoints", 256, 6),
         fleet_only: a.num("--fleet-only", 0u8, 0) != 0,
         heartbeat: Duration::from_millis(a.num("--heartbeat-ms", 2000, 2000)),
-        keep_alive: Some(a.num("--keep-alive-ms", keep_alive, keep_alive))
-            .filter(|&ms| ms > 0)
-            .map(Duration::from_millis),
+        keep_alive: a.keep_alive(),
         store: a.all("--store").pop().unwrap_or_else(|| "firestore".into()),
     }
 }
