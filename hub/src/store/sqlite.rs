@@ -170,9 +170,10 @@ impl SqliteStore {
     }
 
     /// A lookup by key, on the hot path of every API and preview request: done right here
-    /// when the connection is free (the one connection this process holds, so nothing can
-    /// make it wait; an indexed read takes microseconds), else on a blocking thread like
-    /// everything else. Saves two thread hand-offs per lookup.
+    /// when the connection is free (an indexed read takes microseconds, and in WAL mode a
+    /// read does not wait for writers, in this process or another sharing the file; only a
+    /// recovery after such a process crashed could hold it up), else on a blocking thread
+    /// like everything else. Saves two thread hand-offs per lookup.
     async fn lookup<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
