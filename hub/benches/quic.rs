@@ -9,9 +9,6 @@
 //!
 //! `cargo bench -p workspace-hub --bench quic -- [--samples N] [--bulk-mib M]`
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +34,8 @@ fn parse_args() -> Args {
     }
 }
 
-/// A CA and a server certificate for `localhost`; the client shows none.
+/// A CA and a server certificate for `localhost` (the hub's own issuing code); the client
+/// shows none.
 struct Pki {
     ca_der: Vec<u8>,
     cert_der: Vec<u8>,
@@ -45,20 +43,12 @@ struct Pki {
 }
 
 fn pki() -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::default();
-    ca.distinguished_name.push(DnType::CommonName, "floor ca");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    let ca_der = ca.self_signed(&ca_key).unwrap().der().to_vec();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let cert_der = leaf.signed_by(&key, &issuer).unwrap().der().to_vec();
+    let (ca, _) = hub::base::ca::HubCa::generate().unwrap();
+    let server = ca.issue_server(&["localhost".to_string()]).unwrap();
     Pki {
-        ca_der,
-        cert_der,
-        key_der: key.serialize_der(),
+        ca_der: ca.cert_der().to_vec(),
+        cert_der: server.cert_der,
+        key_der: server.key_pkcs8,
     }
 }
 
